@@ -1,0 +1,180 @@
+"""From canonical rows to token batches: prompt rendering, truncation policy, padding and batch order.
+
+One renderer serves SFT, RM, PPO and eval, so a prompt is formatted identically in every stage (N+ detail 4).
+With a chat template (and `use_chat_template` auto/always) the prompt is the rendered conversation with the
+generation prompt; otherwise it is `prompt_template.format(prompt=...)` and the completion follows after a
+single space. Every completion ends with the tokenizer's EOS token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf.config import FormatConfig
+from rlhf.data import DataError
+
+
+def uses_chat_template(tokenizer, fmt: FormatConfig) -> bool:
+    has = bool(getattr(tokenizer, "chat_template", None))
+    if fmt.use_chat_template == "always" and not has:
+        raise DataError("data.format.use_chat_template is 'always' but the tokenizer has no chat template")
+    return has and fmt.use_chat_template != "never"
+
+
+def render_prompt(tokenizer, fmt: FormatConfig, prompt: str, messages: list | None = None) -> str:
+    """The text the model sees before its response (earlier chat turns included)."""
+    messages = list(messages or [])
+    if uses_chat_template(tokenizer, fmt):
+        turns = messages + ([{"role": "user", "content": prompt}] if prompt else [])
+        return tokenizer.apply_chat_template(turns, tokenize=False, add_generation_prompt=True)
+    history = ""
+    for m in messages:
+        if m["role"] == "user":
+            history += fmt.prompt_template.format(prompt=m["content"]) + " "
+        elif m["role"] == "assistant":
+            history += m["content"] + " "
+        else:  # system text leads the conversation
+            history += m["content"] + " "
+    return history + fmt.prompt_template.format(prompt=prompt) if prompt else history.rstrip()
+
+
+def completion_text(tokenizer, fmt: FormatConfig, completion: str) -> str:
+    return completion if uses_chat_template(tokenizer, fmt) else " " + completion
+
+
+@dataclass
+class TruncationReport:
+    rows: int = 0
+    prompts_cut: int = 0
+    completions_cut: int = 0
+    dropped: int = 0
+    examples: list = field(default_factory=list)
+
+    def as_metrics(self, prefix: str) -> dict:
+        return {
+            f"{prefix}/rows": self.rows,
+            f"{prefix}/prompts_truncated": self.prompts_cut,
+            f"{prefix}/completions_truncated": self.completions_cut,
+            f"{prefix}/dropped_too_long": self.dropped,
+        }
+
+
+def _tokenize(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    out: list[list[int]] = []
+    for start in range(0, len(texts), 1000):
+        out.extend(tokenizer(texts[start : start + 1000], add_special_tokens=add_special_tokens)["input_ids"])
+    return out
+
+
+def encode_prompts(tokenizer, fmt: FormatConfig, rows, report: TruncationReport | None = None) -> list[list[int]]:
+    """Rendered, tokenized prompts, cut from the left to max_prompt_length (the end of a prompt matters most)."""
+    texts = [render_prompt(tokenizer, fmt, r["prompt"], r.get("messages")) for r in rows]
+    ids = _tokenize(tokenizer, texts, add_special_tokens=not uses_chat_template(tokenizer, fmt))
+    out = []
+    for p in ids:
+        if len(p) > fmt.max_prompt_length:
+            p = p[-fmt.max_prompt_length :]
+            if report is not None:
+                report.prompts_cut += 1
+        out.append(p)
+    return out
+
+
+def encode_pairs(
+    tokenizer, fmt: FormatConfig, prompts: list[list[int]], completions: list[str], source: str, report: TruncationReport
+) -> list[tuple[list[int], list[int]] | None]:
+    """(prompt ids, completion ids + EOS) per row; None for a row dropped by the truncation policy."""
+    texts = [completion_text(tokenizer, fmt, c) for c in completions]
+    comp_ids = _tokenize(tokenizer, texts, add_special_tokens=False)
+    out: list = []
+    for i, (p, c) in enumerate(zip(prompts, comp_ids)):
+        c = c + [tokenizer.eos_token_id]
+        report.rows += 1
+        if len(p) + len(c) > fmt.max_length:
+            if fmt.truncation == "error":
+                raise DataError(
+                    f"{source}: row {i} has {len(p) + len(c)} tokens > data.format.max_length {fmt.max_length}; "
+                    "raise max_length or set data.format.truncation to truncate or drop"
+                )
+            if fmt.truncation == "drop":
+                report.dropped += 1
+                out.append(None)
+                continue
+            report.completions_cut += 1
+            c = c[: max(0, fmt.max_length - len(p))]
+        out.append((p, c))
+    return out
+
+
+def encode_sft(tokenizer, fmt: FormatConfig, ds, source: str, mask_prompt: bool, report: TruncationReport):
+    """SFT rows -> list of {input_ids, labels}; labels are -100 on the prompt when mask_prompt."""
+    rows = ds.to_list()
+    prompts = encode_prompts(tokenizer, fmt, rows, report)
+    out = []
+    for pair in encode_pairs(tokenizer, fmt, prompts, [r["completion"] for r in rows], source, report):
+        if pair is None:
+            continue
+        p, c = pair
+        labels = ([-100] * len(p) if mask_prompt else list(p)) + c
+        out.append({"input_ids": p + c, "labels": labels})
+    return out
+
+
+def encode_text(tokenizer, texts: list[str], max_length: int, report: TruncationReport) -> list[dict]:
+    """Pretraining text -> {input_ids, labels} with EOS appended; a long document is split into chunks."""
+    out = []
+    for ids in _tokenize(tokenizer, texts, add_special_tokens=True):
+        ids = ids + [tokenizer.eos_token_id]
+        report.rows += 1
+        if len(ids) > max_length:
+            report.completions_cut += 1
+        for start in range(0, len(ids), max_length):
+            chunk = ids[start : start + max_length]
+            if len(chunk) > 1:
+                out.append({"input_ids": chunk, "labels": list(chunk)})
+    return out
+
+
+def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
+    """Pad to the longest sequence of this batch only (never to a global maximum)."""
+    width = max(len(s) for s in sequences)
+    rows = [s + [value] * (width - len(s)) if side == "right" else [value] * (width - len(s)) + s for s in sequences]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def collate_lm(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    ids = [e["input_ids"] for e in examples]
+    return {
+        "input_ids": pad(ids, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in ids], 0),
+        "labels": pad([e["labels"] for e in examples], -100),
+    }
+
+
+def batch_order(
+    lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
+) -> list[list[int]]:
+    """Deterministic batches of row indices for one epoch (a pure function of seed and epoch, so resume is exact).
+
+    Rows are shuffled; with group_by_length, each window of 64 batches is sorted by length before cutting it into
+    batches (less padding), and the batch order is shuffled again so lengths don't trend over the epoch.
+    Only full batches are returned.
+    """
+    g = torch.Generator().manual_seed(seed * 1000003 + epoch)
+    perm = torch.randperm(len(lengths), generator=g).tolist()
+    if group_by_length:
+        window = batch_size * 64
+        perm = [i for s in range(0, len(perm), window) for i in sorted(perm[s : s + window], key=lengths.__getitem__)]
+    batches = [perm[s : s + batch_size] for s in range(0, len(perm) - batch_size + 1, batch_size)]
+    if group_by_length:
+        order = torch.randperm(len(batches), generator=g).tolist()
+        batches = [batches[i] for i in order]
+    return batches
+
+
+def micro_batches(indices: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
+    """This process's share of a global batch, cut into micro-batches."""
+    mine = indices[rank::world]
+    return [mine[s : s + micro] for s in range(0, len(mine), micro)]

@@ -1,0 +1,103 @@
+"""The `rlhf` command: one subcommand per stage plus the tools around them (see `rlhf --help`)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from rlhf.config import ConfigError, check_paths, load_config
+from rlhf.data import DataError
+
+STAGE_HELP = {
+    "sft": "stage 1: supervised fine-tuning (or pretraining with data.kind: text)",
+    "rm": "stage 2: reward model from K-way rankings",
+    "ppo": "stage 3: PPO(-ptx) against the reward model with a KL penalty to SFT",
+    "eval": "sample SFT and policy on held-out prompts: gold/RM scores, win-rate, KL, collapse signs",
+}
+
+
+def _stage_parser(sub, name: str) -> None:
+    p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
+    p.add_argument("--config", required=True, help="YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument("--dry-run", action="store_true", help="validate the config (types, values, local paths) and exit")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rlhf", description="InstructGPT-style RLHF: SFT -> RM -> PPO-ptx.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in STAGE_HELP:
+        _stage_parser(sub, name)
+    p = sub.add_parser("pipeline", help="run every stage of a recipe dir in order; finished stages are skipped")
+    p.add_argument("--config-dir", required=True, help="dir with pretrain/sft/rm/ppo/eval YAMLs")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
+                   help="override a key of one stage, e.g. --set ppo:train.max_steps=10")
+    p.add_argument("--dry-run", action="store_true", help="validate every stage's config and exit")
+    p = sub.add_parser("generate", help="sample from a checkpoint")
+    p.add_argument("--model", required=True, help="a model dir (e.g. runs/tiny/ppo/final)")
+    group = p.add_mutually_exclusive_group(required=True)
+    group.add_argument("--prompt", action="append", help="a prompt (repeatable)")
+    group.add_argument("--prompts-file", help="a prompts file (jsonl/json/parquet with a prompt field)")
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-template", default=None, help="plain prompt format (default: the recipe's)")
+    p = sub.add_parser("tiny", help="build the tiny world (data, tokenizer, model config)")
+    p.add_argument("--out", default="runs/tiny/world")
+    p.add_argument("--seed", type=int, default=0)
+    p = sub.add_parser("plot", help="PNG curves from a run dir's metrics.jsonl files")
+    p.add_argument("run_dir")
+    return parser
+
+
+def run_stage(stage: str, config: str, overrides: list[str], dry_run: bool = False) -> Path | None:
+    cfg = load_config(stage, config, overrides)
+    if dry_run:
+        print(f"[{stage}] {config}: config OK")
+        return None
+    check_paths(cfg, config)
+    if stage == "sft":
+        from rlhf.sft import train
+    elif stage == "rm":
+        from rlhf.reward import train
+    elif stage == "ppo":
+        from rlhf.ppo import train
+    else:
+        from rlhf.evaluate import run as train
+    return train(cfg, config)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command in STAGE_HELP:
+            run_stage(args.command, args.config, args.overrides, args.dry_run)
+        elif args.command == "pipeline":
+            from rlhf.pipeline import run_pipeline
+
+            run_pipeline(args.config_dir, args.overrides, args.dry_run)
+        elif args.command == "generate":
+            from rlhf.generate import main as generate_main
+
+            generate_main(args)
+        elif args.command == "tiny":
+            from rlhf.tiny import build_tiny_world
+
+            paths = build_tiny_world(args.out, seed=args.seed)
+            print(f"tiny world (seed {args.seed}) written to {args.out}: {', '.join(sorted(paths))}")
+        elif args.command == "plot":
+            from rlhf.plot import plot_run
+
+            for path in plot_run(args.run_dir):
+                print(path)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,711 @@
+"""Typed configs: one dataclass per stage, nested by concern, loaded from YAML with `--set` overrides.
+
+Precedence is strict: dataclass defaults -> YAML file -> `--set a.b=c` overrides. Unknown keys (with a
+did-you-mean), wrong types and impossible values raise `ConfigError` naming the key and the file before
+any model is loaded. Every field carries a one-line docstring (the string literal under it); defaults
+follow InstructGPT (arXiv 2203.02155) and the N+ implementation details of RLHF with PPO.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A config key is unknown, mistyped or impossible; the message names the key and the file."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Shared sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class LoraConfig:
+    enabled: bool = False
+    """Train low-rank adapters (peft) instead of all weights."""
+    r: int = 16
+    """Adapter rank."""
+    alpha: int = 32
+    """Adapter scaling numerator (scale = alpha / r)."""
+    dropout: float = 0.0
+    """Adapter dropout; 0 keeps PPO's first ratio at exactly 1."""
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    """Module names that get adapters."""
+    merge_on_save: bool = True
+    """Write `final/` as merged full weights (True) or as a peft adapter (False)."""
+
+
+@dataclass
+class ModelConfig:
+    name_or_path: str = ""
+    """Hugging Face model dir or hub name (the previous stage's `final/`)."""
+    tokenizer: str = ""
+    """Tokenizer dir or hub name; empty = same as name_or_path."""
+    from_config: bool = False
+    """Build fresh random weights from name_or_path's config.json (pretraining from scratch)."""
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
+    """Dtype the weights are loaded in; keep float32 masters and use mixed_precision for speed."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub; off unless you trust the repo."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in backward to save memory."""
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    """LoRA adapters."""
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-5
+    """Peak learning rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.95])
+    """Adam betas (InstructGPT: 0.9, 0.95)."""
+    eps: float = 1e-8
+    """Adam epsilon."""
+    max_grad_norm: float = 1.0
+    """Clip the global gradient norm to this (0 = no clipping)."""
+    scheduler: Literal["cosine", "linear", "constant"] = "cosine"
+    """LR decay after warm-up."""
+    warmup_steps: int = 0
+    """Linear warm-up steps."""
+    warmup_start_ratio: float = 0.0
+    """Warm-up starts at this fraction of the peak LR (InstructGPT PPO: 0.1)."""
+    min_lr_ratio: float = 0.0
+    """Cosine/linear decay ends at this fraction of the peak LR (InstructGPT RM: 0.1)."""
+
+
+@dataclass
+class TrainConfig:
+    max_steps: int = 0
+    """Optimizer steps (PPO: iterations); 0 = derive from epochs."""
+    epochs: float = 1.0
+    """Passes over the training data when max_steps is 0."""
+    batch_size: int = 32
+    """Global examples per optimizer step (RM: prompts), across processes and accumulation."""
+    micro_batch_size: int = 8
+    """Examples per forward pass per process; accumulation = batch_size / (micro_batch_size * processes)."""
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    """auto = bf16 on a GPU that supports it, else full precision."""
+    eval_every: int = 100
+    """Evaluate on held-out data every N steps (0 = only at the end)."""
+    eval_max_batches: int = 0
+    """Cap on held-out micro-batches per evaluation (0 = all)."""
+    cpu: bool = False
+    """Force CPU even when a GPU is present."""
+
+
+@dataclass
+class CheckpointConfig:
+    every: int = 500
+    """Save a resumable checkpoint every N steps (0 = only at the end)."""
+    keep_last: int = 2
+    """Keep this many newest checkpoints (0 = keep all)."""
+
+
+@dataclass
+class LoggingConfig:
+    every: int = 10
+    """Write a metrics.jsonl row every N steps."""
+    tensorboard: bool = True
+    """Also write TensorBoard events next to metrics.jsonl when tensorboard is installed."""
+    progress: Literal["auto", "bar", "lines", "off"] = "auto"
+    """Console progress: a bar on a terminal, periodic lines otherwise."""
+    num_samples: int = 3
+    """Sampled completions written as text at each evaluation."""
+
+
+@dataclass
+class TextSource:
+    path: str = ""
+    """File (json/jsonl/parquet), saved datasets dir or hub dataset name."""
+    split: str = "train"
+    """Split for hub datasets and saved DatasetDicts."""
+    field_map: dict[str, str] = field(default_factory=dict)
+    """Canonical field -> field name in the source, e.g. {prompt: question}."""
+    max_rows: int = 0
+    """Read at most this many rows (0 = all)."""
+
+
+@dataclass
+class FormatConfig:
+    prompt_template: str = "Human: {prompt} Assistant:"
+    """Plain prompt format when no chat template is used; the completion follows after one space."""
+    use_chat_template: Literal["auto", "always", "never"] = "auto"
+    """Render with the tokenizer's chat template (auto = when the tokenizer has one)."""
+    max_length: int = 512
+    """Max tokens of prompt + completion."""
+    max_prompt_length: int = 256
+    """Prompts longer than this are cut from the left (keeping the end of the prompt)."""
+    truncation: Literal["truncate", "drop", "error"] = "truncate"
+    """Too-long rows: cut the completion at max_length, drop and count them, or stop with an error."""
+    on_bad_row: Literal["error", "skip"] = "error"
+    """A malformed data row stops the run (naming file and row) or is skipped and counted."""
+
+
+# --------------------------------------------------------------------------------------------------
+# Stage configs
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class SFTData:
+    kind: Literal["sft", "text"] = "sft"
+    """sft = prompt/completion or chat rows; text = plain pretraining text (no prompt mask)."""
+    train: TextSource = field(default_factory=TextSource)
+    """Training rows."""
+    eval: TextSource = field(default_factory=TextSource)
+    """Held-out rows for eval loss / perplexity (empty path = no eval)."""
+    mask_prompt: bool = True
+    """Loss on completion tokens only (False puts the prompt tokens back in)."""
+    pretrain_mix: TextSource = field(default_factory=TextSource)
+    """Pretraining text mixed into SFT batches (empty path = none)."""
+    pretrain_mix_ratio: float = 0.0
+    """Share of each batch drawn from pretrain_mix (InstructGPT's RL init: 0.1)."""
+    format: FormatConfig = field(default_factory=FormatConfig)
+    """Prompt rendering and truncation."""
+
+
+@dataclass
+class SFTConfig:
+    output_dir: str = "runs/sft"
+    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: SFTData = field(default_factory=SFTData)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-5, warmup_steps=0))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        _check_common(self)
+        _positive(self.data.format.max_length, "data.format.max_length")
+        if not 0.0 <= self.data.pretrain_mix_ratio < 1.0:
+            raise ConfigError(f"data.pretrain_mix_ratio must be in [0, 1), got {self.data.pretrain_mix_ratio}")
+        if self.data.pretrain_mix_ratio > 0 and not self.data.pretrain_mix.path:
+            raise ConfigError("data.pretrain_mix_ratio > 0 needs data.pretrain_mix.path")
+        if self.data.kind == "text" and self.data.pretrain_mix.path:
+            raise ConfigError("data.pretrain_mix makes no sense when data.kind is text; remove it")
+
+    def paths(self) -> dict[str, str]:
+        return _source_paths(self.data, ("train", "eval", "pretrain_mix")) | _model_paths(self.model, "model")
+
+
+@dataclass
+class RMLoss:
+    margin_coef: float = 0.0
+    """Subtract margin_coef * (rank distance) inside the sigmoid (Llama-2 style margin); 0 = off."""
+    center_coef: float = 0.0
+    """Reward-centering regulariser coef * mean(r^2) (Eisenstein et al.); 0 = off."""
+
+
+@dataclass
+class RMData:
+    train: TextSource = field(default_factory=TextSource)
+    """Preference rows: chosen/rejected pairs or K-way `ranked` lists."""
+    eval: TextSource = field(default_factory=TextSource)
+    """Held-out preference rows for accuracy (empty path = none)."""
+    reference: TextSource = field(default_factory=TextSource)
+    """Reference completions (SFT demonstrations) whose mean score is shifted to 0; empty = no normalisation."""
+    reference_max_rows: int = 1000
+    """Use at most this many reference rows for the normalisation."""
+    format: FormatConfig = field(default_factory=FormatConfig)
+    """Prompt rendering and truncation (must match the PPO stage)."""
+
+
+@dataclass
+class RMConfig:
+    output_dir: str = "runs/rm"
+    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: RMData = field(default_factory=RMData)
+    loss: RMLoss = field(default_factory=RMLoss)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, micro_batch_size=4))
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, min_lr_ratio=0.1))
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        _check_common(self)
+        if self.loss.margin_coef < 0 or self.loss.center_coef < 0:
+            raise ConfigError("loss.margin_coef and loss.center_coef must be >= 0")
+
+    def paths(self) -> dict[str, str]:
+        return _source_paths(self.data, ("train", "eval", "reference")) | _model_paths(self.model, "model")
+
+
+@dataclass
+class RolloutConfig:
+    max_new_tokens: int = 64
+    """Longest response sampled."""
+    temperature: float = 1.0
+    """Sampling temperature; it also divides the logits in every log-prob forward."""
+    top_k: int = 0
+    """0 = sample from the full distribution (PPO's log-probs assume it)."""
+    top_p: float = 1.0
+    """1.0 = sample from the full distribution."""
+    generation_batch_size: int = 64
+    """Prompts per generate() call per process."""
+    missing_eos_penalty: float | None = -1.0
+    """Score given to a response that hit max_new_tokens without EOS (null = keep the RM score)."""
+
+
+@dataclass
+class KLConfig:
+    kl_coef: float = 0.02
+    """beta: per-token KL penalty to the SFT reference (InstructGPT: 0.02)."""
+    adaptive: bool = False
+    """Adapt beta toward `target` (Ziegler et al. 2019)."""
+    target: float = 6.0
+    """Target KL (nats per sequence) of the adaptive controller."""
+    horizon: int = 10000
+    """Adaptive controller horizon in episodes."""
+    estimator: Literal["k1", "k3"] = "k1"
+    """Per-token KL estimator in the reward (k1 = log-ratio; k3 = low-variance, non-negative)."""
+
+
+@dataclass
+class RewardShaping:
+    clip: float = 0.0
+    """Clip RM scores to [-clip, clip] (0 = off)."""
+    normalize: bool = False
+    """Normalise scores by a running mean/std."""
+    whiten_rewards: bool = False
+    """Whiten per-token rewards over the batch before GAE."""
+
+
+@dataclass
+class PPOHyper:
+    ppo_epochs: int = 4
+    """Passes over each rollout batch (N+: 4; InstructGPT: 1)."""
+    mini_batch_size: int = 64
+    """Episodes per optimizer step (global)."""
+    micro_batch_size: int = 8
+    """Episodes per forward per process (gradient accumulation inside a minibatch)."""
+    cliprange: float = 0.2
+    """epsilon of the clipped surrogate."""
+    cliprange_value: float = 0.2
+    """Value clip range (0 = unclipped value loss)."""
+    vf_coef: float = 0.1
+    """c1, the value loss coefficient."""
+    ent_coef: float = 0.0
+    """c2, the entropy bonus coefficient."""
+    gamma: float = 1.0
+    """GAE discount (InstructGPT: no discount)."""
+    lam: float = 0.95
+    """GAE lambda."""
+    target_approx_kl: float = 0.0
+    """Stop this iteration's epochs once a minibatch's approx-KL exceeds this (0 = never)."""
+
+
+@dataclass
+class PtxConfig:
+    ptx_coef: float = 0.0
+    """gamma_ptx: weight of the pretraining LM loss gradients (0 = plain PPO; InstructGPT: 27.8)."""
+    data: TextSource = field(default_factory=TextSource)
+    """Pretraining text for the ptx term."""
+    sequences_per_episode: float = 1.0
+    """Pretraining sequences per RL episode in each minibatch (InstructGPT: 8)."""
+    max_length: int = 256
+    """Max tokens per pretraining sequence."""
+
+
+@dataclass
+class PPOData:
+    prompts: TextSource = field(default_factory=TextSource)
+    """Training prompts."""
+    eval_prompts: TextSource = field(default_factory=TextSource)
+    """Held-out prompts sampled at each evaluation (empty = none)."""
+    format: FormatConfig = field(default_factory=FormatConfig)
+    """Prompt rendering (must match the RM stage)."""
+
+
+@dataclass
+class PPOModels:
+    policy: ModelConfig = field(default_factory=ModelConfig)
+    """The policy, initialised from SFT; the frozen reference is the same weights."""
+    reward: ModelConfig = field(default_factory=ModelConfig)
+    """The frozen reward model (rm/final)."""
+    value_init: Literal["reward", "policy"] = "reward"
+    """reward = separate value network from the RM (InstructGPT); policy = from the policy weights."""
+    reference: Literal["copy", "disable_adapter"] = "copy"
+    """copy = a second frozen copy of SFT; disable_adapter = the LoRA policy with its adapter off."""
+
+
+@dataclass
+class EMAConfig:
+    decay: float = 0.0
+    """EMA of the policy weights used for eval and the final save (InstructGPT: 0.992; 0 = off)."""
+
+
+@dataclass
+class PPOConfig:
+    output_dir: str = "runs/ppo"
+    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    models: PPOModels = field(default_factory=PPOModels)
+    data: PPOData = field(default_factory=PPOData)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    kl: KLConfig = field(default_factory=KLConfig)
+    reward: RewardShaping = field(default_factory=RewardShaping)
+    ppo: PPOHyper = field(default_factory=PPOHyper)
+    ptx: PtxConfig = field(default_factory=PtxConfig)
+    ema: EMAConfig = field(default_factory=EMAConfig)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=512, micro_batch_size=8))
+    """max_steps = PPO iterations; batch_size = episodes (prompts) per iteration."""
+    optim: OptimConfig = field(
+        default_factory=lambda: OptimConfig(
+            lr=1e-6, eps=1e-5, scheduler="constant", warmup_steps=10, warmup_start_ratio=0.1
+        )
+    )
+    """Policy optimizer (InstructGPT: constant LR, 10-iteration warm-up from 1/10 of peak, Adam eps 1e-5)."""
+    value_lr: float = 0.0
+    """Learning rate of the value model (0 = same as optim.lr)."""
+    checkpoint: CheckpointConfig = field(default_factory=lambda: CheckpointConfig(every=20))
+    logging: LoggingConfig = field(default_factory=lambda: LoggingConfig(every=1))
+
+    def validate(self) -> None:
+        _check_common(self)
+        p = self.ppo
+        if p.mini_batch_size > self.train.batch_size:
+            raise ConfigError(
+                f"ppo.mini_batch_size ({p.mini_batch_size}) is larger than train.batch_size ({self.train.batch_size})"
+            )
+        if self.train.batch_size % p.mini_batch_size:
+            raise ConfigError(
+                f"train.batch_size ({self.train.batch_size}) must be a multiple of ppo.mini_batch_size "
+                f"({p.mini_batch_size})"
+            )
+        if p.micro_batch_size > p.mini_batch_size:
+            raise ConfigError("ppo.micro_batch_size must be <= ppo.mini_batch_size")
+        _positive(p.ppo_epochs, "ppo.ppo_epochs")
+        if not 0 < p.cliprange < 1:
+            raise ConfigError(f"ppo.cliprange must be in (0, 1), got {p.cliprange}")
+        if not (0 <= p.gamma <= 1 and 0 <= p.lam <= 1):
+            raise ConfigError("ppo.gamma and ppo.lam must be in [0, 1]")
+        _positive(self.rollout.temperature, "rollout.temperature")
+        _positive(self.rollout.max_new_tokens, "rollout.max_new_tokens")
+        if self.kl.kl_coef < 0:
+            raise ConfigError(f"kl.kl_coef must be >= 0, got {self.kl.kl_coef}")
+        if self.ptx.ptx_coef < 0:
+            raise ConfigError(f"ptx.ptx_coef must be >= 0, got {self.ptx.ptx_coef}")
+        if self.ptx.ptx_coef > 0 and not self.ptx.data.path:
+            raise ConfigError("ptx.ptx_coef > 0 needs ptx.data.path (pretraining text)")
+        if not 0 <= self.ema.decay < 1:
+            raise ConfigError(f"ema.decay must be in [0, 1), got {self.ema.decay}")
+        if self.models.reference == "disable_adapter" and not self.models.policy.lora.enabled:
+            raise ConfigError(
+                "models.reference: disable_adapter needs models.policy.lora.enabled: true "
+                "(without an adapter there is nothing to disable); use reference: copy"
+            )
+
+    def paths(self) -> dict[str, str]:
+        return (
+            _source_paths(self.data, ("prompts", "eval_prompts"))
+            | _source_paths(self.ptx, ("data",), prefix="ptx")
+            | _model_paths(self.models.policy, "models.policy")
+            | _model_paths(self.models.reward, "models.reward")
+        )
+
+
+@dataclass
+class EvalConfig:
+    output_dir: str = "runs/eval"
+    """Where eval.json and samples.jsonl go."""
+    seed: int = 0
+    """Seed for sampling."""
+    policy: str = ""
+    """The trained policy (ppo/final)."""
+    sft: str = ""
+    """The SFT model: baseline for scores and win-rate, and the reference for KL and fluency."""
+    reward_model: str = ""
+    """Reward model dir (empty = no RM scores)."""
+    prompts: TextSource = field(default_factory=TextSource)
+    """Held-out prompts."""
+    pretrain_eval: TextSource = field(default_factory=TextSource)
+    """Held-out pretraining text: both models' LM loss on it (empty = skip)."""
+    judge: str = ""
+    """`module:function` (prompt, response) -> float, e.g. rlhf.tiny:gold_judge; empty = RM-judged win-rate."""
+    num_prompts: int = 0
+    """Evaluate on at most this many prompts (0 = all)."""
+    samples_per_prompt: int = 1
+    """Responses sampled per prompt and model."""
+    max_new_tokens: int = 64
+    """Longest response."""
+    temperature: float = 1.0
+    """Sampling temperature (KL and fluency are computed at the same temperature)."""
+    batch_size: int = 64
+    """Prompts per generate() call."""
+    format: FormatConfig = field(default_factory=FormatConfig)
+    """Prompt rendering (must match training)."""
+    trust_remote_code: bool = False
+    """Allow model code from the hub."""
+
+    def validate(self) -> None:
+        for key in ("policy", "sft"):
+            if not getattr(self, key):
+                raise ConfigError(f"{key} is required (a model dir)")
+        if not self.prompts.path:
+            raise ConfigError("prompts.path is required")
+        if self.judge and ":" not in self.judge:
+            raise ConfigError(f"judge must look like 'module:function', got {self.judge!r}")
+        _positive(self.temperature, "temperature")
+        _positive(self.samples_per_prompt, "samples_per_prompt")
+
+    def paths(self) -> dict[str, str]:
+        out = {"policy": self.policy, "sft": self.sft, "prompts.path": self.prompts.path}
+        if self.reward_model:
+            out["reward_model"] = self.reward_model
+        if self.pretrain_eval.path:
+            out["pretrain_eval.path"] = self.pretrain_eval.path
+        return out
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "eval": EvalConfig}
+
+
+# --------------------------------------------------------------------------------------------------
+# Checks shared by the stages
+# --------------------------------------------------------------------------------------------------
+
+
+def _positive(value: float, key: str) -> None:
+    if value <= 0:
+        raise ConfigError(f"{key} must be > 0, got {value}")
+
+
+def _check_common(cfg: Any) -> None:
+    if cfg.resume not in ("auto", "never") and not cfg.resume:
+        raise ConfigError("resume must be auto, never or a checkpoint path")
+    t, o = cfg.train, cfg.optim
+    if t.max_steps < 0:
+        raise ConfigError(f"train.max_steps must be >= 0, got {t.max_steps}")
+    if t.max_steps == 0 and t.epochs <= 0:
+        raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
+    _positive(t.batch_size, "train.batch_size")
+    _positive(t.micro_batch_size, "train.micro_batch_size")
+    if t.micro_batch_size > t.batch_size:
+        raise ConfigError(
+            f"train.micro_batch_size ({t.micro_batch_size}) is larger than train.batch_size ({t.batch_size})"
+        )
+    _positive(o.lr, "optim.lr")
+    if o.weight_decay < 0 or o.max_grad_norm < 0 or o.eps <= 0:
+        raise ConfigError("optim.weight_decay and optim.max_grad_norm must be >= 0 and optim.eps > 0")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas must be two numbers in [0, 1), got {o.betas}")
+    if o.warmup_steps < 0 or not 0 <= o.min_lr_ratio <= 1 or not 0 <= o.warmup_start_ratio <= 1:
+        raise ConfigError("optim.warmup_steps >= 0, optim.min_lr_ratio and optim.warmup_start_ratio in [0, 1]")
+    if cfg.checkpoint.every < 0 or cfg.checkpoint.keep_last < 0:
+        raise ConfigError("checkpoint.every and checkpoint.keep_last must be >= 0")
+    _positive(cfg.logging.every, "logging.every")
+
+
+def _source_paths(section: Any, names: tuple[str, ...], prefix: str = "data") -> dict[str, str]:
+    return {f"{prefix}.{n}.path": getattr(section, n).path for n in names if getattr(section, n).path}
+
+
+def _model_paths(model: ModelConfig, prefix: str) -> dict[str, str]:
+    out = {f"{prefix}.name_or_path": model.name_or_path}
+    if model.tokenizer:
+        out[f"{prefix}.tokenizer"] = model.tokenizer
+    return out
+
+
+def looks_local(path: str) -> bool:
+    """True for strings that can only mean a local path (so a missing one is an error, not a hub name)."""
+    return (
+        path.startswith(("/", "./", "../", "~", "runs/"))
+        or path.endswith((".json", ".jsonl", ".parquet", ".yaml"))
+        or path.count("/") > 1
+    )
+
+
+def check_paths(cfg: Any, source: str = "<config>") -> None:
+    """Fail before any model loads when a local path named by the config does not exist."""
+    for key, path in cfg.paths().items():
+        if not path:
+            raise ConfigError(f"{key} is empty in {source}: set it to a model dir or hub name")
+        if looks_local(path) and not Path(path).expanduser().exists():
+            raise ConfigError(
+                f"{key} = {path!r} (from {source}) does not exist; run the stage that produces it first, "
+                "or fix the path"
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Loading: YAML -> dataclass with type checks, overrides, did-you-mean
+# --------------------------------------------------------------------------------------------------
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = f"{key} (in {source})"
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                return float(value)
+            except ValueError:
+                pass
+        raise ConfigError(f"{where}: expected a number, got {value!r}")
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    base = cls()
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {full!r} in {source}{hint} (known: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            # Merge into the stage's own default for this section, so defaults set by the stage survive.
+            merged = dataclasses.asdict(getattr(base, key)) | {}
+            kwargs[key] = _build(hints[key], _deep_merge(merged, value), full, source)
+        else:
+            kwargs[key] = _coerce(value, hints[key], full, source)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value parsed as YAML, so 1e-4, true, [1, 2] and {k: v} all work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults -> YAML file -> `--set` overrides; validated. Raises ConfigError naming the key and the file."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; one of {sorted(STAGES)}")
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError(f"config file {source} does not exist")
+        try:
+            loaded = yaml.safe_load(p.read_text())
+        except yaml.YAMLError as e:
+            raise ConfigError(f"{source} is not valid YAML: {e}") from None
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+        data = loaded
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    label = source + (" with --set overrides" if overrides else "")
+    cfg = _build(STAGES[stage], data, "", label)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {label})") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (readable by load_config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

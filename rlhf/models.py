@@ -1,0 +1,190 @@
+"""Loading and preparing the models of every stage: tokenizer, causal LM, reward/value model, LoRA, dropout.
+
+Every forward here passes position ids computed from the attention mask, so a left-padded batch (as PPO
+generates) gets the same positions as the unpadded sequence, exactly as `generate()` does internally.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    PreTrainedTokenizerBase,
+)
+
+from rlhf.config import ConfigError, LoraConfig, ModelConfig
+
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def load_tokenizer(model: ModelConfig | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """The tokenizer with a pad token distinct from EOS (the reward and value read at EOS; PAD must differ)."""
+    if isinstance(model, ModelConfig):
+        path, trust_remote_code = model.tokenizer or model.name_or_path, model.trust_remote_code
+    else:
+        path = model
+    tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if tokenizer.eos_token_id is None:
+        raise ConfigError(f"tokenizer {path} has no EOS token; set one (eos_token) in its tokenizer_config.json")
+    if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
+        tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
+    return tokenizer
+
+
+def disable_dropout(model: nn.Module) -> None:
+    """Dropout off (N+ detail 1): with dropout on, the first PPO ratio is not 1 and RM scores are noisy."""
+    for module in model.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = 0.0
+    config = getattr(model, "config", None)
+    for key in ("attention_dropout", "hidden_dropout", "resid_pdrop", "embd_pdrop", "attn_pdrop", "dropout"):
+        if config is not None and isinstance(getattr(config, key, None), float):
+            setattr(config, key, 0.0)
+
+
+def _fit_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
+    # Only grow: many hub models have padded embedding tables larger than the tokenizer.
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.config.eos_token_id = tokenizer.eos_token_id
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.eos_token_id = tokenizer.eos_token_id
+
+
+def load_causal_lm(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dropout: bool = True) -> nn.Module:
+    """A causal LM from a checkpoint or (from_config) fresh from its config.json; LoRA applied if enabled."""
+    dtype = DTYPES[model_cfg.dtype]
+    if model_cfg.from_config:
+        config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+    else:
+        model = AutoModelForCausalLM.from_pretrained(
+            model_cfg.name_or_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
+        )
+    _fit_vocab(model, tokenizer)
+    if not dropout:
+        disable_dropout(model)
+    return prepare_for_training(model, model_cfg, task_type="CAUSAL_LM")
+
+
+def prepare_for_training(model: nn.Module, model_cfg: ModelConfig, task_type: str) -> nn.Module:
+    if model_cfg.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.config.use_cache = False
+    if model_cfg.lora.enabled:
+        model = apply_lora(model, model_cfg.lora, task_type)
+    return model
+
+
+def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str) -> nn.Module:
+    from peft import LoraConfig as PeftLoraConfig
+    from peft import get_peft_model
+
+    peft_config = PeftLoraConfig(
+        r=lora.r,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
+        task_type=task_type,
+        # the reward/value head is new and must train fully next to the adapters
+        modules_to_save=["score"] if task_type == "SEQ_CLS" else None,
+    )
+    return get_peft_model(model, peft_config)
+
+
+def load_reward_model(
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dropout: bool = False, train: bool = False
+) -> nn.Module:
+    """A scalar-head model (AutoModelForSequenceClassification, num_labels=1).
+
+    From a causal LM (the SFT model) the unembedding is replaced by a fresh head initialised N(0, 1/(d+1))
+    (N+ detail 5); from a reward model the trained head is kept.
+    """
+    path = model_cfg.name_or_path
+    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+    fresh_head = not any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
+    model = AutoModelForSequenceClassification.from_pretrained(
+        path, num_labels=1, dtype=DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code
+    )
+    _fit_vocab(model, tokenizer)
+    if fresh_head:
+        hidden = model.score.weight.shape[1]
+        nn.init.normal_(model.score.weight, std=1 / math.sqrt(hidden + 1))
+        model.config.reward_offset = 0.0
+    if not dropout:
+        disable_dropout(model)
+    if train:
+        return prepare_for_training(model, model_cfg, task_type="SEQ_CLS")
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B,T] -> [B,T] positions counting only real tokens (0 at each row's first real token)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B,T] ids -> [B,T,V] logits, with padding-aware positions."""
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    )
+    return out.logits
+
+
+def _backbone(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
+
+
+def _score_head(model: nn.Module) -> nn.Module:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.score
+
+
+def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Scalar head applied at every position: [B,T] ids -> [B,T] values (the PPO critic)."""
+    hidden = _backbone(model)(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids_from_mask(attention_mask),
+        use_cache=False,
+    ).last_hidden_state
+    return _score_head(model)(hidden).squeeze(-1).float()
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B,T] -> [B] index of the rightmost real token; correct under left or right padding."""
+    positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)
+
+
+def reward_scores(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, normalized: bool = True
+) -> torch.Tensor:
+    """[B,T] (prompt + response ending in EOS, any padding side) -> [B] scores read at the last real token.
+
+    One forward per sequence. `normalized` subtracts `config.reward_offset`, the shift that makes the
+    reference completions score mean 0 (stock HF decoder classification heads have no bias to hold it).
+    """
+    values = token_values(model, input_ids, attention_mask)
+    scores = values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+    if normalized:
+        scores = scores - float(getattr(model.config, "reward_offset", 0.0) or 0.0)
+    return scores
+
+
+def is_local_model(path: str) -> bool:
+    return Path(path).is_dir()

@@ -1,0 +1,555 @@
+"""Tensor math for InstructGPT-style RLHF: SFT loss, reward-model ranking loss and PPO-ptx.
+
+Every function here is pure: tensors in, tensors out, no config objects, no models, no global state.
+The two KL controllers are the only classes, and they only hold a float.
+
+Shape conventions:
+    B = batch size, T = response length (tokens), V = vocabulary size.
+    ``mask`` arguments are bool or 0/1 float with the same shape as the value tensor they go with;
+    True / 1 marks a real response token. Response masks are normally a prefix of True followed by
+    False (the response sits right after a left-padded prompt and stops at its first EOS).
+
+References:
+    [InstructGPT] Ouyang et al. 2022, "Training language models to follow instructions with human
+        feedback", arXiv:2203.02155.
+    [PPO] Schulman et al. 2017, "Proximal Policy Optimization Algorithms", arXiv:1707.06347.
+    [GAE] Schulman et al. 2015, "High-Dimensional Continuous Control Using Generalized Advantage
+        Estimation", arXiv:1506.02438.
+    [Ziegler] Ziegler et al. 2019, "Fine-Tuning Language Models from Human Preferences",
+        arXiv:1909.08593 (code: openai/lm-human-preferences).
+    [N+] Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
+        Summarization", arXiv:2403.17031.
+    [kl-approx] Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = [
+    "AdaptiveKLController",
+    "FixedKLController",
+    "compute_rewards",
+    "entropy_from_logits",
+    "explained_variance",
+    "first_true_indices",
+    "gae",
+    "kl_penalty",
+    "lm_loss",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "ranking_loss",
+    "truncate_after_eos",
+    "value_loss",
+]
+
+_KL_ESTIMATORS = ("k1", "k2", "k3")
+
+
+def _float_dtype(dtype: torch.dtype) -> torch.dtype:
+    # Do softmax-type math in at least float32: bf16 has ~3 significant digits, which is not
+    # enough for log-probabilities whose differences feed exp() in the PPO ratio.
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _as_bool(mask: Tensor) -> Tensor:
+    return mask if mask.dtype == torch.bool else mask != 0
+
+
+# ---------------------------------------------------------------------------------------------
+# Log-probabilities and entropy
+# ---------------------------------------------------------------------------------------------
+
+
+def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.0) -> Tensor:
+    """Log-probability of each label token under ``softmax(logits / temperature)``.
+
+    Shapes: logits [B, T, V], labels [B, T] (long) -> [B, T], float32 (float64 if logits are float64).
+
+        logprob[b, t] = logits[b, t, y] / tau - logsumexp_v(logits[b, t, v] / tau),  y = labels[b, t]
+
+    The temperature must be the one used for sampling, otherwise the PPO ratio and the KL penalty
+    compare a different distribution than the one that produced the tokens ([N+], detail
+    "dividing logits by the sampling temperature").
+
+    Memory: for float32/64 logits we gather first and subtract logsumexp, so no full [B, T, V]
+    log-softmax tensor is kept. For bf16/fp16 logits we upcast one row at a time, so the float32
+    copy is [T, V] rather than [B, T, V].
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    out_dtype = _float_dtype(logits.dtype)
+    if logits.dtype == out_dtype:
+        scaled = logits / temperature if temperature != 1.0 else logits
+        picked = scaled.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
+        return picked - torch.logsumexp(scaled, dim=-1)
+    rows = []
+    for row_logits, row_labels in zip(logits, labels):
+        row = row_logits.to(out_dtype) / temperature
+        rows.append(row.log_softmax(-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1))
+    return torch.stack(rows)
+
+
+def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
+    """Entropy of ``softmax(logits / temperature)`` at every position.
+
+    Shapes: logits [B, T, V] -> [B, T], float32 (float64 if logits are float64).
+
+        H = -sum_v p_v log p_v = logsumexp(z) - sum_v p_v z_v,   z = logits / tau
+
+    The second form avoids log(0) for tokens whose probability underflows. Combine with
+    ``masked_mean`` for an entropy statistic or bonus.
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = logits.to(_float_dtype(logits.dtype)) / temperature
+    p = torch.softmax(z, dim=-1)
+    return torch.logsumexp(z, dim=-1) - (p * z).sum(-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Masked statistics
+# ---------------------------------------------------------------------------------------------
+
+
+def masked_sum(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Sum of ``values`` over entries where ``mask`` is True.
+
+    Shapes: values and mask the same shape; ``dim=None`` -> scalar, else that dim is reduced.
+    Masked-out entries are selected away (not multiplied by 0), so NaN/inf in padding cannot leak.
+    """
+    selected = torch.where(_as_bool(mask), values, torch.zeros((), dtype=values.dtype, device=values.device))
+    return selected.sum() if dim is None else selected.sum(dim)
+
+
+def masked_mean(values: Tensor, mask: Tensor, dim: int | None = None) -> Tensor:
+    """Mean of ``values`` over entries where ``mask`` is True.
+
+    Shapes: as ``masked_sum``. ``sum(values * mask) / sum(mask)``.
+    Choice: an empty mask (no True entries, over all or along ``dim``) gives 0 rather than NaN, so a
+    micro-batch without response tokens contributes a zero loss with zero gradient instead of
+    poisoning the optimiser state.
+    """
+    bool_mask = _as_bool(mask)
+    count = bool_mask.sum() if dim is None else bool_mask.sum(dim)
+    return masked_sum(values, bool_mask, dim) / count.clamp(min=1).to(values.dtype)
+
+
+def masked_var(values: Tensor, mask: Tensor, unbiased: bool = True) -> Tensor:
+    """Variance of ``values`` over all entries where ``mask`` is True (scalar).
+
+        var = mean_m((x - mean_m(x))^2) * n / (n - 1)  if unbiased  (Bessel's correction)
+
+    Raises ValueError if the mask has fewer than 2 True entries and ``unbiased`` (n - 1 <= 0), or no
+    True entries at all. Reads ``n`` on the host (one device sync).
+    """
+    bool_mask = _as_bool(mask)
+    n = int(bool_mask.sum().item())
+    if n == 0:
+        raise ValueError("masked_var: mask has no True entries")
+    if unbiased and n < 2:
+        raise ValueError(f"masked_var: unbiased variance needs at least 2 masked entries, got {n}")
+    mean = masked_mean(values, bool_mask)
+    var = masked_mean((values - mean) ** 2, bool_mask)
+    if unbiased:
+        var = var * (n / (n - 1))
+    return var
+
+
+def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: float = 1e-8) -> Tensor:
+    """Normalise ``values`` to zero mean and unit variance over the masked entries.
+
+        out = (x - mean_m(x)) / sqrt(var_m(x) + eps)        (+ mean_m(x) if not shift_mean)
+
+    Shapes: values and mask the same shape -> same shape; masked-out entries are set to 0.
+    Used for advantages ([Ziegler] ``whiten``, [N+] "advantage whitening"); ``shift_mean=False`` is
+    the reward-whitening variant that keeps the mean so the sign of the reward survives.
+    Variance is the unbiased one (as ``masked_var``); with fewer than 2 masked entries it falls back
+    to the biased one (0), so a tiny batch is centred instead of raising. No True entries -> all 0.
+    """
+    bool_mask = _as_bool(mask)
+    n = int(bool_mask.sum().item())
+    if n == 0:
+        return torch.zeros_like(values)
+    mean = masked_mean(values, bool_mask)
+    var = masked_var(values, bool_mask, unbiased=n >= 2)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return torch.where(bool_mask, whitened, torch.zeros((), dtype=whitened.dtype, device=whitened.device))
+
+
+# ---------------------------------------------------------------------------------------------
+# KL penalty and per-token rewards
+# ---------------------------------------------------------------------------------------------
+
+
+def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
+    """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
+
+    Shapes: logprobs, ref_logprobs [B, T] -> [B, T]. With log r = ref_logprobs - logprobs [kl-approx]:
+        k1 = -log r = logprobs - ref_logprobs       unbiased, can be negative per token (InstructGPT,
+                                                   [Ziegler], [N+] use this one in the reward)
+        k2 = 0.5 * (log r)^2                       biased, always >= 0
+        k3 = (r - 1) - log r                       unbiased, always >= 0, lower variance
+    Raises ValueError for any other ``estimator``.
+    """
+    if estimator == "k1":
+        return logprobs - ref_logprobs
+    log_ratio = ref_logprobs - logprobs
+    if estimator == "k2":
+        return 0.5 * log_ratio**2
+    if estimator == "k3":
+        # expm1 keeps precision when r is close to 1, which is the common case.
+        return torch.expm1(log_ratio) - log_ratio
+    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {_KL_ESTIMATORS}")
+
+
+def compute_rewards(
+    scores: Tensor,
+    logprobs: Tensor,
+    ref_logprobs: Tensor,
+    mask: Tensor,
+    kl_coef: float,
+    estimator: str = "k1",
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Per-token PPO rewards: KL penalty at every token plus the RM score at the last token.
+
+    Shapes: scores [B] (one reward-model score per sequence), logprobs / ref_logprobs / mask [B, T].
+    Returns (rewards [B, T], non_score_reward [B, T], kl [B, T]):
+
+        kl_t               = kl_penalty(logprobs_t, ref_logprobs_t) * mask_t
+        non_score_reward_t = -kl_coef * kl_t
+        rewards_t          = non_score_reward_t + [t == last valid index] * score
+
+    This is InstructGPT eq. 2, R(x, y) = r_theta(x, y) - beta log(pi / pi_SFT), spread over tokens as
+    in [Ziegler] / [N+]: the sequence-level score is given on the last response token (its EOS when
+    the response finished), the KL term on every token. "Last valid" is the last True of each row's
+    mask. Rows with an all-False mask get no score (all zeros). All positions after the last valid
+    token, and any other masked-out position, are 0.
+    """
+    bool_mask = _as_bool(mask)
+    # Select rather than multiply so inf/NaN from padded logprobs (e.g. k3's exp) cannot leak.
+    zero = torch.zeros((), dtype=logprobs.dtype, device=logprobs.device)
+    kl = torch.where(bool_mask, kl_penalty(logprobs, ref_logprobs, estimator), zero)
+    non_score_reward = -kl_coef * kl
+    if mask.shape[-1] == 0:
+        return non_score_reward.clone(), non_score_reward, kl
+    positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(bool_mask)
+    last = torch.where(bool_mask, positions, -1).amax(dim=-1)  # -1 for a row with no valid token
+    has_token = last >= 0
+    score = torch.where(has_token, scores.to(non_score_reward.dtype), zero)
+    rewards = non_score_reward.scatter_add(-1, last.clamp(min=0).unsqueeze(-1), score.unsqueeze(-1))
+    return rewards, non_score_reward, kl
+
+
+# ---------------------------------------------------------------------------------------------
+# Advantages
+# ---------------------------------------------------------------------------------------------
+
+
+def gae(
+    rewards: Tensor,
+    values: Tensor,
+    mask: Tensor,
+    gamma: float = 1.0,
+    lam: float = 0.95,
+) -> tuple[Tensor, Tensor]:
+    """Generalised advantage estimation over response tokens [GAE], as in [Ziegler] / [N+].
+
+    Shapes: rewards, values, mask [B, T] -> (advantages [B, T], returns [B, T]).
+
+        delta_t = r_t + gamma * V_{t+1} - V_t
+        A_t     = delta_t + gamma * lam * A_{t+1}
+        R_t     = A_t + V_t            (the value target)
+
+    The episode ends at the last valid token: V and A beyond it count as 0 (terminal, no
+    bootstrapping from the value of padding). Masked positions output 0 in both tensors. Masks are
+    expected to be a prefix of True; a masked-out position in the middle of a row also acts as a
+    terminal (nothing is propagated across it). No whitening here: see ``masked_whiten``.
+    Computed with a backward loop over T, vectorised over B.
+    """
+    bool_mask = _as_bool(mask)
+    zero = torch.zeros((), dtype=values.dtype, device=values.device)
+    values = torch.where(bool_mask, values, zero)
+    rewards = torch.where(bool_mask, rewards.to(values.dtype), zero)
+    T = rewards.shape[-1]
+    if T == 0:
+        return torch.zeros_like(values), torch.zeros_like(values)
+    next_value = torch.zeros_like(values[..., 0])  # V after the final position: terminal
+    last_gae = torch.zeros_like(next_value)
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        delta = rewards[..., t] + gamma * next_value - values[..., t]
+        last_gae = torch.where(bool_mask[..., t], delta + gamma * lam * last_gae, zero)
+        advantages_reversed.append(last_gae)
+        next_value = values[..., t]
+    advantages = torch.stack(advantages_reversed[::-1], dim=-1)
+    returns = advantages + values
+    return advantages, returns
+
+
+# ---------------------------------------------------------------------------------------------
+# PPO losses
+# ---------------------------------------------------------------------------------------------
+
+
+def policy_loss(
+    logprobs: Tensor,
+    old_logprobs: Tensor,
+    advantages: Tensor,
+    mask: Tensor,
+    cliprange: float,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO clipped surrogate objective, as a loss to minimise ([PPO] eq. 7, per token).
+
+    Shapes: logprobs (current policy, with grad), old_logprobs (rollout policy), advantages, mask
+    [B, T] -> (scalar loss, stats).
+
+        ratio_t = exp(logprobs_t - old_logprobs_t)
+        loss    = masked_mean( max(-A_t * ratio_t, -A_t * clip(ratio_t, 1 - eps, 1 + eps)) )
+
+    The max of the negated terms is the min of [PPO]'s pessimistic bound, so tokens whose ratio has
+    moved past the clip range in the direction the advantage favours get zero gradient.
+
+    Stats (detached scalars): "clipfrac" share of masked tokens where the clipped term is strictly
+    larger (i.e. chosen), "approx_kl" masked mean of 0.5 * (logprobs - old_logprobs)^2 (k2 of
+    [kl-approx]), "ratio_mean", "ratio_max" (masked; 0 if the mask is empty).
+    """
+    bool_mask = _as_bool(mask)
+    # Zero the log-ratio on padding before exp: garbage logprobs there could give inf, and an inf
+    # in the unselected branch of torch.where still turns the gradient into NaN.
+    log_ratio = torch.where(bool_mask, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype))
+    ratio = torch.exp(log_ratio)
+    pg_losses = -advantages * ratio
+    pg_losses_clipped = -advantages * torch.clamp(ratio, 1.0 - cliprange, 1.0 + cliprange)
+    loss = masked_mean(torch.maximum(pg_losses, pg_losses_clipped), bool_mask)
+    with torch.no_grad():
+        ratio_masked = torch.where(bool_mask, ratio, torch.full((), -torch.inf, dtype=ratio.dtype))
+        ratio_max = ratio_masked.max() if ratio.numel() else ratio.new_zeros(())
+        stats = {
+            "clipfrac": masked_mean((pg_losses_clipped > pg_losses).to(ratio.dtype), bool_mask),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, bool_mask),
+            "ratio_mean": masked_mean(ratio, bool_mask),
+            "ratio_max": torch.where(torch.isfinite(ratio_max), ratio_max, torch.zeros_like(ratio_max)),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def value_loss(
+    values: Tensor,
+    old_values: Tensor,
+    returns: Tensor,
+    mask: Tensor,
+    cliprange_value: float | None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Value-head regression loss with optional PPO-style value clipping ([Ziegler], [N+]).
+
+    Shapes: values (current, with grad), old_values (rollout), returns, mask [B, T] -> (scalar, stats).
+
+        values_clipped = old_values + clip(values - old_values, -c, c)
+        loss = 0.5 * masked_mean( max((values - returns)^2, (values_clipped - returns)^2) )
+        loss = 0.5 * masked_mean( (values - returns)^2 )                      if c is None
+
+    Stats (detached): "vf_clipfrac" share of masked tokens where the clipped error is strictly
+    larger (0 when unclipped).
+    """
+    bool_mask = _as_bool(mask)
+    vf_losses = (values - returns) ** 2
+    if cliprange_value is None:
+        loss = 0.5 * masked_mean(vf_losses, bool_mask)
+        return loss, {"vf_clipfrac": torch.zeros((), dtype=vf_losses.dtype, device=vf_losses.device)}
+    values_clipped = old_values + torch.clamp(values - old_values, -cliprange_value, cliprange_value)
+    vf_losses_clipped = (values_clipped - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(vf_losses, vf_losses_clipped), bool_mask)
+    with torch.no_grad():
+        vf_clipfrac = masked_mean((vf_losses_clipped > vf_losses).to(vf_losses.dtype), bool_mask)
+    return loss, {"vf_clipfrac": vf_clipfrac.detach()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Language-model (SFT / ptx) and reward-model losses
+# ---------------------------------------------------------------------------------------------
+
+
+def lm_loss(logits: Tensor, labels: Tensor, ignore_index: int = -100, reduction: str = "mean") -> Tensor:
+    """Next-token cross-entropy, shared by SFT and the PPO-ptx pretraining term (InstructGPT eq. 2).
+
+    Shapes: logits [B, T, V], labels [B, T] (long) -> scalar. The shift is done here: logits at
+    position t predict labels at t + 1, so only logits[:, :-1] and labels[:, 1:] are used.
+
+        sum  = sum_{b, t : labels[b, t+1] != ignore} -log softmax(logits[b, t])[labels[b, t+1]]
+        mean = sum / (number of such tokens)        (0 when there are none, instead of NaN)
+
+    ``reduction="sum"`` lets callers normalise by the token count of a whole accumulated batch
+    instead of averaging per micro-batch means. Math in float32 even for bf16 logits.
+    """
+    if reduction not in ("mean", "sum"):
+        raise ValueError(f"reduction must be 'mean' or 'sum', got {reduction!r}")
+    vocab = logits.shape[-1]
+    shift_logits = logits[:, :-1].to(_float_dtype(logits.dtype)).reshape(-1, vocab)
+    shift_labels = labels[:, 1:].reshape(-1)
+    total = F.cross_entropy(shift_logits, shift_labels, ignore_index=ignore_index, reduction="sum")
+    if reduction == "sum":
+        return total
+    count = (shift_labels != ignore_index).sum().clamp(min=1)
+    return total / count.to(total.dtype)
+
+
+def ranking_loss(
+    rewards: Tensor,
+    pair_index: Tensor,
+    group_index: Tensor,
+    num_groups: int,
+    margin: Tensor | None = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """InstructGPT reward-model loss for K-way rankings (InstructGPT eq. 1).
+
+    Shapes: rewards [N] (one scalar per forwarded response), pair_index [P, 2] long = (winner row,
+    loser row) into ``rewards``, group_index [P] long in [0, num_groups) = the prompt each pair comes
+    from, margin [P] or None (= 0) -> (scalar loss, stats).
+
+        loss = mean_g ( -1 / C_g * sum_{(w, l) in g} log sigmoid(r_w - r_l - margin_{w,l}) )
+
+    C_g is the number of pairs in group g (C(K, 2) for a full ranking of K responses), so each prompt
+    weighs the same however many comparisons it has, as in InstructGPT's "single batch element per
+    prompt" setup. Groups with no pairs are left out of the mean (0 if there are no pairs at all).
+
+    Stats (detached, over pairs, without the margin): "accuracy" share of pairs with r_w > r_l
+    (ties count 0.5), "margin_mean" mean of r_w - r_l.
+    """
+    if pair_index.ndim != 2 or pair_index.shape[-1] != 2:
+        raise ValueError(f"pair_index must be [P, 2], got {tuple(pair_index.shape)}")
+    if group_index.shape != pair_index.shape[:1]:
+        raise ValueError(f"group_index must be [P]={tuple(pair_index.shape[:1])}, got {tuple(group_index.shape)}")
+    diff = rewards[pair_index[:, 0]] - rewards[pair_index[:, 1]]
+    logits = diff if margin is None else diff - margin.to(diff.dtype)
+    nll = -F.logsigmoid(logits)
+    group_sum = torch.zeros(num_groups, dtype=nll.dtype, device=nll.device).index_add(0, group_index, nll)
+    group_count = torch.bincount(group_index, minlength=num_groups)[:num_groups]
+    present = group_count > 0
+    group_mean = group_sum / group_count.clamp(min=1).to(nll.dtype)
+    loss = masked_mean(group_mean, present)
+    with torch.no_grad():
+        correct = (diff > 0).to(diff.dtype) + 0.5 * (diff == 0).to(diff.dtype)
+        zero = diff.new_zeros(())
+        stats = {
+            "accuracy": correct.mean() if diff.numel() else zero,
+            "margin_mean": diff.mean() if diff.numel() else zero,
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Diagnostics
+# ---------------------------------------------------------------------------------------------
+
+
+def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
+    """How much of the variance of the returns the value head explains (scalar, detached).
+
+        ev = 1 - Var_m[returns - values] / Var_m[returns]
+
+    1 is a perfect value function, 0 is no better than predicting the mean, < 0 is worse.
+    Choice: when Var_m[returns] == 0 (or the mask has no True entries) this returns 0 instead of NaN,
+    so logs stay NaN-free. Biased variances (the n / (n - 1) factor cancels in the ratio).
+    """
+    bool_mask = _as_bool(mask)
+    with torch.no_grad():
+        values, returns = values.detach(), returns.detach()
+        n = bool_mask.sum()
+        mean_y = masked_mean(returns, bool_mask)
+        var_y = masked_mean((returns - mean_y) ** 2, bool_mask)
+        err = returns - values
+        var_err = masked_mean((err - masked_mean(err, bool_mask)) ** 2, bool_mask)
+        ev = 1 - var_err / torch.where(var_y > 0, var_y, torch.ones_like(var_y))
+        return torch.where((var_y > 0) & (n > 0), ev, torch.zeros_like(ev))
+
+
+# ---------------------------------------------------------------------------------------------
+# KL coefficient controllers
+# ---------------------------------------------------------------------------------------------
+
+
+class FixedKLController:
+    """Constant KL coefficient beta (InstructGPT uses a fixed beta = 0.02)."""
+
+    def __init__(self, kl_coef: float):
+        self.value = float(kl_coef)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        """No-op: the coefficient stays fixed."""
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.value = float(state_dict["value"])
+
+
+class AdaptiveKLController:
+    """Adaptive KL coefficient that steers the observed KL towards a target ([Ziegler] sec. 2.2).
+
+        e_t  = clip(KL_t / KL_target - 1, -0.2, 0.2)
+        beta_{t+1} = beta_t * (1 + e_t * n_steps / horizon)
+
+    ``current_kl`` is the observed KL(pi || pi_ref) per sequence (sum over tokens, batch mean),
+    ``n_steps`` the number of episodes (sequences) in the batch that produced it.
+    """
+
+    def __init__(self, init_kl_coef: float, target: float, horizon: float):
+        if target <= 0 or horizon <= 0:
+            raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
+        self.value = float(init_kl_coef)
+        self.target = float(target)
+        self.horizon = float(horizon)
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + proportional_error * n_steps / self.horizon
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value, "target": self.target, "horizon": self.horizon}
+
+    def load_state_dict(self, state_dict: dict[str, float]) -> None:
+        self.value = float(state_dict["value"])
+        self.target = float(state_dict.get("target", self.target))
+        self.horizon = float(state_dict.get("horizon", self.horizon))
+
+
+# ---------------------------------------------------------------------------------------------
+# Token-id helpers
+# ---------------------------------------------------------------------------------------------
+
+
+def first_true_indices(bools: Tensor, dtype: torch.dtype = torch.long) -> Tensor:
+    """Index of the first True in each row; T (the row length) where a row has none.
+
+    Shapes: bools [B, T] -> [B] of ``dtype``. ``min over t of (t if bools[t] else T)``.
+    """
+    T = bools.shape[-1]
+    if T == 0:
+        return torch.zeros(bools.shape[:-1], dtype=dtype, device=bools.device)
+    positions = torch.arange(T, dtype=dtype, device=bools.device)
+    return torch.where(_as_bool(bools), positions, torch.full((), T, dtype=dtype, device=bools.device)).amin(-1)
+
+
+def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) -> tuple[Tensor, Tensor]:
+    """Cut generated responses at their first EOS ([N+], "truncate after EOS").
+
+    Shapes: responses [B, T] token ids -> (responses [B, T], mask [B, T] bool).
+    Every token after the first ``eos_token_id`` becomes ``pad_token_id``; the mask is True up to
+    and including the first EOS (all True for a row with no EOS), so the EOS token itself is a
+    response token and is where ``compute_rewards`` puts the score. Works when pad == eos.
+    """
+    first_eos = first_true_indices(responses == eos_token_id)
+    positions = torch.arange(responses.shape[-1], device=responses.device)
+    mask = positions.unsqueeze(0) <= first_eos.unsqueeze(-1)
+    truncated = torch.where(mask, responses, torch.full_like(responses, pad_token_id))
+    return truncated, mask

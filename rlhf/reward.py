@@ -1,0 +1,190 @@
+"""Stage 2: the reward model — a scalar linear head on the SFT model, trained on K-way rankings.
+
+For a prompt with K ranked responses, each response is forwarded once and all C(K,2) pairs form one loss term
+`-1/C(K,2) Σ log σ(r_w - r_l)` (InstructGPT §3.5: fewer forwards, and no overfitting from reusing a comparison
+as separate batch elements). Pairwise rows are K = 2. Identical responses (ties) are dropped by the loader.
+After training the scores are shifted so the reference completions (SFT demonstrations) score mean 0; the shift
+is stored as `reward_offset` in the saved config.json (stock HF decoder classification heads have no bias
+parameter to hold it), and `rlhf.models.reward_scores` applies it.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlhf.batching import TruncationReport, batch_order, encode_pairs, encode_prompts, pad
+from rlhf.config import ConfigError, RMConfig, TextSource, check_paths, save_config
+from rlhf.data import load_rows
+from rlhf.models import load_reward_model, load_tokenizer, reward_scores
+from rlhf.ppo_math import ranking_loss
+from rlhf.training import SupervisedTask, fit, make_accelerator, seed_everything, write_json
+
+
+def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
+    """Preference rows -> groups of token sequences (prompt + response + EOS), best first."""
+    ds, load_report = load_rows(
+        source.path, "preference", split=source.split, field_map=source.field_map or None,
+        on_bad_row=cfg.data.format.on_bad_row, max_rows=source.max_rows or None,
+    )
+    rows = ds.to_list()
+    prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)
+    flat_prompts = [p for p, r in zip(prompts, rows) for _ in r["ranked"]]
+    flat_responses = [resp for r in rows for resp in r["ranked"]]
+    pairs = encode_pairs(tokenizer, cfg.data.format, flat_prompts, flat_responses, source.path, report)
+    groups, k = [], 0
+    for r in rows:
+        seqs = [p + c for p, c in (pair for pair in pairs[k : k + len(r["ranked"])] if pair is not None)]
+        k += len(r["ranked"])
+        if len(seqs) >= 2:  # a response dropped as too long leaves the others' order intact
+            groups.append(seqs)
+    return groups
+
+
+def collate_groups(groups: list[list[list[int]]], pad_token_id: int, margin_coef: float) -> dict[str, torch.Tensor]:
+    """Flatten groups into one right-padded batch; every pair (i better than j) of each group is listed."""
+    seqs, pair_index, group_index, margin = [], [], [], []
+    for g, group in enumerate(groups):
+        base = len(seqs)
+        seqs.extend(group)
+        for i in range(len(group)):
+            for j in range(i + 1, len(group)):
+                pair_index.append((base + i, base + j))
+                group_index.append(g)
+                margin.append(margin_coef * (j - i))
+    return {
+        "input_ids": pad(seqs, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "pair_index": torch.tensor(pair_index, dtype=torch.long),
+        "group_index": torch.tensor(group_index, dtype=torch.long),
+        "seq_group": torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long),
+        "margin": torch.tensor(margin, dtype=torch.float32),
+    }
+
+
+def group_loss(model, batch: dict, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+    """Loss summed over the batch's groups, and stats summed over groups (accuracy/margin weighted by groups)."""
+    num_groups = int(batch["seq_group"].max()) + 1
+    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalized=False)
+    margin = batch["margin"] if bool((batch["margin"] != 0).any()) else None
+    loss, stats = ranking_loss(scores, batch["pair_index"], batch["group_index"], num_groups, margin)
+    loss_sum = loss * num_groups
+    if center_coef:
+        # Eisenstein et al. 2023: keep rewards near zero, so the scale is identifiable (sum over groups of mean r²)
+        per_group = torch.zeros(num_groups, device=scores.device).index_add(0, batch["seq_group"], scores.float() ** 2)
+        counts = torch.bincount(batch["seq_group"], minlength=num_groups).clamp(min=1)
+        loss_sum = loss_sum + center_coef * (per_group / counts).sum()
+    return loss_sum, {
+        "loss": loss_sum.detach(),
+        "accuracy": stats["accuracy"] * num_groups,
+        "margin": stats["margin_mean"] * num_groups,
+    }
+
+
+@torch.no_grad()
+def evaluate_groups(model, groups, micro: int, pad_token_id: int, accelerator) -> dict:
+    """Held-out pairwise accuracy (ties half), mean margin r_w - r_l and loss, over all pairs of all groups."""
+    model.eval()
+    total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss*groups, correct, margin, pairs
+    mine = groups[accelerator.process_index :: accelerator.num_processes]
+    for s in range(0, len(mine), micro):
+        batch = {k: v.to(accelerator.device) for k, v in collate_groups(mine[s : s + micro], pad_token_id, 0).items()}
+        with accelerator.autocast():
+            scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalized=False).float()
+        n = len(mine[s : s + micro])
+        loss, _ = ranking_loss(scores, batch["pair_index"], batch["group_index"], n)
+        diff = scores[batch["pair_index"][:, 0]] - scores[batch["pair_index"][:, 1]]
+        total += torch.stack([loss * n, (diff > 0).sum() + 0.5 * (diff == 0).sum(), diff.sum(),
+                              torch.tensor(float(len(diff)), device=diff.device)]).double()
+    total = accelerator.reduce(total, "sum")
+    pairs = total[3].clamp(min=1)
+    return {"eval/loss": (total[0] / max(len(groups), 1)).item(), "eval/accuracy": (total[1] / pairs).item(),
+            "eval/margin": (total[2] / pairs).item()}
+
+
+@torch.no_grad()
+def score_sequences(model, sequences: list[list[int]], micro: int, pad_token_id: int, device) -> torch.Tensor:
+    """Raw (unnormalised) scores of token sequences, in order."""
+    model.eval()
+    out = []
+    for s in range(0, len(sequences), micro):
+        chunk = sequences[s : s + micro]
+        ids, mask = pad(chunk, pad_token_id).to(device), pad([[1] * len(c) for c in chunk], 0).to(device)
+        out.append(reward_scores(model, ids, mask, normalized=False).float().cpu())
+    return torch.cat(out) if out else torch.zeros(0)
+
+
+def reference_sequences(tokenizer, cfg: RMConfig) -> list[list[int]]:
+    """Reference (prompt, completion) sequences whose mean score becomes 0 after normalisation."""
+    src = cfg.data.reference
+    ds, _ = load_rows(src.path, "sft", split=src.split, field_map=src.field_map or None,
+                      on_bad_row=cfg.data.format.on_bad_row, max_rows=cfg.data.reference_max_rows or None)
+    rows = ds.to_list()
+    report = TruncationReport()
+    prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)
+    pairs = encode_pairs(tokenizer, cfg.data.format, prompts, [r["completion"] for r in rows], src.path, report)
+    return [p + c for p, c in (x for x in pairs if x is not None)]
+
+
+def train(cfg: RMConfig, source: str = "<config>") -> Path:
+    """Train the reward model; returns `<output_dir>/final` (loads with AutoModelForSequenceClassification)."""
+    check_paths(cfg, source)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    report = TruncationReport()
+    train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
+    eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
+    if len(train_groups) < cfg.train.batch_size:
+        raise ConfigError(f"only {len(train_groups)} preference groups, fewer than train.batch_size")
+    steps_per_epoch = len(train_groups) // cfg.train.batch_size
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    lengths = [sum(len(s) for s in g) for g in train_groups]
+    k_mean = sum(len(g) for g in train_groups) / len(train_groups)
+    accelerator.print(f"[rm] {len(train_groups)} prompts (mean K {k_mean:.1f}), {total_steps} steps")
+
+    def global_batch(step: int) -> list:
+        epoch, i = divmod(step, steps_per_epoch)
+        return [train_groups[j] for j in batch_order(lengths, cfg.train.batch_size, cfg.seed, epoch)[i]]
+
+    def evaluate(model, step: int) -> dict:
+        metrics = report.as_metrics("data")
+        if eval_groups:
+            metrics |= evaluate_groups(model, eval_groups, cfg.train.micro_batch_size, tokenizer.pad_token_id,
+                                       accelerator)
+            accelerator.print(f"[rm] step {step}: eval accuracy {metrics['eval/accuracy']:.4f}")
+        return metrics
+
+    def write_final(model, path: Path) -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+            unwrapped = unwrapped.merge_and_unload()
+        offset, n_ref = 0.0, 0
+        if cfg.data.reference.path:
+            refs = reference_sequences(tokenizer, cfg)
+            n_ref = len(refs)
+            offset = score_sequences(unwrapped, refs, cfg.train.micro_batch_size * 4, tokenizer.pad_token_id,
+                                     accelerator.device).double().mean().item()
+        unwrapped.config.reward_offset = offset
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(str(path), safe_serialization=True)
+            tokenizer.save_pretrained(str(path))
+            save_config(cfg, path / "rlhf_config.yaml")
+            write_json(path / "reward_normalization.json", {"reward_offset": offset, "reference_rows": n_ref,
+                                                             "reference": cfg.data.reference.path})
+        accelerator.print(f"[rm] reward_offset {offset:.5f} from {n_ref} reference completions")
+
+    model = load_reward_model(cfg.model, tokenizer, train=True)
+    task = SupervisedTask(
+        name="rm",
+        total_steps=total_steps,
+        global_batch=global_batch,
+        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef),
+        units=lambda batch: int(batch["seq_group"].max()) + 1,
+        loss=lambda model, batch: group_loss(model, batch, cfg.loss.center_coef),
+        evaluate=evaluate,
+        write_final=write_final,
+    )
+    return fit(cfg, accelerator, model, tokenizer, task)

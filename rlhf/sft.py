@@ -1,0 +1,145 @@
+"""Stage 1: supervised fine-tuning on demonstrations (and, with `data.kind: text`, plain LM pretraining).
+
+Next-token cross-entropy on completion tokens only (prompt and padding masked; `data.mask_prompt: false` puts
+the prompt back). Batches are length-grouped and padded per micro-batch, never to a global maximum; no packing,
+so attention never crosses examples. Optional pretraining text mixed into every batch at a fixed share
+(InstructGPT's RL initial policy: 10%). Writes `<output_dir>/final/` in Hugging Face form with its tokenizer.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import torch
+
+from rlhf.batching import TruncationReport, batch_order, collate_lm, encode_prompts, encode_sft, encode_text
+from rlhf.config import ConfigError, SFTConfig, TextSource, check_paths, save_config
+from rlhf.data import load_rows
+from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
+from rlhf.ppo_math import lm_loss
+from rlhf.sampling import decode_responses, generate
+from rlhf.training import SupervisedTask, fit, log_text, make_accelerator, seed_everything
+
+
+def load_lm_examples(tokenizer, source: TextSource, kind: str, cfg: SFTConfig, report: TruncationReport) -> list:
+    """Rows of a source -> tokenized {input_ids, labels} examples (prompt-masked for sft rows)."""
+    ds, _ = load_rows(
+        source.path, kind, split=source.split, field_map=source.field_map or None,
+        on_bad_row=cfg.data.format.on_bad_row, max_rows=source.max_rows or None,
+    )
+    if kind == "text":
+        return encode_text(tokenizer, ds["text"], cfg.data.format.max_length, report)
+    return encode_sft(tokenizer, cfg.data.format, ds, source.path, cfg.data.mask_prompt, report)
+
+
+def token_units(batch: dict) -> torch.Tensor:
+    """Tokens that carry loss in a batch (labels are shifted by one inside lm_loss)."""
+    return (batch["labels"][:, 1:] != -100).sum()
+
+
+def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
+    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
+    loss_sum = lm_loss(logits, batch["labels"], reduction="sum")
+    return loss_sum, {"loss": loss_sum.detach()}
+
+
+@torch.no_grad()
+def eval_loss(model, examples: list, micro: int, pad_token_id: int, accelerator, max_batches: int = 0) -> dict:
+    """Token-mean loss and perplexity over held-out examples (split across processes)."""
+    model.eval()
+    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    mine = order[accelerator.process_index :: accelerator.num_processes]
+    chunks = [mine[s : s + micro] for s in range(0, len(mine), micro)]
+    if max_batches:
+        chunks = chunks[:max_batches]
+    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
+    for chunk in chunks:
+        batch = {k: v.to(accelerator.device) for k, v in collate_lm([examples[i] for i in chunk], pad_token_id).items()}
+        with accelerator.autocast():
+            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
+        total[0] += lm_loss(logits.float(), batch["labels"], reduction="sum").double()
+        total[1] += token_units(batch)
+    total = accelerator.reduce(total, "sum")
+    loss = (total[0] / total[1].clamp(min=1)).item()
+    return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
+
+
+def train(cfg: SFTConfig, source: str = "<config>") -> Path:
+    """Run SFT (or pretraining) to completion; returns `<output_dir>/final`."""
+    check_paths(cfg, source)
+    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model)
+    fmt = cfg.data.format
+
+    report = TruncationReport()
+    train_examples = load_lm_examples(tokenizer, cfg.data.train, cfg.data.kind, cfg, report)
+    eval_examples = (
+        load_lm_examples(tokenizer, cfg.data.eval, cfg.data.kind, cfg, TruncationReport()) if cfg.data.eval.path else []
+    )
+    mix_examples = (
+        load_lm_examples(tokenizer, cfg.data.pretrain_mix, "text", cfg, TruncationReport())
+        if cfg.data.pretrain_mix.path
+        else []
+    )
+    mix_per_batch = round(cfg.data.pretrain_mix_ratio * cfg.train.batch_size)
+    sft_per_batch = cfg.train.batch_size - mix_per_batch
+    if len(train_examples) < sft_per_batch:
+        raise ConfigError(f"only {len(train_examples)} training examples, fewer than one batch ({sft_per_batch})")
+    steps_per_epoch = len(train_examples) // sft_per_batch
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    accelerator.print(
+        f"[sft] {len(train_examples)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
+        f"{report.completions_cut} truncated, {report.dropped} dropped; {mix_per_batch} pretraining rows per batch"
+    )
+
+    lengths = [len(e["input_ids"]) for e in train_examples]
+    mix_lengths = [len(e["input_ids"]) for e in mix_examples]
+    mix_steps_per_epoch = len(mix_examples) // mix_per_batch if mix_per_batch else 0
+
+    def global_batch(step: int) -> list:
+        epoch, i = divmod(step, steps_per_epoch)
+        rows = [train_examples[j] for j in batch_order(lengths, sft_per_batch, cfg.seed, epoch)[i]]
+        if mix_per_batch:
+            m_epoch, m_i = divmod(step, mix_steps_per_epoch)
+            rows += [mix_examples[j] for j in batch_order(mix_lengths, mix_per_batch, cfg.seed + 1, m_epoch)[m_i]]
+        return rows
+
+    sample_prompts = []
+    if cfg.data.kind == "sft" and cfg.data.eval.path and cfg.logging.num_samples:
+        ds, _ = load_rows(cfg.data.eval.path, "sft", split=cfg.data.eval.split,
+                          field_map=cfg.data.eval.field_map or None, max_rows=cfg.logging.num_samples)
+        sample_prompts = list(zip(ds["prompt"], encode_prompts(tokenizer, fmt, ds.to_list())))
+
+    def evaluate(model, step: int) -> dict:
+        metrics = eval_loss(model, eval_examples, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator,
+                            cfg.train.eval_max_batches) if eval_examples else {}
+        if sample_prompts and accelerator.is_main_process:
+            _, _, responses = generate(model, tokenizer, [p for _, p in sample_prompts], max_new_tokens=64)
+            texts = decode_responses(tokenizer, responses)
+            log_text(accelerator, cfg.output_dir, step, [{"prompt": p, "response": t}
+                                                           for (p, _), t in zip(sample_prompts, texts)])
+        return metrics | report.as_metrics("data")
+
+    def write_final(model, path: Path) -> None:
+        unwrapped = accelerator.unwrap_model(model)
+        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
+            unwrapped = unwrapped.merge_and_unload()
+        if accelerator.is_main_process:
+            unwrapped.save_pretrained(str(path), safe_serialization=True)
+            tokenizer.save_pretrained(str(path))
+            save_config(cfg, path / "rlhf_config.yaml")
+
+    model = load_causal_lm(cfg.model, tokenizer)
+    task = SupervisedTask(
+        name="sft" if cfg.data.kind == "sft" else "pretrain",
+        total_steps=total_steps,
+        global_batch=global_batch,
+        collate=lambda rows: collate_lm(rows, tokenizer.pad_token_id),
+        units=token_units,
+        loss=sft_loss,
+        evaluate=evaluate,
+        write_final=write_final,
+    )
+    return fit(cfg, accelerator, model, tokenizer, task)
