@@ -83,7 +83,12 @@ def encode_prompts(tokenizer, fmt: FormatConfig, rows, report: TruncationReport 
 
 
 def encode_pairs(
-    tokenizer, fmt: FormatConfig, prompts: list[list[int]], completions: list[str], source: str, report: TruncationReport
+    tokenizer,
+    fmt: FormatConfig,
+    prompts: list[list[int]],
+    completions: list[str],
+    source: str,
+    report: TruncationReport,
 ) -> list[tuple[list[int], list[int]] | None]:
     """(prompt ids, completion ids + EOS) per row; None for a row dropped by the truncation policy."""
     texts = [completion_text(tokenizer, fmt, c) for c in completions]

@@ -20,8 +20,14 @@ STAGE_HELP = {
 def _stage_parser(sub, name: str) -> None:
     p = sub.add_parser(name, help=STAGE_HELP[name], description=STAGE_HELP[name])
     p.add_argument("--config", required=True, help="YAML config file")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate the config (types, values, local paths) and exit")
 
 
@@ -32,8 +38,14 @@ def build_parser() -> argparse.ArgumentParser:
         _stage_parser(sub, name)
     p = sub.add_parser("pipeline", help="run every stage of a recipe dir in order; finished stages are skipped")
     p.add_argument("--config-dir", required=True, help="dir with pretrain/sft/rm/ppo/eval YAMLs")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="STAGE:KEY=VALUE",
-                   help="override a key of one stage, e.g. --set ppo:train.max_steps=10")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="STAGE:KEY=VALUE",
+        help="override a key of one stage, e.g. --set ppo:train.max_steps=10",
+    )
     p.add_argument("--dry-run", action="store_true", help="validate every stage's config and exit")
     p = sub.add_parser("generate", help="sample from a checkpoint")
     p.add_argument("--model", required=True, help="a model dir (e.g. runs/tiny/ppo/final)")

@@ -26,8 +26,12 @@ from rlhf.training import SupervisedTask, fit, make_accelerator, seed_everything
 def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
     """Preference rows -> groups of token sequences (prompt + response + EOS), best first."""
     ds, load_report = load_rows(
-        source.path, "preference", split=source.split, field_map=source.field_map or None,
-        on_bad_row=cfg.data.format.on_bad_row, max_rows=source.max_rows or None,
+        source.path,
+        "preference",
+        split=source.split,
+        field_map=source.field_map or None,
+        on_bad_row=cfg.data.format.on_bad_row,
+        max_rows=source.max_rows or None,
     )
     rows = ds.to_list()
     prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)
@@ -96,12 +100,21 @@ def evaluate_groups(model, groups, micro: int, pad_token_id: int, accelerator) -
         n = len(mine[s : s + micro])
         loss, _ = ranking_loss(scores, batch["pair_index"], batch["group_index"], n)
         diff = scores[batch["pair_index"][:, 0]] - scores[batch["pair_index"][:, 1]]
-        total += torch.stack([loss * n, (diff > 0).sum() + 0.5 * (diff == 0).sum(), diff.sum(),
-                              torch.tensor(float(len(diff)), device=diff.device)]).double()
+        total += torch.stack(
+            [
+                loss * n,
+                (diff > 0).sum() + 0.5 * (diff == 0).sum(),
+                diff.sum(),
+                torch.tensor(float(len(diff)), device=diff.device),
+            ]
+        ).double()
     total = accelerator.reduce(total, "sum")
     pairs = total[3].clamp(min=1)
-    return {"eval/loss": (total[0] / max(len(groups), 1)).item(), "eval/accuracy": (total[1] / pairs).item(),
-            "eval/margin": (total[2] / pairs).item()}
+    return {
+        "eval/loss": (total[0] / max(len(groups), 1)).item(),
+        "eval/accuracy": (total[1] / pairs).item(),
+        "eval/margin": (total[2] / pairs).item(),
+    }
 
 
 @torch.no_grad()
@@ -119,8 +132,14 @@ def score_sequences(model, sequences: list[list[int]], micro: int, pad_token_id:
 def reference_sequences(tokenizer, cfg: RMConfig) -> list[list[int]]:
     """Reference (prompt, completion) sequences whose mean score becomes 0 after normalisation."""
     src = cfg.data.reference
-    ds, _ = load_rows(src.path, "sft", split=src.split, field_map=src.field_map or None,
-                      on_bad_row=cfg.data.format.on_bad_row, max_rows=cfg.data.reference_max_rows or None)
+    ds, _ = load_rows(
+        src.path,
+        "sft",
+        split=src.split,
+        field_map=src.field_map or None,
+        on_bad_row=cfg.data.format.on_bad_row,
+        max_rows=cfg.data.reference_max_rows or None,
+    )
     rows = ds.to_list()
     report = TruncationReport()
     prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)
@@ -152,8 +171,9 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
     def evaluate(model, step: int) -> dict:
         metrics = report.as_metrics("data")
         if eval_groups:
-            metrics |= evaluate_groups(model, eval_groups, cfg.train.micro_batch_size, tokenizer.pad_token_id,
-                                       accelerator)
+            metrics |= evaluate_groups(
+                model, eval_groups, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator
+            )
             accelerator.print(f"[rm] step {step}: eval accuracy {metrics['eval/accuracy']:.4f}")
         return metrics
 
@@ -165,15 +185,23 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
         if cfg.data.reference.path:
             refs = reference_sequences(tokenizer, cfg)
             n_ref = len(refs)
-            offset = score_sequences(unwrapped, refs, cfg.train.micro_batch_size * 4, tokenizer.pad_token_id,
-                                     accelerator.device).double().mean().item()
+            offset = (
+                score_sequences(
+                    unwrapped, refs, cfg.train.micro_batch_size * 4, tokenizer.pad_token_id, accelerator.device
+                )
+                .double()
+                .mean()
+                .item()
+            )
         unwrapped.config.reward_offset = offset
         if accelerator.is_main_process:
             unwrapped.save_pretrained(str(path), safe_serialization=True)
             tokenizer.save_pretrained(str(path))
             save_config(cfg, path / "rlhf_config.yaml")
-            write_json(path / "reward_normalization.json", {"reward_offset": offset, "reference_rows": n_ref,
-                                                             "reference": cfg.data.reference.path})
+            write_json(
+                path / "reward_normalization.json",
+                {"reward_offset": offset, "reference_rows": n_ref, "reference": cfg.data.reference.path},
+            )
         accelerator.print(f"[rm] reward_offset {offset:.5f} from {n_ref} reference completions")
 
     model = load_reward_model(cfg.model, tokenizer, train=True)

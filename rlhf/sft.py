@@ -25,8 +25,12 @@ from rlhf.training import SupervisedTask, fit, log_text, make_accelerator, seed_
 def load_lm_examples(tokenizer, source: TextSource, kind: str, cfg: SFTConfig, report: TruncationReport) -> list:
     """Rows of a source -> tokenized {input_ids, labels} examples (prompt-masked for sft rows)."""
     ds, _ = load_rows(
-        source.path, kind, split=source.split, field_map=source.field_map or None,
-        on_bad_row=cfg.data.format.on_bad_row, max_rows=source.max_rows or None,
+        source.path,
+        kind,
+        split=source.split,
+        field_map=source.field_map or None,
+        on_bad_row=cfg.data.format.on_bad_row,
+        max_rows=source.max_rows or None,
     )
     if kind == "text":
         return encode_text(tokenizer, ds["text"], cfg.data.format.max_length, report)
@@ -55,7 +59,9 @@ def eval_loss(model, examples: list, micro: int, pad_token_id: int, accelerator,
         chunks = chunks[:max_batches]
     total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
     for chunk in chunks:
-        batch = {k: v.to(accelerator.device) for k, v in collate_lm([examples[i] for i in chunk], pad_token_id).items()}
+        batch = {
+            k: v.to(accelerator.device) for k, v in collate_lm([examples[i] for i in chunk], pad_token_id).items()
+        }
         with accelerator.autocast():
             logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
         total[0] += lm_loss(logits.float(), batch["labels"], reduction="sum").double()
@@ -76,7 +82,9 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
     report = TruncationReport()
     train_examples = load_lm_examples(tokenizer, cfg.data.train, cfg.data.kind, cfg, report)
     eval_examples = (
-        load_lm_examples(tokenizer, cfg.data.eval, cfg.data.kind, cfg, TruncationReport()) if cfg.data.eval.path else []
+        load_lm_examples(tokenizer, cfg.data.eval, cfg.data.kind, cfg, TruncationReport())
+        if cfg.data.eval.path
+        else []
     )
     mix_examples = (
         load_lm_examples(tokenizer, cfg.data.pretrain_mix, "text", cfg, TruncationReport())
@@ -108,18 +116,37 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
 
     sample_prompts = []
     if cfg.data.kind == "sft" and cfg.data.eval.path and cfg.logging.num_samples:
-        ds, _ = load_rows(cfg.data.eval.path, "sft", split=cfg.data.eval.split,
-                          field_map=cfg.data.eval.field_map or None, max_rows=cfg.logging.num_samples)
+        ds, _ = load_rows(
+            cfg.data.eval.path,
+            "sft",
+            split=cfg.data.eval.split,
+            field_map=cfg.data.eval.field_map or None,
+            max_rows=cfg.logging.num_samples,
+        )
         sample_prompts = list(zip(ds["prompt"], encode_prompts(tokenizer, fmt, ds.to_list())))
 
     def evaluate(model, step: int) -> dict:
-        metrics = eval_loss(model, eval_examples, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator,
-                            cfg.train.eval_max_batches) if eval_examples else {}
+        metrics = (
+            eval_loss(
+                model,
+                eval_examples,
+                cfg.train.micro_batch_size,
+                tokenizer.pad_token_id,
+                accelerator,
+                cfg.train.eval_max_batches,
+            )
+            if eval_examples
+            else {}
+        )
         if sample_prompts and accelerator.is_main_process:
             _, _, responses = generate(model, tokenizer, [p for _, p in sample_prompts], max_new_tokens=64)
             texts = decode_responses(tokenizer, responses)
-            log_text(accelerator, cfg.output_dir, step, [{"prompt": p, "response": t}
-                                                           for (p, _), t in zip(sample_prompts, texts)])
+            log_text(
+                accelerator,
+                cfg.output_dir,
+                step,
+                [{"prompt": p, "response": t} for (p, _), t in zip(sample_prompts, texts)],
+            )
         return metrics | report.as_metrics("data")
 
     def write_final(model, path: Path) -> None:

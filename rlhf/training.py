@@ -15,9 +15,10 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 import torch
@@ -31,7 +32,9 @@ from rlhf.config import ConfigError, OptimConfig, save_config
 # --------------------------------------------------------------------------------------------------
 
 
-def make_accelerator(mixed_precision: str, output_dir: str | Path, tensorboard: bool, cpu: bool = False) -> Accelerator:
+def make_accelerator(
+    mixed_precision: str, output_dir: str | Path, tensorboard: bool, cpu: bool = False
+) -> Accelerator:
     """An Accelerator that logs to `<output_dir>/metrics.jsonl` (and TensorBoard when installed and asked for)."""
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
@@ -279,8 +282,11 @@ class ProgressBar:
                 rate = (self.n - self.start_n) / max(now - self.start, 1e-9)
                 eta = (self.total - self.n) / rate if rate > 0 else float("nan")
                 extra = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
-                print(f"[{self.desc}] {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%) "
-                      f"eta {_fmt_time(eta)} {extra}".rstrip(), flush=True)
+                print(
+                    f"[{self.desc}] {self.n}/{self.total} ({100 * self.n / max(self.total, 1):.0f}%) "
+                    f"eta {_fmt_time(eta)} {extra}".rstrip(),
+                    flush=True,
+                )
 
     def close(self) -> None:
         if self.bar is not None:
@@ -355,8 +361,10 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
         model.train()
         rows = task.global_batch(progress.step)
         mine = rows[accelerator.process_index :: accelerator.num_processes]
-        batches = [task.collate(mine[s : s + cfg.train.micro_batch_size])
-                   for s in range(0, len(mine), cfg.train.micro_batch_size)]
+        batches = [
+            task.collate(mine[s : s + cfg.train.micro_batch_size])
+            for s in range(0, len(mine), cfg.train.micro_batch_size)
+        ]
         total_units = sum(float(task.units(b)) for b in batches)
         stats: dict[str, float] = {}
         for i, batch in enumerate(batches):
@@ -386,8 +394,11 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
             n = window.pop("_n")
             elapsed = time.time() - window_start
             row = {f"train/{k}": v / n for k, v in window.items()}
-            row |= {"lr": scheduler.get_last_lr()[0], "tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
-                    "samples": progress.samples}
+            row |= {
+                "lr": scheduler.get_last_lr()[0],
+                "tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
+                "samples": progress.samples,
+            }
             log_metrics(accelerator, row, step)
             window, tokens_seen, window_start = {}, 0, time.time()
         if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == task.total_steps:
