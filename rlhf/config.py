@@ -490,8 +490,8 @@ STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "
 
 
 def _positive(value: float, key: str) -> None:
-    if value <= 0:
-        raise ConfigError(f"{key} must be > 0, got {value}")
+    if not 0 < value < float("inf"):  # also rejects nan, which compares false with everything
+        raise ConfigError(f"{key} must be > 0 and finite, got {value}")
 
 
 def _check_common(cfg: Any) -> None:
@@ -574,6 +574,12 @@ def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
                 errors.append(str(e))
         raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
     if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads off/on/no/yes as booleans: map back to the choice spelled that way (progress: off)
+            words = ("true", "on", "yes", "y") if value else ("false", "off", "no", "n")
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in words]
+            if len(spelled) == 1:
+                value = spelled[0]
         if value not in args:
             raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
         return value

@@ -271,8 +271,10 @@ def _sample_flaws(rng: random.Random, demonstrator: str, attrs: dict) -> _Flaws:
         if attrs["place"] is None:
             place = "ramble" if rng.random() < 0.5 else None
         else:
-            place = rng.choices(("forget", "wrong", "ramble"), (0.6, 0.25, 0.15))[0]
-    subject = rng.choices(("extra", "wrong", "none"), (0.6, 0.25, 0.15))[0] if rng.random() < p["subject"] else None
+            place = rng.choices(("forget", "wrong", "ramble"), (0.4, 0.45, 0.15))[0]
+    # A wrong animal is the most common subject slip, so the comparisons teach a reward model to check the subject
+    # against the prompt (with mostly "extra" slips, a policy learned to swap animals unpunished).
+    subject = rng.choices(("extra", "wrong", "none"), (0.3, 0.5, 0.2))[0] if rng.random() < p["subject"] else None
     ending = rng.choice(("no_period", "double_period", "repeat")) if rng.random() < p["ending"] else None
     return _Flaws(mood=mood, length=length, place=place, subject=subject, ending=ending)
 

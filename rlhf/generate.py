@@ -1,0 +1,29 @@
+"""`rlhf generate --model DIR --prompt "..."`: a quick look at any checkpoint."""
+
+from __future__ import annotations
+
+import torch
+
+from rlhf.batching import encode_prompts
+from rlhf.config import FormatConfig, ModelConfig
+from rlhf.data import load_rows
+from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.sampling import decode_responses, generate
+
+
+def main(args) -> None:
+    torch.manual_seed(args.seed)
+    tokenizer = load_tokenizer(args.model)
+    model = load_causal_lm(ModelConfig(name_or_path=args.model), tokenizer, dropout=False).eval()
+    if args.prompts_file:
+        ds, _ = load_rows(args.prompts_file, "prompts")
+        rows = ds.to_list()
+    else:
+        rows = [{"prompt": p, "messages": []} for p in args.prompt]
+    fmt = FormatConfig() if args.prompt_template is None else FormatConfig(prompt_template=args.prompt_template)
+    prompts = encode_prompts(tokenizer, fmt, rows)
+    for s in range(0, len(prompts), 64):
+        _, _, responses = generate(model, tokenizer, prompts[s : s + 64], args.max_new_tokens, args.temperature,
+                                   do_sample=not args.greedy)
+        for row, text in zip(rows[s : s + 64], decode_responses(tokenizer, responses)):
+            print(f">>> {row['prompt']}\n{text}\n")

@@ -1,0 +1,85 @@
+"""`rlhf pipeline --config-dir DIR`: every stage of a recipe in order, each from the previous stage's `final/`.
+
+Stages (each only if its YAML is in DIR): world.yaml (build the tiny world), pretrain.yaml (the SFT stage on
+text), sft.yaml, rm.yaml, ppo.yaml, eval.yaml. A stage whose `final/` (eval: `eval.json`) exists is skipped; an
+interrupted one resumes from its newest checkpoint (`resume: auto`). Wall times go to `<run>/pipeline.json`.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import yaml
+
+from rlhf.config import ConfigError, check_paths, load_config
+
+# (file stem, config class key, what marks it finished)
+STAGES = [("pretrain", "sft"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("eval", "eval")]
+
+
+def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
+    """`stage:key=value` -> {stage: [key=value]}."""
+    out: dict[str, list[str]] = {}
+    for text in overrides:
+        stage, sep, rest = text.partition(":")
+        if not sep or stage not in [s for s, _ in STAGES]:
+            raise ConfigError(f"--set {text!r}: pipeline overrides look like STAGE:KEY=VALUE with STAGE one of "
+                              f"{[s for s, _ in STAGES]}")
+        out.setdefault(stage, []).append(rest)
+    return out
+
+
+def finished(stage_key: str, cfg) -> bool:
+    out = Path(cfg.output_dir)
+    return (out / "eval.json").exists() if stage_key == "eval" else (out / "final").is_dir()
+
+
+def run_pipeline(config_dir: str, overrides: list[str] | None = None, dry_run: bool = False) -> dict:
+    """Run (or validate, with dry_run) every stage; returns {stage: seconds} for the stages that ran."""
+    from rlhf.cli import run_stage
+
+    config_dir_path = Path(config_dir)
+    if not config_dir_path.is_dir():
+        raise ConfigError(f"--config-dir {config_dir} is not a directory")
+    per_stage = split_overrides(overrides or [])
+    present = [(s, k) for s, k in STAGES if (config_dir_path / f"{s}.yaml").exists()]
+    if not present:
+        raise ConfigError(f"{config_dir} holds none of {[s + '.yaml' for s, _ in STAGES]}")
+    # validate every config up front (types, values), so a typo in eval.yaml fails before hours of PPO
+    configs = {s: load_config(k, config_dir_path / f"{s}.yaml", per_stage.get(s)) for s, k in present}
+    if dry_run:
+        for s, _ in present:
+            print(f"[pipeline] {config_dir_path / (s + '.yaml')}: config OK")
+        return {}
+    timings: dict[str, float] = {}
+    world = config_dir_path / "world.yaml"
+    if world.exists():
+        spec = yaml.safe_load(world.read_text()) or {}
+        if not (Path(spec["out"]) / "world.json").exists():
+            from rlhf.tiny import build_tiny_world
+
+            t0 = time.time()
+            build_tiny_world(spec["out"], seed=int(spec.get("seed", 0)))
+            timings["world"] = time.time() - t0
+    for stage, key in present:
+        cfg = configs[stage]
+        if finished(key, cfg):
+            print(f"[pipeline] {stage}: finished already ({cfg.output_dir}), skipped")
+            continue
+        check_paths(cfg, str(config_dir_path / f"{stage}.yaml"))
+        print(f"[pipeline] {stage}: running ({cfg.output_dir})", flush=True)
+        t0 = time.time()
+        run_stage(key, str(config_dir_path / f"{stage}.yaml"), per_stage.get(stage, []))
+        timings[stage] = time.time() - t0
+        _record(cfg.output_dir, stage, timings[stage])
+    return timings
+
+
+def _record(output_dir: str, stage: str, seconds: float) -> None:
+    """Add the stage's wall time to <run root>/pipeline.json (the parent of the stage's output dir)."""
+    path = Path(output_dir).parent / "pipeline.json"
+    data = json.loads(path.read_text()) if path.exists() else {}
+    data[stage] = round(seconds, 1)
+    path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")

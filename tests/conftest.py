@@ -1,0 +1,211 @@
+"""Shared fixtures: the tiny world, a quickly pretrained base model and a quick SFT model (session-scoped).
+
+Every path a shipped tiny YAML names is overridden into tmp dirs, so tests never touch `runs/`.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import torch
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "configs"
+
+# Quiet, quick runs: no progress bar, no TensorBoard, no sampled text, no checkpoints unless asked for.
+QUIET = {
+    "logging.progress": "off",
+    "logging.tensorboard": "false",
+    "logging.num_samples": 0,
+    "checkpoint.every": 0,
+    "resume": "never",
+}
+
+
+def overrides(mapping: dict | None = None, **kw) -> list[str]:
+    """{'train.max_steps': 5} (or train__max_steps=5) -> ['train.max_steps=5'] for load_config / --set."""
+    items = dict(mapping or {}) | {k.replace("__", "."): v for k, v in kw.items()}
+    out = []
+    for key, value in items.items():
+        if isinstance(value, bool):
+            value = "true" if value else "false"
+        elif isinstance(value, (list, tuple)):
+            value = "[" + ", ".join(str(v) for v in value) + "]"
+        out.append(f"{key}={value}")
+    return out
+
+
+def load_stage(stage: str, yaml_name: str, mapping: dict):
+    """load_config for a shipped tiny YAML with the quiet defaults and the given overrides."""
+    from rlhf.config import load_config
+
+    return load_config(stage, str(CONFIGS / "tiny" / yaml_name), overrides(QUIET | mapping))
+
+
+def sft_overrides(world: Path, out: Path, model: Path, **extra) -> dict:
+    """Overrides for configs/tiny/sft.yaml that point every path into tmp dirs."""
+    data = world / "data"
+    return {
+        "output_dir": out,
+        "model.name_or_path": model,
+        "data.train.path": data / "sft.jsonl",
+        "data.eval.path": data / "sft_eval.jsonl",
+        "data.pretrain_mix.path": data / "pretrain.jsonl",
+        "train.batch_size": 8,
+        "train.micro_batch_size": 8,
+        "train.eval_every": 0,
+        "train.eval_max_batches": 2,
+        "optim.warmup_steps": 2,
+    } | {k.replace("__", "."): v for k, v in extra.items()}
+
+
+def rm_overrides(world: Path, out: Path, model: Path, **extra) -> dict:
+    """Overrides for configs/tiny/rm.yaml that point every path into tmp dirs."""
+    data = world / "data"
+    return {
+        "output_dir": out,
+        "model.name_or_path": model,
+        "data.train.path": data / "comparisons.jsonl",
+        "data.eval.path": data / "comparisons_eval.jsonl",
+        "data.reference.path": data / "sft.jsonl",
+        "data.reference_max_rows": 64,
+        "train.batch_size": 4,
+        "train.micro_batch_size": 4,
+        "train.eval_every": 0,
+        "optim.warmup_steps": 2,
+    } | {k.replace("__", "."): v for k, v in extra.items()}
+
+
+def read_metrics(output_dir: str | Path) -> list[dict]:
+    path = Path(output_dir) / "metrics.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def metric_series(rows: list[dict], key: str) -> list[tuple[int, float]]:
+    return [(r["step"], r[key]) for r in rows if key in r]
+
+
+def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    files = sorted(Path(path).glob("*.safetensors"))
+    assert files, f"no safetensors in {path}"
+    for f in files:
+        tensors |= load_file(str(f))
+    return tensors
+
+
+def assert_resume_bit_identical(stage: str, yaml_name: str, train, base: dict, tmp_path: Path, steps: int = 6) -> None:
+    """An interrupted-and-resumed run reproduces the uninterrupted run's final weights exactly (CPU).
+
+    A: `steps` steps in one go. B: the same run, then `final/` (and every checkpoint but the one at steps/2) is
+    removed, as if the process died right after checkpoint-<steps/2>, and the run is restarted with resume=auto.
+    """
+    half = steps // 2
+    common = base | {
+        "train.max_steps": steps,
+        "checkpoint.every": half,
+        "checkpoint.keep_last": 0,
+        "logging.every": 1,
+        "train.eval_every": half,
+    }
+    a_dir, b_dir = tmp_path / "a", tmp_path / "b"
+    final_a = train(load_stage(stage, yaml_name, common | {"output_dir": a_dir}))
+    final_b = train(load_stage(stage, yaml_name, common | {"output_dir": b_dir}))
+    assert (b_dir / f"checkpoint-{half}" / "state").is_dir()
+    before = [r for r in read_metrics(b_dir) if r["step"] <= half]
+    shutil.rmtree(final_b)
+    for ckpt in b_dir.glob("checkpoint-*"):
+        if ckpt.name != f"checkpoint-{half}":
+            shutil.rmtree(ckpt)
+    final_b = train(load_stage(stage, yaml_name, common | {"output_dir": b_dir, "resume": "auto"}))
+
+    wa, wb = load_safetensors_dir(final_a), load_safetensors_dir(final_b)
+    assert wa.keys() == wb.keys()
+    for name in wa:
+        assert torch.equal(wa[name], wb[name]), f"{name} differs after resume"
+
+    # metrics.jsonl: no (step, key) twice, and the resumed run logged the same training curve
+    rows_a, rows_b = read_metrics(a_dir), read_metrics(b_dir)
+    # rows up to the checkpoint are kept as they were (a run restarted from scratch would log them again)
+    assert [r for r in rows_b if r["step"] <= half] == before
+    seen: dict[str, list[int]] = defaultdict(list)
+    for r in rows_b:
+        for k in r:
+            if k not in ("step", "time"):
+                seen[k].append(r["step"])
+    for k, steps_logged in seen.items():
+        assert len(steps_logged) == len(set(steps_logged)), f"{k} logged twice for a step: {steps_logged}"
+    assert sorted(seen["train/loss"]) == list(range(1, steps + 1))
+    assert metric_series(rows_a, "train/loss") == metric_series(rows_b, "train/loss")
+
+
+# --------------------------------------------------------------------------------------------------
+# Session fixtures
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_world(tmp_path_factory) -> Path:
+    from rlhf.tiny import build_tiny_world
+
+    out = tmp_path_factory.mktemp("tiny") / "world"
+    build_tiny_world(out, seed=0)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_base(tiny_world, tmp_path_factory) -> Path:
+    """A base model pretrained from scratch for 60 steps (the sft stage with configs/tiny/pretrain.yaml)."""
+    from rlhf import sft
+
+    out = tmp_path_factory.mktemp("pretrain")
+    cfg = load_stage(
+        "sft",
+        "pretrain.yaml",
+        {
+            "output_dir": out,
+            "model.name_or_path": tiny_world / "model_config",
+            "model.tokenizer": tiny_world / "tokenizer",
+            "data.train.path": tiny_world / "data" / "pretrain.jsonl",
+            "data.eval.path": tiny_world / "data" / "pretrain_eval.jsonl",
+            "train.max_steps": 60,
+            "train.batch_size": 32,
+            "train.micro_batch_size": 32,
+            "train.eval_every": 30,
+            "optim.warmup_steps": 5,
+        },
+    )
+    return sft.train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_sft(tiny_world, tiny_base, tmp_path_factory) -> Path:
+    """SFT from tiny_base for 40 steps (10% pretraining mix, as the shipped recipe), eval every 10 steps."""
+    from rlhf import sft
+
+    out = tmp_path_factory.mktemp("sft")
+    cfg = load_stage(
+        "sft",
+        "sft.yaml",
+        sft_overrides(
+            tiny_world,
+            out,
+            tiny_base,
+            train__max_steps=40,
+            train__batch_size=32,
+            train__micro_batch_size=32,
+            train__eval_every=10,
+            train__eval_max_batches=0,
+            logging__num_samples=2,
+            optim__warmup_steps=5,
+        ),
+    )
+    return sft.train(cfg)

@@ -1,0 +1,142 @@
+"""PPO stage on the tiny world: reward rises, the LoRA-disabled reference equals a frozen copy, resume is exact."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from rlhf import ppo, reward
+from rlhf.config import ConfigError, load_config
+from rlhf.models import load_causal_lm, load_tokenizer
+
+QUIET = ["logging.progress=off", "logging.tensorboard=false"]
+
+
+@pytest.fixture(scope="module")
+def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("rm")
+    data = Path(tiny_world) / "data"
+    cfg = load_config("rm", "configs/tiny/rm.yaml", QUIET + [
+        f"output_dir={out}", f"model.name_or_path={tiny_sft}", f"data.train.path={data / 'comparisons.jsonl'}",
+        f"data.eval.path={data / 'comparisons_eval.jsonl'}", f"data.reference.path={data / 'sft.jsonl'}",
+        "data.reference_max_rows=64", "train.max_steps=40", "train.eval_every=0", "checkpoint.every=0",
+    ])
+    return reward.train(cfg)
+
+
+def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):
+    data = Path(tiny_world) / "data"
+    return load_config("ppo", "configs/tiny/ppo.yaml", QUIET + [
+        f"output_dir={out}", f"models.policy.name_or_path={tiny_sft}", f"models.reward.name_or_path={tiny_rm}",
+        f"data.prompts.path={data / 'prompts.jsonl'}", "data.eval_prompts.path=", f"ptx.data.path={data / 'pretrain.jsonl'}",
+        "train.batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "ppo.ppo_epochs=2",
+        "rollout.max_new_tokens=16", "checkpoint.every=0", *extra,
+    ])
+
+
+def metrics(out: Path) -> list[dict]:
+    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_few_iterations_raise_the_reward(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, [
+        "train.max_steps=12", "train.batch_size=32", "ppo.mini_batch_size=16", "ppo.micro_batch_size=16",
+        "optim.lr=3e-4", "optim.warmup_steps=0", "kl.kl_coef=0.01", "ptx.ptx_coef=0.0", "ppo.ppo_epochs=4",
+    ])
+    final = ppo.train(cfg)
+    rows = [r for r in metrics(tmp_path) if "objective/scores" in r]
+    assert len(rows) == 12
+    first = sum(r["objective/scores"] for r in rows[:3]) / 3
+    last = sum(r["objective/scores"] for r in rows[-3:]) / 3
+    assert last > first + 0.1, (first, last)
+    # the first update starts on-policy: ratio 1 up to float error (dropout off, same temperature everywhere)
+    assert abs(rows[0]["policy/ratio_avg"] - 1.0) < 0.02
+    assert (final / "config.json").exists() and (final / "tokenizer.json").exists()
+    assert (tmp_path / "samples.jsonl").exists()
+
+
+def test_ptx_term_logs_and_trains(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=2", "ptx.ptx_coef=1.0"])
+    ppo.train(cfg)
+    rows = metrics(tmp_path)
+    assert all(r["ptx/loss"] > 0 for r in rows if "objective/scores" in r)
+
+
+def test_lora_disabled_adapter_reference_equals_frozen_copy(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, [
+        "models.policy.lora.enabled=true", "models.reference=disable_adapter", "train.max_steps=1",
+    ])
+    trainer = ppo.PPOTrainer(cfg)
+    assert trainer.reference is None
+    policy = trainer.accelerator.unwrap_model(trainer.policy)
+    with torch.no_grad():  # move the adapter off zero so the policy differs from SFT
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(std=0.05)
+    ro, _ = trainer.rollout(trainer.batch_rows(0))
+    copy = load_causal_lm(cfg.models.policy.__class__(name_or_path=str(tiny_sft)), trainer.tokenizer, dropout=False)
+    copy.eval()
+    with torch.no_grad():
+        args = (ro.query_responses, ro.attention_mask, ro.prompt_width, cfg.rollout.temperature)
+        from_copy = ppo.response_logprobs(copy, *args)
+        with policy.disable_adapter():
+            from_disabled = ppo.response_logprobs(policy, *args)
+        from_policy = ppo.response_logprobs(policy, *args)
+    torch.testing.assert_close(from_disabled, from_copy, atol=1e-5, rtol=0)
+    torch.testing.assert_close(ro.ref_logprobs, from_copy, atol=1e-5, rtol=0)
+    assert (from_policy - from_copy).abs().max() > 1e-3
+
+
+def test_disable_adapter_refuses_an_adapter_policy(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    adapter_dir = tmp_path / "adapter"
+    shutil.copytree(tiny_sft, adapter_dir)
+    (adapter_dir / "adapter_config.json").write_text("{}")
+    cfg = ppo_config(tiny_world, adapter_dir, tiny_rm, tmp_path / "out", [
+        "models.policy.lora.enabled=true", "models.reference=disable_adapter",
+    ])
+    with pytest.raises(ConfigError, match="peft adapter"):
+        ppo.PPOTrainer(cfg)
+
+
+def test_value_from_rm_with_another_tokenizer_is_refused(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    other = tmp_path / "rm_other_tok"
+    shutil.copytree(tiny_rm, other)
+    tok = load_tokenizer(str(other))
+    tok.add_tokens(["zebra"])
+    tok.save_pretrained(str(other))
+    cfg = ppo_config(tiny_world, tiny_sft, other, tmp_path / "out")
+    with pytest.raises(ConfigError, match="different tokenizer"):
+        ppo.PPOTrainer(cfg)
+
+
+def test_resume_mid_run_is_bit_identical(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    extra = ["train.max_steps=4", "ptx.ptx_coef=0.5", "kl.adaptive=true", "kl.target=1.0", "ema.decay=0.9"]
+    straight = ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path / "a", extra))
+    b = tmp_path / "b"
+    ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, b, extra + ["checkpoint.every=2", "checkpoint.keep_last=0"]))
+    assert (b / "checkpoint-2" / "state").is_dir() and (b / "checkpoint-2" / "policy" / "config.json").exists()
+    shutil.rmtree(b / "final")  # as if killed after checkpoint-2
+    (b / "metrics.jsonl").write_text("".join(line + "\n" for line in (b / "metrics.jsonl").read_text().splitlines()
+                                             if json.loads(line)["step"] <= 3))
+    resumed = ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, b, extra + ["checkpoint.every=2"]))
+    w_a, w_b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert w_a.keys() == w_b.keys()
+    for k in w_a:
+        assert torch.equal(w_a[k], w_b[k]), k
+    steps = [r["step"] for r in metrics(b) if "objective/scores" in r]
+    assert steps == [1, 2, 3, 4]
+    kl_a = [r["objective/kl_coef"] for r in metrics(tmp_path / "a") if "objective/kl_coef" in r]
+    kl_b = [r["objective/kl_coef"] for r in metrics(b) if "objective/kl_coef" in r]
+    assert kl_a == kl_b
+
+
+def test_config_checks(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    with pytest.raises(ConfigError, match="mini_batch_size"):
+        ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["ppo.mini_batch_size=64"])
+    with pytest.raises(ConfigError, match="disable_adapter"):
+        ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["models.reference=disable_adapter"])
