@@ -183,3 +183,24 @@ def micro_batches(indices: list[int], micro: int, rank: int, world: int) -> list
     """This process's share of a global batch, cut into micro-batches."""
     mine = indices[rank::world]
     return [mine[s : s + micro] for s in range(0, len(mine), micro)]
+
+
+class BatchSchedule:
+    """The global batch of row indices for any step: consecutive epochs of `batch_order`, cached per epoch.
+
+    A pure function of (lengths, batch_size, seed, step), which is what makes resume exact.
+    """
+
+    def __init__(self, lengths: list[int], batch_size: int, seed: int, group_by_length: bool = True, what: str = ""):
+        if len(lengths) < batch_size:
+            raise DataError(f"{what or 'data'}: {len(lengths)} rows is fewer than one batch of {batch_size}")
+        self.lengths, self.batch_size, self.seed, self.group_by_length = lengths, batch_size, seed, group_by_length
+        self.steps_per_epoch = len(lengths) // batch_size
+        self._epoch, self._batches = -1, []
+
+    def __call__(self, step: int) -> list[int]:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            self._epoch = epoch
+            self._batches = batch_order(self.lengths, self.batch_size, self.seed, epoch, self.group_by_length)
+        return self._batches[i]

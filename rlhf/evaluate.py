@@ -75,7 +75,9 @@ def text_loss(model, examples: list[dict], pad_id: int, batch: int) -> float:
     total, count = 0.0, 0
     for s in range(0, len(examples), batch):
         b = collate_lm(examples[s : s + batch], pad_id)
-        total += float(lm_loss(causal_logits(model, b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum"))
+        total += float(
+            lm_loss(causal_logits(model, b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum")
+        )
         count += int((b["labels"][:, 1:] != -100).sum())
     return total / max(count, 1)
 
@@ -89,8 +91,13 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     save_config(cfg, out_dir / "config.yaml")
     judge = load_judge(cfg.judge) if cfg.judge else None
     tokenizer = load_tokenizer(cfg.sft, cfg.trust_remote_code)
-    ds, _ = load_rows(cfg.prompts.path, "prompts", split=cfg.prompts.split,
-                      field_map=cfg.prompts.field_map or None, max_rows=cfg.num_prompts or None)
+    ds, _ = load_rows(
+        cfg.prompts.path,
+        "prompts",
+        split=cfg.prompts.split,
+        field_map=cfg.prompts.field_map or None,
+        max_rows=cfg.num_prompts or None,
+    )
     rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
     prompts = encode_prompts(tokenizer, cfg.format, rows)
 
@@ -103,8 +110,9 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     for name, model in (("sft", sft), ("policy", policy)):
         torch.manual_seed(cfg.seed)  # both models sample with the same random stream
         responses[name] = sample(model, tokenizer, prompts, cfg, f"eval {name}")
-        texts[name] = decode_responses(tokenizer, pad([r or [tokenizer.pad_token_id] for r in responses[name]],
-                                                      tokenizer.pad_token_id))
+        texts[name] = decode_responses(
+            tokenizer, pad([r or [tokenizer.pad_token_id] for r in responses[name]], tokenizer.pad_token_id)
+        )
     eos = tokenizer.eos_token_id
     result: dict = {"num_samples": len(prompts)}
     for name in ("sft", "policy"):
@@ -120,24 +128,30 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
             f"sft_logprob_{name}": float(sum(x.sum() for x in sft_lp) / max(tokens, 1)),
         }
     # KL(policy || SFT) per sequence on the policy's own samples, at the sampling temperature
-    pol_lp = sequence_logprobs(policy, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature,
-                               cfg.batch_size)
-    ref_lp = sequence_logprobs(sft, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature,
-                               cfg.batch_size)
+    pol_lp = sequence_logprobs(
+        policy, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature, cfg.batch_size
+    )
+    ref_lp = sequence_logprobs(
+        sft, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature, cfg.batch_size
+    )
     result["kl_to_sft"] = float(sum((a - b).sum() for a, b in zip(pol_lp, ref_lp)) / len(prompts))
 
     per_sample = {"sft": {}, "policy": {}}
     if cfg.reward_model:
         rm_tok = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
-        rm = load_reward_model(ModelConfig(name_or_path=cfg.reward_model, trust_remote_code=cfg.trust_remote_code),
-                               rm_tok)
+        rm = load_reward_model(
+            ModelConfig(name_or_path=cfg.reward_model, trust_remote_code=cfg.trust_remote_code), rm_tok
+        )
         rm_prompts = encode_prompts(rm_tok, cfg.format, rows)
         for name in ("sft", "policy"):
             scores = []
             for s in range(0, len(rows), cfg.batch_size):
                 seqs = []
-                for p, text, r in zip(rm_prompts[s : s + cfg.batch_size], texts[name][s : s + cfg.batch_size],
-                                      responses[name][s : s + cfg.batch_size]):
+                for p, text, r in zip(
+                    rm_prompts[s : s + cfg.batch_size],
+                    texts[name][s : s + cfg.batch_size],
+                    responses[name][s : s + cfg.batch_size],
+                ):
                     ended = bool(r) and r[-1] == eos
                     ids = rm_tok((" " if not rm_tok.chat_template else "") + text, add_special_tokens=False)
                     seqs.append(p + ids["input_ids"] + ([rm_tok.eos_token_id] if ended else []))
@@ -155,9 +169,13 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
         result["win_rate"] = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
         result["win_rate_judged_by"] = "judge" if key == "gold" else "reward_model"
     if cfg.pretrain_eval.path:
-        ds, _ = load_rows(cfg.pretrain_eval.path, "text", split=cfg.pretrain_eval.split,
-                          field_map=cfg.pretrain_eval.field_map or None,
-                          max_rows=cfg.pretrain_eval.max_rows or None)
+        ds, _ = load_rows(
+            cfg.pretrain_eval.path,
+            "text",
+            split=cfg.pretrain_eval.split,
+            field_map=cfg.pretrain_eval.field_map or None,
+            max_rows=cfg.pretrain_eval.max_rows or None,
+        )
         examples = encode_text(tokenizer, ds["text"], cfg.format.max_length, TruncationReport())
         result["pretrain_loss_sft"] = text_loss(sft, examples, tokenizer.pad_token_id, cfg.batch_size)
         result["pretrain_loss_policy"] = text_loss(policy, examples, tokenizer.pad_token_id, cfg.batch_size)

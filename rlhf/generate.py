@@ -23,7 +23,8 @@ def main(args) -> None:
     fmt = FormatConfig() if args.prompt_template is None else FormatConfig(prompt_template=args.prompt_template)
     prompts = encode_prompts(tokenizer, fmt, rows)
     for s in range(0, len(prompts), 64):
-        _, _, responses = generate(model, tokenizer, prompts[s : s + 64], args.max_new_tokens, args.temperature,
-                                   do_sample=not args.greedy)
+        _, _, responses = generate(
+            model, tokenizer, prompts[s : s + 64], args.max_new_tokens, args.temperature, do_sample=not args.greedy
+        )
         for row, text in zip(rows[s : s + 64], decode_responses(tokenizer, responses)):
             print(f">>> {row['prompt']}\n{text}\n")

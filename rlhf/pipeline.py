@@ -25,8 +25,10 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
     for text in overrides:
         stage, sep, rest = text.partition(":")
         if not sep or stage not in [s for s, _ in STAGES]:
-            raise ConfigError(f"--set {text!r}: pipeline overrides look like STAGE:KEY=VALUE with STAGE one of "
-                              f"{[s for s, _ in STAGES]}")
+            raise ConfigError(
+                f"--set {text!r}: pipeline overrides look like STAGE:KEY=VALUE with STAGE one of "
+                f"{[s for s, _ in STAGES]}"
+            )
         out.setdefault(stage, []).append(rest)
     return out
 
@@ -83,3 +85,48 @@ def _record(output_dir: str, stage: str, seconds: float) -> None:
     data = json.loads(path.read_text()) if path.exists() else {}
     data[stage] = round(seconds, 1)
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
+
+
+def _values(rows: list[dict], key: str) -> list[float]:
+    return [r[key] for r in rows if isinstance(r.get(key), (int, float))]
+
+
+def summarize(run_dir: str | Path) -> str:
+    """A console table: per stage wall time and key metric, then the eval's scores."""
+    run = Path(run_dir)
+    times = json.loads((run / "pipeline.json").read_text()) if (run / "pipeline.json").exists() else {}
+    lines = [f"{'stage':<10}{'wall time':>11}  key metric", "-" * 72]
+
+    def first_last(stage: str, key: str, fmt: str = "{:.3f}") -> str:
+        v = _values(_rows(run / stage / "metrics.jsonl"), key)
+        return f"{fmt.format(v[0])} -> {fmt.format(v[-1])}" if v else "n/a"
+
+    metrics = {
+        "world": "tiny world built",
+        "pretrain": f"held-out loss {first_last('pretrain', 'eval/loss')}",
+        "sft": f"held-out loss {first_last('sft', 'eval/loss')}",
+        "rm": f"held-out pairwise accuracy {first_last('rm', 'eval/accuracy')}",
+        "ppo": f"RM score {first_last('ppo', 'objective/scores', '{:+.2f}')}, "
+        f"KL {first_last('ppo', 'objective/kl', '{:.2f}')}",
+    }
+    ev = run / "eval" / "eval.json"
+    if ev.exists():
+        e = json.loads(ev.read_text())
+        gold = (
+            f"gold {e['gold_score_sft']:.3f} (SFT) -> {e['gold_score_policy']:.3f} (PPO), "
+            if "gold_score_sft" in e
+            else ""
+        )
+        metrics["eval"] = f"{gold}win-rate {e.get('win_rate', float('nan')):.2f}, KL to SFT {e['kl_to_sft']:.2f}"
+    for stage, text in metrics.items():
+        if stage in times or (run / stage).exists():
+            t = f"{times[stage]:.0f} s" if stage in times else "(earlier)"
+            lines.append(f"{stage:<10}{t:>11}  {text}")
+    if times:
+        lines.append("-" * 72)
+        lines.append(f"{'total':<10}{sum(times.values()):>9.0f} s")
+    return "\n".join(lines)

@@ -9,12 +9,23 @@ from pathlib import Path
 PANELS = [
     ("pretrain", "pretrain_loss.png", "Pretraining loss", [("train/loss", "train"), ("eval/loss", "held-out")]),
     ("sft", "sft_loss.png", "SFT loss (completion tokens)", [("train/loss", "train"), ("eval/loss", "held-out")]),
-    ("rm", "rm_accuracy.png", "Reward model pairwise accuracy", [("train/accuracy", "train"),
-                                                                  ("eval/accuracy", "held-out")]),
+    (
+        "rm",
+        "rm_accuracy.png",
+        "Reward model pairwise accuracy",
+        [("train/accuracy", "train"), ("eval/accuracy", "held-out")],
+    ),
     ("rm", "rm_loss.png", "Reward model ranking loss", [("train/loss", "train"), ("eval/loss", "held-out")]),
-    ("ppo", "ppo_reward.png", "PPO reward", [("objective/scores", "RM score"),
-                                             ("objective/rlhf_reward", "score - beta*KL"),
-                                             ("eval/rm_score", "held-out RM score")]),
+    (
+        "ppo",
+        "ppo_reward.png",
+        "PPO reward",
+        [
+            ("objective/scores", "RM score"),
+            ("objective/rlhf_reward", "score - beta*KL"),
+            ("eval/rm_score", "held-out RM score"),
+        ],
+    ),
     ("ppo", "ppo_kl.png", "PPO KL to SFT (nats / sequence)", [("objective/kl", "k1"), ("objective/kl_k3", "k3")]),
 ]
 

@@ -27,7 +27,15 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import TruncationReport, batch_order, collate_lm, completion_text, encode_prompts, encode_text, pad
+from rlhf.batching import (
+    BatchSchedule,
+    TruncationReport,
+    collate_lm,
+    completion_text,
+    encode_prompts,
+    encode_text,
+    pad,
+)
 from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
 from rlhf.data import load_rows
 from rlhf.models import (
@@ -219,8 +227,13 @@ class PPOTrainer:
         )
         self.prompt_rows = ds.to_list()
         self.prompts = encode_prompts(self.tokenizer, fmt, self.prompt_rows, self.prompt_report)
-        if len(self.prompts) < cfg.train.batch_size:
-            raise ConfigError(f"{len(self.prompts)} prompts is fewer than one batch (train.batch_size)")
+        self.schedule = BatchSchedule(
+            [len(p) for p in self.prompts],
+            cfg.train.batch_size,
+            cfg.seed,
+            group_by_length=False,
+            what=cfg.data.prompts.path,
+        )
         self.eval_prompts = []
         if cfg.data.eval_prompts.path:
             ds, _ = load_rows(
@@ -245,8 +258,7 @@ class PPOTrainer:
             )
             self.ptx_examples = encode_text(self.tokenizer, ds["text"], cfg.ptx.max_length, TruncationReport())
         self.ptx_per_mini = round(cfg.ptx.sequences_per_episode * self.local_mini) if self.ptx_examples else 0
-        self.steps_per_epoch = len(self.prompts) // cfg.train.batch_size
-        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.steps_per_epoch))
+        self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.schedule.steps_per_epoch))
 
         # models: dropout off in all four (N+ detail 1)
         self.policy = load_causal_lm(m.policy, self.tokenizer, dropout=False)
@@ -291,11 +303,8 @@ class PPOTrainer:
 
     def batch_rows(self, step: int) -> list[int]:
         """This process's prompt rows of iteration `step` (a pure function of the step: resume is exact)."""
-        epoch, i = divmod(step, self.steps_per_epoch)
-        lengths = [len(p) for p in self.prompts]
-        rows = batch_order(lengths, self.cfg.train.batch_size, self.cfg.seed, epoch, group_by_length=False)[i]
         acc = self.accelerator
-        return rows[acc.process_index :: acc.num_processes]
+        return self.schedule(step)[acc.process_index :: acc.num_processes]
 
     @torch.no_grad()
     def rollout(self, row_ids: list[int]) -> tuple[Rollout, dict]:
@@ -473,7 +482,7 @@ class PPOTrainer:
         P, temperature = ro.prompt_width, cfg.rollout.temperature
         episodes = sum(len(m) for m in micro)
         sums: dict[str, float] = {}
-        ptx_tokens = sum(int((torch.tensor([len(e["input_ids"]) - 1 for e in m])).sum()) for m in ptx_micro)
+        ptx_tokens = sum(len(e["input_ids"]) - 1 for m in ptx_micro for e in m)
         n_backward = len(micro) + len(ptx_micro)
         k = 0
         for inds in micro:

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import TruncationReport, batch_order, encode_pairs, encode_prompts, pad
-from rlhf.config import ConfigError, RMConfig, TextSource, check_paths, save_config
+from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
+from rlhf.config import RMConfig, TextSource, check_paths, save_config
 from rlhf.data import load_rows
 from rlhf.models import load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
@@ -156,17 +156,15 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
     report = TruncationReport()
     train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
     eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
-    if len(train_groups) < cfg.train.batch_size:
-        raise ConfigError(f"only {len(train_groups)} preference groups, fewer than train.batch_size")
-    steps_per_epoch = len(train_groups) // cfg.train.batch_size
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
-    lengths = [sum(len(s) for s in g) for g in train_groups]
+    schedule = BatchSchedule(
+        [sum(len(s) for s in g) for g in train_groups], cfg.train.batch_size, cfg.seed, what=cfg.data.train.path
+    )
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
     k_mean = sum(len(g) for g in train_groups) / len(train_groups)
     accelerator.print(f"[rm] {len(train_groups)} prompts (mean K {k_mean:.1f}), {total_steps} steps")
 
     def global_batch(step: int) -> list:
-        epoch, i = divmod(step, steps_per_epoch)
-        return [train_groups[j] for j in batch_order(lengths, cfg.train.batch_size, cfg.seed, epoch)[i]]
+        return [train_groups[j] for j in schedule(step)]
 
     def evaluate(model, step: int) -> dict:
         metrics = report.as_metrics("data")

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import TruncationReport, batch_order, collate_lm, encode_prompts, encode_sft, encode_text
-from rlhf.config import ConfigError, SFTConfig, TextSource, check_paths, save_config
+from rlhf.batching import BatchSchedule, TruncationReport, collate_lm, encode_prompts, encode_sft, encode_text
+from rlhf.config import SFTConfig, TextSource, check_paths, save_config
 from rlhf.data import load_rows
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.ppo_math import lm_loss
@@ -92,26 +92,29 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
         else []
     )
     mix_per_batch = round(cfg.data.pretrain_mix_ratio * cfg.train.batch_size)
-    sft_per_batch = cfg.train.batch_size - mix_per_batch
-    if len(train_examples) < sft_per_batch:
-        raise ConfigError(f"only {len(train_examples)} training examples, fewer than one batch ({sft_per_batch})")
-    steps_per_epoch = len(train_examples) // sft_per_batch
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * steps_per_epoch))
+    schedule = BatchSchedule(
+        [len(e["input_ids"]) for e in train_examples],
+        cfg.train.batch_size - mix_per_batch,
+        cfg.seed,
+        what=cfg.data.train.path,
+    )
+    mix_schedule = (
+        BatchSchedule(
+            [len(e["input_ids"]) for e in mix_examples], mix_per_batch, cfg.seed + 1, what=cfg.data.pretrain_mix.path
+        )
+        if mix_per_batch
+        else None
+    )
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
     accelerator.print(
-        f"[sft] {len(train_examples)} examples, {steps_per_epoch} steps/epoch, {total_steps} steps; "
+        f"[sft] {len(train_examples)} examples, {schedule.steps_per_epoch} steps/epoch, {total_steps} steps; "
         f"{report.completions_cut} truncated, {report.dropped} dropped; {mix_per_batch} pretraining rows per batch"
     )
 
-    lengths = [len(e["input_ids"]) for e in train_examples]
-    mix_lengths = [len(e["input_ids"]) for e in mix_examples]
-    mix_steps_per_epoch = len(mix_examples) // mix_per_batch if mix_per_batch else 0
-
     def global_batch(step: int) -> list:
-        epoch, i = divmod(step, steps_per_epoch)
-        rows = [train_examples[j] for j in batch_order(lengths, sft_per_batch, cfg.seed, epoch)[i]]
-        if mix_per_batch:
-            m_epoch, m_i = divmod(step, mix_steps_per_epoch)
-            rows += [mix_examples[j] for j in batch_order(mix_lengths, mix_per_batch, cfg.seed + 1, m_epoch)[m_i]]
+        rows = [train_examples[j] for j in schedule(step)]
+        if mix_schedule is not None:
+            rows += [mix_examples[j] for j in mix_schedule(step)]
         return rows
 
     sample_prompts = []

@@ -400,6 +400,29 @@ class _PromptSampler:
         return self.queues[key].pop()
 
 
+# Share of comparison prompts whose responses include minimal pairs (see _ranked).
+_MINIMAL_PAIR_SHARE = 0.5
+
+
+def _swapped_variants(rng: random.Random, attrs: dict, response: str) -> list[str]:
+    """Copies of ``response`` with the subject, the mood words or the place swapped for wrong ones (shuffled)."""
+    words = response.split()
+    out = []
+    if attrs["subject"] in words:
+        other = rng.choice([a for a in SUBJECTS if a != attrs["subject"]])
+        out.append(" ".join(other if w == attrs["subject"] else w for w in words))
+    mood, opposite = attrs["mood"], OPPOSITE_MOOD[attrs["mood"]]
+    swap = {w: rng.choice(MOOD_ADJECTIVES[opposite]) for w in MOOD_ADJECTIVES[mood]}
+    swap |= {w: rng.choice(MOOD_VERBS[opposite]) for w in MOOD_VERBS[mood]}
+    if any(w in swap for w in words):
+        out.append(" ".join(swap.get(w, w) for w in words))
+    if attrs["place"] is not None and attrs["place"] in words:
+        other = rng.choice([p for p in PLACES if p != attrs["place"]])
+        out.append(" ".join(other if w == attrs["place"] else w for w in words))
+    rng.shuffle(out)
+    return out
+
+
 def _ranked(rng: random.Random, prompt: str, k: int, min_gap: float) -> tuple[list[str], list[float]]:
     """K distinct responses from demonstrators of varied quality, best first, consecutive gold scores >= min_gap apart.
 
@@ -407,6 +430,18 @@ def _ranked(rng: random.Random, prompt: str, k: int, min_gap: float) -> tuple[li
     attrs = parse_prompt(prompt)
     names, weights = zip(*_COMPARISON_DEMONSTRATOR_WEIGHTS.items())
     chosen: dict[str, float] = {}
+    if rng.random() < _MINIMAL_PAIR_SHARE:
+        # Minimal pairs: a good response and copies of it with one prompt-dependent detail swapped, so the only way
+        # to rank them is to check the response against the prompt (not a prior over animals or moods).
+        base = _respond(rng, attrs, rng.choice(("expert", "noisy")))
+        for response in [base, *_swapped_variants(rng, attrs, base)]:
+            score = gold_judge(prompt, response)
+            if (
+                len(chosen) < k
+                and response not in chosen
+                and all(abs(score - s) >= min_gap - 1e-9 for s in chosen.values())
+            ):
+                chosen[response] = score
     for _ in range(10_000):
         if len(chosen) == k:
             break
@@ -488,8 +523,8 @@ def build_tiny_world(out_dir: str | Path, seed: int = 0, *, label_noise: float =
         tokenizer/                   word-level HF tokenizer (see build_tokenizer)
         model_config/config.json     tiny LlamaConfig
         data/pretrain.jsonl          {"text"} 6000 docs: half "Human: p Assistant: r" with r well-formed but for
-                                     random attributes (teaches the format, not instruction following), half plain
-                                     grammar sentences
+                                     random attributes (teaches the format, not instruction following), half
+                                     paragraphs of 2-3 sentences about one subject, mood and place
         data/pretrain_eval.jsonl     {"text"} 300 held-out docs of the same distribution (no doc shared)
         data/sft.jsonl               {"prompt", "completion"} 3000 demonstrations by the noisy demonstrator
         data/sft_eval.jsonl          {"prompt", "completion"} 200 demonstrations on a held-out prompt slice
@@ -548,11 +583,13 @@ def build_tiny_world(out_dir: str | Path, seed: int = 0, *, label_noise: float =
     def pretrain_docs(rng: random.Random, prompts: _PromptSampler, n: int, exclude: set[str]) -> list[str]:
         docs: list[str] = []
         while len(docs) < n:
-            response = _compose(rng, _random_attrs(rng), _Flaws())
+            attrs = _random_attrs(rng)
             if rng.random() < 0.5:
-                doc = PROMPT_TEMPLATE.format(prompt=prompts.draw()) + " " + response
+                doc = PROMPT_TEMPLATE.format(prompt=prompts.draw()) + " " + _compose(rng, attrs, _Flaws())
             else:
-                doc = response
+                # A coherent paragraph: 2-3 sentences about one subject, mood and place. Like real text, it rewards
+                # copying what came before, which is the skill instruction following and reward modelling build on.
+                doc = " ".join(_compose(rng, attrs, _Flaws()) for _ in range(rng.randint(2, 3)))
             if doc not in exclude:
                 docs.append(doc)
         return docs

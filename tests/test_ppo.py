@@ -21,22 +21,47 @@ QUIET = ["logging.progress=off", "logging.tensorboard=false"]
 def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("rm")
     data = Path(tiny_world) / "data"
-    cfg = load_config("rm", "configs/tiny/rm.yaml", QUIET + [
-        f"output_dir={out}", f"model.name_or_path={tiny_sft}", f"data.train.path={data / 'comparisons.jsonl'}",
-        f"data.eval.path={data / 'comparisons_eval.jsonl'}", f"data.reference.path={data / 'sft.jsonl'}",
-        "data.reference_max_rows=64", "train.max_steps=40", "train.eval_every=0", "checkpoint.every=0",
-    ])
+    cfg = load_config(
+        "rm",
+        "configs/tiny/rm.yaml",
+        QUIET
+        + [
+            f"output_dir={out}",
+            f"model.name_or_path={tiny_sft}",
+            f"data.train.path={data / 'comparisons.jsonl'}",
+            f"data.eval.path={data / 'comparisons_eval.jsonl'}",
+            f"data.reference.path={data / 'sft.jsonl'}",
+            "data.reference_max_rows=64",
+            "train.max_steps=40",
+            "train.eval_every=0",
+            "checkpoint.every=0",
+        ],
+    )
     return reward.train(cfg)
 
 
 def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):
     data = Path(tiny_world) / "data"
-    return load_config("ppo", "configs/tiny/ppo.yaml", QUIET + [
-        f"output_dir={out}", f"models.policy.name_or_path={tiny_sft}", f"models.reward.name_or_path={tiny_rm}",
-        f"data.prompts.path={data / 'prompts.jsonl'}", "data.eval_prompts.path=", f"ptx.data.path={data / 'pretrain.jsonl'}",
-        "train.batch_size=16", "ppo.mini_batch_size=8", "ppo.micro_batch_size=8", "ppo.ppo_epochs=2",
-        "rollout.max_new_tokens=16", "checkpoint.every=0", *extra,
-    ])
+    return load_config(
+        "ppo",
+        "configs/tiny/ppo.yaml",
+        QUIET
+        + [
+            f"output_dir={out}",
+            f"models.policy.name_or_path={tiny_sft}",
+            f"models.reward.name_or_path={tiny_rm}",
+            f"data.prompts.path={data / 'prompts.jsonl'}",
+            "data.eval_prompts.path=",
+            f"ptx.data.path={data / 'pretrain.jsonl'}",
+            "train.batch_size=16",
+            "ppo.mini_batch_size=8",
+            "ppo.micro_batch_size=8",
+            "ppo.ppo_epochs=2",
+            "rollout.max_new_tokens=16",
+            "checkpoint.every=0",
+            *extra,
+        ],
+    )
 
 
 def metrics(out: Path) -> list[dict]:
@@ -44,10 +69,23 @@ def metrics(out: Path) -> list[dict]:
 
 
 def test_a_few_iterations_raise_the_reward(tiny_world, tiny_sft, tiny_rm, tmp_path):
-    cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, [
-        "train.max_steps=12", "train.batch_size=32", "ppo.mini_batch_size=16", "ppo.micro_batch_size=16",
-        "optim.lr=3e-4", "optim.warmup_steps=0", "kl.kl_coef=0.01", "ptx.ptx_coef=0.0", "ppo.ppo_epochs=4",
-    ])
+    cfg = ppo_config(
+        tiny_world,
+        tiny_sft,
+        tiny_rm,
+        tmp_path,
+        [
+            "train.max_steps=12",
+            "train.batch_size=32",
+            "ppo.mini_batch_size=16",
+            "ppo.micro_batch_size=16",
+            "optim.lr=3e-4",
+            "optim.warmup_steps=0",
+            "kl.kl_coef=0.01",
+            "ptx.ptx_coef=0.0",
+            "ppo.ppo_epochs=4",
+        ],
+    )
     final = ppo.train(cfg)
     rows = [r for r in metrics(tmp_path) if "objective/scores" in r]
     assert len(rows) == 12
@@ -68,9 +106,17 @@ def test_ptx_term_logs_and_trains(tiny_world, tiny_sft, tiny_rm, tmp_path):
 
 
 def test_lora_disabled_adapter_reference_equals_frozen_copy(tiny_world, tiny_sft, tiny_rm, tmp_path):
-    cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, [
-        "models.policy.lora.enabled=true", "models.reference=disable_adapter", "train.max_steps=1",
-    ])
+    cfg = ppo_config(
+        tiny_world,
+        tiny_sft,
+        tiny_rm,
+        tmp_path,
+        [
+            "models.policy.lora.enabled=true",
+            "models.reference=disable_adapter",
+            "train.max_steps=1",
+        ],
+    )
     trainer = ppo.PPOTrainer(cfg)
     assert trainer.reference is None
     policy = trainer.accelerator.unwrap_model(trainer.policy)
@@ -96,9 +142,16 @@ def test_disable_adapter_refuses_an_adapter_policy(tiny_world, tiny_sft, tiny_rm
     adapter_dir = tmp_path / "adapter"
     shutil.copytree(tiny_sft, adapter_dir)
     (adapter_dir / "adapter_config.json").write_text("{}")
-    cfg = ppo_config(tiny_world, adapter_dir, tiny_rm, tmp_path / "out", [
-        "models.policy.lora.enabled=true", "models.reference=disable_adapter",
-    ])
+    cfg = ppo_config(
+        tiny_world,
+        adapter_dir,
+        tiny_rm,
+        tmp_path / "out",
+        [
+            "models.policy.lora.enabled=true",
+            "models.reference=disable_adapter",
+        ],
+    )
     with pytest.raises(ConfigError, match="peft adapter"):
         ppo.PPOTrainer(cfg)
 
@@ -121,8 +174,11 @@ def test_resume_mid_run_is_bit_identical(tiny_world, tiny_sft, tiny_rm, tmp_path
     ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, b, extra + ["checkpoint.every=2", "checkpoint.keep_last=0"]))
     assert (b / "checkpoint-2" / "state").is_dir() and (b / "checkpoint-2" / "policy" / "config.json").exists()
     shutil.rmtree(b / "final")  # as if killed after checkpoint-2
-    (b / "metrics.jsonl").write_text("".join(line + "\n" for line in (b / "metrics.jsonl").read_text().splitlines()
-                                             if json.loads(line)["step"] <= 3))
+    (b / "metrics.jsonl").write_text(
+        "".join(
+            line + "\n" for line in (b / "metrics.jsonl").read_text().splitlines() if json.loads(line)["step"] <= 3
+        )
+    )
     resumed = ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, b, extra + ["checkpoint.every=2"]))
     w_a, w_b = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
     assert w_a.keys() == w_b.keys()

@@ -310,7 +310,7 @@ def test_model_config_builds_a_model_that_runs(world):
         tok.eos_token_id,
         tok.bos_token_id,
     )
-    assert config.hidden_size == 64 and config.num_hidden_layers == 2 and not config.tie_word_embeddings
+    assert config.hidden_size == 128 and config.num_hidden_layers == 3 and not config.tie_word_embeddings
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config)
     texts = [PROMPT_TEMPLATE.format(prompt=SHORT_CAT) + " the cat is happy today .", "the cat is sad ."]
