@@ -410,3 +410,24 @@ def _hh_pair(row: dict) -> tuple[str, list[str]]:
 
 
 _NORMALISERS = {"text": _norm_text, "sft": _norm_sft, "preference": _norm_preference, "prompts": _norm_prompts}
+
+
+def load_source(source, kind: str, on_bad_row: str = "error", max_rows: int | None = None) -> datasets.Dataset:
+    """`load_rows` for a config's data source section (path, split, field_map, max_rows).
+
+    Skipped rows and dropped ties are printed, so a skip is never silent."""
+    ds, report = load_rows(
+        source.path,
+        kind,
+        split=source.split,
+        field_map=source.field_map or None,
+        on_bad_row=on_bad_row,
+        max_rows=max_rows or source.max_rows or None,
+    )
+    if report.skipped or report.ties_dropped:
+        print(
+            f"[data] {source.path}: kept {report.rows_kept} of {report.rows_read} rows; skipped {report.skipped}; "
+            f"{report.ties_dropped} tied responses dropped",
+            flush=True,
+        )
+    return ds

@@ -18,7 +18,7 @@ import torch
 
 from rlhf.batching import TruncationReport, collate_lm, encode_prompts, encode_text, pad
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
-from rlhf.data import load_rows
+from rlhf.data import load_source
 from rlhf.models import causal_logits, load_causal_lm, load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import lm_loss, logprobs_from_logits, truncate_after_eos
 from rlhf.sampling import decode_responses, generate
@@ -91,13 +91,7 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     save_config(cfg, out_dir / "config.yaml")
     judge = load_judge(cfg.judge) if cfg.judge else None
     tokenizer = load_tokenizer(cfg.sft, cfg.trust_remote_code)
-    ds, _ = load_rows(
-        cfg.prompts.path,
-        "prompts",
-        split=cfg.prompts.split,
-        field_map=cfg.prompts.field_map or None,
-        max_rows=cfg.num_prompts or None,
-    )
+    ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
     rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
     prompts = encode_prompts(tokenizer, cfg.format, rows)
 
@@ -169,13 +163,7 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
         result["win_rate"] = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
         result["win_rate_judged_by"] = "judge" if key == "gold" else "reward_model"
     if cfg.pretrain_eval.path:
-        ds, _ = load_rows(
-            cfg.pretrain_eval.path,
-            "text",
-            split=cfg.pretrain_eval.split,
-            field_map=cfg.pretrain_eval.field_map or None,
-            max_rows=cfg.pretrain_eval.max_rows or None,
-        )
+        ds = load_source(cfg.pretrain_eval, "text")
         examples = encode_text(tokenizer, ds["text"], cfg.format.max_length, TruncationReport())
         result["pretrain_loss_sft"] = text_loss(sft, examples, tokenizer.pad_token_id, cfg.batch_size)
         result["pretrain_loss_policy"] = text_loss(policy, examples, tokenizer.pad_token_id, cfg.batch_size)

@@ -65,6 +65,7 @@ def run_pipeline(config_dir: str, overrides: list[str] | None = None, dry_run: b
             t0 = time.time()
             build_tiny_world(spec["out"], seed=int(spec.get("seed", 0)))
             timings["world"] = time.time() - t0
+            _record(spec["out"], "world", timings["world"])
     for stage, key in present:
         cfg = configs[stage]
         if finished(key, cfg):

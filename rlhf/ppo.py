@@ -19,6 +19,7 @@ than putting a value head on the policy trunk.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import time
@@ -37,7 +38,7 @@ from rlhf.batching import (
     pad,
 )
 from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
-from rlhf.data import load_rows
+from rlhf.data import load_source
 from rlhf.models import (
     causal_logits,
     load_causal_lm,
@@ -217,14 +218,7 @@ class PPOTrainer:
         # data: prompts (rendered exactly as in SFT and RM), optional eval prompts and ptx text
         fmt = cfg.data.format
         self.prompt_report = TruncationReport()
-        ds, _ = load_rows(
-            cfg.data.prompts.path,
-            "prompts",
-            split=cfg.data.prompts.split,
-            field_map=cfg.data.prompts.field_map or None,
-            on_bad_row=fmt.on_bad_row,
-            max_rows=cfg.data.prompts.max_rows or None,
-        )
+        ds = load_source(cfg.data.prompts, "prompts", on_bad_row=fmt.on_bad_row)
         self.prompt_rows = ds.to_list()
         self.prompts = encode_prompts(self.tokenizer, fmt, self.prompt_rows, self.prompt_report)
         self.schedule = BatchSchedule(
@@ -236,26 +230,12 @@ class PPOTrainer:
         )
         self.eval_prompts = []
         if cfg.data.eval_prompts.path:
-            ds, _ = load_rows(
-                cfg.data.eval_prompts.path,
-                "prompts",
-                split=cfg.data.eval_prompts.split,
-                field_map=cfg.data.eval_prompts.field_map or None,
-                on_bad_row=fmt.on_bad_row,
-                max_rows=cfg.data.eval_prompts.max_rows or None,
-            )
+            ds = load_source(cfg.data.eval_prompts, "prompts", on_bad_row=fmt.on_bad_row)
             self.eval_rows = ds.to_list()
             self.eval_prompts = encode_prompts(self.tokenizer, fmt, self.eval_rows)
         self.ptx_examples = []
         if cfg.ptx.ptx_coef > 0:
-            ds, _ = load_rows(
-                cfg.ptx.data.path,
-                "text",
-                split=cfg.ptx.data.split,
-                field_map=cfg.ptx.data.field_map or None,
-                on_bad_row=fmt.on_bad_row,
-                max_rows=cfg.ptx.data.max_rows or None,
-            )
+            ds = load_source(cfg.ptx.data, "text", on_bad_row=fmt.on_bad_row)
             self.ptx_examples = encode_text(self.tokenizer, ds["text"], cfg.ptx.max_length, TruncationReport())
         self.ptx_per_mini = round(cfg.ptx.sequences_per_episode * self.local_mini) if self.ptx_examples else 0
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.schedule.steps_per_epoch))
@@ -507,7 +487,7 @@ class PPOTrainer:
                 ("val/clipfrac_avg", vf_stats["vf_clipfrac"]),
                 ("policy/ratio_avg", pg_stats["ratio_mean"]),
             ):
-                sums[name] = sums.get(name, 0.0) + w * float(value)
+                sums[name] = sums.get(name, 0.0) + w * float(value.detach())
         for examples in ptx_micro:
             k += 1
             batch = {key: v.to(acc.device) for key, v in collate_lm(examples, self.tokenizer.pad_token_id).items()}
@@ -531,11 +511,13 @@ class PPOTrainer:
         sums["policy/approxkl_avg"] = float(kl)
         return sums
 
-    def _no_sync(self, skip: bool):
-        acc = self.accelerator
-        if not skip:
-            return _Both()
-        return _Both(acc.no_sync(self.policy), acc.no_sync(self.value_model))
+    def _no_sync(self, skip: bool) -> contextlib.ExitStack:
+        """DDP: skip the gradient all-reduce of both trained models on all but the last backward of a step."""
+        stack = contextlib.ExitStack()
+        if skip:
+            stack.enter_context(self.accelerator.no_sync(self.policy))
+            stack.enter_context(self.accelerator.no_sync(self.value_model))
+        return stack
 
     # ---- 6: the loop ----------------------------------------------------------------------------------
 
@@ -660,22 +642,6 @@ class PPOTrainer:
             policy.save_pretrained(str(path), safe_serialization=True)
             self.tokenizer.save_pretrained(str(path))
             save_config(cfg, path / "rlhf_config.yaml")
-
-
-class _Both:
-    """Enter several context managers (DDP no_sync of policy and value) as one."""
-
-    def __init__(self, *managers):
-        self.managers = managers
-
-    def __enter__(self):
-        for m in self.managers:
-            m.__enter__()
-
-    def __exit__(self, *exc):
-        for m in reversed(self.managers):
-            m.__exit__(*exc)
-        return False
 
 
 def _check_adapter_reference(policy_cfg) -> None:

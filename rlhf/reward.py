@@ -17,7 +17,7 @@ import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
 from rlhf.config import RMConfig, TextSource, check_paths, save_config
-from rlhf.data import load_rows
+from rlhf.data import load_source
 from rlhf.models import load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
 from rlhf.training import SupervisedTask, fit, make_accelerator, seed_everything, write_json
@@ -25,14 +25,7 @@ from rlhf.training import SupervisedTask, fit, make_accelerator, seed_everything
 
 def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
     """Preference rows -> groups of token sequences (prompt + response + EOS), best first."""
-    ds, load_report = load_rows(
-        source.path,
-        "preference",
-        split=source.split,
-        field_map=source.field_map or None,
-        on_bad_row=cfg.data.format.on_bad_row,
-        max_rows=source.max_rows or None,
-    )
+    ds = load_source(source, "preference", on_bad_row=cfg.data.format.on_bad_row)
     rows = ds.to_list()
     prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)
     flat_prompts = [p for p, r in zip(prompts, rows) for _ in r["ranked"]]
@@ -132,14 +125,7 @@ def score_sequences(model, sequences: list[list[int]], micro: int, pad_token_id:
 def reference_sequences(tokenizer, cfg: RMConfig) -> list[list[int]]:
     """Reference (prompt, completion) sequences whose mean score becomes 0 after normalisation."""
     src = cfg.data.reference
-    ds, _ = load_rows(
-        src.path,
-        "sft",
-        split=src.split,
-        field_map=src.field_map or None,
-        on_bad_row=cfg.data.format.on_bad_row,
-        max_rows=cfg.data.reference_max_rows or None,
-    )
+    ds = load_source(src, "sft", on_bad_row=cfg.data.format.on_bad_row, max_rows=cfg.data.reference_max_rows or None)
     rows = ds.to_list()
     report = TruncationReport()
     prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)

@@ -15,7 +15,7 @@ import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, collate_lm, encode_prompts, encode_sft, encode_text
 from rlhf.config import SFTConfig, TextSource, check_paths, save_config
-from rlhf.data import load_rows
+from rlhf.data import load_source
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.ppo_math import lm_loss
 from rlhf.sampling import decode_responses, generate
@@ -24,14 +24,7 @@ from rlhf.training import SupervisedTask, fit, log_text, make_accelerator, seed_
 
 def load_lm_examples(tokenizer, source: TextSource, kind: str, cfg: SFTConfig, report: TruncationReport) -> list:
     """Rows of a source -> tokenized {input_ids, labels} examples (prompt-masked for sft rows)."""
-    ds, _ = load_rows(
-        source.path,
-        kind,
-        split=source.split,
-        field_map=source.field_map or None,
-        on_bad_row=cfg.data.format.on_bad_row,
-        max_rows=source.max_rows or None,
-    )
+    ds = load_source(source, kind, on_bad_row=cfg.data.format.on_bad_row)
     if kind == "text":
         return encode_text(tokenizer, ds["text"], cfg.data.format.max_length, report)
     return encode_sft(tokenizer, cfg.data.format, ds, source.path, cfg.data.mask_prompt, report)
@@ -119,13 +112,7 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
 
     sample_prompts = []
     if cfg.data.kind == "sft" and cfg.data.eval.path and cfg.logging.num_samples:
-        ds, _ = load_rows(
-            cfg.data.eval.path,
-            "sft",
-            split=cfg.data.eval.split,
-            field_map=cfg.data.eval.field_map or None,
-            max_rows=cfg.logging.num_samples,
-        )
+        ds = load_source(cfg.data.eval, "sft", max_rows=cfg.logging.num_samples)
         sample_prompts = list(zip(ds["prompt"], encode_prompts(tokenizer, fmt, ds.to_list())))
 
     def evaluate(model, step: int) -> dict:

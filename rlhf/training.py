@@ -8,6 +8,7 @@ when complete, so a crash never leaves a half checkpoint that `resume: auto` wou
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import json
 import math
@@ -370,7 +371,7 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
         for i, batch in enumerate(batches):
             batch = {k: v.to(accelerator.device) for k, v in batch.items()}
             # only the last micro-batch all-reduces gradients under DDP
-            sync = accelerator.no_sync(model) if i < len(batches) - 1 else _nullcontext()
+            sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
             with sync, accelerator.autocast():
                 loss_sum, batch_stats = task.loss(model, batch)
                 accelerator.backward(loss_sum / max(total_units, 1.0))
@@ -409,11 +410,3 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
     final = publish_final(accelerator, out, lambda tmp: task.write_final(model, tmp))
     accelerator.end_training()
     return final
-
-
-class _nullcontext:
-    def __enter__(self):
-        return None
-
-    def __exit__(self, *exc):
-        return False
