@@ -22,7 +22,7 @@ Responses
 ---------
 A response is a sentence from a small word grammar, e.g. ``"the cat is happy and it plays in the park ."``. Moods
 have their own word sets (:data:`MOOD_WORDS`); everything else is neutral filler. The whole vocabulary (prompts and
-responses) is ~100 words (108 token ids with the 4 special tokens), see :data:`VOCAB`.
+responses) is 135 words (139 token ids with the 4 special tokens), see :data:`VOCAB`.
 
 Gold judge
 ----------
@@ -83,24 +83,28 @@ PHRASINGS = (
 )
 
 MOOD_ADJECTIVES = {
-    "happy": ("happy", "glad", "joyful", "cheerful", "merry", "bright", "sunny", "warm"),
-    "sad": ("sad", "gloomy", "lonely", "tired", "grey", "cold", "unhappy", "miserable"),
+    "happy": ("happy", "glad", "joyful", "cheerful", "merry", "bright", "sunny", "warm", "jolly", "delighted", "proud",
+              "lively"),
+    "sad": ("sad", "gloomy", "lonely", "tired", "grey", "cold", "unhappy", "miserable", "upset", "weary", "lost",
+            "blue"),
 }
 MOOD_VERBS = {
-    "happy": ("smiles", "laughs", "sings", "dances", "giggles"),
-    "sad": ("cries", "weeps", "sighs", "sobs", "frowns"),
+    "happy": ("smiles", "laughs", "sings", "dances", "giggles", "grins", "cheers", "hums"),
+    "sad": ("cries", "weeps", "sighs", "sobs", "frowns", "mopes", "sulks", "moans"),
 }
 MOOD_WORDS = {mood: frozenset(MOOD_ADJECTIVES[mood] + MOOD_VERBS[mood]) for mood in MOODS}
 OPPOSITE_MOOD = {"happy": "sad", "sad": "happy"}
 
-NEUTRAL_ADJECTIVES = ("little", "big", "old", "young", "small", "new")
-NEUTRAL_VERBS = ("walks", "runs", "sits", "eats", "sleeps", "looks", "waits", "rests", "swims", "jumps", "plays")
+NEUTRAL_ADJECTIVES = ("little", "big", "old", "young", "small", "new", "tall", "quiet", "brown")
+NEUTRAL_VERBS = ("walks", "runs", "sits", "eats", "sleeps", "looks", "waits", "rests", "swims", "jumps", "plays", "reads",
+                 "hides", "digs", "drinks")
 ADVERBS = ("today", "now", "again", "too", "here", "there", "slowly", "quickly")
 STANDALONE_ADVERBS = ADVERBS[:6]  # the ones that read fine without a verb right before them
-SKY_NOUNS = ("sun", "rain", "tree", "sky", "stars", "moon")
+SKY_NOUNS = ("sun", "rain", "tree", "sky", "stars", "moon", "clouds", "snow")
 # Function words of the response grammar that are not in any list above.
 RESPONSE_FUNCTION_WORDS = ("the", "a", "and", "it", "is", "feels", "with", "friend", "under", "all", "day", "at")
 RESPONSE_FUNCTION_WORDS += ("night", "in", "morning", "but", "very")
+RESPONSE_FUNCTION_WORDS += ("then", "its", "likes", "every", "this", "evening", "after", "by")
 PROMPT_WORDS = ("write", "tell", "give", "me", "a", "sentence", "line", "about", "the")
 
 # Words that may repeat freely: a long sentence naturally has several "and it ...".
@@ -295,6 +299,15 @@ def _filler(rng: random.Random, max_size: int, mood: str | None) -> list[str]:
         (3, lambda: ["in", "the", "morning"]),
         (4, lambda: ["and", "it", rng.choice(NEUTRAL_VERBS), rng.choice(ADVERBS)]),
         (4, lambda: ["with", "a", rng.choice(NEUTRAL_ADJECTIVES), "friend"]),
+        (2, lambda: ["every", "day"]),
+        (2, lambda: ["this", "morning"]),
+        (3, lambda: ["in", "the", "evening"]),
+        (3, lambda: ["after", "the", "rain"]),
+        (3, lambda: ["by", "the", "tree"]),
+        (3, lambda: ["with", "the", rng.choice(SKY_NOUNS)]),
+        (3, lambda: ["with", "its", "friend"]),
+        (4, lambda: ["and", "then", "it", rng.choice(NEUTRAL_VERBS)]),
+        (5, lambda: ["and", "it", "likes", "the", rng.choice(SKY_NOUNS)]),
     ]
     if mood is not None:
         options += [
@@ -326,7 +339,7 @@ def _compose(rng: random.Random, attrs: dict, flaws: _Flaws) -> str:
     if flaws.subject == "extra":
         segments.append(["with", "the", rng.choice(other_animals)])
     if flaws.mood == "mixed":
-        segments.append(["but", "it", rng.choice(MOOD_VERBS[opposite])])
+        segments.append(["and", "it", rng.choice(MOOD_VERBS[opposite])])
 
     counts = Counter(w for seg in [core, *segments] for w in seg if w not in REPEAT_EXEMPT)
     lo, hi = (_WRONG_LENGTH_RANGES if flaws.length == "band" else LENGTH_RANGES)[attrs["length"]]
