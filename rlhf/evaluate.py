@@ -16,7 +16,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import TruncationReport, collate_lm, encode_prompts, encode_text, pad
+from rlhf.batching import TruncationReport, collate_lm, completion_text, encode_prompts, encode_text, pad
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
 from rlhf.data import load_source
 from rlhf.models import causal_logits, load_causal_lm, load_reward_model, load_tokenizer, reward_scores
@@ -147,7 +147,7 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
                     responses[name][s : s + cfg.batch_size],
                 ):
                     ended = bool(r) and r[-1] == eos
-                    ids = rm_tok((" " if not rm_tok.chat_template else "") + text, add_special_tokens=False)
+                    ids = rm_tok(completion_text(rm_tok, cfg.format, text), add_special_tokens=False)
                     seqs.append(p + ids["input_ids"] + ([rm_tok.eos_token_id] if ended else []))
                 ids, mask = pad(seqs, rm_tok.pad_token_id), pad([[1] * len(x) for x in seqs], 0)
                 scores.extend(reward_scores(rm, ids, mask).tolist())

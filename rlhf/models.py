@@ -7,7 +7,6 @@ generates) gets the same positions as the unpadded sequence, exactly as `generat
 from __future__ import annotations
 
 import math
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -184,7 +183,3 @@ def reward_scores(
     if normalized:
         scores = scores - float(getattr(model.config, "reward_offset", 0.0) or 0.0)
     return scores
-
-
-def is_local_model(path: str) -> bool:
-    return Path(path).is_dir()

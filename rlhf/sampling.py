@@ -54,8 +54,3 @@ def generate(
 def decode_responses(tokenizer, responses: torch.Tensor) -> list[str]:
     """Response ids [B,R] -> text without EOS/PAD."""
     return tokenizer.batch_decode(responses, skip_special_tokens=True)
-
-
-def ended_with_eos(responses: torch.Tensor, eos_token_id: int) -> torch.Tensor:
-    """[B,R] -> [B] bool: the response contains EOS (it ended rather than hitting the length limit)."""
-    return (responses == eos_token_id).any(-1)

@@ -83,10 +83,34 @@ PHRASINGS = (
 )
 
 MOOD_ADJECTIVES = {
-    "happy": ("happy", "glad", "joyful", "cheerful", "merry", "bright", "sunny", "warm", "jolly", "delighted", "proud",
-              "lively"),
-    "sad": ("sad", "gloomy", "lonely", "tired", "grey", "cold", "unhappy", "miserable", "upset", "weary", "lost",
-            "blue"),
+    "happy": (
+        "happy",
+        "glad",
+        "joyful",
+        "cheerful",
+        "merry",
+        "bright",
+        "sunny",
+        "warm",
+        "jolly",
+        "delighted",
+        "proud",
+        "lively",
+    ),
+    "sad": (
+        "sad",
+        "gloomy",
+        "lonely",
+        "tired",
+        "grey",
+        "cold",
+        "unhappy",
+        "miserable",
+        "upset",
+        "weary",
+        "lost",
+        "blue",
+    ),
 }
 MOOD_VERBS = {
     "happy": ("smiles", "laughs", "sings", "dances", "giggles", "grins", "cheers", "hums"),
@@ -96,8 +120,23 @@ MOOD_WORDS = {mood: frozenset(MOOD_ADJECTIVES[mood] + MOOD_VERBS[mood]) for mood
 OPPOSITE_MOOD = {"happy": "sad", "sad": "happy"}
 
 NEUTRAL_ADJECTIVES = ("little", "big", "old", "young", "small", "new", "tall", "quiet", "brown")
-NEUTRAL_VERBS = ("walks", "runs", "sits", "eats", "sleeps", "looks", "waits", "rests", "swims", "jumps", "plays", "reads",
-                 "hides", "digs", "drinks")
+NEUTRAL_VERBS = (
+    "walks",
+    "runs",
+    "sits",
+    "eats",
+    "sleeps",
+    "looks",
+    "waits",
+    "rests",
+    "swims",
+    "jumps",
+    "plays",
+    "reads",
+    "hides",
+    "digs",
+    "drinks",
+)
 ADVERBS = ("today", "now", "again", "too", "here", "there", "slowly", "quickly")
 STANDALONE_ADVERBS = ADVERBS[:6]  # the ones that read fine without a verb right before them
 SKY_NOUNS = ("sun", "rain", "tree", "sky", "stars", "moon", "clouds", "snow")

@@ -239,15 +239,25 @@ def test_missing_data_path_fails_before_model_load(tmp_path, monkeypatch, tiny_w
     assert not (tmp_path / "out").exists()
 
 
-def test_missing_model_path_names_key(tmp_path):
-    cfg = load_config("rm", str(CONFIGS / "tiny" / "rm.yaml"), [f"model.name_or_path={tmp_path}/no/final"])
+def existing_rm_data(tiny_world) -> list[str]:
+    data = Path(tiny_world) / "data"
+    return [
+        f"data.train.path={data / 'comparisons.jsonl'}",
+        f"data.eval.path={data / 'comparisons_eval.jsonl'}",
+        f"data.reference.path={data / 'sft.jsonl'}",
+    ]
+
+
+def test_missing_model_path_names_key(tmp_path, tiny_world):
+    overrides = [f"model.name_or_path={tmp_path}/no/final", *existing_rm_data(tiny_world)]
+    cfg = load_config("rm", str(CONFIGS / "tiny" / "rm.yaml"), overrides)
     with pytest.raises(ConfigError) as e:
         check_paths(cfg, "rm.yaml")
     assert "model.name_or_path" in str(e.value)
 
 
-def test_cli_missing_path_exit_code(tmp_path, capsys):
-    # runs/tiny/... may or may not exist in a dev checkout; point the model somewhere that surely doesn't
+def test_cli_missing_path_exit_code(tmp_path, capsys, tiny_world):
+    # runs/tiny/... may or may not exist in a dev checkout: the data comes from the fixture, the model is missing
     rc = main(
         [
             "rm",
@@ -257,6 +267,7 @@ def test_cli_missing_path_exit_code(tmp_path, capsys):
             f"output_dir={tmp_path}/rm",
             "--set",
             f"model.name_or_path={tmp_path}/missing/final",
+            *[a for o in existing_rm_data(tiny_world) for a in ("--set", o)],
         ]
     )
     assert rc == 2

@@ -275,3 +275,16 @@ def test_pretrain_mix_rows_in_batches(tiny_world, tiny_base, tmp_path, monkeypat
         mix = [r for r in rows if r["labels"][0] != -100]
         assert len(mix) == 2 and all(r["labels"] == r["input_ids"] for r in mix)
     assert "2 pretraining rows per batch" in capsys.readouterr().out
+
+
+def test_gradient_checkpointing_gives_the_same_step(tiny_world, tiny_base, tmp_path):
+    """Recomputing activations in backward changes memory, not the math: same weights after 2 steps."""
+    finals = []
+    for name, checkpointing in (("plain", False), ("checkpointed", True)):
+        mapping = sft_overrides(tiny_world, tmp_path / name, tiny_base, train__max_steps=2, checkpoint__every=0)
+        finals.append(
+            sft.train(load_stage("sft", "sft.yaml", mapping | {"model.gradient_checkpointing": checkpointing}))
+        )
+    plain, checkpointed = (load_safetensors_dir(f) for f in finals)
+    for key in plain:
+        torch.testing.assert_close(plain[key], checkpointed[key], atol=1e-6, rtol=0)
