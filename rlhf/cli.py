@@ -8,6 +8,7 @@ from pathlib import Path
 
 from rlhf.config import ConfigError, check_paths, load_config
 from rlhf.data import DataError
+from rlhf.training import quiet_hf_progress
 
 STAGE_HELP = {
     "sft": "stage 1: supervised fine-tuning (or pretraining with data.kind: text)",
@@ -84,6 +85,7 @@ def run_stage(stage: str, config: str, overrides: list[str], dry_run: bool = Fal
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    quiet_hf_progress()
     try:
         if args.command in STAGE_HELP:
             run_stage(args.command, args.config, args.overrides, args.dry_run)

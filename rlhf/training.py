@@ -47,6 +47,14 @@ def make_accelerator(
     return accelerator
 
 
+def quiet_hf_progress() -> None:
+    """In logs and CI (stdout not a terminal), Hugging Face's per-file load/save bars are noise between our lines."""
+    if not sys.stdout.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
+
+
 def seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed)

@@ -5,10 +5,12 @@ import time
 
 from rlhf.pipeline import run_pipeline, summarize
 from rlhf.plot import plot_run
+from rlhf.training import quiet_hf_progress
 
 RECIPE, RUN = "configs/tiny", "runs/tiny"
 
 if __name__ == "__main__":
+    quiet_hf_progress()
     start = time.time()
     run_pipeline(RECIPE, sys.argv[1:])
     plots = plot_run(RUN)
