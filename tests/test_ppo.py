@@ -169,23 +169,25 @@ def test_disable_adapter_refuses_an_adapter_policy(tiny_world, tiny_sft, tiny_rm
         ppo.PPOTrainer(cfg)
 
 
-def test_value_from_rm_with_another_tokenizer_is_refused(tiny_world, tiny_sft, tiny_rm, tmp_path):
+def rm_with_another_tokenizer(tiny_rm: Path, tmp_path: Path) -> Path:
+    """The tiny RM with one extra token: another vocabulary, but every tiny-world word keeps its id."""
     other = tmp_path / "rm_other_tok"
     shutil.copytree(tiny_rm, other)
     tok = load_tokenizer(str(other))
     tok.add_tokens(["zebra"])
     tok.save_pretrained(str(other))
+    return other
+
+
+def test_value_from_rm_with_another_tokenizer_is_refused(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    other = rm_with_another_tokenizer(tiny_rm, tmp_path)
     cfg = ppo_config(tiny_world, tiny_sft, other, tmp_path / "out")
     with pytest.raises(ConfigError, match="different tokenizer"):
         ppo.PPOTrainer(cfg)
 
 
 def test_reward_model_with_another_tokenizer_scores_by_retokenizing(tiny_world, tiny_sft, tiny_rm, tmp_path):
-    other = tmp_path / "rm_other_tok"
-    shutil.copytree(tiny_rm, other)
-    tok = load_tokenizer(str(other))
-    tok.add_tokens(["zebra"])  # another vocabulary, same text -> same ids for every tiny-world word
-    tok.save_pretrained(str(other))
+    other = rm_with_another_tokenizer(tiny_rm, tmp_path)
     cfg = ppo_config(tiny_world, tiny_sft, other, tmp_path / "out", ["models.value_init=policy", "train.max_steps=1"])
     trainer = ppo.PPOTrainer(cfg)
     assert not trainer.same_tokenizer
