@@ -82,6 +82,15 @@ def encode_prompts(tokenizer, fmt: FormatConfig, rows, report: TruncationReport 
     return out
 
 
+def response_sequences(tokenizer, fmt: FormatConfig, rows, responses: list[str], ended: list[bool]) -> list[list[int]]:
+    """(prompt row, response text) -> prompt + response ids, plus EOS where the response ended: how a reward model
+    with its own tokenizer sees another model's samples (no truncation: scoring must see the whole sample)."""
+    prompts = encode_prompts(tokenizer, fmt, rows)
+    texts = [completion_text(tokenizer, fmt, r) for r in responses]
+    completions = _tokenize(tokenizer, texts, add_special_tokens=False)
+    return [p + c + ([tokenizer.eos_token_id] if e else []) for p, c, e in zip(prompts, completions, ended)]
+
+
 def encode_pairs(
     tokenizer,
     fmt: FormatConfig,

@@ -16,12 +16,14 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import TruncationReport, collate_lm, completion_text, encode_prompts, encode_text, pad
+from rlhf.batching import TruncationReport, encode_prompts, encode_text, pad, response_sequences
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
 from rlhf.data import load_source
-from rlhf.models import causal_logits, load_causal_lm, load_reward_model, load_tokenizer, reward_scores
-from rlhf.ppo_math import lm_loss, logprobs_from_logits, truncate_after_eos
+from rlhf.models import causal_logits, inference_device, load_causal_lm, load_reward_model, load_tokenizer
+from rlhf.ppo_math import logprobs_from_logits, truncate_after_eos
+from rlhf.reward import score_sequences
 from rlhf.sampling import decode_responses, generate
+from rlhf.sft import summed_lm_loss
 from rlhf.training import ProgressBar, seed_everything, write_json
 
 
@@ -62,24 +64,13 @@ def sequence_logprobs(model, prompts, responses, pad_id: int, temperature: float
     for s in range(0, len(prompts), batch):
         p, r = prompts[s : s + batch], responses[s : s + batch]
         seqs = [a + b for a, b in zip(p, r)]
-        ids, mask = pad(seqs, pad_id), pad([[1] * len(x) for x in seqs], 0)
+        device = next(model.parameters()).device
+        ids, mask = pad(seqs, pad_id).to(device), pad([[1] * len(x) for x in seqs], 0).to(device)
         logits = causal_logits(model, ids, mask)
         lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature)
         for i, (a, b) in enumerate(zip(p, r)):
-            out.append(lp[i, len(a) - 1 : len(a) - 1 + len(b)])
+            out.append(lp[i, len(a) - 1 : len(a) - 1 + len(b)].cpu())
     return out
-
-
-@torch.no_grad()
-def text_loss(model, examples: list[dict], pad_id: int, batch: int) -> float:
-    total, count = 0.0, 0
-    for s in range(0, len(examples), batch):
-        b = collate_lm(examples[s : s + batch], pad_id)
-        total += float(
-            lm_loss(causal_logits(model, b["input_ids"], b["attention_mask"]), b["labels"], reduction="sum")
-        )
-        count += int((b["labels"][:, 1:] != -100).sum())
-    return total / max(count, 1)
 
 
 def run(cfg: EvalConfig, source: str = "<config>") -> dict:
@@ -94,10 +85,11 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
     rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
     prompts = encode_prompts(tokenizer, cfg.format, rows)
+    device = inference_device()
 
     def load(path: str):
         model_cfg = ModelConfig(name_or_path=path, trust_remote_code=cfg.trust_remote_code)
-        return load_causal_lm(model_cfg, tokenizer, dropout=False).eval()
+        return load_causal_lm(model_cfg, tokenizer, dropout=False).eval().to(device)
 
     sft, policy = load(cfg.sft), load(cfg.policy)
     responses, texts = {}, {}
@@ -136,21 +128,11 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
         rm = load_reward_model(
             ModelConfig(name_or_path=cfg.reward_model, trust_remote_code=cfg.trust_remote_code), rm_tok
         )
-        rm_prompts = encode_prompts(rm_tok, cfg.format, rows)
+        rm.to(device)
         for name in ("sft", "policy"):
-            scores = []
-            for s in range(0, len(rows), cfg.batch_size):
-                seqs = []
-                for p, text, r in zip(
-                    rm_prompts[s : s + cfg.batch_size],
-                    texts[name][s : s + cfg.batch_size],
-                    responses[name][s : s + cfg.batch_size],
-                ):
-                    ended = bool(r) and r[-1] == eos
-                    ids = rm_tok(completion_text(rm_tok, cfg.format, text), add_special_tokens=False)
-                    seqs.append(p + ids["input_ids"] + ([rm_tok.eos_token_id] if ended else []))
-                ids, mask = pad(seqs, rm_tok.pad_token_id), pad([[1] * len(x) for x in seqs], 0)
-                scores.extend(reward_scores(rm, ids, mask).tolist())
+            ended = [bool(r) and r[-1] == eos for r in responses[name]]
+            seqs = response_sequences(rm_tok, cfg.format, rows, texts[name], ended)
+            scores = score_sequences(rm, seqs, cfg.batch_size, rm_tok.pad_token_id, device, normalized=True).tolist()
             per_sample[name]["rm"] = scores
             result[f"rm_score_{name}"] = sum(scores) / len(scores)
     if judge is not None:
@@ -165,8 +147,9 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     if cfg.pretrain_eval.path:
         ds = load_source(cfg.pretrain_eval, "text")
         examples = encode_text(tokenizer, ds["text"], cfg.format.max_length, TruncationReport())
-        result["pretrain_loss_sft"] = text_loss(sft, examples, tokenizer.pad_token_id, cfg.batch_size)
-        result["pretrain_loss_policy"] = text_loss(policy, examples, tokenizer.pad_token_id, cfg.batch_size)
+        for name, model in (("sft", sft), ("policy", policy)):
+            loss_sum, tokens = summed_lm_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device)
+            result[f"pretrain_loss_{name}"] = loss_sum / max(tokens, 1)
 
     result = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
     with (out_dir / "samples.jsonl").open("w") as f:

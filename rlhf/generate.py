@@ -7,7 +7,7 @@ import torch
 from rlhf.batching import encode_prompts
 from rlhf.config import FormatConfig, ModelConfig
 from rlhf.data import load_rows
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.models import inference_device, load_causal_lm, load_tokenizer
 from rlhf.sampling import decode_responses, generate
 
 
@@ -15,6 +15,7 @@ def main(args) -> None:
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(ModelConfig(name_or_path=args.model), tokenizer, dropout=False).eval()
+    model.to(inference_device())
     if args.prompts_file:
         ds, _ = load_rows(args.prompts_file, "prompts")
         rows = ds.to_list()

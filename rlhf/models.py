@@ -127,6 +127,13 @@ def load_reward_model(
     return model.eval()
 
 
+def inference_device() -> torch.device:
+    """This process's accelerator device (a GPU when there is one, also under `accelerate launch`), else the CPU."""
+    from accelerate import PartialState
+
+    return PartialState().device
+
+
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B,T] -> [B,T] positions counting only real tokens (0 at each row's first real token)."""
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)

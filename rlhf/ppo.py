@@ -32,10 +32,10 @@ from rlhf.batching import (
     BatchSchedule,
     TruncationReport,
     collate_lm,
-    completion_text,
     encode_prompts,
     encode_text,
     pad,
+    response_sequences,
 )
 from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
 from rlhf.data import load_source
@@ -237,6 +237,7 @@ class PPOTrainer:
         if cfg.ptx.ptx_coef > 0:
             ds = load_source(cfg.ptx.data, "text", on_bad_row=fmt.on_bad_row)
             self.ptx_examples = encode_text(self.tokenizer, ds["text"], cfg.ptx.max_length, TruncationReport())
+        self._ptx_cached: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) of the ptx text
         self.ptx_per_mini = round(cfg.ptx.sequences_per_episode * self.local_mini) if self.ptx_examples else 0
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.schedule.steps_per_epoch))
 
@@ -365,13 +366,11 @@ class PPOTrainer:
         """
         if self.same_tokenizer:
             return reward_scores(self.reward_model, query_responses, attention_mask)
-        rtok, fmt = self.reward_tokenizer, self.cfg.data.format
-        responses = decode_responses(self.tokenizer, query_responses[:, prompt_width:])
-        prompts = encode_prompts(rtok, fmt, rows)
-        texts = [completion_text(rtok, fmt, r) for r in responses]
-        completions = rtok(texts, add_special_tokens=False)["input_ids"]
-        ended = (query_responses[:, prompt_width:] == self.tokenizer.eos_token_id).any(-1).tolist()
-        seqs = [p + c + ([rtok.eos_token_id] if e else []) for p, c, e in zip(prompts, completions, ended)]
+        rtok = self.reward_tokenizer
+        responses = query_responses[:, prompt_width:]
+        ended = (responses == self.tokenizer.eos_token_id).any(-1).tolist()
+        texts = decode_responses(self.tokenizer, responses)
+        seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
         ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
         mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
         return reward_scores(self.reward_model, ids, mask)
@@ -423,7 +422,7 @@ class PPOTrainer:
         return out
 
     def _ptx_perm(self, epoch: int) -> list[int]:
-        if getattr(self, "_ptx_cached", (None,))[0] != epoch:
+        if self._ptx_cached[0] != epoch:
             g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
             self._ptx_cached = (epoch, torch.randperm(len(self.ptx_examples), generator=g).tolist())
         return self._ptx_cached[1]

@@ -111,14 +111,16 @@ def evaluate_groups(model, groups, micro: int, pad_token_id: int, accelerator) -
 
 
 @torch.no_grad()
-def score_sequences(model, sequences: list[list[int]], micro: int, pad_token_id: int, device) -> torch.Tensor:
-    """Raw (unnormalised) scores of token sequences, in order."""
+def score_sequences(
+    model, sequences: list[list[int]], micro: int, pad_token_id: int, device, normalized: bool = False
+) -> torch.Tensor:
+    """Scores [N] of token sequences, in order (raw unless `normalized`), on the CPU."""
     model.eval()
     out = []
     for s in range(0, len(sequences), micro):
         chunk = sequences[s : s + micro]
         ids, mask = pad(chunk, pad_token_id).to(device), pad([[1] * len(c) for c in chunk], 0).to(device)
-        out.append(reward_scores(model, ids, mask, normalized=False).float().cpu())
+        out.append(reward_scores(model, ids, mask, normalized=normalized).float().cpu())
     return torch.cat(out) if out else torch.zeros(0)
 
 

@@ -8,6 +8,7 @@ so attention never crosses examples. Optional pretraining text mixed into every 
 
 from __future__ import annotations
 
+import contextlib
 import math
 from pathlib import Path
 
@@ -42,24 +43,28 @@ def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
 
 
 @torch.no_grad()
+def summed_lm_loss(model, examples: list, micro: int, pad_token_id: int, device, autocast=contextlib.nullcontext):
+    """(sum of next-token losses, number of labelled tokens) over `examples`, in micro-batches of `micro`."""
+    total, count = 0.0, 0
+    for s in range(0, len(examples), micro):
+        batch = {k: v.to(device) for k, v in collate_lm(examples[s : s + micro], pad_token_id).items()}
+        with autocast():
+            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
+        total += float(lm_loss(logits.float(), batch["labels"], reduction="sum"))
+        count += int(token_units(batch))
+    return total, count
+
+
+@torch.no_grad()
 def eval_loss(model, examples: list, micro: int, pad_token_id: int, accelerator, max_batches: int = 0) -> dict:
     """Token-mean loss and perplexity over held-out examples (split across processes)."""
     model.eval()
     order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
-    mine = order[accelerator.process_index :: accelerator.num_processes]
-    chunks = [mine[s : s + micro] for s in range(0, len(mine), micro)]
+    mine = [examples[i] for i in order[accelerator.process_index :: accelerator.num_processes]]
     if max_batches:
-        chunks = chunks[:max_batches]
-    total = torch.zeros(2, device=accelerator.device, dtype=torch.float64)
-    for chunk in chunks:
-        batch = {
-            k: v.to(accelerator.device) for k, v in collate_lm([examples[i] for i in chunk], pad_token_id).items()
-        }
-        with accelerator.autocast():
-            logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
-        total[0] += lm_loss(logits.float(), batch["labels"], reduction="sum").double()
-        total[1] += token_units(batch)
-    total = accelerator.reduce(total, "sum")
+        mine = mine[: max_batches * micro]
+    loss_sum, tokens = summed_lm_loss(model, mine, micro, pad_token_id, accelerator.device, accelerator.autocast)
+    total = accelerator.reduce(torch.tensor([loss_sum, tokens], device=accelerator.device, dtype=torch.float64), "sum")
     loss = (total[0] / total[1].clamp(min=1)).item()
     return {"eval/loss": loss, "eval/perplexity": math.exp(min(loss, 50))}
 
