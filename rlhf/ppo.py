@@ -70,12 +70,14 @@ from rlhf.training import (
     build_optimizer,
     build_scheduler,
     drop_metrics_after,
+    final_model,
     log_metrics,
     log_text,
     make_accelerator,
     publish_final,
     resolve_resume,
     save_checkpoint,
+    save_final,
     seed_everything,
     split_batch,
 )
@@ -632,15 +634,9 @@ class PPOTrainer:
 
     def write_final(self, path: Path) -> None:
         acc, cfg = self.accelerator, self.cfg
-        policy = acc.unwrap_model(self.policy)
         if self.ema is not None:
-            self.ema.copy_to(policy)
-        if cfg.models.policy.lora.enabled and cfg.models.policy.lora.merge_on_save:
-            policy = policy.merge_and_unload()
-        if acc.is_main_process:
-            policy.save_pretrained(str(path), safe_serialization=True)
-            self.tokenizer.save_pretrained(str(path))
-            save_config(cfg, path / "rlhf_config.yaml")
+            self.ema.copy_to(acc.unwrap_model(self.policy))
+        save_final(acc, final_model(acc, self.policy, cfg.models.policy.lora), path, self.tokenizer, cfg)
 
 
 def _check_adapter_reference(policy_cfg) -> None:

@@ -16,11 +16,11 @@ from pathlib import Path
 import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
-from rlhf.config import RMConfig, TextSource, check_paths, save_config
+from rlhf.config import RMConfig, TextSource, check_paths
 from rlhf.data import load_source
 from rlhf.models import load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
-from rlhf.training import SupervisedTask, fit, make_accelerator, seed_everything, write_json
+from rlhf.training import SupervisedTask, final_model, fit, make_accelerator, save_final, seed_everything, write_json
 
 
 def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
@@ -164,9 +164,7 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
         return metrics
 
     def write_final(model, path: Path) -> None:
-        unwrapped = accelerator.unwrap_model(model)
-        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
-            unwrapped = unwrapped.merge_and_unload()
+        unwrapped = final_model(accelerator, model, cfg.model.lora)
         offset, n_ref = 0.0, 0
         if cfg.data.reference.path:
             refs = reference_sequences(tokenizer, cfg)
@@ -180,10 +178,8 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
                 .item()
             )
         unwrapped.config.reward_offset = offset
+        save_final(accelerator, unwrapped, path, tokenizer, cfg)
         if accelerator.is_main_process:
-            unwrapped.save_pretrained(str(path), safe_serialization=True)
-            tokenizer.save_pretrained(str(path))
-            save_config(cfg, path / "rlhf_config.yaml")
             write_json(
                 path / "reward_normalization.json",
                 {"reward_offset": offset, "reference_rows": n_ref, "reference": cfg.data.reference.path},

@@ -15,12 +15,12 @@ from pathlib import Path
 import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, collate_lm, encode_prompts, encode_sft, encode_text
-from rlhf.config import SFTConfig, TextSource, check_paths, save_config
+from rlhf.config import SFTConfig, TextSource, check_paths
 from rlhf.data import load_source
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.ppo_math import lm_loss
 from rlhf.sampling import decode_responses, generate
-from rlhf.training import SupervisedTask, fit, log_text, make_accelerator, seed_everything
+from rlhf.training import SupervisedTask, final_model, fit, log_text, make_accelerator, save_final, seed_everything
 
 
 def load_lm_examples(tokenizer, source: TextSource, kind: str, cfg: SFTConfig, report: TruncationReport) -> list:
@@ -145,13 +145,7 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
         return metrics | report.as_metrics("data")
 
     def write_final(model, path: Path) -> None:
-        unwrapped = accelerator.unwrap_model(model)
-        if cfg.model.lora.enabled and cfg.model.lora.merge_on_save:
-            unwrapped = unwrapped.merge_and_unload()
-        if accelerator.is_main_process:
-            unwrapped.save_pretrained(str(path), safe_serialization=True)
-            tokenizer.save_pretrained(str(path))
-            save_config(cfg, path / "rlhf_config.yaml")
+        save_final(accelerator, final_model(accelerator, model, cfg.model.lora), path, tokenizer, cfg)
 
     model = load_causal_lm(cfg.model, tokenizer)
     task = SupervisedTask(

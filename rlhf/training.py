@@ -26,7 +26,7 @@ import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
-from rlhf.config import ConfigError, OptimConfig, save_config
+from rlhf.config import ConfigError, LoraConfig, OptimConfig, save_config
 
 # --------------------------------------------------------------------------------------------------
 # Accelerator, seeds, optimizer, schedule
@@ -136,58 +136,68 @@ def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
     return path
 
 
-def save_checkpoint(
-    accelerator: Accelerator, output_dir: str | Path, step: int, models: dict[str, Any], tokenizer, cfg, keep_last: int
-) -> Path:
-    """Write checkpoint-<step> atomically (temp dir, then rename) and prune to the newest `keep_last`."""
-    output_dir = Path(output_dir)
-    final = output_dir / f"checkpoint-{step}"
-    tmp = output_dir / f"checkpoint-{step}.tmp"
+def publish_atomically(accelerator: Accelerator, target: Path, write) -> Path:
+    """Run `write(tmp_dir)` on every process, then rename `<target>.tmp` -> `target`: the dir exists only complete."""
+    tmp = target.with_name(target.name + ".tmp")
     if accelerator.is_main_process and tmp.exists():
         shutil.rmtree(tmp)
     accelerator.wait_for_everyone()
-    accelerator.save_state(str(tmp / "state"))
-    for name, model in models.items():
-        save_hf(accelerator, model, tmp / name, tokenizer)
+    write(tmp)
     if accelerator.is_main_process:
-        save_config(cfg, tmp / "config.yaml")
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-        if keep_last:
-            for old in checkpoint_dirs(output_dir)[:-keep_last]:
-                shutil.rmtree(old, ignore_errors=True)
+        if target.exists():
+            shutil.rmtree(target)
+        tmp.rename(target)
+    accelerator.wait_for_everyone()
+    return target
+
+
+def save_checkpoint(
+    accelerator: Accelerator, output_dir: str | Path, step: int, models: dict[str, Any], tokenizer, cfg, keep_last: int
+) -> Path:
+    """Write checkpoint-<step> atomically and prune to the newest `keep_last`."""
+
+    def write(tmp: Path) -> None:
+        accelerator.save_state(str(tmp / "state"))
+        for name, model in models.items():
+            save_hf(accelerator, model, tmp / name, tokenizer)
+        if accelerator.is_main_process:
+            save_config(cfg, tmp / "config.yaml")
+
+    final = publish_atomically(accelerator, Path(output_dir) / f"checkpoint-{step}", write)
+    if accelerator.is_main_process and keep_last:
+        for old in checkpoint_dirs(output_dir)[:-keep_last]:
+            shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
 
 
-def save_hf(accelerator: Accelerator, model, path: Path, tokenizer=None, extra_config: dict | None = None) -> None:
+def save_hf(accelerator: Accelerator, model, path: Path, tokenizer=None) -> None:
     """save_pretrained of the unwrapped model (a peft model saves its adapter) plus the tokenizer."""
     unwrapped = accelerator.unwrap_model(model)
     state_dict = accelerator.get_state_dict(model)
     if accelerator.is_main_process:
-        if extra_config:
-            for k, v in extra_config.items():
-                setattr(unwrapped.config, k, v)
         unwrapped.save_pretrained(str(path), state_dict=state_dict, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(path))
 
 
 def publish_final(accelerator: Accelerator, output_dir: str | Path, write) -> Path:
-    """Run `write(tmp_dir)` then rename tmp -> `<output_dir>/final`, so `final/` exists only when complete."""
-    final = Path(output_dir) / "final"
-    tmp = Path(output_dir) / "final.tmp"
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    write(tmp)
+    """`<output_dir>/final`, written by `write(tmp_dir)`, exists only when complete."""
+    return publish_atomically(accelerator, Path(output_dir) / "final", write)
+
+
+def final_model(accelerator: Accelerator, model, lora: LoraConfig):
+    """The trained model as `final/` holds it: unwrapped, with LoRA merged into the weights when asked."""
+    unwrapped = accelerator.unwrap_model(model)
+    return unwrapped.merge_and_unload() if lora.enabled and lora.merge_on_save else unwrapped
+
+
+def save_final(accelerator: Accelerator, model, path: Path, tokenizer, cfg) -> None:
+    """`final/` in Hugging Face form: the model (or peft adapter), its tokenizer and the resolved config."""
     if accelerator.is_main_process:
-        if final.exists():
-            shutil.rmtree(final)
-        tmp.rename(final)
-    accelerator.wait_for_everyone()
-    return final
+        model.save_pretrained(str(path), safe_serialization=True)
+        tokenizer.save_pretrained(str(path))
+        save_config(cfg, path / "rlhf_config.yaml")
 
 
 # --------------------------------------------------------------------------------------------------
