@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import os
 import types
 import typing
 from dataclasses import dataclass, field
@@ -532,11 +533,14 @@ def _model_paths(model: ModelConfig, prefix: str) -> dict[str, str]:
 
 
 def looks_local(path: str) -> bool:
-    """True for strings that can only mean a local path (so a missing one is an error, not a hub name)."""
+    """True for strings that can only mean a local path (so a missing one is an error, not a hub name).
+
+    Hub ids are "name" or "org/name", so a single "/" alone is not enough to call something a path."""
     return (
         path.startswith(("/", "./", "../", "~", "runs/"))
         or path.endswith((".json", ".jsonl", ".parquet", ".yaml"))
         or path.count("/") > 1
+        or (os.sep != "/" and os.sep in path)
     )
 
 
@@ -638,7 +642,7 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
             raise ConfigError(f"unknown key {full!r} in {source}{hint} (known: {', '.join(names)})")
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             # Merge into the stage's own default for this section, so defaults set by the stage survive.
-            merged = dataclasses.asdict(getattr(base, key)) | {}
+            merged = dataclasses.asdict(getattr(base, key))
             kwargs[key] = _build(hints[key], _deep_merge(merged, value), full, source)
         else:
             kwargs[key] = _coerce(value, hints[key], full, source)

@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 import datasets
 import pyarrow.parquet as pq
 
+from rlhf.config import looks_local
+
 
 class DataError(ValueError):
     """A data source or one of its rows cannot be used; the message says where and how to fix it."""
@@ -57,7 +59,6 @@ KINDS = ("text", "sft", "preference", "prompts")
 ON_BAD_ROW = ("error", "skip")
 ROLES = ("system", "user", "assistant")
 HH_MARKER = "\n\nAssistant:"
-_FILE_SUFFIXES = (".json", ".jsonl", ".parquet")
 _MESSAGES = datasets.List({"role": datasets.Value("string"), "content": datasets.Value("string")})
 _STR = datasets.Value("string")
 FEATURES = {
@@ -175,7 +176,7 @@ def _read_source(source: str, split: str, max_rows: int | None) -> Iterator[tupl
             return _read_json(source, path, max_rows)
         else:
             raise DataError(f"{source}: unsupported file type; use .json, .jsonl, .parquet or a save_to_disk dir")
-    elif _looks_like_path(source):
+    elif looks_local(source):
         # Never fall back to the hub for something that is clearly meant as a local path: the network error would
         # hide the real problem (a typo in the path).
         raise DataError(
@@ -185,16 +186,6 @@ def _read_source(source: str, split: str, max_rows: int | None) -> Iterator[tupl
     else:
         rows = _read_hub(source, split, max_rows)
     return ((i, "", row) for i, row in enumerate(rows))
-
-
-def _looks_like_path(source: str) -> bool:
-    # Hub ids are "name" or "org/name", so a single "/" is not enough to call something a path.
-    return (
-        source.endswith(_FILE_SUFFIXES)
-        or source.startswith(("/", "./", "../", "~"))
-        or source.count("/") > 1
-        or (os.sep != "/" and os.sep in source)
-    )
 
 
 def _read_saved_dataset(source: str, path: str, split: str, max_rows: int | None) -> list:
