@@ -8,7 +8,7 @@ single space. Every completion ends with the tokenizer's EOS token.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 
@@ -50,7 +50,6 @@ class TruncationReport:
     prompts_cut: int = 0
     completions_cut: int = 0
     dropped: int = 0
-    examples: list = field(default_factory=list)
 
     def as_metrics(self, prefix: str) -> dict:
         return {
@@ -186,12 +185,6 @@ def batch_order(
         order = torch.randperm(len(batches), generator=g).tolist()
         batches = [batches[i] for i in order]
     return batches
-
-
-def micro_batches(indices: list[int], micro: int, rank: int, world: int) -> list[list[int]]:
-    """This process's share of a global batch, cut into micro-batches."""
-    mine = indices[rank::world]
-    return [mine[s : s + micro] for s in range(0, len(mine), micro)]
 
 
 class BatchSchedule:

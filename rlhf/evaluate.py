@@ -101,10 +101,12 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
         )
     eos = tokenizer.eos_token_id
     result: dict = {"num_samples": len(prompts)}
+    sft_logprobs = {}  # the SFT model's log-likelihood of each model's samples, at temperature 1
     for name in ("sft", "policy"):
         resp = responses[name]
         content = [[t for t in r if t != eos] for r in resp]
         sft_lp = sequence_logprobs(sft, prompts, resp, tokenizer.pad_token_id, 1.0, cfg.batch_size)
+        sft_logprobs[name] = sft_lp
         tokens = sum(len(x) for x in sft_lp)
         result |= {
             f"length_{name}": sum(len(c) for c in content) / len(content),
@@ -117,8 +119,12 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     pol_lp = sequence_logprobs(
         policy, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature, cfg.batch_size
     )
-    ref_lp = sequence_logprobs(
-        sft, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature, cfg.batch_size
+    ref_lp = (
+        sft_logprobs["policy"]
+        if cfg.temperature == 1.0
+        else sequence_logprobs(
+            sft, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature, cfg.batch_size
+        )
     )
     result["kl_to_sft"] = float(sum((a - b).sum() for a, b in zip(pol_lp, ref_lp)) / len(prompts))
 
