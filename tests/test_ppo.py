@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics
 from safetensors.torch import load_file
 
 from rlhf import ppo, reward
@@ -64,10 +65,6 @@ def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):
     )
 
 
-def metrics(out: Path) -> list[dict]:
-    return [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-
-
 def test_a_few_iterations_raise_the_reward(tiny_world, tiny_sft, tiny_rm, tmp_path):
     cfg = ppo_config(
         tiny_world,
@@ -87,7 +84,7 @@ def test_a_few_iterations_raise_the_reward(tiny_world, tiny_sft, tiny_rm, tmp_pa
         ],
     )
     final = ppo.train(cfg)
-    rows = [r for r in metrics(tmp_path) if "objective/scores" in r]
+    rows = [r for r in read_metrics(tmp_path) if "objective/scores" in r]
     assert len(rows) == 12
     first = sum(r["objective/scores"] for r in rows[:3]) / 3
     last = sum(r["objective/scores"] for r in rows[-3:]) / 3
@@ -114,7 +111,7 @@ def test_first_ratio_is_one(tiny_world, tiny_sft, tiny_rm, tmp_path):
 def test_ptx_term_logs_and_trains(tiny_world, tiny_sft, tiny_rm, tmp_path):
     cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=2", "ptx.ptx_coef=1.0"])
     ppo.train(cfg)
-    rows = metrics(tmp_path)
+    rows = read_metrics(tmp_path)
     assert all(r["ptx/loss"] > 0 for r in rows if "objective/scores" in r)
 
 
@@ -216,10 +213,10 @@ def test_resume_mid_run_is_bit_identical(tiny_world, tiny_sft, tiny_rm, tmp_path
     assert w_a.keys() == w_b.keys()
     for k in w_a:
         assert torch.equal(w_a[k], w_b[k]), k
-    steps = [r["step"] for r in metrics(b) if "objective/scores" in r]
+    steps = [r["step"] for r in read_metrics(b) if "objective/scores" in r]
     assert steps == [1, 2, 3, 4]
-    kl_a = [r["objective/kl_coef"] for r in metrics(tmp_path / "a") if "objective/kl_coef" in r]
-    kl_b = [r["objective/kl_coef"] for r in metrics(b) if "objective/kl_coef" in r]
+    kl_a = [r["objective/kl_coef"] for r in read_metrics(tmp_path / "a") if "objective/kl_coef" in r]
+    kl_b = [r["objective/kl_coef"] for r in read_metrics(b) if "objective/kl_coef" in r]
     assert kl_a == kl_b
 
 
