@@ -228,6 +228,16 @@ class RMData:
 
 
 @dataclass
+class RMEnsemble:
+    size: int = 1
+    """Reward models to train (1 = one RM in final/; N > 1 = members member-<i>/, final/ lists them)."""
+    holdout: int = 0
+    """The last `holdout` members are kept out of the PPO reward: a held-out proxy for `rlhf eval`."""
+    bootstrap: bool = False
+    """Each member trains on a bootstrap resample of the comparisons (else all of them; seeds always differ)."""
+
+
+@dataclass
 class RMConfig:
     output_dir: str = "runs/rm"
     """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
@@ -238,6 +248,8 @@ class RMConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: RMData = field(default_factory=RMData)
     loss: RMLoss = field(default_factory=RMLoss)
+    ensemble: RMEnsemble = field(default_factory=RMEnsemble)
+    """Several reward models (different seeds / bootstrap resamples) for conservative PPO rewards."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, micro_batch_size=4))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, min_lr_ratio=0.1))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -247,6 +259,12 @@ class RMConfig:
         _check_common(self)
         if self.loss.margin_coef < 0 or self.loss.center_coef < 0:
             raise ConfigError("loss.margin_coef and loss.center_coef must be >= 0")
+        e = self.ensemble
+        _positive(e.size, "ensemble.size")
+        if not 0 <= e.holdout < e.size:
+            raise ConfigError(
+                f"ensemble.holdout must be in [0, ensemble.size) so PPO keeps at least one member, got {e.holdout}"
+            )
 
     def paths(self) -> dict[str, str]:
         return _source_paths(self.data, ("train", "eval", "reference")) | _model_paths(self.model, "model")
@@ -271,19 +289,37 @@ class RolloutConfig:
 @dataclass
 class KLConfig:
     kl_coef: float = 0.02
-    """beta: per-token KL penalty to the SFT reference (InstructGPT: 0.02)."""
+    """beta: per-token KL penalty to the SFT reference (InstructGPT: 0.02); the starting beta when adaptive."""
     adaptive: bool = False
-    """Adapt beta toward `target` (Ziegler et al. 2019)."""
+    """Adapt beta so the KL per sequence holds at `target` (see `controller`)."""
+    controller: Literal["pi", "proportional"] = "pi"
+    """pi = PI control of log(beta), holds the target whatever the initial beta; proportional = Ziegler et al. 2019."""
     target: float = 6.0
     """Target KL (nats per sequence) of the adaptive controller."""
+    p_gain: float = 1.0
+    """pi: proportional gain on the relative KL error (log-beta per unit error)."""
+    i_gain: float = 0.2
+    """pi: integral gain (log-beta per iteration per unit error)."""
+    min_coef: float = 1.0e-4
+    """pi: beta never goes below this."""
+    max_coef: float = 10.0
+    """pi: beta never goes above this."""
     horizon: int = 10000
-    """Adaptive controller horizon in episodes."""
+    """proportional: controller horizon in episodes."""
+    budget: float = 0.0
+    """Hard KL budget: stop, checkpoint and write final/ once the smoothed KL per sequence passes it (0 = off)."""
+    budget_window: int = 5
+    """Iterations averaged for the budget's smoothed KL."""
     estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimator in the reward (k1 = log-ratio; k3 = low-variance, non-negative)."""
 
 
 @dataclass
 class RewardShaping:
+    aggregate: Literal["mean", "mean_minus_std", "min"] = "mean"
+    """Reward-model ensemble (models.reward is an ensemble dir): how members' scores combine (Coste et al. 2023)."""
+    std_coef: float = 1.0
+    """lambda of aggregate mean_minus_std: reward = mean - lambda * std over members."""
     clip: float = 0.0
     """Clip RM scores to [-clip, clip] (0 = off)."""
     normalize: bool = False
@@ -406,8 +442,22 @@ class PPOConfig:
             raise ConfigError("ppo.gamma and ppo.lam must be in [0, 1]")
         _positive(self.rollout.temperature, "rollout.temperature")
         _positive(self.rollout.max_new_tokens, "rollout.max_new_tokens")
-        if self.kl.kl_coef < 0:
-            raise ConfigError(f"kl.kl_coef must be >= 0, got {self.kl.kl_coef}")
+        k = self.kl
+        if k.kl_coef < 0:
+            raise ConfigError(f"kl.kl_coef must be >= 0, got {k.kl_coef}")
+        if k.adaptive:
+            _positive(k.target, "kl.target")
+            _positive(k.kl_coef, "kl.kl_coef (the starting beta of an adaptive controller)")
+            _positive(k.horizon, "kl.horizon")
+            if not 0 < k.min_coef <= k.max_coef:
+                raise ConfigError(f"need 0 < kl.min_coef <= kl.max_coef, got {k.min_coef} and {k.max_coef}")
+            if k.p_gain < 0 or k.i_gain <= 0:
+                raise ConfigError(f"need kl.p_gain >= 0 and kl.i_gain > 0, got {k.p_gain} and {k.i_gain}")
+        if k.budget < 0:
+            raise ConfigError(f"kl.budget must be >= 0 (0 = off), got {k.budget}")
+        _positive(k.budget_window, "kl.budget_window")
+        if self.reward.std_coef < 0:
+            raise ConfigError(f"reward.std_coef must be >= 0, got {self.reward.std_coef}")
         if self.ptx.ptx_coef < 0:
             raise ConfigError(f"ptx.ptx_coef must be >= 0, got {self.ptx.ptx_coef}")
         if self.ptx.ptx_coef > 0 and not self.ptx.data.path:
@@ -436,11 +486,19 @@ class EvalConfig:
     seed: int = 0
     """Seed for sampling."""
     policy: str = ""
-    """The trained policy (ppo/final)."""
+    """The trained policy (ppo/final); or leave empty and set run_dir."""
+    run_dir: str = ""
+    """A PPO output dir: evaluate every checkpoint and final/, write frontier.json and frontier.png."""
+    select_best: bool = False
+    """With run_dir: make the checkpoint with the best held-out proxy score the run's final/ (the last one is kept
+    as final-last/)."""
     sft: str = ""
     """The SFT model: baseline for scores and win-rate, and the reference for KL and fluency."""
     reward_model: str = ""
-    """Reward model dir (empty = no RM scores)."""
+    """Reward model dir (or ensemble dir) PPO optimised (empty = no RM scores)."""
+    proxy_reward_model: str = ""
+    """A reward model PPO never optimised, for the held-out proxy score (empty = reward_model's held-out
+    ensemble members, if any)."""
     prompts: TextSource = field(default_factory=TextSource)
     """Held-out prompts."""
     pretrain_eval: TextSource = field(default_factory=TextSource)
@@ -463,9 +521,12 @@ class EvalConfig:
     """Allow model code from the hub."""
 
     def validate(self) -> None:
-        for key in ("policy", "sft"):
-            if not getattr(self, key):
-                raise ConfigError(f"{key} is required (a model dir)")
+        if not self.sft:
+            raise ConfigError("sft is required (a model dir)")
+        if bool(self.policy) == bool(self.run_dir):
+            raise ConfigError("set exactly one of policy (a model dir) and run_dir (a PPO output dir)")
+        if self.select_best and not self.run_dir:
+            raise ConfigError("select_best needs run_dir (the PPO run whose checkpoints are compared)")
         if not self.prompts.path:
             raise ConfigError("prompts.path is required")
         if self.judge and ":" not in self.judge:
@@ -474,9 +535,10 @@ class EvalConfig:
         _positive(self.samples_per_prompt, "samples_per_prompt")
 
     def paths(self) -> dict[str, str]:
-        out = {"policy": self.policy, "sft": self.sft, "prompts.path": self.prompts.path}
-        if self.reward_model:
-            out["reward_model"] = self.reward_model
+        out = {"sft": self.sft, "prompts.path": self.prompts.path}
+        for key in ("policy", "run_dir", "reward_model", "proxy_reward_model"):
+            if getattr(self, key):
+                out[key] = getattr(self, key)
         if self.pretrain_eval.path:
             out["pretrain_eval.path"] = self.pretrain_eval.path
         return out

@@ -6,12 +6,18 @@ distinct-1/distinct-2 over all samples, and the SFT model's mean per-token log-l
 (fluency). Plus the policy-vs-SFT win-rate (judge, else RM; ties count half) and `kl_to_sft`, the mean
 per-sequence KL of the policy from SFT on the policy's own samples. Optionally both models' LM loss on
 held-out pretraining text (what PPO-ptx protects). Ends with one JSON line, also saved as `eval.json`.
+
+With `run_dir` (a PPO output dir) it measures the same for every checkpoint and the final policy — plus the
+held-out proxy score from a reward model PPO never optimised — and writes `frontier.json` and `frontier.png`: score
+against KL, the reward over-optimisation curve (Gao et al. 2022). The best checkpoint is named by the proxy score,
+never by the gold judge (a real user has none); `select_best` makes it the run's `final/`.
 """
 
 from __future__ import annotations
 
 import importlib
 import json
+import shutil
 from pathlib import Path
 
 import torch
@@ -19,12 +25,19 @@ import torch
 from rlhf.batching import TruncationReport, encode_prompts, encode_text, pad, response_sequences
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
 from rlhf.data import load_source
-from rlhf.models import causal_logits, inference_device, load_causal_lm, load_reward_model, load_tokenizer
-from rlhf.ppo_math import logprobs_from_logits, truncate_after_eos
+from rlhf.models import (
+    causal_logits,
+    inference_device,
+    load_causal_lm,
+    load_reward_ensemble,
+    load_tokenizer,
+    reward_members,
+)
+from rlhf.ppo_math import distinct_n, logprobs_from_logits, truncate_after_eos
 from rlhf.reward import score_sequences
 from rlhf.sampling import decode_responses, generate
 from rlhf.sft import summed_lm_loss
-from rlhf.training import ProgressBar, seed_everything, write_json
+from rlhf.training import ProgressBar, checkpoint_dirs, seed_everything, write_json
 
 
 def load_judge(spec: str):
@@ -34,12 +47,6 @@ def load_judge(spec: str):
         return getattr(importlib.import_module(module_name), name)
     except (ImportError, AttributeError) as e:
         raise ConfigError(f"judge {spec!r} cannot be imported: {e}") from None
-
-
-def distinct_n(token_lists: list[list[int]], n: int) -> float:
-    """Unique n-grams / all n-grams over every sample (Li et al. 2016); low values mean repetitive outputs."""
-    grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
-    return len(set(grams)) / max(len(grams), 1)
 
 
 @torch.no_grad()
@@ -73,97 +80,268 @@ def sequence_logprobs(model, prompts, responses, pad_id: int, temperature: float
     return out
 
 
+class Evaluation:
+    """The fixed parts of an evaluation (prompts, SFT baseline, judge, reward models); `measure` rates one model."""
+
+    def __init__(self, cfg: EvalConfig):
+        self.cfg = cfg
+        self.judge = load_judge(cfg.judge) if cfg.judge else None
+        self.tokenizer = tok = load_tokenizer(cfg.sft, cfg.trust_remote_code)
+        ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
+        self.rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
+        self.prompts = encode_prompts(tok, cfg.format, self.rows)
+        self.device = inference_device()
+        self.sft = self.load_policy(cfg.sft)
+        self.rm_tokenizer, self.reward_models, self.proxy_models = None, [], []
+        proxy_paths = [cfg.proxy_reward_model] if cfg.proxy_reward_model else []
+        if cfg.reward_model:
+            self.rm_tokenizer = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
+            self.reward_models = self.load_rms(cfg.reward_model)
+            proxy_paths = proxy_paths or reward_members(cfg.reward_model, holdout=True)
+        for path in proxy_paths:
+            self.rm_tokenizer = self.rm_tokenizer or load_tokenizer(path, cfg.trust_remote_code)
+            self.proxy_models += self.load_rms(path)
+
+    def load_policy(self, path: str):
+        model_cfg = ModelConfig(name_or_path=path, trust_remote_code=self.cfg.trust_remote_code)
+        return load_causal_lm(model_cfg, self.tokenizer, dropout=False).eval().to(self.device)
+
+    def load_rms(self, path: str) -> list:
+        model_cfg = ModelConfig(name_or_path=path, trust_remote_code=self.cfg.trust_remote_code)
+        return [rm.to(self.device) for rm in load_reward_ensemble(model_cfg, self.rm_tokenizer)]
+
+    def rm_mean(self, models: list, sequences: list[list[int]]) -> list[float]:
+        """Mean normalised score over `models` of each sequence."""
+        cfg, pad_id = self.cfg, self.rm_tokenizer.pad_token_id
+        scores = [score_sequences(m, sequences, cfg.batch_size, pad_id, self.device, normalized=True) for m in models]
+        return (sum(scores) / len(scores)).tolist()
+
+    def measure(self, model, name: str) -> tuple[dict, dict, list[str]]:
+        """Sample `model` on every prompt; returns (metrics, per-sample scores {gold, rm, proxy}, texts).
+
+        Metrics: length, eos_share, distinct1/2, sft_logprob (the SFT model's log-likelihood per token of the
+        samples), kl_to_sft (per sequence, on the model's own samples), rm_score, proxy_score, gold_score.
+        """
+        cfg, tok, eos = self.cfg, self.tokenizer, self.tokenizer.eos_token_id
+        torch.manual_seed(cfg.seed)  # every model samples with the same random stream
+        resp = sample(model, tok, self.prompts, cfg, f"eval {name}")
+        texts = decode_responses(tok, pad([r or [tok.pad_token_id] for r in resp], tok.pad_token_id))
+        content = [[t for t in r if t != eos] for r in resp]
+        ended = [bool(r) and r[-1] == eos for r in resp]
+        sft_lp = sequence_logprobs(self.sft, self.prompts, resp, tok.pad_token_id, 1.0, cfg.batch_size)
+        tokens = sum(len(x) for x in sft_lp)
+        metrics = {
+            "length": sum(len(c) for c in content) / len(content),
+            "eos_share": sum(ended) / len(resp),
+            "distinct1": distinct_n(content, 1),
+            "distinct2": distinct_n(content, 2),
+            "sft_logprob": float(sum(x.sum() for x in sft_lp) / max(tokens, 1)),
+            "kl_to_sft": 0.0,
+        }
+        if model is not self.sft:
+            # KL(model || SFT) per sequence on the model's own samples, at the sampling temperature
+            own = sequence_logprobs(model, self.prompts, resp, tok.pad_token_id, cfg.temperature, cfg.batch_size)
+            ref = (
+                sft_lp
+                if cfg.temperature == 1.0
+                else sequence_logprobs(self.sft, self.prompts, resp, tok.pad_token_id, cfg.temperature, cfg.batch_size)
+            )
+            metrics["kl_to_sft"] = float(sum((a - b).sum() for a, b in zip(own, ref)) / len(resp))
+        per_sample: dict[str, list[float]] = {}
+        if self.reward_models or self.proxy_models:
+            seqs = response_sequences(self.rm_tokenizer, cfg.format, self.rows, texts, ended)
+            for key, models in (("rm", self.reward_models), ("proxy", self.proxy_models)):
+                if models:
+                    per_sample[key] = self.rm_mean(models, seqs)
+                    metrics[f"{key}_score"] = sum(per_sample[key]) / len(seqs)
+        if self.judge is not None:
+            per_sample["gold"] = [float(self.judge(r["prompt"], t)) for r, t in zip(self.rows, texts)]
+            metrics["gold_score"] = sum(per_sample["gold"]) / len(self.rows)
+        return metrics, per_sample, texts
+
+    def win_rate(self, mine: dict, sft: dict) -> dict:
+        """Share of prompts where the model beats SFT (ties half), by the judge, else the proxy, else the RM."""
+        key = next((k for k in ("gold", "proxy", "rm") if k in mine), None)
+        if key is None:
+            return {}
+        a, b = mine[key], sft[key]
+        rate = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
+        return {"win_rate": rate, "win_rate_judged_by": {"gold": "judge", "proxy": "proxy_reward_model"}.get(key, key)}
+
+
+def comparison(policy: tuple[dict, dict], sft: tuple[dict, dict], ev: Evaluation) -> dict:
+    """eval.json's policy-vs-SFT view: every metric with a _policy / _sft suffix, the win-rate and kl_to_sft."""
+    out: dict = {"num_samples": len(ev.prompts), "kl_to_sft": policy[0]["kl_to_sft"]}
+    for name, (metrics, _) in (("sft", sft), ("policy", policy)):
+        out |= {f"{k}_{name}": v for k, v in metrics.items() if k != "kl_to_sft"}
+    return out | ev.win_rate(policy[1], sft[1])
+
+
+def write_samples(path: Path, rows: list[dict], texts: dict[str, list[str]], per_sample: dict[str, dict]) -> None:
+    with path.open("w") as f:
+        for i, r in enumerate(rows):
+            row = {"prompt": r["prompt"]} | {name: t[i] for name, t in texts.items()}
+            for name, scores in per_sample.items():
+                row |= {f"{k}_{name}": round(v[i], 4) for k, v in scores.items()}
+            f.write(json.dumps(row) + "\n")
+
+
+def _rounded(d: dict) -> dict:
+    return {k: (round(v, 6) if isinstance(v, float) else v) for k, v in d.items()}
+
+
 def run(cfg: EvalConfig, source: str = "<config>") -> dict:
-    """Evaluate; prints and returns the result dict and writes `<output_dir>/eval.json` and `samples.jsonl`."""
+    """Evaluate; prints and returns the result dict and writes `<output_dir>/eval.json` and `samples.jsonl`.
+
+    With `run_dir`, the frontier over the run's checkpoints comes first (`frontier.json`, `frontier.png`) and
+    eval.json compares the selected policy (the best by proxy with select_best, else final/) with SFT.
+    """
     check_paths(cfg, source)
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.yaml")
-    judge = load_judge(cfg.judge) if cfg.judge else None
-    tokenizer = load_tokenizer(cfg.sft, cfg.trust_remote_code)
-    ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
-    rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
-    prompts = encode_prompts(tokenizer, cfg.format, rows)
-    device = inference_device()
-
-    def load(path: str):
-        model_cfg = ModelConfig(name_or_path=path, trust_remote_code=cfg.trust_remote_code)
-        return load_causal_lm(model_cfg, tokenizer, dropout=False).eval().to(device)
-
-    sft, policy = load(cfg.sft), load(cfg.policy)
-    responses, texts = {}, {}
-    for name, model in (("sft", sft), ("policy", policy)):
-        torch.manual_seed(cfg.seed)  # both models sample with the same random stream
-        responses[name] = sample(model, tokenizer, prompts, cfg, f"eval {name}")
-        texts[name] = decode_responses(
-            tokenizer, pad([r or [tokenizer.pad_token_id] for r in responses[name]], tokenizer.pad_token_id)
-        )
-    eos = tokenizer.eos_token_id
-    result: dict = {"num_samples": len(prompts)}
-    sft_logprobs = {}  # the SFT model's log-likelihood of each model's samples, at temperature 1
-    for name in ("sft", "policy"):
-        resp = responses[name]
-        content = [[t for t in r if t != eos] for r in resp]
-        sft_lp = sequence_logprobs(sft, prompts, resp, tokenizer.pad_token_id, 1.0, cfg.batch_size)
-        sft_logprobs[name] = sft_lp
-        tokens = sum(len(x) for x in sft_lp)
-        result |= {
-            f"length_{name}": sum(len(c) for c in content) / len(content),
-            f"eos_share_{name}": sum(bool(r) and r[-1] == eos for r in resp) / len(resp),
-            f"distinct1_{name}": distinct_n(content, 1),
-            f"distinct2_{name}": distinct_n(content, 2),
-            f"sft_logprob_{name}": float(sum(x.sum() for x in sft_lp) / max(tokens, 1)),
-        }
-    # KL(policy || SFT) per sequence on the policy's own samples, at the sampling temperature
-    pol_lp = sequence_logprobs(
-        policy, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature, cfg.batch_size
-    )
-    ref_lp = (
-        sft_logprobs["policy"]
-        if cfg.temperature == 1.0
-        else sequence_logprobs(
-            sft, prompts, responses["policy"], tokenizer.pad_token_id, cfg.temperature, cfg.batch_size
-        )
-    )
-    result["kl_to_sft"] = float(sum((a - b).sum() for a, b in zip(pol_lp, ref_lp)) / len(prompts))
-
-    per_sample = {"sft": {}, "policy": {}}
-    if cfg.reward_model:
-        rm_tok = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
-        rm = load_reward_model(
-            ModelConfig(name_or_path=cfg.reward_model, trust_remote_code=cfg.trust_remote_code), rm_tok
-        )
-        rm.to(device)
-        for name in ("sft", "policy"):
-            ended = [bool(r) and r[-1] == eos for r in responses[name]]
-            seqs = response_sequences(rm_tok, cfg.format, rows, texts[name], ended)
-            scores = score_sequences(rm, seqs, cfg.batch_size, rm_tok.pad_token_id, device, normalized=True).tolist()
-            per_sample[name]["rm"] = scores
-            result[f"rm_score_{name}"] = sum(scores) / len(scores)
-    if judge is not None:
-        for name in ("sft", "policy"):
-            per_sample[name]["gold"] = [float(judge(r["prompt"], t)) for r, t in zip(rows, texts[name])]
-            result[f"gold_score_{name}"] = sum(per_sample[name]["gold"]) / len(rows)
-    key = "gold" if judge is not None else ("rm" if cfg.reward_model else None)
-    if key:
-        a, b = per_sample["policy"][key], per_sample["sft"][key]
-        result["win_rate"] = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
-        result["win_rate_judged_by"] = "judge" if key == "gold" else "reward_model"
+    ev = Evaluation(cfg)
+    sft_metrics, sft_scores, sft_texts = ev.measure(ev.sft, "sft")
+    if cfg.run_dir:
+        chosen, policy_metrics, policy_scores, policy_texts = frontier(cfg, ev, (sft_metrics, sft_scores))
+    else:
+        chosen = cfg.policy
+        policy_metrics, policy_scores, policy_texts = ev.measure(ev.load_policy(cfg.policy), "policy")
+    result = comparison((policy_metrics, policy_scores), (sft_metrics, sft_scores), ev)
+    result["policy"] = str(chosen)
     if cfg.pretrain_eval.path:
         ds = load_source(cfg.pretrain_eval, "text")
-        examples = encode_text(tokenizer, ds["text"], cfg.format.max_length, TruncationReport())
-        for name, model in (("sft", sft), ("policy", policy)):
-            loss_sum, tokens = summed_lm_loss(model, examples, cfg.batch_size, tokenizer.pad_token_id, device)
+        examples = encode_text(ev.tokenizer, ds["text"], cfg.format.max_length, TruncationReport())
+        for name, model in (("sft", ev.sft), ("policy", ev.load_policy(str(chosen)))):
+            loss_sum, tokens = summed_lm_loss(model, examples, cfg.batch_size, ev.tokenizer.pad_token_id, ev.device)
             result[f"pretrain_loss_{name}"] = loss_sum / max(tokens, 1)
-
-    result = {k: (round(v, 6) if isinstance(v, float) else v) for k, v in result.items()}
-    with (out_dir / "samples.jsonl").open("w") as f:
-        for i, r in enumerate(rows):
-            row = {"prompt": r["prompt"], "sft": texts["sft"][i], "policy": texts["policy"][i]}
-            for name in ("sft", "policy"):
-                row |= {f"{k}_{name}": round(v[i], 4) for k, v in per_sample[name].items()}
-            f.write(json.dumps(row) + "\n")
+    result = _rounded(result)
+    write_samples(
+        out_dir / "samples.jsonl",
+        ev.rows,
+        {"sft": sft_texts, "policy": policy_texts},
+        {"sft": sft_scores, "policy": policy_scores},
+    )
     write_json(out_dir / "eval.json", result)
     print(json.dumps(result, sort_keys=True))
     return result
+
+
+# --------------------------------------------------------------------------------------------------
+# The frontier: every checkpoint of a PPO run, score against KL
+# --------------------------------------------------------------------------------------------------
+
+PROMOTED_FILE = "promoted.json"
+
+
+def run_policies(run_dir: Path) -> list[tuple[str, int | None, Path]]:
+    """(name, iteration, policy dir) of every checkpoint and the final policy of a PPO run, in training order.
+
+    After a promotion, final/ is a copy of a checkpoint and the last policy lives in final-last/."""
+    found = [(c.name, int(c.name.split("-")[-1]), c / "policy") for c in checkpoint_dirs(run_dir)]
+    found = [f for f in found if f[2].is_dir()]
+    last = run_dir / ("final-last" if (run_dir / "final" / PROMOTED_FILE).exists() else "final")
+    if last.is_dir():
+        found.append((last.name, None, last))
+    if not found:
+        raise ConfigError(f"run_dir {run_dir} holds no checkpoint-*/policy and no final/: is it a PPO output dir?")
+    return found
+
+
+def frontier(cfg: EvalConfig, ev: Evaluation, sft: tuple[dict, dict]):
+    """Measure every policy of cfg.run_dir; write frontier.json / frontier.png; returns the chosen one's results."""
+    run_dir, out_dir = Path(cfg.run_dir), Path(cfg.output_dir)
+    rows, measured = [], {}
+    sft_row = {"name": "sft", "step": 0} | sft[0]
+    for name, step, path in run_policies(run_dir):
+        metrics, scores, texts = ev.measure(ev.load_policy(str(path)), name)
+        measured[name] = (path, metrics, scores, texts)
+        rows.append({"name": name, "step": step, "path": str(path)} | metrics | ev.win_rate(scores, sft[1]))
+    best = None
+    if ev.proxy_models:
+        best = max(rows, key=lambda r: r["proxy_score"])
+    elif cfg.select_best:
+        raise ConfigError(
+            "select_best needs a held-out proxy score: set proxy_reward_model, or train the reward model with "
+            "ensemble.holdout >= 1 so reward_model's ensemble has a member PPO never optimised"
+        )
+    report = {
+        "run_dir": str(run_dir),
+        "selected_by": "proxy_score" if best else None,
+        "best": {k: best[k] for k in ("name", "step", "kl_to_sft", "proxy_score")} if best else None,
+        "sft": _rounded(sft_row),
+        "rows": [_rounded(r) for r in rows],
+    }
+    write_json(out_dir / "frontier.json", report)
+    plot_frontier(report, out_dir / "frontier.png")
+    for r in rows:
+        gold = f" gold {r['gold_score']:.3f}" if "gold_score" in r else ""
+        proxy = f" proxy {r['proxy_score']:+.3f}" if "proxy_score" in r else ""
+        rm = f" rm {r['rm_score']:+.3f}" if "rm_score" in r else ""
+        print(f"[frontier] {r['name']:<18} KL {r['kl_to_sft']:7.3f}{rm}{proxy}{gold}", flush=True)
+    if best:
+        print(f"[frontier] best by proxy score: {best['name']} (KL {best['kl_to_sft']:.3f})", flush=True)
+    chosen = rows[-1]["name"]
+    if cfg.select_best and best is not None:
+        chosen = best["name"]
+        promote(run_dir, measured[chosen][0], best)
+    path, metrics, scores, texts = measured[chosen]
+    final = run_dir / "final"
+    return (final if cfg.select_best and final.is_dir() else path), metrics, scores, texts
+
+
+def promote(run_dir: Path, policy_dir: Path, best: dict) -> Path:
+    """Make `policy_dir` the run's final/ (the last policy moves to final-last/); the rename is the commit point.
+
+    Idempotent: promoting again replaces final/ from the same (or another) checkpoint, never the last policy."""
+    final, last = run_dir / "final", run_dir / "final-last"
+    if policy_dir.resolve() in (final.resolve(), last.resolve()) and not (final / PROMOTED_FILE).exists():
+        print(f"[frontier] the best policy is the last one: {final} stays as it is")
+        return final
+    tmp = run_dir / "final.promote.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    shutil.copytree(policy_dir, tmp)
+    write_json(tmp / PROMOTED_FILE, {"from": best["name"], "step": best["step"], "selected_by": "proxy_score"})
+    if not (final / PROMOTED_FILE).exists() and final.is_dir():
+        shutil.rmtree(last, ignore_errors=True)
+        final.rename(last)
+    else:
+        shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    print(f"[frontier] promoted {policy_dir} to {final} (the last policy is in {last})", flush=True)
+    return final
+
+
+def plot_frontier(report: dict, path: Path) -> Path | None:
+    """Score vs KL to SFT for every checkpoint (the over-optimisation curve); None when matplotlib is missing."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("[frontier] matplotlib is not installed (pip install rlhf[plot]): no frontier.png")
+        return None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [report["sft"]] + report["rows"]
+    kl = [r["kl_to_sft"] for r in rows]
+    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    for key, label in (("rm_score", "RM score (optimised)"), ("proxy_score", "held-out proxy RM")):
+        if all(key in r for r in rows):
+            ax.plot(kl, [r[key] for r in rows], marker="o", markersize=3, label=label)
+    ax.set_xlabel("KL to SFT (nats / sequence)")
+    ax.set_ylabel("reward-model score")
+    if all("gold_score" in r for r in rows):
+        gold_ax = ax.twinx()
+        gold_ax.plot(kl, [r["gold_score"] for r in rows], color="black", marker="s", markersize=3, label="gold")
+        gold_ax.set_ylabel("gold score")
+        gold_ax.legend(loc="lower right")
+    if report["best"]:
+        ax.axvline(report["best"]["kl_to_sft"], color="green", linestyle="--", label=f"best: {report['best']['name']}")
+    ax.legend(loc="upper left")
+    ax.grid(alpha=0.3)
+    ax.set_title("reward vs KL over the PPO run")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path

@@ -6,7 +6,10 @@ generates) gets the same positions as the unpadded sequence, exactly as `generat
 
 from __future__ import annotations
 
+import dataclasses
+import json
 import math
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -125,6 +128,35 @@ def load_reward_model(
         return prepare_for_training(model, model_cfg, task_type="SEQ_CLS")
     model.requires_grad_(False)
     return model.eval()
+
+
+ENSEMBLE_FILE = "ensemble.json"
+
+
+def reward_members(path: str, holdout: bool = False) -> list[str]:
+    """The reward-model dirs a reward path stands for: itself, or the members listed by an ensemble's final/.
+
+    `holdout=True` gives the ensemble's held-out members instead (empty for a single RM)."""
+    manifest = Path(path) / ENSEMBLE_FILE
+    if not manifest.is_file():
+        return [] if holdout else [path]
+    try:
+        listed = json.loads(manifest.read_text())["holdout" if holdout else "members"]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{manifest} is not a valid reward ensemble manifest ({e}); re-run `rlhf rm`") from None
+    members = [str((Path(path) / m).resolve()) for m in listed]
+    for m in members:
+        if not Path(m).is_dir():
+            raise ConfigError(f"{manifest} lists member {m}, which does not exist; re-run `rlhf rm` for it")
+    return members
+
+
+def load_reward_ensemble(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> list[nn.Module]:
+    """Frozen reward model(s) for a reward path: one model, or every PPO member of an ensemble."""
+    return [
+        load_reward_model(dataclasses.replace(model_cfg, name_or_path=m), tokenizer)
+        for m in reward_members(model_cfg.name_or_path)
+    ]
 
 
 def inference_device() -> torch.device:

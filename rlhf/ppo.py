@@ -42,15 +42,21 @@ from rlhf.data import load_source
 from rlhf.models import (
     causal_logits,
     load_causal_lm,
+    load_reward_ensemble,
     load_reward_model,
     load_tokenizer,
+    reward_members,
     reward_scores,
     token_values,
 )
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    KLBudget,
+    PIKLController,
+    aggregate_ensemble,
     compute_rewards,
+    distinct_n,
     entropy_from_logits,
     explained_variance,
     gae,
@@ -165,6 +171,7 @@ class Rollout:
     values: torch.Tensor
     scores: torch.Tensor
     raw_scores: torch.Tensor
+    score_std: torch.Tensor
     ended: torch.Tensor
     rewards: torch.Tensor | None = None
     advantages: torch.Tensor | None = None
@@ -251,8 +258,11 @@ class PPOTrainer:
             ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
             self.reference = load_causal_lm(ref_cfg, self.tokenizer, dropout=False).requires_grad_(False).eval()
             self.reference.to(acc.device)
-        self.reward_model = load_reward_model(m.reward, self.reward_tokenizer).to(acc.device)
+        # one reward model, or the PPO members of an ensemble (scores combined by reward.aggregate)
+        self.reward_models = [rm.to(acc.device) for rm in load_reward_ensemble(m.reward, self.reward_tokenizer)]
         value_cfg = copy.deepcopy(m.reward if m.value_init == "reward" else m.policy)
+        if m.value_init == "reward":
+            value_cfg.name_or_path = reward_members(m.reward.name_or_path)[0]
         value_cfg.lora.enabled = False
         value_cfg.gradient_checkpointing = m.policy.gradient_checkpointing
         self.value_model = load_reward_model(value_cfg, self.tokenizer, train=True)
@@ -270,15 +280,12 @@ class PPOTrainer:
             acc.prepare(self.policy, self.value_model, policy_opt, value_opt, policy_sched, value_sched)
         )
 
-        self.kl_ctl = (
-            AdaptiveKLController(cfg.kl.kl_coef, cfg.kl.target, cfg.kl.horizon)
-            if cfg.kl.adaptive
-            else FixedKLController(cfg.kl.kl_coef)
-        )
+        self.kl_ctl = build_kl_controller(cfg.kl)
+        self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
         self.score_moments = RunningMoments()
         self.progress = Progress()
         self.ema = EMA(acc.unwrap_model(self.policy), cfg.ema.decay) if cfg.ema.decay else None
-        acc.register_for_checkpointing(self.progress, self.kl_ctl, self.score_moments)
+        acc.register_for_checkpointing(self.progress, self.kl_ctl, self.score_moments, self.kl_budget)
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
 
@@ -321,7 +328,7 @@ class PPOTrainer:
 
         # 2. score: old log-probs, reference log-probs, values, RM scores; micro-batched forwards
         mb = cfg.ppo.micro_batch_size * 4
-        logprobs, ref_logprobs, values, scores = [], [], [], []
+        logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
         temperature = cfg.rollout.temperature
         for s in range(0, len(prompts), mb):
             qr, am = query_responses[s : s + mb], attention_mask[s : s + mb]
@@ -333,9 +340,11 @@ class PPOTrainer:
                 else:
                     ref_logprobs.append(response_logprobs(self.reference, qr, am, P, temperature))
                 values.append(response_values(acc.unwrap_model(self.value_model), qr, am, P))
-                scores.append(self.score(qr, am, P, rows[s : s + mb]))
+                mb_scores, mb_std = self.score(qr, am, P, rows[s : s + mb])
+                scores.append(mb_scores)
+                score_std.append(mb_std)
         logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        values, raw_scores = torch.cat(values), torch.cat(scores)
+        values, raw_scores, score_std = torch.cat(values), torch.cat(scores), torch.cat(score_std)
         # N+ detail 3: a response cut by the length limit gets a fixed score instead of the RM's
         scores = raw_scores.clone()
         if cfg.rollout.missing_eos_penalty is not None:
@@ -356,26 +365,31 @@ class PPOTrainer:
             values,
             scores,
             raw_scores,
+            score_std,
             ended,
         )
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
-    def score(self, query_responses, attention_mask, prompt_width: int, rows: list[dict]) -> torch.Tensor:
-        """Normalised RM scores [B] read at the last real token (EOS).
+    def score(
+        self, query_responses, attention_mask, prompt_width: int, rows: list[dict]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Normalised RM scores [B] read at the last real token (EOS), and the ensemble members' std [B].
 
+        With an ensemble the score is `reward.aggregate` of the members' scores (one member: its score, std 0).
         With a different RM tokenizer the raw prompt is rendered for the RM exactly as in RM training and the
         decoded response appended, then re-tokenized (TRL and OpenRLHF refuse this case).
         """
-        if self.same_tokenizer:
-            return reward_scores(self.reward_model, query_responses, attention_mask)
-        rtok = self.reward_tokenizer
-        responses = query_responses[:, prompt_width:]
-        ended = (responses == self.tokenizer.eos_token_id).any(-1).tolist()
-        texts = decode_responses(self.tokenizer, responses)
-        seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
-        ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
-        mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
-        return reward_scores(self.reward_model, ids, mask)
+        ids, mask = query_responses, attention_mask
+        if not self.same_tokenizer:
+            rtok = self.reward_tokenizer
+            responses = query_responses[:, prompt_width:]
+            ended = (responses == self.tokenizer.eos_token_id).any(-1).tolist()
+            texts = decode_responses(self.tokenizer, responses)
+            seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
+            ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
+            mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
+        member_scores = torch.stack([reward_scores(rm, ids, mask) for rm in self.reward_models])
+        return aggregate_ensemble(member_scores, self.cfg.reward.aggregate, self.cfg.reward.std_coef)
 
     def compute_advantages(self, ro: Rollout) -> dict:
         """3-4. KL-penalised per-token rewards, GAE, whitened advantages; returns iteration stats."""
@@ -394,7 +408,15 @@ class PPOTrainer:
         k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1)
         g = acc.gather
         scores, raw = g(ro.scores), g(ro.raw_scores)
-        return {
+        # what shows reward hacking as it happens: diversity of the batch, and the reward models' disagreement
+        content = ro.response_mask & (ro.query_responses[:, ro.prompt_width :] != self.tokenizer.eos_token_id)
+        tokens = [r[m].tolist() for r, m in zip(ro.query_responses[:, ro.prompt_width :], content)]
+        distinct = torch.tensor([distinct_n(tokens, 1), distinct_n(tokens, 2)], device=acc.device)
+        distinct = acc.reduce(distinct, "mean")  # per-process batch statistic, averaged over processes
+        hacking = {"rollout/distinct1": distinct[0], "rollout/distinct2": distinct[1]}
+        if len(self.reward_models) > 1:
+            hacking["objective/ensemble_std"] = g(ro.score_std).mean()
+        return hacking | {
             "objective/scores": scores.mean(),
             "objective/scores_std": scores.std() if scores.numel() > 1 else scores.new_zeros(()),
             "objective/rm_score_raw": raw.mean(),
@@ -497,7 +519,7 @@ class PPOTrainer:
                 ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / max(ptx_tokens, 1)
                 # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
                 acc.backward(cfg.ptx.ptx_coef * ptx_loss)
-            sums["ptx/loss"] = sums.get("ptx/loss", 0.0) + float(ptx_loss)
+            sums["ptx/loss"] = sums.get("ptx/loss", 0.0) + float(ptx_loss.detach())
         if cfg.optim.max_grad_norm:
             sums["policy/grad_norm"] = float(acc.clip_grad_norm_(self.policy.parameters(), cfg.optim.max_grad_norm))
             acc.clip_grad_norm_(self.value_model.parameters(), cfg.optim.max_grad_norm)
@@ -547,7 +569,10 @@ class PPOTrainer:
             stats |= self.update(ro, step)
             t2 = time.time()
             # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
-            self.kl_ctl.update(float(stats["objective/kl"]), cfg.train.batch_size)
+            kl = float(stats["objective/kl"])
+            self.kl_ctl.update(kl, cfg.train.batch_size)
+            over_budget = self.kl_budget.update(kl)
+            stats["objective/kl_smoothed"] = self.kl_budget.smoothed
             self.progress.step += 1
             self.progress.samples += cfg.train.batch_size
             tokens = acc.gather(ro.attention_mask.sum()).sum().item()
@@ -558,11 +583,29 @@ class PPOTrainer:
                 "lr": self.policy_sched.get_last_lr()[0],
                 "episodes": self.progress.samples,
             }
-            bar.update(1, score=float(stats["objective/scores"]), kl=float(stats["objective/kl"]))
+            bar.update(1, score=float(stats["objective/scores"]), kl=kl)
             step = self.progress.step
-            if step % cfg.logging.every == 0 or step == self.total_steps:
+            if over_budget:
+                stats["stop/kl_budget"] = 1
+            if step % cfg.logging.every == 0 or step == self.total_steps or over_budget:
                 log_metrics(acc, stats, step)
                 self.log_samples(ro, step)
+            if over_budget:
+                # a hard stop: the policy as it is now becomes final/ (and a checkpoint, for the frontier)
+                acc.print(
+                    f"[ppo] stopping at iteration {step}: smoothed KL {self.kl_budget.smoothed:.3f} passed "
+                    f"kl.budget {cfg.kl.budget} (mean of the last {cfg.kl.budget_window} iterations)"
+                )
+                save_checkpoint(
+                    acc,
+                    out,
+                    step,
+                    {"policy": self.policy, "value": self.value_model},
+                    self.tokenizer,
+                    cfg,
+                    cfg.checkpoint.keep_last,
+                )
+                break
             if self.eval_prompts and (
                 (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
             ):
@@ -620,7 +663,7 @@ class PPOTrainer:
             resp, mask = truncate_after_eos(resp, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
             qr = torch.cat([prompt_ids, resp], 1)
             am = torch.cat([prompt_mask, mask.long()], 1)
-            scores.append(self.score(qr, am, prompt_ids.shape[1], mine_rows[s : s + len(chunk)]))
+            scores.append(self.score(qr, am, prompt_ids.shape[1], mine_rows[s : s + len(chunk)])[0])
             ended.append((resp == self.tokenizer.eos_token_id).any(-1).float())
         torch.set_rng_state(rng)
         if backup is not None:
@@ -637,6 +680,15 @@ class PPOTrainer:
         if self.ema is not None:
             self.ema.copy_to(acc.unwrap_model(self.policy))
         save_final(acc, final_model(acc, self.policy, cfg.models.policy.lora), path, self.tokenizer, cfg)
+
+
+def build_kl_controller(kl):
+    """The beta schedule: fixed, PI control toward kl.target (default adaptive mode) or Ziegler's proportional."""
+    if not kl.adaptive:
+        return FixedKLController(kl.kl_coef)
+    if kl.controller == "proportional":
+        return AdaptiveKLController(kl.kl_coef, kl.target, kl.horizon)
+    return PIKLController(kl.kl_coef, kl.target, kl.p_gain, kl.i_gain, kl.min_coef, kl.max_coef)
 
 
 def _check_adapter_reference(policy_cfg) -> None:

@@ -20,9 +20,14 @@ References:
     [N+] Huang et al. 2024, "The N+ Implementation Details of RLHF with PPO: A Case Study on TL;DR
         Summarization", arXiv:2403.17031.
     [kl-approx] Schulman 2020, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+    [Coste] Coste et al. 2023, "Reward Model Ensembles Help Mitigate Overoptimization", arXiv:2310.02743.
+    [PID-Lagrangian] Stooke et al. 2020, "Responsive Safety in Reinforcement Learning by PID Lagrangian
+        Methods", arXiv:2007.03964.
 """
 
 from __future__ import annotations
+
+import math
 
 import torch
 import torch.nn.functional as F
@@ -31,7 +36,11 @@ from torch import Tensor
 __all__ = [
     "AdaptiveKLController",
     "FixedKLController",
+    "KLBudget",
+    "PIKLController",
+    "aggregate_ensemble",
     "compute_rewards",
+    "distinct_n",
     "entropy_from_logits",
     "explained_variance",
     "first_true_indices",
@@ -472,6 +481,15 @@ def explained_variance(values: Tensor, returns: Tensor, mask: Tensor) -> Tensor:
         return torch.where((var_y > 0) & (n > 0), ev, torch.zeros_like(ev))
 
 
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    """Unique n-grams / all n-grams over every sequence (Li et al. 2016); falling values mean repetitive outputs.
+
+    Plain lists of token ids (responses without EOS/padding) -> a float in [0, 1] (0 when there is no n-gram).
+    """
+    grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
+
+
 # ---------------------------------------------------------------------------------------------
 # KL coefficient controllers
 # ---------------------------------------------------------------------------------------------
@@ -521,6 +539,121 @@ class AdaptiveKLController:
         self.value = float(state_dict["value"])
         self.target = float(state_dict.get("target", self.target))
         self.horizon = float(state_dict.get("horizon", self.horizon))
+
+
+class PIKLController:
+    """Holds the KL near a target: PI control of log(beta), a damped dual ascent on the multiplier of KL <= target.
+
+        e_t            = clip(KL_t / KL_target - 1, -1, 1)
+        log beta_{t+1} = log beta_t + p_gain * (e_t - e_{t-1}) + i_gain * e_t,     beta in [min_coef, max_coef]
+
+    This is the velocity form of log beta_t = log beta_0 + p_gain * e_t + i_gain * sum_s e_s ([PID-Lagrangian]
+    applied to beta): the integral term moves beta until the KL sits at the target whatever beta_0 was, the
+    proportional term reacts at once to a change of the KL, which damps the overshoot that a pure integral (or
+    Ziegler's slow proportional controller) gives when beta fell while the policy was still near SFT. Working in
+    log(beta) makes the gains scale-free (a step is a factor on beta), and the clamp of beta with the incremental
+    form is the anti-windup. Updated once per iteration with the batch-mean KL per sequence; e_{-1} = e_0, so
+    the first update has no proportional kick.
+    """
+
+    def __init__(
+        self,
+        init_kl_coef: float,
+        target: float,
+        p_gain: float = 1.0,
+        i_gain: float = 0.2,
+        min_coef: float = 1e-4,
+        max_coef: float = 10.0,
+    ):
+        if target <= 0 or init_kl_coef <= 0 or not 0 < min_coef <= max_coef:
+            raise ValueError(
+                f"need target > 0, init_kl_coef > 0 and 0 < min_coef <= max_coef, got target={target}, "
+                f"init_kl_coef={init_kl_coef}, min_coef={min_coef}, max_coef={max_coef}"
+            )
+        self.value = min(max(float(init_kl_coef), min_coef), max_coef)
+        self.target, self.p_gain, self.i_gain = float(target), float(p_gain), float(i_gain)
+        self.min_coef, self.max_coef = float(min_coef), float(max_coef)
+        self.prev_error: float | None = None
+
+    def update(self, current_kl: float, n_steps: int = 1) -> None:
+        """One iteration's update from its batch-mean KL per sequence (`n_steps` is unused: one step per call)."""
+        error = min(max(float(current_kl) / self.target - 1.0, -1.0), 1.0)
+        prev = error if self.prev_error is None else self.prev_error
+        log_beta = math.log(self.value) + self.p_gain * (error - prev) + self.i_gain * error
+        self.value = min(max(math.exp(log_beta), self.min_coef), self.max_coef)
+        self.prev_error = error
+
+    def state_dict(self) -> dict:
+        return {"value": self.value, "prev_error": self.prev_error}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.value = float(state_dict["value"])
+        self.prev_error = state_dict["prev_error"]
+
+
+class KLBudget:
+    """A hard KL budget: the mean of the last `window` iterations' KL, and whether it has passed `limit`.
+
+        smoothed_t = mean(KL_{t-window+1}, ..., KL_t)        exceeded = limit > 0 and smoothed_t > limit
+
+    The window keeps one noisy batch from ending a run; `limit` 0 never stops.
+    """
+
+    def __init__(self, limit: float, window: int = 5):
+        if limit < 0 or window < 1:
+            raise ValueError(f"need limit >= 0 and window >= 1, got limit={limit}, window={window}")
+        self.limit, self.window = float(limit), int(window)
+        self.history: list[float] = []
+
+    def update(self, current_kl: float) -> bool:
+        self.history = (self.history + [float(current_kl)])[-self.window :]
+        return self.exceeded
+
+    @property
+    def smoothed(self) -> float:
+        return sum(self.history) / len(self.history) if self.history else 0.0
+
+    @property
+    def exceeded(self) -> bool:
+        return self.limit > 0 and self.smoothed > self.limit
+
+    def state_dict(self) -> dict:
+        return {"history": list(self.history)}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.history = [float(x) for x in state_dict["history"]]
+
+
+# ---------------------------------------------------------------------------------------------
+# Reward-model ensembles
+# ---------------------------------------------------------------------------------------------
+
+AGGREGATES = ("mean", "mean_minus_std", "min")
+
+
+def aggregate_ensemble(scores: Tensor, how: str = "mean", std_coef: float = 1.0) -> tuple[Tensor, Tensor]:
+    """Conservative reward from an ensemble of reward models ([Coste]).
+
+    Shapes: scores [M, B] (M members, B responses) -> (reward [B], std [B]).
+
+        mean            = 1/M sum_m s_m
+        mean_minus_std  = mean - std_coef * std        (uncertainty-weighted optimisation, with the std)
+        min             = min_m s_m                   (worst-case optimisation)
+        std             = sqrt(1/M sum_m (s_m - mean)^2)   (population std; 0 for M = 1)
+
+    The std is the members' disagreement: it grows where the policy leaves the data the members agree on.
+    """
+    if scores.ndim != 2 or scores.shape[0] < 1:
+        raise ValueError(f"scores must be [M, B] with M >= 1, got {tuple(scores.shape)}")
+    mean = scores.mean(0)
+    std = scores.std(0, unbiased=False)
+    if how == "mean":
+        return mean, std
+    if how == "mean_minus_std":
+        return mean - std_coef * std, std
+    if how == "min":
+        return scores.min(0).values, std
+    raise ValueError(f"unknown ensemble aggregate {how!r}; expected one of {AGGREGATES}")
 
 
 # ---------------------------------------------------------------------------------------------

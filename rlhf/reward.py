@@ -6,19 +6,29 @@ as separate batch elements). Pairwise rows are K = 2. Identical responses (ties)
 After training the scores are shifted so the reference completions (SFT demonstrations) score mean 0; the shift
 is stored as `reward_offset` in the saved config.json (stock HF decoder classification heads have no bias
 parameter to hold it), and `rlhf.models.reward_scores` applies it.
+
+Ensembles (`ensemble.size: N`, Coste et al. 2023): N independent reward models, each a whole run of this stage in
+`<output_dir>/member-<i>/` with seed `seed + i` (and, with `ensemble.bootstrap`, its own bootstrap resample of the
+comparisons); each is resumable and loads with AutoModelForSequenceClassification. `<output_dir>/final/` then
+holds `ensemble.json` (the members PPO scores with, and the `holdout` members it must not see: held-out proxies
+for `rlhf eval`) and the tokenizer. Separate models rather than N heads on one trunk: members that share a trunk
+share its errors, and a held-out proxy must not.
 """
 
 from __future__ import annotations
 
+import copy
 import math
+import random
+import shutil
 from pathlib import Path
 
 import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
-from rlhf.config import RMConfig, TextSource, check_paths
+from rlhf.config import RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
-from rlhf.models import load_reward_model, load_tokenizer, reward_scores
+from rlhf.models import ENSEMBLE_FILE, load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
 from rlhf.training import SupervisedTask, final_model, fit, make_accelerator, save_final, seed_everything, write_json
 
@@ -136,13 +146,67 @@ def reference_sequences(tokenizer, cfg: RMConfig) -> list[list[int]]:
 
 
 def train(cfg: RMConfig, source: str = "<config>") -> Path:
-    """Train the reward model; returns `<output_dir>/final` (loads with AutoModelForSequenceClassification)."""
+    """Train the reward model (or, with ensemble.size > 1, every member); returns `<output_dir>/final`.
+
+    A single RM's `final/` loads with AutoModelForSequenceClassification; an ensemble's `final/` is the manifest
+    that `rlhf.models.reward_members` reads.
+    """
     check_paths(cfg, source)
+    if cfg.ensemble.size == 1:
+        return train_one(cfg, bootstrap_seed=None)
+    members = []
+    for i in range(cfg.ensemble.size):
+        member = copy.deepcopy(cfg)
+        member.output_dir = str(Path(cfg.output_dir) / f"member-{i}")
+        member.seed = cfg.seed + i
+        member.ensemble = RMEnsemble()
+        final = Path(member.output_dir) / "final"
+        if final.is_dir():
+            print(f"[rm] ensemble member {i}: finished already ({final}), skipped")
+        else:
+            print(f"[rm] ensemble member {i + 1}/{cfg.ensemble.size} (seed {member.seed})", flush=True)
+            train_one(member, bootstrap_seed=member.seed if cfg.ensemble.bootstrap else None)
+        members.append(final)
+    return write_ensemble_manifest(cfg, members)
+
+
+def write_ensemble_manifest(cfg: RMConfig, members: list[Path]) -> Path:
+    """`<output_dir>/final/`: ensemble.json (member paths relative to it), the tokenizer and the config; atomic."""
+    from accelerate import PartialState
+
+    state = PartialState()
+    final = Path(cfg.output_dir) / "final"
+    if state.is_main_process:
+        tmp = final.with_name("final.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        used = len(members) - cfg.ensemble.holdout
+        write_json(
+            tmp / ENSEMBLE_FILE,
+            {
+                "members": [f"../{m.parent.name}/final" for m in members[:used]],
+                "holdout": [f"../{m.parent.name}/final" for m in members[used:]],
+                "bootstrap": cfg.ensemble.bootstrap,
+            },
+        )
+        load_tokenizer(str(members[0])).save_pretrained(str(tmp))
+        save_config(cfg, tmp / "rlhf_config.yaml")
+        shutil.rmtree(final, ignore_errors=True)
+        tmp.rename(final)
+    state.wait_for_everyone()
+    return final
+
+
+def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
+    """Train one reward model (on a bootstrap resample of the comparison groups when bootstrap_seed is set)."""
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model)
     report = TruncationReport()
     train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
+    if bootstrap_seed is not None:
+        rng = random.Random(bootstrap_seed)
+        train_groups = [train_groups[rng.randrange(len(train_groups))] for _ in train_groups]
     eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
     schedule = BatchSchedule(
         [sum(len(s) for s in g) for g in train_groups], cfg.train.batch_size, cfg.seed, what=cfg.data.train.path

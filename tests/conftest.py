@@ -28,6 +28,9 @@ QUIET = {
 }
 
 
+PPO_QUIET = ["logging.progress=off", "logging.tensorboard=false"]
+
+
 def overrides(mapping: dict | None = None, **kw) -> list[str]:
     """{'train.max_steps': 5} (or train__max_steps=5) -> ['train.max_steps=5'] for load_config / --set."""
     items = dict(mapping or {}) | {k.replace("__", "."): v for k, v in kw.items()}
@@ -209,3 +212,56 @@ def tiny_sft(tiny_world, tiny_base, tmp_path_factory) -> Path:
         ),
     )
     return sft.train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
+    from rlhf import reward
+    from rlhf.config import load_config
+
+    out = tmp_path_factory.mktemp("rm")
+    data = Path(tiny_world) / "data"
+    cfg = load_config(
+        "rm",
+        str(CONFIGS / "tiny" / "rm.yaml"),
+        PPO_QUIET
+        + [
+            f"output_dir={out}",
+            f"model.name_or_path={tiny_sft}",
+            f"data.train.path={data / 'comparisons.jsonl'}",
+            f"data.eval.path={data / 'comparisons_eval.jsonl'}",
+            f"data.reference.path={data / 'sft.jsonl'}",
+            "data.reference_max_rows=64",
+            "train.max_steps=40",
+            "train.eval_every=0",
+            "checkpoint.every=0",
+        ],
+    )
+    return reward.train(cfg)
+
+
+def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):
+    """configs/tiny/ppo.yaml shrunk (16 episodes, 2 epochs, 16 new tokens) with every path in tmp dirs."""
+    from rlhf.config import load_config
+
+    data = Path(tiny_world) / "data"
+    return load_config(
+        "ppo",
+        str(CONFIGS / "tiny" / "ppo.yaml"),
+        PPO_QUIET
+        + [
+            f"output_dir={out}",
+            f"models.policy.name_or_path={tiny_sft}",
+            f"models.reward.name_or_path={tiny_rm}",
+            f"data.prompts.path={data / 'prompts.jsonl'}",
+            "data.eval_prompts.path=",
+            f"ptx.data.path={data / 'pretrain.jsonl'}",
+            "train.batch_size=16",
+            "ppo.mini_batch_size=8",
+            "ppo.micro_batch_size=8",
+            "ppo.ppo_epochs=2",
+            "rollout.max_new_tokens=16",
+            "checkpoint.every=0",
+            *extra,
+        ],
+    )

@@ -8,61 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import read_metrics
+from conftest import ppo_config, read_metrics
 from safetensors.torch import load_file
 
-from rlhf import ppo, reward
-from rlhf.config import ConfigError, load_config
+from rlhf import ppo
+from rlhf.config import ConfigError
 from rlhf.models import load_causal_lm, load_tokenizer
-
-QUIET = ["logging.progress=off", "logging.tensorboard=false"]
-
-
-@pytest.fixture(scope="module")
-def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
-    out = tmp_path_factory.mktemp("rm")
-    data = Path(tiny_world) / "data"
-    cfg = load_config(
-        "rm",
-        "configs/tiny/rm.yaml",
-        QUIET
-        + [
-            f"output_dir={out}",
-            f"model.name_or_path={tiny_sft}",
-            f"data.train.path={data / 'comparisons.jsonl'}",
-            f"data.eval.path={data / 'comparisons_eval.jsonl'}",
-            f"data.reference.path={data / 'sft.jsonl'}",
-            "data.reference_max_rows=64",
-            "train.max_steps=40",
-            "train.eval_every=0",
-            "checkpoint.every=0",
-        ],
-    )
-    return reward.train(cfg)
-
-
-def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):
-    data = Path(tiny_world) / "data"
-    return load_config(
-        "ppo",
-        "configs/tiny/ppo.yaml",
-        QUIET
-        + [
-            f"output_dir={out}",
-            f"models.policy.name_or_path={tiny_sft}",
-            f"models.reward.name_or_path={tiny_rm}",
-            f"data.prompts.path={data / 'prompts.jsonl'}",
-            "data.eval_prompts.path=",
-            f"ptx.data.path={data / 'pretrain.jsonl'}",
-            "train.batch_size=16",
-            "ppo.mini_batch_size=8",
-            "ppo.micro_batch_size=8",
-            "ppo.ppo_epochs=2",
-            "rollout.max_new_tokens=16",
-            "checkpoint.every=0",
-            *extra,
-        ],
-    )
 
 
 def test_a_few_iterations_raise_the_reward(tiny_world, tiny_sft, tiny_rm, tmp_path):
@@ -192,7 +143,7 @@ def test_reward_model_with_another_tokenizer_scores_by_retokenizing(tiny_world, 
     # re-tokenised scoring must agree with scoring the policy's own ids (the words tokenize identically here)
     from rlhf.models import reward_scores
 
-    direct = reward_scores(trainer.reward_model, ro.query_responses, ro.attention_mask)
+    direct = reward_scores(trainer.reward_models[0], ro.query_responses, ro.attention_mask)
     torch.testing.assert_close(ro.raw_scores, direct, atol=1e-4, rtol=0)
 
 

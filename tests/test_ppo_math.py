@@ -10,7 +10,11 @@ from torch.testing import assert_close
 from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
+    KLBudget,
+    PIKLController,
+    aggregate_ensemble,
     compute_rewards,
+    distinct_n,
     entropy_from_logits,
     explained_variance,
     first_true_indices,
@@ -404,3 +408,90 @@ def test_truncate_after_eos_when_pad_equals_eos():
     out, mask = truncate_after_eos(torch.tensor([[4, 9, 9, 9]]), eos_token_id=9, pad_token_id=9)
     assert out.tolist() == [[4, 9, 9, 9]]
     assert mask.tolist() == [[True, True, False, False]]
+
+
+# ---------------------------------------------------------------------------------------------
+# PI KL controller, KL budget, ensembles, distinct-n
+# ---------------------------------------------------------------------------------------------
+
+
+def test_pi_controller_steps_by_hand():
+    ctl = PIKLController(0.1, target=4.0, p_gain=1.0, i_gain=0.2)
+    ctl.update(2.0)  # e = -0.5, no proportional kick on the first update: log beta -= 0.2 * 0.5
+    assert ctl.value == pytest.approx(0.1 * math.exp(-0.1))
+    ctl.update(6.0)  # e = 0.5: + 1.0 * (0.5 - (-0.5)) + 0.2 * 0.5 = +1.1
+    assert ctl.value == pytest.approx(0.1 * math.exp(1.0))
+    ctl.update(100.0)  # e clipped to 1: + 1.0 * (1 - 0.5) + 0.2 * 1 = +0.7
+    assert ctl.value == pytest.approx(0.1 * math.exp(1.7))
+    clamped = PIKLController(0.1, target=1.0, i_gain=0.5, max_coef=0.12)
+    clamped.update(50.0)
+    assert clamped.value == 0.12
+    restored = PIKLController(1.0, target=4.0)
+    restored.load_state_dict(ctl.state_dict())
+    restored.update(4.0)
+    ctl.update(4.0)
+    assert restored.value == ctl.value
+
+
+def synthetic_kl_process(controller, steps: int = 150, coef_scale: float = 0.3, tau: float = 10.0, speed: float = 1.0):
+    """A policy that drifts toward its equilibrium KL* = coef_scale / beta with time constant tau, by at most
+    `speed` nats per iteration (the learning rate limits how fast a policy moves); +-10% batch noise on the KL the
+    controller sees. Returns the true KL per iteration."""
+    import random
+
+    rng = random.Random(0)
+    kl, out = 0.0, []
+    for _ in range(steps):
+        controller.update(kl * (1 + 0.1 * rng.uniform(-1, 1)), 64)
+        kl = max(0.0, kl + max(-speed, min(speed, (coef_scale / controller.value - kl) / tau)))
+        out.append(kl)
+    return out
+
+
+@pytest.mark.parametrize("init_beta", [0.001, 0.05, 1.0])
+@pytest.mark.parametrize("tau", [3.0, 10.0, 25.0])
+def test_pi_controller_holds_the_target_whatever_the_initial_beta(init_beta, tau):
+    target = 6.0  # held by beta = 0.05 in this process
+    kl = synthetic_kl_process(PIKLController(init_beta, target), tau=tau)
+    last = sum(kl[-20:]) / 20
+    assert abs(last / target - 1) < 0.15, (init_beta, tau, last)
+    assert max(kl[-20:]) < 1.5 * target
+
+
+def test_proportional_controller_with_its_usual_horizon_is_too_slow_to_hold_the_target():
+    """Why PI is the default: Ziegler's controller moves beta by at most 0.2 * batch / horizon per iteration."""
+    kl = synthetic_kl_process(AdaptiveKLController(0.001, 6.0, horizon=10000), tau=10.0)
+    assert sum(kl[-20:]) / 20 > 3 * 6.0
+
+
+def test_kl_budget_smooths_over_its_window():
+    budget = KLBudget(limit=5.0, window=3)
+    assert [budget.update(kl) for kl in (2.0, 4.0, 6.0)] == [False, False, False]  # means 2, 3, 4
+    assert budget.update(8.0) is True  # (4 + 6 + 8) / 3 = 6 > 5: the 2 has left the window
+    assert budget.smoothed == pytest.approx(6.0)
+    restored = KLBudget(limit=5.0, window=3)
+    restored.load_state_dict(budget.state_dict())
+    assert restored.exceeded and restored.history == [4.0, 6.0, 8.0]
+    off = KLBudget(limit=0.0)
+    assert off.update(1e9) is False
+
+
+def test_ensemble_aggregates_by_hand():
+    scores = torch.tensor([[1.0, 2.0], [3.0, 6.0]])  # 2 members x 2 responses
+    mean, std = aggregate_ensemble(scores, "mean")
+    assert_close(mean, torch.tensor([2.0, 4.0]))
+    assert_close(std, torch.tensor([1.0, 2.0]))  # population std: |3 - 1| / 2, |6 - 2| / 2
+    assert_close(aggregate_ensemble(scores, "mean_minus_std", 0.5)[0], torch.tensor([1.5, 3.0]))
+    assert_close(aggregate_ensemble(scores, "min")[0], torch.tensor([1.0, 2.0]))
+    single, single_std = aggregate_ensemble(torch.tensor([[0.7, -0.2]]), "mean_minus_std")
+    assert_close(single, torch.tensor([0.7, -0.2]))
+    assert_close(single_std, torch.zeros(2))
+    with pytest.raises(ValueError, match="unknown ensemble aggregate"):
+        aggregate_ensemble(scores, "max")
+
+
+def test_distinct_n_by_hand():
+    seqs = [[1, 2, 1, 2], [1, 2]]
+    assert distinct_n(seqs, 1) == pytest.approx(2 / 6)
+    assert distinct_n(seqs, 2) == pytest.approx(2 / 4)  # (1,2) (2,1) (1,2) | (1,2)
+    assert distinct_n([[5]], 2) == 0.0
