@@ -6,7 +6,7 @@ CONFIG  ?=
 RECIPE  ?= configs/tiny
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo world pretrain sft rm ppo eval pipeline plot bench clean
+.PHONY: install test test-fast lint format demo world pretrain sft rm ppo eval pipeline plot bench overopt clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -60,6 +60,9 @@ plot: install
 
 bench: install
 	$(BIN)/python scripts/bench.py
+
+overopt: install
+	$(BIN)/python scripts/overoptimization.py
 
 clean:
 	rm -rf runs

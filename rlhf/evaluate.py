@@ -166,7 +166,8 @@ class Evaluation:
             return {}
         a, b = mine[key], sft[key]
         rate = sum(1.0 if x > y else 0.5 if x == y else 0.0 for x, y in zip(a, b)) / len(a)
-        return {"win_rate": rate, "win_rate_judged_by": {"gold": "judge", "proxy": "proxy_reward_model"}.get(key, key)}
+        judged_by = {"gold": "judge", "proxy": "proxy_reward_model", "rm": "reward_model"}[key]
+        return {"win_rate": rate, "win_rate_judged_by": judged_by}
 
 
 def comparison(policy: tuple[dict, dict], sft: tuple[dict, dict], ev: Evaluation) -> dict:

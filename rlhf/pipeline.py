@@ -14,6 +14,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.config import ConfigError, check_paths, load_config
+from rlhf.plot import stage_metrics
 
 # (file stem, config class key, what marks it finished)
 STAGES = [("pretrain", "sft"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("eval", "eval")]
@@ -88,10 +89,6 @@ def _record(output_dir: str, stage: str, seconds: float) -> None:
     path.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def _rows(path: Path) -> list[dict]:
-    return [json.loads(x) for x in path.read_text().splitlines() if x.strip()] if path.exists() else []
-
-
 def _values(rows: list[dict], key: str) -> list[float]:
     return [r[key] for r in rows if isinstance(r.get(key), (int, float))]
 
@@ -103,7 +100,7 @@ def summarize(run_dir: str | Path) -> str:
     lines = [f"{'stage':<10}{'wall time':>11}  key metric", "-" * 72]
 
     def first_last(stage: str, key: str, fmt: str = "{:.3f}") -> str:
-        v = _values(_rows(run / stage / "metrics.jsonl"), key)
+        v = _values(stage_metrics(run, stage), key)
         return f"{fmt.format(v[0])} -> {fmt.format(v[-1])}" if v else "n/a"
 
     metrics = {
@@ -123,8 +120,15 @@ def summarize(run_dir: str | Path) -> str:
             else ""
         )
         metrics["eval"] = f"{gold}win-rate {e.get('win_rate', float('nan')):.2f}, KL to SFT {e['kl_to_sft']:.2f}"
+        frontier = run / "eval" / "frontier.json"
+        best = json.loads(frontier.read_text())["best"] if frontier.exists() else None
+        if best:
+            where = f"{best['name']} (KL {best['kl_to_sft']:.2f})"
+            metrics["frontier"] = f"best checkpoint by the held-out proxy RM: {where}, plot in eval/frontier.png"
     for stage, text in metrics.items():
-        if stage in times or (run / stage).exists():
+        if stage == "frontier":
+            lines.append(f"{'frontier':<10}{'':>11}  {text}")
+        elif stage in times or (run / stage).exists():
             t = f"{times[stage]:.0f} s" if stage in times else "(earlier)"
             lines.append(f"{stage:<10}{t:>11}  {text}")
     if times:

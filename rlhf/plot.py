@@ -26,7 +26,25 @@ PANELS = [
             ("eval/rm_score", "held-out RM score"),
         ],
     ),
-    ("ppo", "ppo_kl.png", "PPO KL to SFT (nats / sequence)", [("objective/kl", "k1"), ("objective/kl_k3", "k3")]),
+    (
+        "ppo",
+        "ppo_kl.png",
+        "PPO KL to SFT (nats / sequence)",
+        [("objective/kl", "k1"), ("objective/kl_k3", "k3"), ("objective/kl_smoothed", "smoothed (KL budget)")],
+    ),
+    ("ppo", "ppo_kl_coef.png", "PPO KL coefficient beta", [("objective/kl_coef", "beta")]),
+    (
+        "ppo",
+        "ppo_hacking.png",
+        "PPO signs of reward hacking",
+        [
+            ("rollout/distinct1", "distinct-1"),
+            ("rollout/distinct2", "distinct-2"),
+            ("rollout/eos_share", "EOS share"),
+            ("objective/ensemble_std", "RM ensemble std"),
+        ],
+    ),
+    ("ppo", "ppo_length.png", "PPO response length (tokens)", [("rollout/response_length", "mean length")]),
 ]
 
 
@@ -34,6 +52,12 @@ def read_metrics(path: Path) -> list[dict]:
     if not path.exists():
         return []
     return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_metrics(run_dir: Path, stage: str) -> list[dict]:
+    """Rows of `<run_dir>/<stage>/metrics.jsonl`; for a reward-model ensemble, those of its first member."""
+    stage_dir = Path(run_dir) / stage
+    return read_metrics(stage_dir / "metrics.jsonl") or read_metrics(stage_dir / "member-0" / "metrics.jsonl")
 
 
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
@@ -52,7 +76,7 @@ def plot_run(run_dir: str | Path) -> list[Path]:
     out_dir = run_dir / "plots"
     written = []
     for stage, name, title, metrics in PANELS:
-        rows = read_metrics(run_dir / stage / "metrics.jsonl") or (
+        rows = stage_metrics(run_dir, stage) or (
             read_metrics(run_dir / "metrics.jsonl") if run_dir.name == stage else []
         )
         lines = [(label, *series(rows, key)) for key, label in metrics]

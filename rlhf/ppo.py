@@ -560,7 +560,9 @@ class PPOTrainer:
             f"minibatches; ptx {cfg.ptx.ptx_coef} x {self.ptx_per_mini} sequences per minibatch"
         )
         bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
-        while self.progress.step < self.total_steps:
+        if self.kl_budget.exceeded:  # resumed from the checkpoint a KL-budget stop wrote: nothing left to train
+            acc.print(f"[ppo] the KL budget ({cfg.kl.budget}) was spent at iteration {self.progress.step}")
+        while self.progress.step < self.total_steps and not self.kl_budget.exceeded:
             step = self.progress.step
             t0 = time.time()
             ro, timing = self.rollout(self.batch_rows(step))
@@ -596,34 +598,24 @@ class PPOTrainer:
                     f"[ppo] stopping at iteration {step}: smoothed KL {self.kl_budget.smoothed:.3f} passed "
                     f"kl.budget {cfg.kl.budget} (mean of the last {cfg.kl.budget_window} iterations)"
                 )
-                save_checkpoint(
-                    acc,
-                    out,
-                    step,
-                    {"policy": self.policy, "value": self.value_model},
-                    self.tokenizer,
-                    cfg,
-                    cfg.checkpoint.keep_last,
-                )
+                self.save(step)
                 break
             if self.eval_prompts and (
                 (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
             ):
                 log_metrics(acc, self.evaluate(), step)
             if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total_steps:
-                save_checkpoint(
-                    acc,
-                    out,
-                    step,
-                    {"policy": self.policy, "value": self.value_model},
-                    self.tokenizer,
-                    cfg,
-                    cfg.checkpoint.keep_last,
-                )
+                self.save(step)
         bar.close()
         final = publish_final(acc, out, self.write_final)
         acc.end_training()
         return final
+
+    def save(self, step: int) -> None:
+        """checkpoint-<step>: the policy and value model in HF form plus the whole training state."""
+        models = {"policy": self.policy, "value": self.value_model}
+        cfg = self.cfg
+        save_checkpoint(self.accelerator, cfg.output_dir, step, models, self.tokenizer, cfg, cfg.checkpoint.keep_last)
 
     def log_samples(self, ro: Rollout, step: int) -> None:
         n = min(self.cfg.logging.num_samples, ro.query_responses.shape[0])

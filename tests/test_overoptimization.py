@@ -4,6 +4,7 @@ conservative PPO rewards, and `rlhf eval` over a run dir (the frontier) with bes
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -40,6 +41,12 @@ def test_kl_budget_stops_the_run_and_saves_it(tiny_world, tiny_sft, tiny_rm, tmp
     assert all(r["objective/kl_smoothed"] <= 0.5 for r in rows[:-1])
     assert (final / "model.safetensors").exists()
     assert (tmp_path / f"checkpoint-{stop['step']}" / "policy" / "config.json").exists()
+    # re-running resumes from that checkpoint, trains nothing more and writes the same final/
+    before = final.joinpath("model.safetensors").read_bytes()
+    shutil.rmtree(final)
+    ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, extra))
+    assert [r["step"] for r in read_metrics(tmp_path) if "objective/kl" in r][-1] == stop["step"]
+    assert final.joinpath("model.safetensors").read_bytes() == before
 
 
 @pytest.fixture(scope="module")
