@@ -1,4 +1,6 @@
-"""`make overopt`: reward over-optimisation on the tiny world, without and with the mitigations (docs/overoptimization.md).
+"""`make overopt`: reward over-optimisation on the tiny world, with and without the mitigations.
+
+See docs/overoptimization.md for the results.
 
 1. the tiny world, pretraining and SFT as in the demo (skipped when runs/tiny has them);
 2. a reward-model ensemble: 3 members on bootstrap resamples, member-2 held out as the proxy;
