@@ -8,7 +8,7 @@ from pathlib import Path
 
 from rlhf.config import ConfigError, check_paths, load_config
 from rlhf.data import DataError
-from rlhf.training import quiet_hf_progress
+from rlhf.training import EXIT_STOPPED, CheckpointError, NonFiniteError, StoppedBySignal, quiet_hf_progress
 
 STAGE_HELP = {
     "sft": "stage 1: supervised fine-tuning (or pretraining with data.kind: text)",
@@ -107,9 +107,15 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in plot_run(args.run_dir):
                 print(path)
-    except (ConfigError, DataError) as e:
+    except (ConfigError, DataError) as e:  # bad input: nothing was trained
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except (NonFiniteError, CheckpointError) as e:  # a run stopped cleanly: what is on disk is intact
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    except StoppedBySignal as e:
+        print(f"[rlhf] {e}", file=sys.stderr)
+        return EXIT_STOPPED
     return 0
 
 

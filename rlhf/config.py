@@ -103,6 +103,8 @@ class TrainConfig:
     """Cap on held-out micro-batches per evaluation (0 = all)."""
     cpu: bool = False
     """Force CPU even when a GPU is present."""
+    max_nonfinite_skips: int = 0
+    """Steps with a NaN/inf loss, gradient norm (PPO: also reward, advantage) skipped before the run stops."""
 
 
 @dataclass
@@ -567,6 +569,8 @@ def _check_common(cfg: Any) -> None:
         raise ConfigError("set train.max_steps > 0 or train.epochs > 0")
     _positive(t.batch_size, "train.batch_size")
     _positive(t.micro_batch_size, "train.micro_batch_size")
+    if t.max_nonfinite_skips < 0:
+        raise ConfigError(f"train.max_nonfinite_skips must be >= 0, got {t.max_nonfinite_skips}")
     if t.micro_batch_size > t.batch_size:
         raise ConfigError(
             f"train.micro_batch_size ({t.micro_batch_size}) is larger than train.batch_size ({t.batch_size})"
@@ -745,9 +749,11 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
         if not p.is_file():
             raise ConfigError(f"config file {source} does not exist")
         try:
-            loaded = yaml.safe_load(p.read_text())
+            loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        except UnicodeDecodeError as e:
+            raise ConfigError(f"{source} is not valid UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
         except yaml.YAMLError as e:
-            raise ConfigError(f"{source} is not valid YAML: {e}") from None
+            raise ConfigError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
         if loaded is None:
             loaded = {}
         if not isinstance(loaded, dict):

@@ -149,6 +149,8 @@ def load_rows(
         for name, values in columns.items():
             values.append(row[name])
     report = LoadReport(source, kind, rows_read, kept, dict(skipped), ties)
+    if rows_read == 0:
+        raise DataError(f"{source}: holds no rows (empty file or dataset); point the config at the data you meant")
     if kept == 0:
         # An empty dataset would only fail later, far from the cause; say here what happened.
         raise DataError(f"{source}: no usable {kind!r} rows (read {rows_read}, skipped {report.skipped})")
@@ -218,8 +220,15 @@ def _head(ds: datasets.Dataset, max_rows: int | None) -> datasets.Dataset:
 
 
 def _read_json(source: str, path: str, max_rows: int | None) -> Iterator[tuple[int, str, object]]:
-    with open(path, encoding="utf-8-sig") as f:
-        text = f.read()
+    with open(path, "rb") as f:
+        raw = f.read()
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DataError(
+            f"{source}: not valid UTF-8 (byte 0x{raw[e.start]:02x} on line {line}); re-save the file as UTF-8"
+        ) from None
     if not text.lstrip().startswith("["):
         return _read_json_lines(source, path, max_rows)  # a .json file holding JSON lines (or a single object)
     try:
@@ -230,18 +239,29 @@ def _read_json(source: str, path: str, max_rows: int | None) -> Iterator[tuple[i
 
 
 def _read_json_lines(source: str, path: str, max_rows: int | None) -> Iterator[tuple[int, str, object]]:
-    # Read line by line ourselves so errors can name the exact line; blank lines are not rows.
+    # Read line by line ourselves so errors can name the exact line; blank lines are not rows. Bytes are decoded per
+    # line, so one badly encoded line is a bad row (skippable) rather than the end of the whole file.
     index = 0
-    with open(path, encoding="utf-8-sig") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+            except UnicodeDecodeError as e:
+                line = None
+                bad = f"is not valid UTF-8 (byte 0x{raw[e.start]:02x} at column {e.start + 1})"
+            if line is not None and not line.strip():
                 continue
             if max_rows is not None and index >= max_rows:
                 return
-            try:
-                row: object = json.loads(line)
-            except json.JSONDecodeError as e:
-                row = _BadRow("malformed_json", None, f"is not valid JSON ({e.msg})", "put one JSON object per line")
+            if line is None:
+                row: object = _BadRow("bad_encoding", None, bad, "re-save the file as UTF-8")
+            else:
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError as e:
+                    row = _BadRow(
+                        "malformed_json", None, f"is not valid JSON ({e.msg})", "put one JSON object per line"
+                    )
             yield index, f" (line {lineno})", row
             index += 1
 

@@ -91,24 +91,24 @@ class Evaluation:
         self.rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
         self.prompts = encode_prompts(tok, cfg.format, self.rows)
         self.device = inference_device()
-        self.sft = self.load_policy(cfg.sft)
+        self.sft = self.load_policy(cfg.sft, "sft")
         self.rm_tokenizer, self.reward_models, self.proxy_models = None, [], []
         proxy_paths = [cfg.proxy_reward_model] if cfg.proxy_reward_model else []
         if cfg.reward_model:
             self.rm_tokenizer = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
-            self.reward_models = self.load_rms(cfg.reward_model)
+            self.reward_models = self.load_rms(cfg.reward_model, "reward_model")
             proxy_paths = proxy_paths or reward_members(cfg.reward_model, holdout=True)
         for path in proxy_paths:
             self.rm_tokenizer = self.rm_tokenizer or load_tokenizer(path, cfg.trust_remote_code)
-            self.proxy_models += self.load_rms(path)
+            self.proxy_models += self.load_rms(path, "proxy_reward_model")
 
-    def load_policy(self, path: str):
+    def load_policy(self, path: str, key: str = "policy"):
         model_cfg = ModelConfig(name_or_path=path, trust_remote_code=self.cfg.trust_remote_code)
-        return load_causal_lm(model_cfg, self.tokenizer, dropout=False).eval().to(self.device)
+        return load_causal_lm(model_cfg, self.tokenizer, dropout=False, key=key).eval().to(self.device)
 
-    def load_rms(self, path: str) -> list:
+    def load_rms(self, path: str, key: str) -> list:
         model_cfg = ModelConfig(name_or_path=path, trust_remote_code=self.cfg.trust_remote_code)
-        return [rm.to(self.device) for rm in load_reward_ensemble(model_cfg, self.rm_tokenizer)]
+        return [rm.to(self.device) for rm in load_reward_ensemble(model_cfg, self.rm_tokenizer, key)]
 
     def rm_mean(self, models: list, sequences: list[list[int]]) -> list[float]:
         """Mean normalised score over `models` of each sequence."""
@@ -256,7 +256,7 @@ def frontier(cfg: EvalConfig, ev: Evaluation, sft: tuple[dict, dict]):
     rows, measured = [], {}
     sft_row = {"name": "sft", "step": 0} | sft[0]
     for name, step, path in run_policies(run_dir):
-        metrics, scores, texts = ev.measure(ev.load_policy(str(path)), name)
+        metrics, scores, texts = ev.measure(ev.load_policy(str(path), f"run_dir ({name})"), name)
         measured[name] = (path, metrics, scores, texts)
         rows.append({"name": name, "step": step, "path": str(path)} | metrics | ev.win_rate(scores, sft[1]))
     best = None

@@ -14,7 +14,7 @@ from rlhf.sampling import decode_responses, generate
 def main(args) -> None:
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
-    model = load_causal_lm(ModelConfig(name_or_path=args.model), tokenizer, dropout=False).eval()
+    model = load_causal_lm(ModelConfig(name_or_path=args.model), tokenizer, dropout=False, key="--model").eval()
     model.to(inference_device())
     if args.prompts_file:
         ds, _ = load_rows(args.prompts_file, "prompts")

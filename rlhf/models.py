@@ -24,6 +24,7 @@ from transformers import (
 from rlhf.config import ConfigError, LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+ENSEMBLE_FILE = "ensemble.json"  # in a reward-model ensemble's final/: its members, relative to it
 
 
 def load_tokenizer(model: ModelConfig | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
@@ -62,16 +63,75 @@ def _fit_vocab(model: nn.Module, tokenizer: PreTrainedTokenizerBase) -> None:
         model.generation_config.eos_token_id = tokenizer.eos_token_id
 
 
-def load_causal_lm(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dropout: bool = True) -> nn.Module:
-    """A causal LM from a checkpoint or (from_config) fresh from its config.json; LoRA applied if enabled."""
+def _architecture(path: str, trust_remote_code: bool) -> str:
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    except (OSError, ValueError):
+        return "an unknown architecture"
+    return ", ".join(config.architectures or []) or f"a {config.model_type} model"
+
+
+def _from_pretrained(auto_class, model_cfg: ModelConfig, key: str, allowed_new: tuple[str, ...] = (), **kwargs):
+    """from_pretrained that refuses a checkpoint whose weights would partly start random (a wrong role).
+
+    A weight missing from the checkpoint (or of the wrong shape) is freshly initialised by transformers with
+    only a warning: a reward model given as the policy gets a random LM head, a causal LM given as the reward
+    model a random score head, and training then optimises noise. Only weights named in `allowed_new` (the new
+    scalar head of a reward model trained from an LM) may start fresh. Returns (model, names started fresh)."""
+    path = model_cfg.name_or_path
+    if (Path(path) / ENSEMBLE_FILE).is_file():
+        raise ConfigError(
+            f"{key} = {path!r} is a reward-model ensemble (it holds {ENSEMBLE_FILE}); a single model is needed here"
+        )
+    try:
+        model, info = auto_class.from_pretrained(
+            path,
+            dtype=DTYPES[model_cfg.dtype],
+            trust_remote_code=model_cfg.trust_remote_code,
+            output_loading_info=True,
+            **kwargs,
+        )
+    except (OSError, ValueError) as e:  # no/unknown config.json, missing weights file, not a model dir
+        raise ConfigError(f"{key} = {path!r} cannot be loaded as a model: {' '.join(str(e).split())[:300]}") from None
+    missing = sorted(info["missing_keys"]) + sorted(
+        str(m[0]) if isinstance(m, tuple) else str(m) for m in info["mismatched_keys"]
+    )
+    fresh = [k for k in missing if k.split(".")[0] in allowed_new]
+    wrong = [k for k in missing if k not in fresh]
+    if wrong:
+        arch = _architecture(path, model_cfg.trust_remote_code)
+        role = "a causal LM" if auto_class is AutoModelForCausalLM else "a reward/value model with a scalar head"
+        raise ConfigError(
+            f"{key} = {path!r} cannot be loaded as {role}: it is {arch}, and {len(wrong)} weight(s) would start "
+            f"random ({', '.join(wrong[:3])}{', ...' if len(wrong) > 3 else ''}). {_role_hint(key, auto_class)}"
+        )
+    return model, fresh
+
+
+def _role_hint(key: str, auto_class) -> str:
+    if auto_class is AutoModelForCausalLM:
+        return (
+            f"Point {key} at a causal LM: the SFT stage's final/ (e.g. runs/tiny/sft/final) or a base model, "
+            "not a reward model dir."
+        )
+    return (
+        f"Point {key} at a trained reward model: the reward stage's final/ (e.g. runs/tiny/rm/final) or an "
+        "existing *ForSequenceClassification checkpoint with num_labels 1, not a causal LM dir."
+    )
+
+
+def load_causal_lm(
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dropout: bool = True, key: str = "model.name_or_path"
+) -> nn.Module:
+    """A causal LM from a checkpoint or (from_config) fresh from its config.json; LoRA applied if enabled.
+
+    Refuses (ConfigError naming `key`) a checkpoint whose LM weights would partly start random, e.g. an RM dir."""
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.from_config:
         config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
         model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
     else:
-        model = AutoModelForCausalLM.from_pretrained(
-            model_cfg.name_or_path, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code
-        )
+        model, _ = _from_pretrained(AutoModelForCausalLM, model_cfg, key)
     _fit_vocab(model, tokenizer)
     if not dropout:
         disable_dropout(model)
@@ -104,21 +164,25 @@ def apply_lora(model: nn.Module, lora: LoraConfig, task_type: str) -> nn.Module:
 
 
 def load_reward_model(
-    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, dropout: bool = False, train: bool = False
+    model_cfg: ModelConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    dropout: bool = False,
+    train: bool = False,
+    new_head: bool = False,
+    key: str = "models.reward.name_or_path",
 ) -> nn.Module:
     """A scalar-head model (AutoModelForSequenceClassification, num_labels=1).
 
-    From a causal LM (the SFT model) the unembedding is replaced by a fresh head initialised N(0, 1/(d+1))
-    (N+ detail 5); from a reward model the trained head is kept.
+    With `new_head` (the reward stage, or a value model started from the policy) a causal LM (the SFT model) gets a
+    fresh head initialised N(0, 1/(d+1)) (N+ detail 5) in place of its unembedding; a reward model keeps its
+    trained head. Without it, the checkpoint must carry a trained scalar head: anything that would start random
+    is refused with a ConfigError naming `key` (a causal LM given as the reward model would be optimised as noise).
     """
-    path = model_cfg.name_or_path
-    config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-    fresh_head = not any(a.endswith("ForSequenceClassification") for a in (config.architectures or []))
-    model = AutoModelForSequenceClassification.from_pretrained(
-        path, num_labels=1, dtype=DTYPES[model_cfg.dtype], trust_remote_code=model_cfg.trust_remote_code
+    model, fresh = _from_pretrained(
+        AutoModelForSequenceClassification, model_cfg, key, allowed_new=("score",) if new_head else (), num_labels=1
     )
     _fit_vocab(model, tokenizer)
-    if fresh_head:
+    if fresh:
         hidden = model.score.weight.shape[1]
         nn.init.normal_(model.score.weight, std=1 / math.sqrt(hidden + 1))
         model.config.reward_offset = 0.0
@@ -128,9 +192,6 @@ def load_reward_model(
         return prepare_for_training(model, model_cfg, task_type="SEQ_CLS")
     model.requires_grad_(False)
     return model.eval()
-
-
-ENSEMBLE_FILE = "ensemble.json"
 
 
 def reward_members(path: str, holdout: bool = False) -> list[str]:
@@ -151,10 +212,12 @@ def reward_members(path: str, holdout: bool = False) -> list[str]:
     return members
 
 
-def load_reward_ensemble(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase) -> list[nn.Module]:
-    """Frozen reward model(s) for a reward path: one model, or every PPO member of an ensemble."""
+def load_reward_ensemble(
+    model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, key: str = "models.reward.name_or_path"
+) -> list[nn.Module]:
+    """Frozen, trained reward model(s) for a reward path: one model, or every PPO member of an ensemble."""
     return [
-        load_reward_model(dataclasses.replace(model_cfg, name_or_path=m), tokenizer)
+        load_reward_model(dataclasses.replace(model_cfg, name_or_path=m), tokenizer, key=key)
         for m in reward_members(model_cfg.name_or_path)
     ]
 

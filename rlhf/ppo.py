@@ -71,8 +71,11 @@ from rlhf.ppo_math import (
 )
 from rlhf.sampling import decode_responses, generate
 from rlhf.training import (
+    GracefulStop,
+    NonFiniteGuard,
     Progress,
     ProgressBar,
+    StoppedBySignal,
     build_optimizer,
     build_scheduler,
     drop_metrics_after,
@@ -81,7 +84,7 @@ from rlhf.training import (
     log_text,
     make_accelerator,
     publish_final,
-    resolve_resume,
+    resume_state,
     save_checkpoint,
     save_final,
     seed_everything,
@@ -251,12 +254,13 @@ class PPOTrainer:
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.schedule.steps_per_epoch))
 
         # models: dropout off in all four (N+ detail 1)
-        self.policy = load_causal_lm(m.policy, self.tokenizer, dropout=False)
+        self.policy = load_causal_lm(m.policy, self.tokenizer, dropout=False, key="models.policy.name_or_path")
         self.reference = None
         if m.reference == "copy":
             ref_cfg = copy.deepcopy(m.policy)
             ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
-            self.reference = load_causal_lm(ref_cfg, self.tokenizer, dropout=False).requires_grad_(False).eval()
+            self.reference = load_causal_lm(ref_cfg, self.tokenizer, dropout=False, key="models.policy.name_or_path")
+            self.reference.requires_grad_(False).eval()
             self.reference.to(acc.device)
         # one reward model, or the PPO members of an ensemble (scores combined by reward.aggregate)
         self.reward_models = [rm.to(acc.device) for rm in load_reward_ensemble(m.reward, self.reward_tokenizer)]
@@ -265,7 +269,11 @@ class PPOTrainer:
             value_cfg.name_or_path = reward_members(m.reward.name_or_path)[0]
         value_cfg.lora.enabled = False
         value_cfg.gradient_checkpointing = m.policy.gradient_checkpointing
-        self.value_model = load_reward_model(value_cfg, self.tokenizer, train=True)
+        # from the RM its trained head is the value head's start; from the policy a new head is expected
+        value_key = "models.reward.name_or_path" if m.value_init == "reward" else "models.policy.name_or_path"
+        self.value_model = load_reward_model(
+            value_cfg, self.tokenizer, train=True, new_head=m.value_init == "policy", key=value_key
+        )
 
         policy_opt = build_optimizer(self.policy.parameters(), cfg.optim)
         value_opt = build_optimizer(self.value_model.parameters(), cfg.optim, lr=cfg.value_lr or cfg.optim.lr)
@@ -285,7 +293,8 @@ class PPOTrainer:
         self.score_moments = RunningMoments()
         self.progress = Progress()
         self.ema = EMA(acc.unwrap_model(self.policy), cfg.ema.decay) if cfg.ema.decay else None
-        acc.register_for_checkpointing(self.progress, self.kl_ctl, self.score_moments, self.kl_budget)
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_skips, "ppo")
+        acc.register_for_checkpointing(self.progress, self.kl_ctl, self.score_moments, self.kl_budget, self.guard)
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
 
@@ -520,11 +529,16 @@ class PPOTrainer:
                 # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
                 acc.backward(cfg.ptx.ptx_coef * ptx_loss)
             sums["ptx/loss"] = sums.get("ptx/loss", 0.0) + float(ptx_loss.detach())
-        if cfg.optim.max_grad_norm:
-            sums["policy/grad_norm"] = float(acc.clip_grad_norm_(self.policy.parameters(), cfg.optim.max_grad_norm))
-            acc.clip_grad_norm_(self.value_model.parameters(), cfg.optim.max_grad_norm)
+        max_norm = cfg.optim.max_grad_norm or float("inf")
+        sums["policy/grad_norm"] = float(acc.clip_grad_norm_(self.policy.parameters(), max_norm))
+        value_grad_norm = float(acc.clip_grad_norm_(self.value_model.parameters(), max_norm))
+        numbers = {
+            k: sums[k] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm") if k in sums
+        }
+        skip = self.guard.skip(acc, self.progress.step, numbers | {"value/grad_norm": value_grad_norm})
         for opt, sched in ((self.policy_opt, self.policy_sched), (self.value_opt, self.value_sched)):
-            opt.step()
+            if not skip:
+                opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
         if self.ema is not None:
@@ -547,9 +561,8 @@ class PPOTrainer:
     def train(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
-        resume_from = resolve_resume(cfg.resume, out)
+        resume_from = resume_state(acc, cfg.resume, out, "ppo")
         if resume_from is not None:
-            acc.load_state(str(resume_from / "state"))
             acc.print(f"[ppo] resumed from {resume_from} at iteration {self.progress.step}")
             drop_metrics_after(acc, self.progress.step)
         if acc.is_main_process:
@@ -562,52 +575,62 @@ class PPOTrainer:
         bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
         if self.kl_budget.exceeded:  # resumed from the checkpoint a KL-budget stop wrote: nothing left to train
             acc.print(f"[ppo] the KL budget ({cfg.kl.budget}) was spent at iteration {self.progress.step}")
-        while self.progress.step < self.total_steps and not self.kl_budget.exceeded:
-            step = self.progress.step
-            t0 = time.time()
-            ro, timing = self.rollout(self.batch_rows(step))
-            stats = self.compute_advantages(ro)
-            t1 = time.time()
-            stats |= self.update(ro, step)
-            t2 = time.time()
-            # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
-            kl = float(stats["objective/kl"])
-            self.kl_ctl.update(kl, cfg.train.batch_size)
-            over_budget = self.kl_budget.update(kl)
-            stats["objective/kl_smoothed"] = self.kl_budget.smoothed
-            self.progress.step += 1
-            self.progress.samples += cfg.train.batch_size
-            tokens = acc.gather(ro.attention_mask.sum()).sum().item()
-            stats |= timing | {
-                "time/train": t2 - t1,
-                "time/iteration": t2 - t0,
-                "tokens_per_s": tokens / (t2 - t0),
-                "lr": self.policy_sched.get_last_lr()[0],
-                "episodes": self.progress.samples,
-            }
-            bar.update(1, score=float(stats["objective/scores"]), kl=kl)
-            step = self.progress.step
-            if over_budget:
-                stats["stop/kl_budget"] = 1
-            if step % cfg.logging.every == 0 or step == self.total_steps or over_budget:
-                log_metrics(acc, stats, step)
-                self.log_samples(ro, step)
-            if over_budget:
-                # a hard stop: the policy as it is now becomes final/ (and a checkpoint, for the frontier)
-                acc.print(
-                    f"[ppo] stopping at iteration {step}: smoothed KL {self.kl_budget.smoothed:.3f} passed "
-                    f"kl.budget {cfg.kl.budget} (mean of the last {cfg.kl.budget_window} iterations)"
-                )
-                self.save(step)
-                break
-            if self.eval_prompts and (
-                (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
-            ):
-                log_metrics(acc, self.evaluate(), step)
-            if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total_steps:
-                self.save(step)
+        with GracefulStop() as stop:
+            while self.progress.step < self.total_steps and not self.kl_budget.exceeded:
+                step = self.progress.step
+                t0 = time.time()
+                ro, timing = self.rollout(self.batch_rows(step))
+                stats = self.compute_advantages(ro)
+                t1 = time.time()
+                # a NaN/inf reward or advantage (e.g. a broken reward model) must never reach the weights
+                numbers = {"scores": ro.scores, "values": ro.values, "advantages": ro.advantages}
+                if not self.guard.skip(acc, step, numbers):
+                    stats |= self.update(ro, step)
+                t2 = time.time()
+                # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
+                kl = float(stats["objective/kl"])
+                self.kl_ctl.update(kl, cfg.train.batch_size)
+                over_budget = self.kl_budget.update(kl)
+                stats["objective/kl_smoothed"] = self.kl_budget.smoothed
+                self.progress.step += 1
+                self.progress.samples += cfg.train.batch_size
+                tokens = acc.gather(ro.attention_mask.sum()).sum().item()
+                stats |= timing | {
+                    "time/train": t2 - t1,
+                    "time/iteration": t2 - t0,
+                    "tokens_per_s": tokens / (t2 - t0),
+                    "lr": self.policy_sched.get_last_lr()[0],
+                    "episodes": self.progress.samples,
+                }
+                bar.update(1, score=float(stats["objective/scores"]), kl=kl)
+                step = self.progress.step
+                if over_budget:
+                    stats["stop/kl_budget"] = 1
+                if step % cfg.logging.every == 0 or step == self.total_steps or over_budget:
+                    log_metrics(acc, stats, step)
+                    self.log_samples(ro, step)
+                if over_budget:
+                    # a hard stop: the policy as it is now becomes final/ (and a checkpoint, for the frontier)
+                    acc.print(
+                        f"[ppo] stopping at iteration {step}: smoothed KL {self.kl_budget.smoothed:.3f} passed "
+                        f"kl.budget {cfg.kl.budget} (mean of the last {cfg.kl.budget_window} iterations)"
+                    )
+                    self.save(step)
+                    break
+                if self.eval_prompts and (
+                    (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
+                ):
+                    log_metrics(acc, self.evaluate(), step)
+                periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total_steps
+                stopping = stop.requested(acc) and step < self.total_steps
+                if periodic or stopping:
+                    self.save(step)
+                if stopping:
+                    bar.close()
+                    acc.end_training()
+                    raise StoppedBySignal(stop.signame, step, out / f"checkpoint-{step}")
         bar.close()
-        final = publish_final(acc, out, self.write_final)
+        final = publish_final(acc, out, self.write_final, {"policy": self.policy})
         acc.end_training()
         return final
 

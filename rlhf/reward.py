@@ -250,7 +250,7 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
             )
         accelerator.print(f"[rm] reward_offset {offset:.5f} from {n_ref} reference completions")
 
-    model = load_reward_model(cfg.model, tokenizer, train=True)
+    model = load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
     task = SupervisedTask(
         name="rm",
         total_steps=total_steps,

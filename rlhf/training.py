@@ -2,8 +2,14 @@
 
 A checkpoint is `<output_dir>/checkpoint-<step>/`: `model/` (or one dir per trained role) in Hugging Face form,
 `state/` written by `accelerator.save_state` (optimizer, scheduler, RNG of every process, registered objects
-such as the step counter and the KL controller) and `config.yaml`. It is written under a `.tmp` name and renamed
-when complete, so a crash never leaves a half checkpoint that `resume: auto` would take.
+such as the step counter and the KL controller), `config.yaml` and `checkpoint.json` (every file with its size).
+It is written under a `.tmp` name and renamed when complete, so a crash never leaves a half checkpoint that
+`resume: auto` would take; a checkpoint damaged later (truncated, corrupted) is detected and the previous one used.
+
+Faults the loops handle (docs/reliability.md): SIGTERM/SIGINT finish the step, checkpoint and exit with
+`EXIT_STOPPED`; non-finite losses, gradient norms, rewards or advantages skip the step (up to
+`train.max_nonfinite_skips`) or stop the run; non-finite weights are never written; a failed save leaves the
+previous checkpoint intact and says why.
 """
 
 from __future__ import annotations
@@ -12,9 +18,12 @@ import contextlib
 import importlib.util
 import json
 import math
+import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -123,30 +132,98 @@ def checkpoint_dirs(output_dir: str | Path) -> list[Path]:
     return sorted(dirs, key=lambda p: int(p.name.split("-")[-1]))
 
 
-def resolve_resume(resume: str, output_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: `auto` = newest complete one (or none), `never`, or an explicit path."""
+MANIFEST = "checkpoint.json"
+
+
+def write_manifest(directory: Path, step: int) -> None:
+    """checkpoint.json: every file of the checkpoint with its size, so a truncated file is detected on resume."""
+    files = {str(p.relative_to(directory)): p.stat().st_size for p in sorted(directory.rglob("*")) if p.is_file()}
+    write_json(directory / MANIFEST, {"step": step, "files": files})
+
+
+def checkpoint_problem(path: Path) -> str | None:
+    """Why a checkpoint dir cannot be resumed from (None if it looks complete): no state/, or a file missing or of
+    another size than its manifest recorded. Checkpoints from before manifests existed are trusted."""
+    if not (path / "state").is_dir():
+        return "no state/ inside"
+    manifest = path / MANIFEST
+    if not manifest.exists():
+        return None
+    try:
+        files = json.loads(manifest.read_text())["files"]
+    except (ValueError, KeyError, OSError) as e:
+        return f"unreadable {MANIFEST} ({e})"
+    for name, size in files.items():
+        f = path / name
+        if not f.is_file():
+            return f"{name} is missing"
+        if f.stat().st_size != size:
+            return f"{name} has {f.stat().st_size} bytes, {size} were written"
+    return None
+
+
+def resume_state(accelerator: Accelerator, resume: str, output_dir: str | Path, name: str) -> Path | None:
+    """Load the training state to resume from and return its checkpoint dir (None: start fresh).
+
+    `auto` tries the newest complete checkpoint; one that is damaged (its manifest disagrees with the files, or
+    loading fails) is skipped with a warning for the previous one; if checkpoints exist but none is usable the
+    run stops (CheckpointError) rather than silently start over. An explicit path must be usable itself."""
     if resume == "never":
         return None
-    if resume == "auto":
-        found = checkpoint_dirs(output_dir)
-        return found[-1] if found else None
-    path = Path(resume)
-    if not (path / "state").is_dir():
-        raise ConfigError(f"resume: {resume} is not a checkpoint dir (no state/ inside)")
-    return path
+    explicit = resume != "auto"
+    candidates = [Path(resume)] if explicit else checkpoint_dirs(output_dir)[::-1]
+    tried = []
+    for ckpt in candidates:
+        problem = checkpoint_problem(ckpt)
+        if problem is None:
+            try:
+                accelerator.load_state(str(ckpt / "state"))
+            except Exception as e:  # any failure to read the state means this checkpoint is unusable
+                problem = f"cannot be loaded ({type(e).__name__}: {str(e)[:200]})"
+        if problem is None:
+            if tried:
+                accelerator.print(f"[{name}] warning: resuming from {ckpt.name}, skipped {'; '.join(tried)}")
+            return ckpt
+        tried.append(f"{ckpt.name} ({problem})")
+        accelerator.print(f"[{name}] warning: checkpoint {ckpt} is unusable: {problem}")
+    if explicit:
+        raise CheckpointError(f"resume: {resume} is not a usable checkpoint: {tried[0]}. Fix resume: or use auto")
+    if tried:
+        raise CheckpointError(
+            f"no usable checkpoint in {output_dir}: {'; '.join(tried)}. Delete them to start over (or set "
+            "resume: never)"
+        )
+    return None
 
 
-def publish_atomically(accelerator: Accelerator, target: Path, write) -> Path:
-    """Run `write(tmp_dir)` on every process, then rename `<target>.tmp` -> `target`: the dir exists only complete."""
+def publish_atomically(accelerator: Accelerator, target: Path, write, step: int | None = None) -> Path:
+    """Run `write(tmp_dir)` on every process, then rename `<target>.tmp` -> `target`: the dir exists only complete.
+
+    With `step`, a manifest of the files is written last (a checkpoint). An OSError (full disk, read-only dir)
+    removes the partial dir and raises CheckpointError: whatever `target` held before is untouched until the rename.
+    """
     tmp = target.with_name(target.name + ".tmp")
-    if accelerator.is_main_process and tmp.exists():
-        shutil.rmtree(tmp)
-    accelerator.wait_for_everyone()
-    write(tmp)
-    if accelerator.is_main_process:
-        if target.exists():
-            shutil.rmtree(target)
-        tmp.rename(target)
+    try:
+        if accelerator.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        accelerator.wait_for_everyone()
+        write(tmp)
+        accelerator.wait_for_everyone()
+        if accelerator.is_main_process:
+            if step is not None:
+                write_manifest(tmp, step)
+            if target.exists():
+                shutil.rmtree(target)
+            tmp.rename(target)
+    except OSError as e:
+        if accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        previous = [p.name for p in checkpoint_dirs(target.parent)]
+        raise CheckpointError(
+            f"could not write {target}: {e.strerror or e} ({type(e).__name__}). Nothing already written was "
+            f"touched (complete checkpoints: {', '.join(previous) or 'none'}). Free disk space or make "
+            f"{target.parent} writable, then run the same command to resume"
+        ) from e
     accelerator.wait_for_everyone()
     return target
 
@@ -163,7 +240,8 @@ def save_checkpoint(
         if accelerator.is_main_process:
             save_config(cfg, tmp / "config.yaml")
 
-    final = publish_atomically(accelerator, Path(output_dir) / f"checkpoint-{step}", write)
+    check_finite_weights(accelerator, models, f"checkpoint-{step}")
+    final = publish_atomically(accelerator, Path(output_dir) / f"checkpoint-{step}", write, step=step)
     if accelerator.is_main_process and keep_last:
         for old in checkpoint_dirs(output_dir)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -181,8 +259,9 @@ def save_hf(accelerator: Accelerator, model, path: Path, tokenizer=None) -> None
             tokenizer.save_pretrained(str(path))
 
 
-def publish_final(accelerator: Accelerator, output_dir: str | Path, write) -> Path:
-    """`<output_dir>/final`, written by `write(tmp_dir)`, exists only when complete."""
+def publish_final(accelerator: Accelerator, output_dir: str | Path, write, models: dict[str, Any]) -> Path:
+    """`<output_dir>/final`, written by `write(tmp_dir)`, exists only when complete (and `models` are finite)."""
+    check_finite_weights(accelerator, models, "final/")
     return publish_atomically(accelerator, Path(output_dir) / "final", write)
 
 
@@ -198,6 +277,126 @@ def save_final(accelerator: Accelerator, model, path: Path, tokenizer, cfg) -> N
         model.save_pretrained(str(path), safe_serialization=True)
         tokenizer.save_pretrained(str(path))
         save_config(cfg, path / "rlhf_config.yaml")
+
+
+# --------------------------------------------------------------------------------------------------
+# Faults: signals, non-finite numbers, checkpoints that cannot be written
+# --------------------------------------------------------------------------------------------------
+
+EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; the same command resumes
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or no usable one can be read; the message says what is intact and what to do."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss, gradient norm, reward, advantage or weight is NaN/inf; nothing non-finite was written."""
+
+
+class StoppedBySignal(Exception):
+    """SIGTERM/SIGINT: the step finished and a checkpoint was written; the CLI exits with EXIT_STOPPED."""
+
+    def __init__(self, signame: str, step: int, checkpoint: Path):
+        super().__init__(
+            f"stopped by {signame} at step {step}: checkpoint {checkpoint} written; run the same command to resume"
+        )
+
+
+class GracefulStop:
+    """A context in which SIGTERM/SIGINT (scheduler preemption, Ctrl-C) only set a flag: the loop finishes its step,
+    checkpoints and raises StoppedBySignal. A second signal exits at once (status 128 + signal)."""
+
+    def __init__(self):
+        self.signum: int | None = None
+        self._previous: dict = {}
+
+    def __enter__(self) -> GracefulStop:
+        if threading.current_thread() is threading.main_thread():  # handlers can only be set there
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self.handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def handle(self, signum: int, frame=None) -> None:
+        if self.signum is not None:
+            os._exit(128 + signum)
+        self.signum = signum
+        print(
+            f"\n[rlhf] {signal.Signals(signum).name}: finishing this step, then checkpoint and exit "
+            "(send it again to exit at once)",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def requested(self, accelerator: Accelerator) -> bool:
+        """Whether any process got a signal (all processes must stop at the same step)."""
+        flag = self.signum is not None
+        if accelerator.num_processes > 1:
+            flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+        return flag
+
+    @property
+    def signame(self) -> str:
+        return signal.Signals(self.signum).name if self.signum else "a signal on another process"
+
+
+class NonFiniteGuard:
+    """Checks a step's numbers: a NaN/inf one skips the step (at most `max_skips` times in a run), then stops it.
+
+    Registered for checkpointing, so a resumed run counts the skips it already made."""
+
+    def __init__(self, max_skips: int, stage: str):
+        self.max_skips, self.stage, self.skipped = max_skips, stage, 0
+
+    def skip(self, accelerator: Accelerator, step: int, quantities: dict[str, Any]) -> bool:
+        """True when this step must be skipped; raises NonFiniteError once the skip budget is spent."""
+        bad = {k: v for k, v in quantities.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())}
+        flag = bool(bad)
+        if accelerator.num_processes > 1:  # every process takes the same decision
+            flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+        if not flag:
+            return False
+        what = ", ".join(f"{k} {_nonfinite(v)}" for k, v in bad.items()) or "a quantity on another process"
+        self.skipped += 1
+        if self.skipped > self.max_skips:
+            raise NonFiniteError(
+                f"[{self.stage}] step {step + 1}: non-finite {what}; stopped before writing anything. Lower "
+                "optim.lr, set optim.max_grad_norm > 0 or check the data; train.max_nonfinite_skips allows skipping "
+                f"such steps ({self.max_skips} now). The last checkpoint, if any, is unaffected"
+            )
+        accelerator.print(
+            f"[{self.stage}] warning: step {step + 1}: non-finite {what}; step skipped "
+            f"({self.skipped}/{self.max_skips} allowed)"
+        )
+        return True
+
+    def state_dict(self) -> dict:
+        return {"skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.skipped = int(state["skipped"])
+
+
+def _nonfinite(value: Any) -> str:
+    t = torch.as_tensor(value)
+    if t.numel() == 1:
+        return f"= {t.item()}"
+    return f"({int((~torch.isfinite(t)).sum())} of {t.numel()} values NaN/inf)"
+
+
+def check_finite_weights(accelerator: Accelerator, models: dict[str, Any], what: str) -> None:
+    """Refuse to write `what` when a trained weight is NaN/inf (a NaN checkpoint would poison every resume)."""
+    for role, model in models.items():
+        for name, p in accelerator.unwrap_model(model).named_parameters():
+            if p.requires_grad and not bool(torch.isfinite(p).all()):
+                raise NonFiniteError(
+                    f"the {role} weight {name} is not finite: {what} was not written. Lower optim.lr or set "
+                    "optim.max_grad_norm > 0; the last complete checkpoint, if any, is unaffected"
+                )
 
 
 # --------------------------------------------------------------------------------------------------
@@ -364,10 +563,10 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
     scheduler = build_scheduler(optimizer, cfg.optim, task.total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
     progress = Progress()
-    accelerator.register_for_checkpointing(progress)
-    resume_from = resolve_resume(cfg.resume, out)
+    guard = NonFiniteGuard(cfg.train.max_nonfinite_skips, task.name)
+    accelerator.register_for_checkpointing(progress, guard)
+    resume_from = resume_state(accelerator, cfg.resume, out, task.name)
     if resume_from is not None:
-        accelerator.load_state(str(resume_from / "state"))
         accelerator.print(f"[{task.name}] resumed from {resume_from} at step {progress.step}")
         drop_metrics_after(accelerator, progress.step)
     if accelerator.is_main_process:
@@ -376,55 +575,66 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
     bar = ProgressBar(task.total_steps, task.name, cfg.logging.progress, progress.step, accelerator.is_main_process)
     window: dict[str, float] = {}
     tokens_seen, window_start = 0, time.time()
-    while progress.step < task.total_steps:
-        model.train()
-        rows = task.global_batch(progress.step)
-        mine = rows[accelerator.process_index :: accelerator.num_processes]
-        batches = [
-            task.collate(mine[s : s + cfg.train.micro_batch_size])
-            for s in range(0, len(mine), cfg.train.micro_batch_size)
-        ]
-        total_units = sum(float(task.units(b)) for b in batches)
-        stats: dict[str, float] = {}
-        for i, batch in enumerate(batches):
-            batch = {k: v.to(accelerator.device) for k, v in batch.items()}
-            # only the last micro-batch all-reduces gradients under DDP
-            sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
-            with sync, accelerator.autocast():
-                loss_sum, batch_stats = task.loss(model, batch)
-                accelerator.backward(loss_sum / max(total_units, 1.0))
-            for k, v in batch_stats.items():
-                stats[k] = stats.get(k, 0.0) + float(v)
-            tokens_seen += int(batch["attention_mask"].sum())
-        grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
-        optimizer.step()
-        scheduler.step()
-        optimizer.zero_grad(set_to_none=True)
-        progress.step += 1
-        progress.samples += len(rows)
+    with GracefulStop() as stop:
+        while progress.step < task.total_steps:
+            model.train()
+            rows = task.global_batch(progress.step)
+            mine = rows[accelerator.process_index :: accelerator.num_processes]
+            batches = [
+                task.collate(mine[s : s + cfg.train.micro_batch_size])
+                for s in range(0, len(mine), cfg.train.micro_batch_size)
+            ]
+            total_units = sum(float(task.units(b)) for b in batches)
+            stats: dict[str, float] = {}
+            for i, batch in enumerate(batches):
+                batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+                # only the last micro-batch all-reduces gradients under DDP
+                sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
+                with sync, accelerator.autocast():
+                    loss_sum, batch_stats = task.loss(model, batch)
+                    accelerator.backward(loss_sum / max(total_units, 1.0))
+                for k, v in batch_stats.items():
+                    stats[k] = stats.get(k, 0.0) + float(v)
+                tokens_seen += int(batch["attention_mask"].sum())
+            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+            loss = stats.get("loss", 0.0) / max(total_units, 1.0)
+            if not guard.skip(accelerator, progress.step, {"loss": loss, "grad_norm": grad_norm}):
+                optimizer.step()
+            scheduler.step()  # a skipped step still advances the schedule: LR stays a function of the step
+            optimizer.zero_grad(set_to_none=True)
+            progress.step += 1
+            progress.samples += len(rows)
 
-        for k, v in stats.items():
-            window[k] = window.get(k, 0.0) + v / max(total_units, 1.0)
-        window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
-        window["_n"] = window.get("_n", 0.0) + 1
-        bar.update(1, loss=stats.get("loss", 0.0) / max(total_units, 1.0))
-        step = progress.step
-        if step % cfg.logging.every == 0 or step == task.total_steps:
-            n = window.pop("_n")
-            elapsed = time.time() - window_start
-            row = {f"train/{k}": v / n for k, v in window.items()}
-            row |= {
-                "lr": scheduler.get_last_lr()[0],
-                "tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
-                "samples": progress.samples,
-            }
-            log_metrics(accelerator, row, step)
-            window, tokens_seen, window_start = {}, 0, time.time()
-        if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == task.total_steps:
-            log_metrics(accelerator, task.evaluate(accelerator.unwrap_model(model), step), step)
-        if cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < task.total_steps:
-            save_checkpoint(accelerator, out, step, {"model": model}, tokenizer, cfg, cfg.checkpoint.keep_last)
+            for k, v in stats.items():
+                window[k] = window.get(k, 0.0) + v / max(total_units, 1.0)
+            window["grad_norm"] = window.get("grad_norm", 0.0) + float(grad_norm)
+            window["_n"] = window.get("_n", 0.0) + 1
+            bar.update(1, loss=loss)
+            step = progress.step
+            if step % cfg.logging.every == 0 or step == task.total_steps:
+                n = window.pop("_n")
+                elapsed = time.time() - window_start
+                row = {f"train/{k}": v / n for k, v in window.items()}
+                row |= {
+                    "lr": scheduler.get_last_lr()[0],
+                    "tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
+                    "samples": progress.samples,
+                }
+                log_metrics(accelerator, row, step)
+                window, tokens_seen, window_start = {}, 0, time.time()
+            if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == task.total_steps:
+                log_metrics(accelerator, task.evaluate(accelerator.unwrap_model(model), step), step)
+            periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < task.total_steps
+            stopping = stop.requested(accelerator) and step < task.total_steps
+            if periodic or stopping:
+                ckpt = save_checkpoint(
+                    accelerator, out, step, {"model": model}, tokenizer, cfg, cfg.checkpoint.keep_last
+                )
+            if stopping:
+                bar.close()
+                accelerator.end_training()
+                raise StoppedBySignal(stop.signame, step, ckpt)
     bar.close()
-    final = publish_final(accelerator, out, lambda tmp: task.write_final(model, tmp))
+    final = publish_final(accelerator, out, lambda tmp: task.write_final(model, tmp), {"model": model})
     accelerator.end_training()
     return final

@@ -235,6 +235,8 @@ def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
             "train.max_steps=40",
             "train.eval_every=0",
             "checkpoint.every=0",
+            "ensemble.size=1",  # one plain RM dir (the shipped recipe trains a 2-member ensemble)
+            "ensemble.holdout=0",
         ],
     )
     return reward.train(cfg)

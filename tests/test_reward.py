@@ -97,7 +97,7 @@ def test_group_loss_pairwise_only(monkeypatch):
 def rm_model(tiny_sft):
     tokenizer = load_tokenizer(str(tiny_sft))
     torch.manual_seed(0)
-    model = load_reward_model(ModelConfig(name_or_path=str(tiny_sft)), tokenizer)
+    model = load_reward_model(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, new_head=True)
     return model, tokenizer
 
 
