@@ -74,7 +74,7 @@ _MAPPABLE = {
     "preference": ("prompt", "ranked", "chosen", "rejected", "messages"),
     "prompts": ("prompt", "messages"),
 }
-_SKIP_HINT = "or set data.on_bad_row: skip to skip such rows"
+_SKIP_HINT = "or set data.format.on_bad_row: skip to skip such rows"
 
 
 @dataclass
@@ -116,7 +116,7 @@ def load_rows(
     if kind not in KINDS:
         raise DataError(f"unknown data kind {kind!r}; expected one of {KINDS}")
     if on_bad_row not in ON_BAD_ROW:
-        raise DataError(f"data.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
+        raise DataError(f"data.format.on_bad_row must be one of {ON_BAD_ROW}, got {on_bad_row!r}")
     if max_rows is not None and (isinstance(max_rows, bool) or not isinstance(max_rows, int) or max_rows < 1):
         raise DataError(f"data.max_rows must be a positive integer or null, got {max_rows!r}")
     field_map = dict(field_map or {})
@@ -135,6 +135,7 @@ def load_rows(
             if not isinstance(raw, dict):
                 raise _BadRow("not_an_object", None, f"is {_describe(raw)}, not an object", "make each row an object")
             row, row_ties = normalise(_apply_field_map(raw, field_map))
+            _check_unicode(row)
         except _BadRow as bad:
             src_field = field_map.get(bad.field, bad.field) if bad.field else None
             if on_bad_row == "skip":
@@ -274,6 +275,20 @@ def _apply_field_map(raw: dict, field_map: dict[str, str]) -> dict:
 
 
 # ------------------------------------------------------------------------------------------ row normalisation
+
+
+def _check_unicode(row: dict) -> None:
+    """JSON may carry lone surrogates ("\\ud800") that no UTF-8 tokenizer or Arrow column accepts."""
+    for name, value in row.items():
+        texts = [value] if isinstance(value, str) else value if isinstance(value, list) else []
+        for text in texts:
+            for s in text.values() if isinstance(text, dict) else [text]:
+                try:
+                    s.encode("utf-8")
+                except UnicodeEncodeError as e:
+                    raise _BadRow(
+                        "bad_encoding", name, f"holds an invalid Unicode character ({e.reason})", "fix the text"
+                    ) from None
 
 
 def _describe(value: object) -> str:

@@ -82,6 +82,8 @@ def rm_overrides(world: Path, out: Path, model: Path, **extra) -> dict:
         "train.micro_batch_size": 4,
         "train.eval_every": 0,
         "optim.warmup_steps": 2,
+        "ensemble.size": 1,  # one plain RM dir (the shipped recipe trains a 2-member ensemble)
+        "ensemble.holdout": 0,
     } | {k.replace("__", "."): v for k, v in extra.items()}
 
 

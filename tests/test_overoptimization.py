@@ -176,7 +176,7 @@ def test_promote_moves_the_last_policy_aside_once(tmp_path):
 
 def test_select_best_needs_a_held_out_proxy(tiny_world, tiny_sft, tiny_rm, tmp_path):
     with pytest.raises(ConfigError, match="select_best needs run_dir"):
-        load_config("eval", str(CONFIGS / "tiny" / "eval.yaml"), ["select_best=true"])
+        load_config("eval", str(CONFIGS / "tiny" / "eval.yaml"), ["select_best=true", "run_dir=", "policy=p"])
     run = tmp_path / "ppo"
     ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, run, FAST + ["train.max_steps=1"]))
     cfg = eval_config(tiny_world, tiny_sft, tiny_rm, run, tmp_path / "eval", ["select_best=true", "judge="])

@@ -76,7 +76,7 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
     first.wait()
     assert not (runs / "ppo" / "final").exists()
     sft_stamp = (runs / "sft" / "final" / "model.safetensors").stat().st_mtime_ns
-    rm_stamp = (runs / "rm" / "final" / "model.safetensors").stat().st_mtime_ns
+    rm_stamp = (runs / "rm" / "member-0" / "final" / "model.safetensors").stat().st_mtime_ns
 
     second = run_cli(args)
     log = second.communicate(timeout=600)[0]
@@ -85,7 +85,8 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
         assert f"[pipeline] {stage}: finished already" in log
     assert "[ppo] resumed from" in log
     assert (runs / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_stamp
-    assert (runs / "rm" / "final" / "model.safetensors").stat().st_mtime_ns == rm_stamp
+    assert (runs / "rm" / "member-0" / "final" / "model.safetensors").stat().st_mtime_ns == rm_stamp
+    assert (runs / "rm" / "final" / "ensemble.json").exists()  # the recipe's RM: member-0, member-1 held out
     steps = [
         json.loads(x)["step"]
         for x in (runs / "ppo" / "metrics.jsonl").read_text().splitlines()
@@ -113,12 +114,18 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
     assert 0.0 <= result["win_rate"] <= 1.0
     last_line = log.strip().splitlines()[-1]
     assert json.loads(last_line) == result  # the eval's final JSON line
+    # the frontier: every kept checkpoint and the last policy, the best by the held-out member promoted to final/
+    frontier = json.loads((runs / "eval" / "frontier.json").read_text())
+    assert [r["name"] for r in frontier["rows"]] == ["checkpoint-2", "checkpoint-4", "final"]
+    assert frontier["best"]["name"] in ("checkpoint-2", "checkpoint-4", "final")
+    assert all("proxy_score" in r and "gold_score" in r for r in frontier["rows"])
 
     plots = plot_run(runs)
     assert {p.name for p in plots} >= {"ppo_reward.png", "ppo_kl.png", "rm_accuracy.png", "sft_loss.png"}
     assert all(p.stat().st_size > 5000 for p in plots)
     table = summarize(runs)
     assert "rm" in table and "win-rate" in table
+    assert f"best checkpoint by the held-out proxy RM: {frontier['best']['name']}" in table
 
     # a third run finds everything done
     third = run_cli(args)
