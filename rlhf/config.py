@@ -303,6 +303,8 @@ class KLConfig:
     """pi: proportional gain on the relative KL error (log-beta per unit error)."""
     i_gain: float = 0.2
     """pi: integral gain (log-beta per iteration per unit error)."""
+    lookahead: float = 10.0
+    """pi: act on the KL predicted this many iterations ahead from its recent trend (0 = the current KL)."""
     min_coef: float = 1.0e-4
     """pi: beta never goes below this."""
     max_coef: float = 10.0
@@ -454,8 +456,11 @@ class PPOConfig:
             _positive(k.horizon, "kl.horizon")
             if not 0 < k.min_coef <= k.max_coef:
                 raise ConfigError(f"need 0 < kl.min_coef <= kl.max_coef, got {k.min_coef} and {k.max_coef}")
-            if k.p_gain < 0 or k.i_gain <= 0:
-                raise ConfigError(f"need kl.p_gain >= 0 and kl.i_gain > 0, got {k.p_gain} and {k.i_gain}")
+            if k.p_gain < 0 or k.i_gain <= 0 or k.lookahead < 0:
+                raise ConfigError(
+                    f"need kl.p_gain >= 0, kl.i_gain > 0 and kl.lookahead >= 0, got {k.p_gain}, {k.i_gain}, "
+                    f"{k.lookahead}"
+                )
         if k.budget < 0:
             raise ConfigError(f"kl.budget must be >= 0 (0 = off), got {k.budget}")
         _positive(k.budget_window, "kl.budget_window")

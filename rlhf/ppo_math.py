@@ -542,18 +542,21 @@ class AdaptiveKLController:
 
 
 class PIKLController:
-    """Holds the KL near a target: PI control of log(beta), a damped dual ascent on the multiplier of KL <= target.
+    """Holds the KL near a target: PI control of log(beta) on the KL predicted a few iterations ahead.
 
-        e_t            = clip(KL_t / KL_target - 1, -1, 1)
+        slope_t        = 0.8 * slope_{t-1} + 0.2 * (KL_t - KL_{t-1})          (smoothed KL change per iteration)
+        e_t            = clip((KL_t + lookahead * slope_t) / KL_target - 1, -1, 1)
         log beta_{t+1} = log beta_t + p_gain * (e_t - e_{t-1}) + i_gain * e_t,     beta in [min_coef, max_coef]
 
     This is the velocity form of log beta_t = log beta_0 + p_gain * e_t + i_gain * sum_s e_s ([PID-Lagrangian]
     applied to beta): the integral term moves beta until the KL sits at the target whatever beta_0 was, the
-    proportional term reacts at once to a change of the KL, which damps the overshoot that a pure integral (or
-    Ziegler's slow proportional controller) gives when beta fell while the policy was still near SFT. Working in
-    log(beta) makes the gains scale-free (a step is a factor on beta), and the clamp of beta with the incremental
-    form is the anti-windup. Updated once per iteration with the batch-mean KL per sequence; e_{-1} = e_0, so
-    the first update has no proportional kick.
+    proportional term reacts at once to a change of the KL. The policy's KL lags beta (it moves only as fast as
+    the learning rate lets it), so while the policy is still near SFT the error says "raise the KL" and beta
+    falls; acting on the KL predicted `lookahead` iterations ahead stops that fall as soon as the KL is on its
+    way, which is what keeps it from overshooting the target later (the failure of Ziegler's slow controller).
+    Working in log(beta) makes the gains scale-free (a step is a factor on beta); the clamp with the incremental
+    form is the anti-windup. Updated once per iteration with the batch-mean KL per sequence; e_{-1} = e_0 and
+    slope_0 = 0, so the first update has no proportional kick.
     """
 
     def __init__(
@@ -562,33 +565,45 @@ class PIKLController:
         target: float,
         p_gain: float = 1.0,
         i_gain: float = 0.2,
+        lookahead: float = 10.0,
         min_coef: float = 1e-4,
         max_coef: float = 10.0,
     ):
-        if target <= 0 or init_kl_coef <= 0 or not 0 < min_coef <= max_coef:
+        if target <= 0 or init_kl_coef <= 0 or not 0 < min_coef <= max_coef or lookahead < 0:
             raise ValueError(
-                f"need target > 0, init_kl_coef > 0 and 0 < min_coef <= max_coef, got target={target}, "
-                f"init_kl_coef={init_kl_coef}, min_coef={min_coef}, max_coef={max_coef}"
+                f"need target > 0, init_kl_coef > 0, lookahead >= 0 and 0 < min_coef <= max_coef, got "
+                f"target={target}, init_kl_coef={init_kl_coef}, lookahead={lookahead}, min_coef={min_coef}, "
+                f"max_coef={max_coef}"
             )
         self.value = min(max(float(init_kl_coef), min_coef), max_coef)
         self.target, self.p_gain, self.i_gain = float(target), float(p_gain), float(i_gain)
-        self.min_coef, self.max_coef = float(min_coef), float(max_coef)
+        self.lookahead, self.min_coef, self.max_coef = float(lookahead), float(min_coef), float(max_coef)
         self.prev_error: float | None = None
+        self.prev_kl: float | None = None
+        self.slope = 0.0
 
     def update(self, current_kl: float, n_steps: int = 1) -> None:
         """One iteration's update from its batch-mean KL per sequence (`n_steps` is unused: one step per call)."""
-        error = min(max(float(current_kl) / self.target - 1.0, -1.0), 1.0)
+        kl = float(current_kl)
+        if self.prev_kl is not None:
+            self.slope = 0.8 * self.slope + 0.2 * (kl - self.prev_kl)
+        self.prev_kl = kl
+        error = min(max((kl + self.lookahead * self.slope) / self.target - 1.0, -1.0), 1.0)
         prev = error if self.prev_error is None else self.prev_error
         log_beta = math.log(self.value) + self.p_gain * (error - prev) + self.i_gain * error
         self.value = min(max(math.exp(log_beta), self.min_coef), self.max_coef)
         self.prev_error = error
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "prev_error": self.prev_error}
+        return {"value": self.value, "prev_error": self.prev_error, "prev_kl": self.prev_kl, "slope": self.slope}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.value = float(state_dict["value"])
-        self.prev_error = state_dict["prev_error"]
+        self.prev_error, self.prev_kl, self.slope = (
+            state_dict["prev_error"],
+            state_dict["prev_kl"],
+            state_dict["slope"],
+        )
 
 
 class KLBudget:
