@@ -102,6 +102,46 @@ def test_sigterm_checkpoints_the_step_and_resume_is_bit_exact(tiny_world, tiny_s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_sigterm_under_two_processes_stops_every_rank_at_the_same_step(tiny_world, tiny_base, tmp_path):
+    """torchrun (what `accelerate launch` runs for several processes) forwards SIGTERM to every rank; the ranks
+    agree on the step (the flag is all-reduced), rank 0 writes that checkpoint and a 2-process resume finishes
+    with the weights of an uninterrupted 2-process run."""
+    base = sft_overrides(tiny_world, tmp_path, tiny_base, train__max_steps=12, logging__every=1)
+    base |= {"train.batch_size": 16, "train.micro_batch_size": 8, "logging.progress": "off"}
+    configs = {}
+    for name in ("straight", "stopped"):
+        configs[name] = tmp_path / f"{name}.yaml"
+        save_config(load_stage("sft", "sft.yaml", base | {"output_dir": tmp_path / name}), configs[name])
+
+    def launch(name: str) -> subprocess.Popen:
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        args = torchrun + ["-m", "rlhf", "sft", "--config", str(configs[name])]
+        return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+
+    straight = launch("straight")
+    assert straight.wait(timeout=300) == 0, straight.stdout.read()[-3000:]
+    out = tmp_path / "stopped"
+    proc = launch("stopped")
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None:
+        if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler does
+    log = proc.communicate(timeout=120)[0]
+    stops = [line for line in log.splitlines() if "stopped by SIGTERM at step" in line]
+    assert len(stops) == 2 and stops[0] == stops[1], log[-3000:]
+    step = int(stops[0].split("at step ")[1].split(":")[0])
+    assert step < 12 and checkpoint_problem(out / f"checkpoint-{step}") is None
+    resumed = launch("stopped")
+    log = resumed.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, log[-3000:]
+    a = load_safetensors_dir(tmp_path / "straight" / "final")
+    b = load_safetensors_dir(out / "final")
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_second_signal_exits_at_once(monkeypatch):
     exits = []
     monkeypatch.setattr(os, "_exit", exits.append)
