@@ -326,23 +326,22 @@ def plot_frontier(report: dict, path: Path) -> Path | None:
 
     rows = [report["sft"]] + report["rows"]
     kl = [r["kl_to_sft"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.0), dpi=110)
+    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
     for key, label in (("rm_score", "RM score (optimised)"), ("proxy_score", "held-out proxy RM")):
         if all(key in r for r in rows):
             ax.plot(kl, [r[key] for r in rows], marker="o", markersize=3, label=label)
-    ax.set_xlabel("KL to SFT (nats / sequence)")
+    ax.set_xlabel("KL to SFT (nats / sequence), points in training order")
     ax.set_ylabel("reward-model score")
+    if report["best"]:
+        ax.axvline(report["best"]["kl_to_sft"], color="green", linestyle="--", label=f"best: {report['best']['name']}")
     if all("gold_score" in r for r in rows):
         gold_ax = ax.twinx()
         gold_ax.plot(kl, [r["gold_score"] for r in rows], color="black", marker="s", markersize=3, label="gold")
         gold_ax.set_ylabel("gold score")
-        gold_ax.legend(loc="lower right")
-    if report["best"]:
-        ax.axvline(report["best"]["kl_to_sft"], color="green", linestyle="--", label=f"best: {report['best']['name']}")
-    ax.legend(loc="upper left")
     ax.grid(alpha=0.3)
     ax.set_title("reward vs KL over the PPO run")
-    fig.tight_layout()
+    fig.legend(loc="lower center", ncol=4, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path

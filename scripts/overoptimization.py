@@ -6,7 +6,7 @@ See docs/overoptimization.md for the results.
 2. a reward-model ensemble: 3 members on bootstrap resamples, member-2 held out as the proxy;
 3. baseline: a long PPO run at a low fixed beta against member-0 alone;
 4. mitigated: the same run with a KL target (PI controller), a KL budget and the conservative ensemble
-   reward mean - std over members 0 and 1;
+   reward mean - std over members 0 and 1; and each mitigation alone (kl_target_only, ensemble_only);
 5. `rlhf eval` over both run dirs (the frontier; gold judge = the tiny world's, proxy = member-2), then a table.
 
 Every step is skipped when its output exists, so an interrupted script resumes. `ITERATIONS=N` shortens it.
@@ -36,16 +36,13 @@ COMMON_PPO = [
     "data.eval_prompts.path=",
     "logging.progress=lines",
 ]
+KL_TARGET = ["kl.adaptive=true", f"kl.target={TARGET_KL}", f"kl.budget={2 * TARGET_KL}"]
+ENSEMBLE = [f"models.reward.name_or_path={RUN}/rm/final", "reward.aggregate=mean_minus_std", "reward.std_coef=1.0"]
 RUNS = {
     "baseline": [f"models.reward.name_or_path={RUN}/rm/member-0/final"],
-    "mitigated": [
-        f"models.reward.name_or_path={RUN}/rm/final",
-        "reward.aggregate=mean_minus_std",
-        "reward.std_coef=1.0",
-        "kl.adaptive=true",
-        f"kl.target={TARGET_KL}",
-        f"kl.budget={2 * TARGET_KL}",
-    ],
+    "kl_target_only": [f"models.reward.name_or_path={RUN}/rm/member-0/final"] + KL_TARGET,
+    "ensemble_only": ENSEMBLE,
+    "mitigated": ENSEMBLE + KL_TARGET,
 }
 
 
@@ -106,5 +103,5 @@ if __name__ == "__main__":
     table = [summary(name, frontier(name)) for name in RUNS]
     for row in table:
         print(json.dumps(row))
-    print(f"plots: {RUN}/baseline/eval/frontier.png {RUN}/mitigated/eval/frontier.png")
+    print(f"plots: {', '.join(str(RUN / name / 'eval' / 'frontier.png') for name in RUNS)}")
     print(f"wall time: {time.time() - start:.0f} s", file=sys.stderr)
