@@ -5,13 +5,18 @@ policy with its adapter disabled), the value model (from the reward model, as In
 the frozen reward model. Dropout is off in all four. One iteration:
 
   1. rollout   sample responses from the policy's own distribution (left-padded prompts, KV cache, stop at EOS)
-  2. score     RM score at the EOS token; old log-probs, reference log-probs, values (one forward each)
+  2. score     RM score at the EOS token (an ensemble: mean, mean - lambda*std or min of its members);
+               old log-probs, reference log-probs, values (one forward each)
   3. rewards   r_t = -beta * KL_t, plus the score at the last response token (missing-EOS penalty optional)
   4. GAE       advantages (whitened across processes) and returns = advantages + values
   5. update    ppo_epochs over shuffled minibatches: -L_clip + vf_coef * L_vf - ent_coef * H, and for each
                minibatch the gamma_ptx-weighted pretraining LM gradients accumulate into the same buffers
                before the one optimizer step (InstructGPT App. C.4; not DeepSpeed-Chat's separate step)
-  6. log / KL controller / EMA / checkpoint
+  6. log (with the signs of reward hacking: length, EOS share, distinct-n, ensemble std) / KL controller
+     (fixed beta, PI control toward kl.target, or Ziegler's) / KL budget (a hard stop) / EMA / checkpoint
+
+SIGTERM/SIGINT end the iteration with a checkpoint; NaN/inf rewards, advantages, losses or gradient norms skip the
+update or stop the run (rlhf.training, docs/reliability.md).
 
 Departures from the paper: `value_init: policy` starts a separate value network from the SFT weights rather
 than putting a value head on the policy trunk.
