@@ -305,6 +305,8 @@ class KLConfig:
     """pi: integral gain (log-beta per iteration per unit error)."""
     lookahead: float = 10.0
     """pi: act on the KL predicted this many iterations ahead from its recent trend (0 = the current KL)."""
+    smoothing: float = 0.3
+    """pi: weight of the newest batch in the smoothed KL the controller acts on (1 = no smoothing)."""
     min_coef: float = 1.0e-4
     """pi: beta never goes below this."""
     max_coef: float = 10.0
@@ -456,6 +458,8 @@ class PPOConfig:
             _positive(k.horizon, "kl.horizon")
             if not 0 < k.min_coef <= k.max_coef:
                 raise ConfigError(f"need 0 < kl.min_coef <= kl.max_coef, got {k.min_coef} and {k.max_coef}")
+            if not 0 < k.smoothing <= 1:
+                raise ConfigError(f"kl.smoothing must be in (0, 1], got {k.smoothing}")
             if k.p_gain < 0 or k.i_gain <= 0 or k.lookahead < 0:
                 raise ConfigError(
                     f"need kl.p_gain >= 0, kl.i_gain > 0 and kl.lookahead >= 0, got {k.p_gain}, {k.i_gain}, "

@@ -708,7 +708,9 @@ def build_kl_controller(kl):
         return FixedKLController(kl.kl_coef)
     if kl.controller == "proportional":
         return AdaptiveKLController(kl.kl_coef, kl.target, kl.horizon)
-    return PIKLController(kl.kl_coef, kl.target, kl.p_gain, kl.i_gain, kl.lookahead, kl.min_coef, kl.max_coef)
+    return PIKLController(
+        kl.kl_coef, kl.target, kl.p_gain, kl.i_gain, kl.lookahead, kl.smoothing, kl.min_coef, kl.max_coef
+    )
 
 
 def _check_adapter_reference(policy_cfg) -> None:

@@ -544,8 +544,9 @@ class AdaptiveKLController:
 class PIKLController:
     """Holds the KL near a target: PI control of log(beta) on the KL predicted a few iterations ahead.
 
-        slope_t        = 0.8 * slope_{t-1} + 0.2 * (KL_t - KL_{t-1})          (smoothed KL change per iteration)
-        e_t            = clip((KL_t + lookahead * slope_t) / KL_target - 1, -1, 1)
+        level_t        = a * KL_t + (1 - a) * (level_{t-1} + slope_{t-1})     (a = smoothing; level_0 = KL_0)
+        slope_t        = 0.8 * slope_{t-1} + 0.2 * (level_t - level_{t-1})      (the KL's trend per iteration)
+        e_t            = clip((level_t + lookahead * max(slope_t, 0)) / KL_target - 1, -1, 1)
         log beta_{t+1} = log beta_t + p_gain * (e_t - e_{t-1}) + i_gain * e_t,     beta in [min_coef, max_coef]
 
     This is the velocity form of log beta_t = log beta_0 + p_gain * e_t + i_gain * sum_s e_s ([PID-Lagrangian]
@@ -554,9 +555,12 @@ class PIKLController:
     the learning rate lets it), so while the policy is still near SFT the error says "raise the KL" and beta
     falls; acting on the KL predicted `lookahead` iterations ahead stops that fall as soon as the KL is on its
     way, which is what keeps it from overshooting the target later (the failure of Ziegler's slow controller).
-    Working in log(beta) makes the gains scale-free (a step is a factor on beta); the clamp with the incremental
-    form is the anti-windup. Updated once per iteration with the batch-mean KL per sequence; e_{-1} = e_0 and
-    slope_0 = 0, so the first update has no proportional kick.
+    Only a rising trend is extrapolated: overshooting the target is the harm (over-optimisation), and a falling KL
+    extrapolated below zero would collapse beta and start the next overshoot.
+    The level and trend are Holt's linear smoothing of the batch KL, whose noise (a batch of a few dozen
+    episodes) the lookahead would otherwise multiply into beta. Working in log(beta) makes the gains scale-free (a
+    step is a factor on beta); the clamp with the incremental form is the anti-windup. Updated once per iteration
+    with the batch-mean KL per sequence; e_{-1} = e_0 and slope_0 = 0, so the first update has no proportional kick.
     """
 
     def __init__(
@@ -566,44 +570,46 @@ class PIKLController:
         p_gain: float = 1.0,
         i_gain: float = 0.2,
         lookahead: float = 10.0,
+        smoothing: float = 0.3,
         min_coef: float = 1e-4,
         max_coef: float = 10.0,
     ):
-        if target <= 0 or init_kl_coef <= 0 or not 0 < min_coef <= max_coef or lookahead < 0:
+        if target <= 0 or init_kl_coef <= 0 or not 0 < min_coef <= max_coef or lookahead < 0 or not 0 < smoothing <= 1:
             raise ValueError(
-                f"need target > 0, init_kl_coef > 0, lookahead >= 0 and 0 < min_coef <= max_coef, got "
-                f"target={target}, init_kl_coef={init_kl_coef}, lookahead={lookahead}, min_coef={min_coef}, "
-                f"max_coef={max_coef}"
+                f"need target > 0, init_kl_coef > 0, lookahead >= 0, 0 < smoothing <= 1 and 0 < min_coef <= "
+                f"max_coef, got target={target}, init_kl_coef={init_kl_coef}, lookahead={lookahead}, "
+                f"smoothing={smoothing}, min_coef={min_coef}, max_coef={max_coef}"
             )
         self.value = min(max(float(init_kl_coef), min_coef), max_coef)
         self.target, self.p_gain, self.i_gain = float(target), float(p_gain), float(i_gain)
-        self.lookahead, self.min_coef, self.max_coef = float(lookahead), float(min_coef), float(max_coef)
+        self.lookahead, self.smoothing = float(lookahead), float(smoothing)
+        self.min_coef, self.max_coef = float(min_coef), float(max_coef)
         self.prev_error: float | None = None
-        self.prev_kl: float | None = None
+        self.level: float | None = None
         self.slope = 0.0
 
     def update(self, current_kl: float, n_steps: int = 1) -> None:
         """One iteration's update from its batch-mean KL per sequence (`n_steps` is unused: one step per call)."""
         kl = float(current_kl)
-        if self.prev_kl is not None:
-            self.slope = 0.8 * self.slope + 0.2 * (kl - self.prev_kl)
-        self.prev_kl = kl
-        error = min(max((kl + self.lookahead * self.slope) / self.target - 1.0, -1.0), 1.0)
+        if self.level is None:
+            self.level = kl
+        else:
+            level = self.smoothing * kl + (1 - self.smoothing) * (self.level + self.slope)
+            self.slope = 0.8 * self.slope + 0.2 * (level - self.level)
+            self.level = level
+        predicted = self.level + self.lookahead * max(self.slope, 0.0)
+        error = min(max(predicted / self.target - 1.0, -1.0), 1.0)
         prev = error if self.prev_error is None else self.prev_error
         log_beta = math.log(self.value) + self.p_gain * (error - prev) + self.i_gain * error
         self.value = min(max(math.exp(log_beta), self.min_coef), self.max_coef)
         self.prev_error = error
 
     def state_dict(self) -> dict:
-        return {"value": self.value, "prev_error": self.prev_error, "prev_kl": self.prev_kl, "slope": self.slope}
+        return {"value": self.value, "prev_error": self.prev_error, "level": self.level, "slope": self.slope}
 
     def load_state_dict(self, state_dict: dict) -> None:
         self.value = float(state_dict["value"])
-        self.prev_error, self.prev_kl, self.slope = (
-            state_dict["prev_error"],
-            state_dict["prev_kl"],
-            state_dict["slope"],
-        )
+        self.prev_error, self.level, self.slope = state_dict["prev_error"], state_dict["level"], state_dict["slope"]
 
 
 class KLBudget:

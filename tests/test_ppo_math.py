@@ -416,7 +416,7 @@ def test_truncate_after_eos_when_pad_equals_eos():
 
 
 def test_pi_controller_steps_by_hand():
-    ctl = PIKLController(0.1, target=4.0, p_gain=1.0, i_gain=0.2, lookahead=0.0)
+    ctl = PIKLController(0.1, target=4.0, p_gain=1.0, i_gain=0.2, lookahead=0.0, smoothing=1.0)
     ctl.update(2.0)  # e = -0.5, no proportional kick on the first update: log beta -= 0.2 * 0.5
     assert ctl.value == pytest.approx(0.1 * math.exp(-0.1))
     ctl.update(6.0)  # e = 0.5: + 1.0 * (0.5 - (-0.5)) + 0.2 * 0.5 = +1.1
@@ -426,7 +426,7 @@ def test_pi_controller_steps_by_hand():
     clamped = PIKLController(0.1, target=1.0, i_gain=0.5, max_coef=0.12)
     clamped.update(50.0)
     assert clamped.value == 0.12
-    restored = PIKLController(1.0, target=4.0, lookahead=0.0)
+    restored = PIKLController(1.0, target=4.0, lookahead=0.0, smoothing=1.0)
     restored.load_state_dict(ctl.state_dict())
     restored.update(4.0)
     ctl.update(4.0)
@@ -434,13 +434,23 @@ def test_pi_controller_steps_by_hand():
 
 
 def test_pi_controller_acts_on_the_predicted_kl():
-    ctl = PIKLController(0.1, target=4.0, p_gain=0.0, i_gain=0.2, lookahead=10.0)
+    ctl = PIKLController(0.1, target=4.0, p_gain=0.0, i_gain=0.2, lookahead=10.0, smoothing=1.0)
     ctl.update(1.0)  # no trend yet: e = 1/4 - 1 = -0.75
     assert ctl.value == pytest.approx(0.1 * math.exp(-0.15))
     ctl.update(2.0)  # slope = 0.2 * (2 - 1) = 0.2; predicted 2 + 10 * 0.2 = 4 -> e = 0: beta holds
     assert ctl.value == pytest.approx(0.1 * math.exp(-0.15))
     ctl.update(3.0)  # slope = 0.8 * 0.2 + 0.2 * 1 = 0.36; predicted 6.6 -> e = 0.65
     assert ctl.value == pytest.approx(0.1 * math.exp(-0.15 + 0.2 * 0.65))
+    ctl.update(1.0)  # slope = 0.8 * 0.36 + 0.2 * (1 - 3) = -0.112 < 0: only the level counts, e = 1/4 - 1
+    assert ctl.value == pytest.approx(0.1 * math.exp(-0.15 + 0.2 * 0.65 - 0.2 * 0.75))
+
+
+def test_pi_controller_smooths_the_kl_it_acts_on():
+    ctl = PIKLController(0.1, target=4.0, p_gain=0.0, i_gain=0.2, lookahead=0.0, smoothing=0.5)
+    ctl.update(2.0)  # level = 2: e = -0.5
+    ctl.update(6.0)  # level = 0.5 * 6 + 0.5 * (2 + 0) = 4 -> e = 0: one noisy batch at 6 moves nothing
+    assert ctl.level == 4.0 and ctl.slope == pytest.approx(0.4)
+    assert ctl.value == pytest.approx(0.1 * math.exp(0.2 * -0.5))
 
 
 def synthetic_kl_process(controller, steps: int = 150, coef_scale: float = 0.3, tau: float = 10.0, speed: float = 1.0):
