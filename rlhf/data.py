@@ -16,16 +16,21 @@ Source columns that are not canonical are dropped.
 Accepted input shapes (after ``field_map`` renames source columns to canonical names):
 
 - sft: ``{prompt, completion[, messages]}``, or chat ``{messages}`` whose last message is the assistant's ->
-  prompt ``""``, completion = last assistant content, messages = the turns before it.
+  prompt ``""``, completion = last assistant content, messages = the turns before it. A row with ``messages`` and
+  no ``completion`` is chat even when it also has a ``prompt`` (UltraChat-200k: its prompt is the first user turn
+  of the messages).
 - preference:
   ``{prompt, ranked[, messages]}``; pairwise ``{prompt, chosen, rejected}`` -> ranked ``[chosen, rejected]``;
   chat pairs where chosen/rejected are message lists sharing everything but the final assistant message (an
   optional ``prompt`` message list is prepended to both) -> prompt = content of the last shared turn, which must be
   the user's, messages = the shared turns before it, ranked = the final assistant contents;
-  raw Anthropic HH text (chosen/rejected strings, no prompt) -> each is split after its last ``"\\n\\nAssistant:"``;
-  the two prefixes must be equal and become the prompt (marker included, so ``prompt + response`` is the original
-  string), the remainders (verbatim, usually starting with a space) become ranked.
-- prompts: ``{prompt[, messages]}``, or chat ``{messages}`` whose last message is the user's.
+  raw Anthropic HH text (chosen/rejected strings, no prompt) -> parsed into turns at each ``"\\n\\nHuman:"`` /
+  ``"\\n\\nAssistant:"``: the shared turns before the final answer become messages + prompt (the last human turn),
+  the two final answers (stripped) become ranked — so a chat template renders HH exactly like the PPO prompts.
+- prompts: ``{prompt[, messages]}``, or chat ``{messages}``: the prompt is the last user turn and the turns
+  before it are the context; turns after it (a reference answer, as in UltraChat's ``train_gen``) are dropped.
+  With both, a user turn of ``messages`` equal to ``prompt`` marks where the prompt is (UltraChat rows repeat the
+  first user turn as ``prompt``); otherwise ``messages`` is the history before ``prompt``.
 
 Ties: if a ranked list holds the same response string twice, the later copy is dropped (it carries no preference
 signal and would make the ranking contradictory); ``LoadReport.ties_dropped`` counts dropped responses. A row left
@@ -41,6 +46,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from collections import Counter
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -350,7 +356,7 @@ def _norm_text(row: dict) -> tuple[dict, int]:
 
 
 def _norm_sft(row: dict) -> tuple[dict, int]:
-    if "completion" not in row and "prompt" not in row and "messages" in row:
+    if "completion" not in row and "messages" in row:
         messages, completion = _split_chat(row, "messages", "assistant")
         return {"prompt": "", "completion": completion, "messages": messages}, 0
     prompt = _text(row, "prompt", allow_empty=True)  # may be empty when messages carry the context
@@ -359,9 +365,19 @@ def _norm_sft(row: dict) -> tuple[dict, int]:
 
 
 def _norm_prompts(row: dict) -> tuple[dict, int]:
-    if "prompt" not in row and "messages" in row:
-        messages, prompt = _split_chat(row, "messages", "user")
-        return {"prompt": prompt, "messages": messages}, 0
+    if "messages" in row and (row.get("prompt") is None or isinstance(row.get("prompt"), str)):
+        msgs = _messages(row["messages"])
+        users = [i for i, m in enumerate(msgs) if m["role"] == "user" and m["content"].strip()]
+        if "prompt" in row and row["prompt"] is not None:
+            prompt = _text(row, "prompt")
+            # UltraChat: `prompt` repeats a user turn of `messages`; the prompt ends there
+            users = [i for i in users if msgs[i]["content"].strip() == prompt.strip()][:1]
+            if not users:
+                return {"prompt": prompt, "messages": msgs}, 0  # messages are the history before the prompt
+        if not users:
+            raise _BadRow("bad_messages", "messages", "has no non-empty user turn", "add the user's message")
+        last = users[-1]
+        return {"prompt": msgs[last]["content"], "messages": msgs[:last]}, 0
     prompt = _text(row, "prompt")
     return {"prompt": prompt, "messages": _context(row, prompt)}, 0
 
@@ -382,7 +398,7 @@ def _norm_preference(row: dict) -> tuple[dict, int]:
     elif isinstance(row.get("chosen"), list) and isinstance(row.get("rejected"), list):
         prompt, ranked, messages = _chat_pair(row)
     elif "prompt" not in row and isinstance(row.get("chosen"), str) and isinstance(row.get("rejected"), str):
-        prompt, ranked = _hh_pair(row)
+        prompt, ranked, messages = _hh_pair(row)
     elif "chosen" in row or "rejected" in row:
         ranked = [_text(row, "chosen"), _text(row, "rejected")]
         prompt = _text(row, "prompt", allow_empty=True)
@@ -417,22 +433,32 @@ def _chat_pair(row: dict) -> tuple[str, list[str], list[dict]]:
     return ctx_c[-1]["content"], [best, worst], ctx_c[:-1]
 
 
-def _hh_pair(row: dict) -> tuple[str, list[str]]:
-    parts = []
-    for name in ("chosen", "rejected"):
-        text = _text(row, name)
-        cut = text.rfind(HH_MARKER)
-        if cut < 0:
-            raise _BadRow("bad_messages", name, f"has no {HH_MARKER!r} turn", "use Anthropic HH text or add a prompt")
-        cut += len(HH_MARKER)
-        parts.append((text[:cut], text[cut:]))
-    (prompt_c, best), (prompt_r, worst) = parts
-    if prompt_c != prompt_r:
+_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
+
+
+def _hh_turns(text: str, name: str) -> list[dict]:
+    """Anthropic HH transcript -> [{role, content}] (contents stripped; text before the first marker is dropped)."""
+    parts = _HH_TURN.split(text)
+    turns = [
+        {"role": "user" if who == "Human" else "assistant", "content": content.strip()}
+        for who, content in zip(parts[1::2], parts[2::2])
+    ]
+    if not turns or turns[-1]["role"] != "assistant":
+        raise _BadRow("bad_messages", name, f"has no {HH_MARKER!r} turn at its end", "use Anthropic HH text")
+    return turns
+
+
+def _hh_pair(row: dict) -> tuple[str, list[str], list[dict]]:
+    chosen, rejected = (_hh_turns(_text(row, name), name) for name in ("chosen", "rejected"))
+    if chosen[:-1] != rejected[:-1]:
         raise _BadRow("mismatched_prompt", "chosen", "and rejected have different dialogue prefixes", "align them")
-    for name, response in (("chosen", best), ("rejected", worst)):
-        if not response.strip():
+    context = chosen[:-1]
+    if not context or context[-1]["role"] != "user" or not context[-1]["content"]:
+        raise _BadRow("bad_messages", "chosen", "has no human turn before the final answer", "use Anthropic HH text")
+    for name, turns in (("chosen", chosen), ("rejected", rejected)):
+        if not turns[-1]["content"]:
             raise _BadRow("empty", name, "has an empty final assistant response", "fill it in or remove the row")
-    return prompt_c, [best, worst]
+    return context[-1]["content"], [chosen[-1]["content"], rejected[-1]["content"]], context[:-1]
 
 
 _NORMALISERS = {"text": _norm_text, "sft": _norm_sft, "preference": _norm_preference, "prompts": _norm_prompts}

@@ -263,7 +263,7 @@ BAD_ROWS = [
     ("sft", {"messages": [user("hi"), {"role": "bot", "content": "x"}]}, "bad_messages:messages", r"role 'bot'"),
     ("sft", {"messages": [{"role": "user"}, assistant("x")]}, "bad_messages:messages", r"item 0 is not a"),
     ("sft", {"messages": [user(1), assistant("x")]}, "bad_messages:messages", r"item 0 content is int 1"),
-    ("prompts", {"messages": MSGS_OK}, "bad_messages:messages", r"end with a non-empty user message"),
+    ("prompts", {"messages": [assistant("hello")]}, "bad_messages:messages", r"has no non-empty user turn"),
     ("prompts", {"prompt": "p", "messages": [1]}, "bad_messages:messages", r"item 0 is not a"),
     ("preference", {"prompt": "p", "ranked": ["only"]}, "too_few_responses:ranked", r"1 distinct response"),
     ("preference", {"prompt": "p", "ranked": "ab"}, "wrong_type:ranked", r"'ranked' must be a list of strings"),
@@ -271,7 +271,7 @@ BAD_ROWS = [
     ("preference", {"prompt": "p", "ranked": ["a", " "]}, "empty:ranked", r"item 1 is empty"),
     ("preference", {"prompt": "p", "chosen": "a"}, "missing:rejected", r"'rejected' is missing"),
     ("preference", {"prompt": "p"}, "missing:ranked", r"'ranked' is missing \(and so are chosen/rejected\)"),
-    ("preference", {"chosen": "no marker", "rejected": "x"}, "bad_messages:chosen", r"has no '\\n\\nAssistant:'"),
+    ("preference", {"chosen": "no marker", "rejected": "x"}, "bad_messages:chosen", r"has no '\\n\\nAssistant:' turn"),
     (
         "preference",
         {"chosen": "\n\nHuman: a\n\nAssistant: x", "rejected": "\n\nHuman: b\n\nAssistant: y"},
@@ -365,12 +365,27 @@ def test_chat_prompts_rows(tmp_path):
     ]
 
 
-def test_hh_raw_text_preference(tmp_path):
+def test_hh_raw_text_preference_becomes_turns(tmp_path):
+    """Multi-turn HH keeps its history as messages, so a chat template renders it like any chat prompt."""
     prefix = "\n\nHuman: What is 2+2?\n\nAssistant: 4.\n\nHuman: And 3+3?\n\nAssistant:"
     rows = [{"chosen": prefix + " 6.", "rejected": prefix + " 7, I think."}]
     ds, _ = load_rows(write_jsonl(tmp_path / "a.jsonl", rows), "preference")
-    assert ds.to_list() == [{"prompt": prefix, "ranked": [" 6.", " 7, I think."], "messages": []}]
-    assert ds[0]["prompt"] + ds[0]["ranked"][0] == rows[0]["chosen"]
+    history = [user("What is 2+2?"), assistant("4.")]
+    assert ds.to_list() == [{"prompt": "And 3+3?", "ranked": ["6.", "7, I think."], "messages": history}]
+
+
+def test_ultrachat_rows(tmp_path):
+    """UltraChat-200k rows carry `prompt` (the first user turn) and `messages` (the whole conversation)."""
+    convo = [user("Name a fruit."), assistant("An apple."), user("Another?"), assistant("A pear.")]
+    row = {"prompt": "Name a fruit.", "prompt_id": "abc", "messages": convo}
+    sft_ds, _ = load_rows(write_jsonl(tmp_path / "sft.jsonl", [row]), "sft")
+    assert sft_ds.to_list() == [{"prompt": "", "completion": "A pear.", "messages": convo[:-1]}]
+    # train_gen: the prompt is the first user turn; the reference answer after it is not part of the prompt
+    gen_ds, _ = load_rows(write_jsonl(tmp_path / "gen.jsonl", [row]), "prompts")
+    assert gen_ds.to_list() == [{"prompt": "Name a fruit.", "messages": []}]
+    # the most common chat-prompt shape: one user message
+    one, _ = load_rows(write_jsonl(tmp_path / "one.jsonl", [{"messages": [user("hi")]}]), "prompts")
+    assert one.to_list() == [{"prompt": "hi", "messages": []}]
 
 
 def test_chat_preference_rows(tmp_path):
