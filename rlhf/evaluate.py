@@ -86,7 +86,7 @@ class Evaluation:
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
         self.judge = load_judge(cfg.judge) if cfg.judge else None
-        self.tokenizer = tok = load_tokenizer(cfg.sft, cfg.trust_remote_code)
+        self.tokenizer = tok = load_tokenizer(cfg.sft, cfg.trust_remote_code, cfg.format)
         ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
         self.rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
         self.prompts = encode_prompts(tok, cfg.format, self.rows)
@@ -95,11 +95,11 @@ class Evaluation:
         self.rm_tokenizer, self.reward_models, self.proxy_models = None, [], []
         proxy_paths = [cfg.proxy_reward_model] if cfg.proxy_reward_model else []
         if cfg.reward_model:
-            self.rm_tokenizer = load_tokenizer(cfg.reward_model, cfg.trust_remote_code)
+            self.rm_tokenizer = load_tokenizer(cfg.reward_model, cfg.trust_remote_code, cfg.format)
             self.reward_models = self.load_rms(cfg.reward_model, "reward_model")
             proxy_paths = proxy_paths or reward_members(cfg.reward_model, holdout=True)
         for path in proxy_paths:
-            self.rm_tokenizer = self.rm_tokenizer or load_tokenizer(path, cfg.trust_remote_code)
+            self.rm_tokenizer = self.rm_tokenizer or load_tokenizer(path, cfg.trust_remote_code, cfg.format)
             self.proxy_models += self.load_rms(path, "proxy_reward_model")
 
     def load_policy(self, path: str, key: str = "policy"):

@@ -21,24 +21,52 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from rlhf.config import ConfigError, LoraConfig, ModelConfig
+from rlhf.batching import uses_chat_template
+from rlhf.config import ConfigError, FormatConfig, LoraConfig, ModelConfig
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENSEMBLE_FILE = "ensemble.json"  # in a reward-model ensemble's final/: its members, relative to it
 
 
-def load_tokenizer(model: ModelConfig | str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
-    """The tokenizer with a pad token distinct from EOS (the reward and value read at EOS; PAD must differ)."""
+def load_tokenizer(
+    model: ModelConfig | str, trust_remote_code: bool = False, fmt: FormatConfig | None = None
+) -> PreTrainedTokenizerBase:
+    """The tokenizer, with EOS = the token that ends a response and a pad token distinct from it.
+
+    A response ends where its chat template ends an assistant turn: when prompts are rendered with the template
+    (`fmt`) and the template closes a turn with its own special token (Qwen's `<|im_end|>` while `eos_token` is
+    `<|endoftext|>`, Llama-3's `<|eot_id|>`), that token becomes `eos_token`, so SFT teaches the model to stop
+    there, generation stops there and the reward model reads there — in every stage alike. The saved `final/`
+    keeps it. PAD must differ from EOS (the reward and value are read at EOS): a tokenizer whose pad is its EOS,
+    or that has none (Llama-3), gets a `<|pad|>` token.
+    """
     if isinstance(model, ModelConfig):
         path, trust_remote_code = model.tokenizer or model.name_or_path, model.trust_remote_code
     else:
         path = model
     tokenizer = AutoTokenizer.from_pretrained(path, trust_remote_code=trust_remote_code)
+    if fmt is not None and uses_chat_template(tokenizer, fmt):
+        turn_end = chat_turn_end(tokenizer)
+        if turn_end is not None and turn_end != tokenizer.eos_token:
+            tokenizer.eos_token = turn_end
     if tokenizer.eos_token_id is None:
         raise ConfigError(f"tokenizer {path} has no EOS token; set one (eos_token) in its tokenizer_config.json")
     if tokenizer.pad_token_id is None or tokenizer.pad_token_id == tokenizer.eos_token_id:
         tokenizer.add_special_tokens({"pad_token": "<|pad|>"})
     return tokenizer
+
+
+def chat_turn_end(tokenizer: PreTrainedTokenizerBase) -> str | None:
+    """The special token the chat template writes right after an assistant message (None: it writes none)."""
+    probe = "RESPONSE-PROBE-7f3a"
+    turns = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": probe}]
+    text = tokenizer.apply_chat_template(turns, tokenize=False)
+    after = text[text.rindex(probe) + len(probe) :].lstrip()
+    specials = [t for t in tokenizer.all_special_tokens if t] + [
+        t.content for t in tokenizer.added_tokens_decoder.values() if t.special
+    ]
+    starts = [t for t in set(specials) if after.startswith(t)]
+    return max(starts, key=len) if starts else None
 
 
 def disable_dropout(model: nn.Module) -> None:

@@ -217,8 +217,8 @@ class PPOTrainer:
         )
         seed_everything(cfg.seed)
         m = cfg.models
-        self.tokenizer = load_tokenizer(m.policy)
-        self.reward_tokenizer = load_tokenizer(m.reward)
+        self.tokenizer = load_tokenizer(m.policy, fmt=cfg.data.format)
+        self.reward_tokenizer = load_tokenizer(m.reward, fmt=cfg.data.format)
         self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
         if not self.same_tokenizer and m.value_init == "reward":
             raise ConfigError(

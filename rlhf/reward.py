@@ -201,7 +201,7 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     """Train one reward model (on a bootstrap resample of the comparison groups when bootstrap_seed is set)."""
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     report = TruncationReport()
     train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
     if bootstrap_seed is not None:

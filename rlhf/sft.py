@@ -74,7 +74,7 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
     check_paths(cfg, source)
     accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
     seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model)
+    tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     fmt = cfg.data.format
 
     report = TruncationReport()
