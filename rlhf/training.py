@@ -56,7 +56,20 @@ def make_accelerator(
         trackers.append("tensorboard")
     accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=trackers, project_dir=str(output_dir))
     accelerator.init_trackers("tensorboard")
+    topology = accelerator.distributed_type.value
+    if topology not in VERIFIED_TOPOLOGIES:
+        accelerator.print(
+            f"[rlhf] note: {topology} with {accelerator.num_processes} processes has not been run by this project's "
+            "tests; docs/scaling.md lists what has. Check the first checkpoint before a long run."
+        )
     return accelerator
+
+
+# What the project's own tests run (docs/scaling.md); any other topology says so in one line at start-up.
+VERIFIED_TOPOLOGIES = {
+    "NO": "one process: CPU in CI, one GPU (H100, bf16) by hand",
+    "MULTI_CPU": "2 CPU processes (torchrun, gloo) in CI: SIGTERM/resume",
+}
 
 
 def quiet_hf_progress() -> None:
