@@ -294,6 +294,31 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     return _score_head(model)(hidden).squeeze(-1).float()
 
 
+class TokenValueModel(nn.Module):
+    """The PPO critic as one module whose forward gives a value per token: [B,T] ids -> [B,T] values.
+
+    A `*ForSequenceClassification` forward pools at the last token, so the critic runs the backbone and the score
+    head itself; doing that inside this module's forward keeps it a single forward through DDP/FSDP wrappers
+    (calling the wrapped model's submodules directly would bypass their gradient synchronisation). Saves as the
+    inner Hugging Face model."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    @property
+    def config(self):
+        return self.model.config
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_values(self.model, input_ids, attention_mask)
+
+    def save_pretrained(self, path: str, state_dict: dict | None = None, **kwargs) -> None:
+        if state_dict is not None:
+            state_dict = {k.removeprefix("model."): v for k, v in state_dict.items()}
+        self.model.save_pretrained(path, state_dict=state_dict, **kwargs)
+
+
 def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     """[B,T] -> [B] index of the rightmost real token; correct under left or right padding."""
     positions = torch.arange(attention_mask.shape[1], device=attention_mask.device)

@@ -45,6 +45,7 @@ from rlhf.batching import (
 from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
 from rlhf.data import load_source
 from rlhf.models import (
+    TokenValueModel,
     causal_logits,
     load_causal_lm,
     load_reward_ensemble,
@@ -52,7 +53,6 @@ from rlhf.models import (
     load_tokenizer,
     reward_members,
     reward_scores,
-    token_values,
 )
 from rlhf.ppo_math import (
     AdaptiveKLController,
@@ -162,8 +162,8 @@ def response_logprobs(model, query_responses, attention_mask, prompt_width: int,
 
 
 def response_values(value_model, query_responses, attention_mask, prompt_width: int) -> torch.Tensor:
-    """[B,P+R] -> V(s_t) [B,R]: the value of the state before each response token."""
-    return token_values(value_model, query_responses, attention_mask)[:, prompt_width - 1 : -1]
+    """[B,P+R] -> V(s_t) [B,R]: the value of the state before each response token (a TokenValueModel)."""
+    return value_model(query_responses, attention_mask)[:, prompt_width - 1 : -1]
 
 
 @dataclass
@@ -276,8 +276,8 @@ class PPOTrainer:
         value_cfg.gradient_checkpointing = m.policy.gradient_checkpointing
         # from the RM its trained head is the value head's start; from the policy a new head is expected
         value_key = "models.reward.name_or_path" if m.value_init == "reward" else "models.policy.name_or_path"
-        self.value_model = load_reward_model(
-            value_cfg, self.tokenizer, train=True, new_head=m.value_init == "policy", key=value_key
+        self.value_model = TokenValueModel(
+            load_reward_model(value_cfg, self.tokenizer, train=True, new_head=m.value_init == "policy", key=value_key)
         )
 
         policy_opt = build_optimizer(self.policy.parameters(), cfg.optim)

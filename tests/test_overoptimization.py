@@ -97,7 +97,9 @@ def test_ppo_scores_with_a_conservative_ensemble(tiny_world, tiny_sft, tiny_ense
     trainer = ppo.PPOTrainer(ppo_config(tiny_world, tiny_sft, tiny_ensemble, tmp_path, extra))
     assert len(trainer.reward_models) == 2  # the held-out member is not in PPO's reward
     member0 = AutoModelForSequenceClassification.from_pretrained(reward_members(str(tiny_ensemble))[0])
-    assert trainer.value_model.score.weight.detach().equal(member0.score.weight.detach())  # value init = member 0
+    assert trainer.value_model.model.score.weight.detach().equal(
+        member0.score.weight.detach()
+    )  # value init = member 0
     ro, _ = trainer.rollout(trainer.batch_rows(0))
     assert (ro.score_std > 0).all()
     trainer.train()

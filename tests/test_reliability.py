@@ -49,7 +49,7 @@ def test_reward_model_as_policy_is_refused(tiny_world, tiny_rm, tmp_path):
 
 def test_value_from_policy_may_start_a_new_head(tiny_world, tiny_sft, tiny_rm, tmp_path):
     trainer = ppo.PPOTrainer(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["models.value_init=policy"]))
-    assert trainer.value_model.score.weight.shape[0] == 1
+    assert trainer.value_model.model.score.weight.shape[0] == 1
 
 
 # --------------------------------------------------------------------------------------------------
