@@ -20,6 +20,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers.utils import logging as hf_logging
 
 from rlhf.batching import uses_chat_template
 from rlhf.config import ConfigError, FormatConfig, LoraConfig, ModelConfig
@@ -111,6 +112,8 @@ def _from_pretrained(auto_class, model_cfg: ModelConfig, key: str, allowed_new: 
         raise ConfigError(
             f"{key} = {path!r} is a reward-model ensemble (it holds {ENSEMBLE_FILE}); a single model is needed here"
         )
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report would warn about the new head we expect; we check it below
     try:
         model, info = auto_class.from_pretrained(
             path,
@@ -121,6 +124,8 @@ def _from_pretrained(auto_class, model_cfg: ModelConfig, key: str, allowed_new: 
         )
     except (OSError, ValueError) as e:  # no/unknown config.json, missing weights file, not a model dir
         raise ConfigError(f"{key} = {path!r} cannot be loaded as a model: {' '.join(str(e).split())[:300]}") from None
+    finally:
+        hf_logging.set_verbosity(verbosity)
     missing = sorted(info["missing_keys"]) + sorted(
         str(m[0]) if isinstance(m, tuple) else str(m) for m in info["mismatched_keys"]
     )
