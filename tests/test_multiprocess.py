@@ -35,3 +35,48 @@ def test_two_process_ppo_trains_and_rank_zero_writes_once(tiny_world, tiny_sft, 
     assert len(samples) == 3 * 2
     assert (out / "checkpoint-2" / "value" / "config.json").exists()  # the critic saves as its HF model
     AutoModelForCausalLM.from_pretrained(out / "final")
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_machines_on_loopback_equal_two_processes_on_one(tiny_world, tiny_base, tmp_path):
+    """`accelerate launch --num_machines 2 --machine_rank 0/1 --main_process_ip 127.0.0.1`, one process each: the
+    same run as 2 processes on one machine, bit for bit (same world size, same ranks, same data split)."""
+    from conftest import load_safetensors_dir, load_stage, sft_overrides
+
+    base = sft_overrides(tiny_world, tmp_path, tiny_base, train__max_steps=4, logging__every=1)
+    base |= {"train.batch_size": 16, "train.micro_batch_size": 8, "logging.progress": "off"}
+    configs = {}
+    for name in ("one_machine", "two_machines"):
+        configs[name] = tmp_path / f"{name}.yaml"
+        save_config(load_stage("sft", "sft.yaml", base | {"output_dir": tmp_path / name}), configs[name])
+    assert torchrun(["sft", "--config", str(configs["one_machine"])]).returncode == 0
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    port = str(free_port())
+    launches = [
+        subprocess.Popen(
+            [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_machines", "2"]
+            + ["--num_processes", "2", "--machine_rank", str(rank), "--main_process_ip", "127.0.0.1"]
+            + ["--main_process_port", port, "--mixed_precision", "no", "--dynamo_backend", "no"]
+            + ["-m", "rlhf", "sft", "--config", str(configs["two_machines"])],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env=env,
+        )
+        for rank in (0, 1)
+    ]
+    logs = [p.communicate(timeout=600)[0] for p in launches]
+    assert [p.returncode for p in launches] == [0, 0], logs[0][-2000:] + logs[1][-2000:]
+    steps = [r["step"] for r in read_metrics(tmp_path / "two_machines") if "train/loss" in r]
+    assert steps == [1, 2, 3, 4]
+    a = load_safetensors_dir(tmp_path / "one_machine" / "final")
+    b = load_safetensors_dir(tmp_path / "two_machines" / "final")
+    assert all(a[k].equal(b[k]) for k in a)
