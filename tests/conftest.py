@@ -216,14 +216,12 @@ def tiny_sft(tiny_world, tiny_base, tmp_path_factory) -> Path:
     return sft.train(cfg)
 
 
-@pytest.fixture(scope="session")
-def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
-    from rlhf import reward
+def rm_config(tiny_world, tiny_sft, out: Path, extra: list[str] = ()):
+    """configs/tiny/rm.yaml shrunk to one plain RM of 40 steps (the recipe trains a 2-member ensemble)."""
     from rlhf.config import load_config
 
-    out = tmp_path_factory.mktemp("rm")
     data = Path(tiny_world) / "data"
-    cfg = load_config(
+    return load_config(
         "rm",
         str(CONFIGS / "tiny" / "rm.yaml"),
         PPO_QUIET
@@ -237,11 +235,40 @@ def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
             "train.max_steps=40",
             "train.eval_every=0",
             "checkpoint.every=0",
-            "ensemble.size=1",  # one plain RM dir (the shipped recipe trains a 2-member ensemble)
+            "ensemble.size=1",
             "ensemble.holdout=0",
+            *extra,
         ],
     )
-    return reward.train(cfg)
+
+
+@pytest.fixture(scope="session")
+def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
+    from rlhf import reward
+
+    return reward.train(rm_config(tiny_world, tiny_sft, tmp_path_factory.mktemp("rm")))
+
+
+def sft_run_configs(tiny_world, tiny_base, tmp_path: Path, names: tuple[str, ...], steps: int) -> dict[str, Path]:
+    """One saved SFT YAML per name (output_dir tmp_path/<name>), batch 16 in micro-batches of 8: for subprocesses."""
+    from rlhf.config import save_config
+
+    base = sft_overrides(tiny_world, tmp_path, tiny_base, train__max_steps=steps, logging__every=1)
+    base |= {"train.batch_size": 16, "train.micro_batch_size": 8, "logging.progress": "off"}
+    configs = {}
+    for name in names:
+        configs[name] = tmp_path / f"{name}.yaml"
+        save_config(load_stage("sft", "sft.yaml", base | {"output_dir": tmp_path / name}), configs[name])
+    return configs
+
+
+def torchrun_command(nproc: int = 2) -> tuple[list[str], dict]:
+    """The launcher `accelerate launch --multi_gpu` uses, for `nproc` CPU processes (gloo), and its environment."""
+    import os
+    import sys
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)], env
 
 
 def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):

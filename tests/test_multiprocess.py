@@ -6,19 +6,17 @@ SIGTERM and a bit-exact resume, is in test_reliability.py.)
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 
-from conftest import ppo_config, read_metrics
+from conftest import load_safetensors_dir, ppo_config, read_metrics, sft_run_configs, torchrun_command
 from transformers import AutoModelForCausalLM
 
 from rlhf.config import save_config
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd, env = torchrun_command(nproc)
     return subprocess.run(cmd + ["-m", "rlhf", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
@@ -48,17 +46,10 @@ def free_port() -> int:
 def test_two_machines_on_loopback_equal_two_processes_on_one(tiny_world, tiny_base, tmp_path):
     """`accelerate launch --num_machines 2 --machine_rank 0/1 --main_process_ip 127.0.0.1`, one process each: the
     same run as 2 processes on one machine, bit for bit (same world size, same ranks, same data split)."""
-    from conftest import load_safetensors_dir, load_stage, sft_overrides
-
-    base = sft_overrides(tiny_world, tmp_path, tiny_base, train__max_steps=4, logging__every=1)
-    base |= {"train.batch_size": 16, "train.micro_batch_size": 8, "logging.progress": "off"}
-    configs = {}
-    for name in ("one_machine", "two_machines"):
-        configs[name] = tmp_path / f"{name}.yaml"
-        save_config(load_stage("sft", "sft.yaml", base | {"output_dir": tmp_path / name}), configs[name])
+    configs = sft_run_configs(tiny_world, tiny_base, tmp_path, ("one_machine", "two_machines"), steps=4)
     assert torchrun(["sft", "--config", str(configs["one_machine"])]).returncode == 0
 
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    env = torchrun_command()[1]
     port = str(free_port())
     launches = [
         subprocess.Popen(

@@ -8,7 +8,7 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import CONFIGS, PPO_QUIET, ppo_config, read_metrics
+from conftest import CONFIGS, ppo_config, read_metrics, rm_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
 from rlhf import evaluate, ppo, reward
@@ -52,26 +52,9 @@ def test_kl_budget_stops_the_run_and_saves_it(tiny_world, tiny_sft, tiny_rm, tmp
 @pytest.fixture(scope="module")
 def tiny_ensemble(tiny_world, tiny_sft, tmp_path_factory) -> Path:
     """Three bootstrap members of a few steps each; the last is held out of PPO's reward."""
-    out = tmp_path_factory.mktemp("rm_ensemble")
-    data = Path(tiny_world) / "data"
-    cfg = load_config(
-        "rm",
-        str(CONFIGS / "tiny" / "rm.yaml"),
-        PPO_QUIET
-        + [
-            f"output_dir={out}",
-            f"model.name_or_path={tiny_sft}",
-            f"data.train.path={data / 'comparisons.jsonl'}",
-            "data.eval.path=",
-            f"data.reference.path={data / 'sft.jsonl'}",
-            "data.reference_max_rows=32",
-            "train.max_steps=4",
-            "checkpoint.every=0",
-            "ensemble.size=3",
-            "ensemble.holdout=1",
-            "ensemble.bootstrap=true",
-        ],
-    )
+    extra = ["data.eval.path=", "data.reference_max_rows=32", "train.max_steps=4", "ensemble.size=3"]
+    extra += ["ensemble.holdout=1", "ensemble.bootstrap=true"]
+    cfg = rm_config(tiny_world, tiny_sft, tmp_path_factory.mktemp("rm_ensemble"), extra)
     return reward.train(cfg)
 
 

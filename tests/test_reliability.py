@@ -16,7 +16,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_safetensors_dir, load_stage, ppo_config, read_metrics, sft_overrides
+from conftest import (
+    load_safetensors_dir,
+    load_stage,
+    ppo_config,
+    read_metrics,
+    sft_overrides,
+    sft_run_configs,
+    torchrun_command,
+)
 from safetensors.torch import load_file
 
 from rlhf import ppo, sft
@@ -68,6 +76,12 @@ def logged_steps(out: Path) -> list[int]:
     return [r["step"] for r in read_metrics(out) if "objective/kl" in r] if (out / "metrics.jsonl").exists() else []
 
 
+def complete_rows(out: Path) -> int:
+    """metrics.jsonl rows written so far, read while the run appends (a line without its newline is not yet a row)."""
+    path = out / "metrics.jsonl"
+    return path.read_text().count("\n") if path.exists() else 0
+
+
 def test_sigterm_checkpoints_the_step_and_resume_is_bit_exact(tiny_world, tiny_sft, tiny_rm, tmp_path):
     extra = ["train.max_steps=10", "ptx.ptx_coef=0.5", "kl.adaptive=true", "kl.target=1.0", "logging.every=1"]
     configs = {}
@@ -81,7 +95,7 @@ def test_sigterm_checkpoints_the_step_and_resume_is_bit_exact(tiny_world, tiny_s
     out = tmp_path / "stopped"
     proc = run_cli(["ppo", "--config", str(configs["stopped"])])
     deadline = time.time() + 120
-    while len(logged_steps(out)) < 3 and time.time() < deadline and proc.poll() is None:
+    while complete_rows(out) < 3 and time.time() < deadline and proc.poll() is None:
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)
     log = proc.communicate(timeout=120)[0]
@@ -106,16 +120,10 @@ def test_sigterm_under_two_processes_stops_every_rank_at_the_same_step(tiny_worl
     """torchrun (what `accelerate launch` runs for several processes) forwards SIGTERM to every rank; the ranks
     agree on the step (the flag is all-reduced), rank 0 writes that checkpoint and a 2-process resume finishes
     with the weights of an uninterrupted 2-process run."""
-    base = sft_overrides(tiny_world, tmp_path, tiny_base, train__max_steps=12, logging__every=1)
-    base |= {"train.batch_size": 16, "train.micro_batch_size": 8, "logging.progress": "off"}
-    configs = {}
-    for name in ("straight", "stopped"):
-        configs[name] = tmp_path / f"{name}.yaml"
-        save_config(load_stage("sft", "sft.yaml", base | {"output_dir": tmp_path / name}), configs[name])
+    configs = sft_run_configs(tiny_world, tiny_base, tmp_path, ("straight", "stopped"), steps=12)
 
     def launch(name: str) -> subprocess.Popen:
-        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-        env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+        torchrun, env = torchrun_command()
         args = torchrun + ["-m", "rlhf", "sft", "--config", str(configs[name])]
         return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
 
@@ -125,7 +133,7 @@ def test_sigterm_under_two_processes_stops_every_rank_at_the_same_step(tiny_worl
     proc = launch("stopped")
     deadline = time.time() + 120
     while time.time() < deadline and proc.poll() is None:
-        if (out / "metrics.jsonl").exists() and len(read_metrics(out)) >= 3:
+        if complete_rows(out) >= 3:
             break
         time.sleep(0.05)
     proc.send_signal(signal.SIGTERM)  # to the launcher, as a scheduler does
