@@ -101,6 +101,11 @@ class Evaluation:
         for path in proxy_paths:
             self.rm_tokenizer = self.rm_tokenizer or load_tokenizer(path, cfg.trust_remote_code, cfg.format)
             self.proxy_models += self.load_rms(path, "proxy_reward_model")
+        if cfg.select_best and not self.proxy_models:
+            raise ConfigError(
+                "select_best needs a held-out proxy score: set proxy_reward_model, or train the reward model with "
+                "ensemble.holdout >= 1 so reward_model's ensemble has a member PPO never optimised"
+            )
 
     def load_policy(self, path: str, key: str = "policy"):
         model_cfg = ModelConfig(name_or_path=path, trust_remote_code=self.cfg.trust_remote_code)
@@ -259,14 +264,7 @@ def frontier(cfg: EvalConfig, ev: Evaluation, sft: tuple[dict, dict]):
         metrics, scores, texts = ev.measure(ev.load_policy(str(path), f"run_dir ({name})"), name)
         measured[name] = (path, metrics, scores, texts)
         rows.append({"name": name, "step": step, "path": str(path)} | metrics | ev.win_rate(scores, sft[1]))
-    best = None
-    if ev.proxy_models:
-        best = max(rows, key=lambda r: r["proxy_score"])
-    elif cfg.select_best:
-        raise ConfigError(
-            "select_best needs a held-out proxy score: set proxy_reward_model, or train the reward model with "
-            "ensemble.holdout >= 1 so reward_model's ensemble has a member PPO never optimised"
-        )
+    best = max(rows, key=lambda r: r["proxy_score"]) if ev.proxy_models else None
     report = {
         "run_dir": str(run_dir),
         "selected_by": "proxy_score" if best else None,
