@@ -365,6 +365,8 @@ class PtxConfig:
     """gamma_ptx: weight of the pretraining LM loss gradients (0 = plain PPO; InstructGPT: 27.8)."""
     data: TextSource = field(default_factory=TextSource)
     """Pretraining text for the ptx term."""
+    kind: Literal["text", "sft"] = "text"
+    """text = {text} rows; sft = demonstrations (prompt/completion or chat), rendered whole as LM text."""
     sequences_per_episode: float = 1.0
     """Pretraining sequences per RL episode in each minibatch (InstructGPT: 8)."""
     max_length: int = 256

@@ -38,6 +38,7 @@ from rlhf.batching import (
     TruncationReport,
     collate_lm,
     encode_prompts,
+    encode_sft,
     encode_text,
     pad,
     response_sequences,
@@ -252,8 +253,14 @@ class PPOTrainer:
             self.eval_prompts = encode_prompts(self.tokenizer, fmt, self.eval_rows)
         self.ptx_examples = []
         if cfg.ptx.ptx_coef > 0:
-            ds = load_source(cfg.ptx.data, "text", on_bad_row=fmt.on_bad_row)
-            self.ptx_examples = encode_text(self.tokenizer, ds["text"], cfg.ptx.max_length, TruncationReport())
+            ds = load_source(cfg.ptx.data, cfg.ptx.kind, on_bad_row=fmt.on_bad_row)
+            if cfg.ptx.kind == "text":
+                self.ptx_examples = encode_text(self.tokenizer, ds["text"], cfg.ptx.max_length, TruncationReport())
+            else:  # whole conversations, loss on every token (the prompt is text to model too)
+                ptx_fmt = copy.deepcopy(fmt)
+                ptx_fmt.max_length = cfg.ptx.max_length
+                report = TruncationReport()
+                self.ptx_examples = encode_sft(self.tokenizer, ptx_fmt, ds, cfg.ptx.data.path, False, report)
         self._ptx_cached: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) of the ptx text
         self.ptx_per_mini = round(cfg.ptx.sequences_per_episode * self.local_mini) if self.ptx_examples else 0
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.schedule.steps_per_epoch))
