@@ -109,3 +109,21 @@ def _report():
     from rlhf.batching import TruncationReport
 
     return TruncationReport()
+
+
+def test_a_bos_adding_tokenizer_gets_one_bos_per_sequence(tmp_path):
+    """Llama-2 style: the tokenizer itself prepends <s>; with the plain prompt format the prompt carries it once and
+    the completion (tokenized without special tokens) adds none."""
+    from tokenizers import processors
+
+    vocab = {t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "Human:", "Assistant:"] + WORDS)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tok.save_pretrained(str(tmp_path / "llama2"))
+    tok = load_tokenizer(str(tmp_path / "llama2"), fmt=FormatConfig(use_chat_template="auto"))
+    rows = [{"prompt": "name a fruit .", "completion": "an apple .", "messages": []}]
+    (example,) = encode_sft(tok, FormatConfig(), _ds(rows, tmp_path), "rows", True, _report())
+    tokens = tok.convert_ids_to_tokens(example["input_ids"])
+    assert tokens == ["<s>", "Human:", "name", "a", "fruit", ".", "Assistant:", "an", "apple", ".", "</s>"]

@@ -1,7 +1,8 @@
 """The real-model recipes (configs/qwen2.5-0.5b-hh*) end to end on faithful local stand-ins.
 
 No hub here, so: a tiny Qwen2 (tied embeddings, as Qwen2.5-0.5B) with a ChatML tokenizer whose `eos_token` and
-pad are `<|endoftext|>` while turns end with `<|im_end|>`; UltraChat-200k rows (`prompt`, `prompt_id`,
+pad are `<|endoftext|>` while turns end with `<|im_end|>`, and a tiny Llama with a Llama-3 tokenizer (BOS in its
+template, turns ending `<|eot_id|>`, no pad token); UltraChat-200k rows (`prompt`, `prompt_id`,
 `messages`; splits train_sft/test_sft/train_gen/test_gen) and Anthropic HH-RLHF rows (raw `chosen`/`rejected`
 transcripts) saved as `datasets` dirs. The recipes run with overrides that change only locations and sizes.
 """
@@ -46,11 +47,62 @@ def hh_text(turns: list[dict]) -> str:
     return "".join(f"\n\n{'Human' if t['role'] == 'user' else 'Assistant'}: {t['content']}" for t in turns)
 
 
+LLAMA3 = (
+    "{{ bos_token }}{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+    "{{ m['content'] }}<|eot_id|>{% endfor %}"
+    "{% if add_generation_prompt %}<|start_header_id|>assistant<|end_header_id|>\n\n{% endif %}"
+)
+# family -> (special tokens, chat template, tokenizer's own special-token roles, tied embeddings, turn end)
+FAMILIES = {
+    "qwen2": (
+        ["<|endoftext|>", "<|im_start|>", "<|im_end|>"],
+        CHATML,
+        {"eos_token": "<|endoftext|>", "pad_token": "<|endoftext|>"},  # pad == eos, as Qwen2.5
+        True,
+        "<|im_end|>",
+    ),
+    "llama": (
+        ["<|begin_of_text|>", "<|end_of_text|>", "<|start_header_id|>", "<|end_header_id|>", "<|eot_id|>"],
+        LLAMA3,
+        {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>"},  # no pad token at all, as Llama-3
+        False,
+        "<|eot_id|>",
+    ),
+}
+
+
+def build_family(family: str, corpus: list[str], out: Path) -> Path:
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
+
+    specials, template, roles, tied, _ = FAMILIES[family]
+    backend = Tokenizer(models.BPE(unk_token=specials[0]))
+    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
+    backend.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=backend, **roles)
+    tok.chat_template = template
+    config_class, model_class = (
+        (Qwen2Config, Qwen2ForCausalLM) if family == "qwen2" else (LlamaConfig, LlamaForCausalLM)
+    )
+    config = config_class(
+        vocab_size=len(tok),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+    )
+    model_class(config).save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
 @pytest.fixture(scope="module")
 def stand_ins(tmp_path_factory) -> dict[str, Path]:
     import datasets
-    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
 
     root = tmp_path_factory.mktemp("stand_ins")
     rng = random.Random(0)
@@ -71,31 +123,9 @@ def stand_ins(tmp_path_factory) -> dict[str, Path]:
         hh[split] = rows
     datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in ultra.items()}).save_to_disk(root / "ultra")
     datasets.DatasetDict({k: datasets.Dataset.from_list(v) for k, v in hh.items()}).save_to_disk(root / "hh")
-
-    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-    backend = Tokenizer(models.BPE(unk_token="<|endoftext|>"))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     corpus = [m["content"] for rows in ultra.values() for r in rows for m in r["messages"]] + ["user assistant"] * 4
-    backend.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=300, special_tokens=specials))
-    from tokenizers import decoders
-
-    backend.decoder = decoders.ByteLevel()
-    tok = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
-    tok.chat_template = CHATML
-    config = Qwen2Config(
-        vocab_size=len(tok),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        max_position_embeddings=256,
-        tie_word_embeddings=True,
-    )
-    base = root / "qwen2-stand-in"
-    Qwen2ForCausalLM(config).save_pretrained(base)
-    tok.save_pretrained(base)
-    return {"base": base, "ultra": root / "ultra", "hh": root / "hh", "root": root}
+    out = {family: build_family(family, corpus, root / family) for family in FAMILIES}
+    return out | {"ultra": root / "ultra", "hh": root / "hh", "root": root}
 
 
 SMALL = ["logging.progress=off", "logging.tensorboard=false", "checkpoint.every=0", "train.mixed_precision=no"]
@@ -105,8 +135,11 @@ def recipe(stage: str, name: str, overrides: list[str]):
     return load_config(stage, str(CONFIGS / name / f"{stage}.yaml"), overrides)
 
 
-@pytest.mark.parametrize("name", ["qwen2.5-0.5b-hh", "qwen2.5-0.5b-hh-lora"])
-def test_recipe_end_to_end_on_stand_ins(name, stand_ins, tmp_path):
+@pytest.mark.parametrize(
+    "name, family",
+    [("qwen2.5-0.5b-hh", "qwen2"), ("qwen2.5-0.5b-hh-lora", "qwen2"), ("qwen2.5-0.5b-hh", "llama")],
+)
+def test_recipe_end_to_end_on_stand_ins(name, family, stand_ins, tmp_path):
     s, out = stand_ins, tmp_path / "runs"
     fmt = ["data.format.max_length=96", "data.format.max_prompt_length=64"]
     sft_final = sft.train(
@@ -117,7 +150,7 @@ def test_recipe_end_to_end_on_stand_ins(name, stand_ins, tmp_path):
             + fmt
             + [
                 f"output_dir={out / 'sft'}",
-                f"model.name_or_path={s['base']}",
+                f"model.name_or_path={s[family]}",
                 f"data.train.path={s['ultra']}",
                 f"data.eval.path={s['ultra']}",
                 "data.train.max_rows=64",
@@ -131,7 +164,8 @@ def test_recipe_end_to_end_on_stand_ins(name, stand_ins, tmp_path):
         )
     )
     tok = load_tokenizer(str(sft_final))
-    assert tok.eos_token == "<|im_end|>"  # responses end where ChatML ends a turn, and final/ keeps it
+    assert tok.eos_token == FAMILIES[family][4]  # responses end where the template ends a turn; final/ keeps it
+    assert tok.pad_token_id not in (tok.eos_token_id, None)
     rm_final = reward.train(
         recipe(
             "rm",
@@ -215,7 +249,7 @@ def test_public_rows_render_identically_in_every_stage(stand_ins):
     from rlhf.config import FormatConfig
 
     fmt = FormatConfig(max_length=96, max_prompt_length=64)
-    tok = load_tokenizer(str(stand_ins["base"]), fmt=fmt)
+    tok = load_tokenizer(str(stand_ins["qwen2"]), fmt=fmt)
     convo = [
         {"role": "user", "content": "What colour is a fig?"},
         {"role": "assistant", "content": "A fig is purple."},
