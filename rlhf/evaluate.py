@@ -28,6 +28,7 @@ from rlhf.data import load_source
 from rlhf.models import (
     causal_logits,
     inference_device,
+    is_main_process,
     load_causal_lm,
     load_reward_ensemble,
     load_tokenizer,
@@ -203,6 +204,8 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     eval.json compares the selected policy (the best by proxy with select_best, else final/) with SFT.
     """
     check_paths(cfg, source)
+    if not is_main_process():  # one process evaluates; the others would only sample and write the same rows again
+        return {}
     seed_everything(cfg.seed)
     out_dir = Path(cfg.output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -7,11 +7,13 @@ import torch
 from rlhf.batching import encode_prompts
 from rlhf.config import FormatConfig, ModelConfig
 from rlhf.data import load_rows
-from rlhf.models import inference_device, load_causal_lm, load_tokenizer
+from rlhf.models import inference_device, is_main_process, load_causal_lm, load_tokenizer
 from rlhf.sampling import decode_responses, generate
 
 
 def main(args) -> None:
+    if not is_main_process():  # under a multi-process launcher, print each sample once
+        return
     torch.manual_seed(args.seed)
     tokenizer = load_tokenizer(args.model)
     model = load_causal_lm(ModelConfig(name_or_path=args.model), tokenizer, dropout=False, key="--model").eval()

@@ -36,6 +36,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 from rlhf.config import ConfigError, LoraConfig, OptimConfig, save_config
+from rlhf.models import cpu_backend
 
 # --------------------------------------------------------------------------------------------------
 # Accelerator, seeds, optimizer, schedule
@@ -48,9 +49,7 @@ def make_accelerator(
     """An Accelerator that logs to `<output_dir>/metrics.jsonl` (and TensorBoard when installed and asked for)."""
     if mixed_precision == "auto":
         mixed_precision = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() and not cpu else "no"
-    # accelerate starts gloo DDP on CPU only when told it is on the CPU: without this, N processes launched by
-    # torchrun on a machine without a GPU would each train alone, all writing the same output dir
-    cpu = cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
+    cpu = cpu_backend(cpu)
     trackers: list = [JsonlTracker(Path(output_dir) / "metrics.jsonl")]
     if tensorboard and importlib.util.find_spec("tensorboard") is not None:
         trackers.append("tensorboard")

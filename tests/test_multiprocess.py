@@ -6,13 +6,15 @@ SIGTERM and a bit-exact resume, is in test_reliability.py.)
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
+from pathlib import Path
 
-from conftest import load_safetensors_dir, ppo_config, read_metrics, sft_run_configs, torchrun_command
+from conftest import CONFIGS, load_safetensors_dir, ppo_config, read_metrics, sft_run_configs, torchrun_command
 from transformers import AutoModelForCausalLM
 
-from rlhf.config import save_config
+from rlhf.config import load_config, save_config
 
 
 def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
@@ -71,3 +73,28 @@ def test_two_machines_on_loopback_equal_two_processes_on_one(tiny_world, tiny_ba
     a = load_safetensors_dir(tmp_path / "one_machine" / "final")
     b = load_safetensors_dir(tmp_path / "two_machines" / "final")
     assert all(a[k].equal(b[k]) for k in a)
+
+
+def test_eval_under_two_processes_writes_each_row_once(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    data = Path(tiny_world) / "data"
+    cfg = load_config(
+        "eval",
+        str(CONFIGS / "tiny" / "eval.yaml"),
+        [
+            f"output_dir={tmp_path / 'eval'}",
+            "run_dir=",
+            "select_best=false",
+            f"policy={tiny_sft}",
+            f"sft={tiny_sft}",
+            f"reward_model={tiny_rm}",
+            f"prompts.path={data / 'eval_prompts.jsonl'}",
+            "pretrain_eval.path=",
+            "num_prompts=8",
+            "samples_per_prompt=1",
+        ],
+    )
+    save_config(cfg, tmp_path / "eval.yaml")
+    run = torchrun(["eval", "--config", str(tmp_path / "eval.yaml")])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    assert len((tmp_path / "eval" / "samples.jsonl").read_text().splitlines()) == 8
+    assert json.loads((tmp_path / "eval" / "eval.json").read_text())["num_samples"] == 8
