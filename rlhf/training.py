@@ -599,7 +599,12 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
                 task.collate(mine[s : s + cfg.train.micro_batch_size])
                 for s in range(0, len(mine), cfg.train.micro_batch_size)
             ]
+            # the step's loss is a mean over every process's units (tokens, prompt groups); DDP averages gradients
+            # over processes, so each process divides by the global count / processes: the 1-process gradient
             total_units = sum(float(task.units(b)) for b in batches)
+            if accelerator.num_processes > 1:
+                units = torch.tensor(total_units, dtype=torch.float64, device=accelerator.device)
+                total_units = accelerator.reduce(units, "sum").item() / accelerator.num_processes
             stats: dict[str, float] = {}
             for i, batch in enumerate(batches):
                 batch = {k: v.to(accelerator.device) for k, v in batch.items()}
@@ -612,6 +617,10 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
                     stats[k] = stats.get(k, 0.0) + float(v)
                 tokens_seen += int(batch["attention_mask"].sum())
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+            if accelerator.num_processes > 1:  # stats of the whole step, not of this process's share
+                names = sorted(stats)
+                summed = accelerator.reduce(torch.tensor([stats[k] for k in names], dtype=torch.float64), "mean")
+                stats = dict(zip(names, summed.tolist()))
             loss = stats.get("loss", 0.0) / max(total_units, 1.0)
             if not guard.skip(accelerator, progress.step, {"loss": loss, "grad_norm": grad_norm}):
                 optimizer.step()
