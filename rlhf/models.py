@@ -304,7 +304,12 @@ def _score_head(model: nn.Module) -> nn.Module:
 
 
 def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Scalar head applied at every position: [B,T] ids -> [B,T] values (the PPO critic)."""
+    """Scalar head applied at every position: [B,T] ids -> [B,T] values (the PPO critic, the reward model).
+
+    A trained scalar-head model is a TokenValueModel (possibly inside a DDP wrapper): it is called, so the forward
+    goes through the wrapper; a frozen Hugging Face model is run as backbone + head."""
+    if isinstance(getattr(model, "module", model), TokenValueModel):
+        return model(input_ids, attention_mask)
     hidden = _backbone(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,

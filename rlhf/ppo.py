@@ -513,7 +513,8 @@ class PPOTrainer:
             k += 1
             idx = torch.tensor(inds, device=acc.device)
             qr, am, mask = ro.query_responses[idx], ro.attention_mask[idx], ro.response_mask[idx]
-            with self._no_sync(k < n_backward), acc.autocast():
+            # the value model's last backward is the last PPO micro-batch's (ptx does not touch it)
+            with self._no_sync(policy=k < n_backward, value=k < len(micro)), acc.autocast():
                 new_logprobs, entropy = response_logprobs(self.policy, qr, am, P, temperature, entropy=True)
                 vpred = response_values(self.value_model, qr, am, P)
                 pg_loss, pg_stats = policy_loss(new_logprobs, ro.logprobs[idx], ro.advantages[idx], mask, p.cliprange)
@@ -535,7 +536,7 @@ class PPOTrainer:
         for examples in ptx_micro:
             k += 1
             batch = {key: v.to(acc.device) for key, v in collate_lm(examples, self.tokenizer.pad_token_id).items()}
-            with self._no_sync(k < n_backward), acc.autocast():
+            with self._no_sync(policy=k < n_backward, value=False), acc.autocast():
                 logits = causal_logits(self.policy, batch["input_ids"], batch["attention_mask"])
                 ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / max(ptx_tokens, 1)
                 # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
@@ -560,11 +561,12 @@ class PPOTrainer:
         sums["policy/approxkl_avg"] = float(kl)
         return sums
 
-    def _no_sync(self, skip: bool) -> contextlib.ExitStack:
-        """DDP: skip the gradient all-reduce of both trained models on all but the last backward of a step."""
+    def _no_sync(self, policy: bool, value: bool) -> contextlib.ExitStack:
+        """DDP: skip a model's gradient all-reduce on all but its last backward of the step (each must sync once)."""
         stack = contextlib.ExitStack()
-        if skip:
+        if policy:
             stack.enter_context(self.accelerator.no_sync(self.policy))
+        if value:
             stack.enter_context(self.accelerator.no_sync(self.value_model))
         return stack
 

@@ -28,7 +28,7 @@ import torch
 from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
 from rlhf.config import RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
-from rlhf.models import ENSEMBLE_FILE, load_reward_model, load_tokenizer, reward_scores
+from rlhf.models import ENSEMBLE_FILE, TokenValueModel, load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
 from rlhf.training import SupervisedTask, final_model, fit, make_accelerator, save_final, seed_everything, write_json
 
@@ -250,7 +250,10 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
             )
         accelerator.print(f"[rm] reward_offset {offset:.5f} from {n_ref} reference completions")
 
-    model = load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
+    # one module whose forward scores every token, so training goes through DDP/FSDP wrappers
+    model = TokenValueModel(
+        load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
+    )
     task = SupervisedTask(
         name="rm",
         total_steps=total_steps,

@@ -36,7 +36,7 @@ from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
 
 from rlhf.config import ConfigError, LoraConfig, OptimConfig, save_config
-from rlhf.models import cpu_backend
+from rlhf.models import TokenValueModel, cpu_backend
 
 # --------------------------------------------------------------------------------------------------
 # Accelerator, seeds, optimizer, schedule
@@ -53,7 +53,15 @@ def make_accelerator(
     trackers: list = [JsonlTracker(Path(output_dir) / "metrics.jsonl")]
     if tensorboard and importlib.util.find_spec("tensorboard") is not None:
         trackers.append("tensorboard")
-    accelerator = Accelerator(mixed_precision=mixed_precision, cpu=cpu, log_with=trackers, project_dir=str(output_dir))
+    # step_scheduler_with_optimizer=False: our schedules count optimizer steps of the global batch; accelerate's
+    # default steps them num_processes times per call (the LR warm-up and decay ran N times too fast under N processes)
+    accelerator = Accelerator(
+        mixed_precision=mixed_precision,
+        cpu=cpu,
+        log_with=trackers,
+        project_dir=str(output_dir),
+        step_scheduler_with_optimizer=False,
+    )
     accelerator.init_trackers("tensorboard")
     topology = accelerator.distributed_type.value
     if topology not in VERIFIED_TOPOLOGIES:
@@ -283,6 +291,8 @@ def publish_final(accelerator: Accelerator, output_dir: str | Path, write, model
 def final_model(accelerator: Accelerator, model, lora: LoraConfig):
     """The trained model as `final/` holds it: unwrapped, with LoRA merged into the weights when asked."""
     unwrapped = accelerator.unwrap_model(model)
+    if isinstance(unwrapped, TokenValueModel):  # a trained reward/value model is saved as its HF model
+        unwrapped = unwrapped.model
     return unwrapped.merge_and_unload() if lora.enabled and lora.merge_on_save else unwrapped
 
 

@@ -137,7 +137,12 @@ def recipe(stage: str, name: str, overrides: list[str]):
 
 @pytest.mark.parametrize(
     "name, family",
-    [("qwen2.5-0.5b-hh", "qwen2"), ("qwen2.5-0.5b-hh-lora", "qwen2"), ("qwen2.5-0.5b-hh", "llama")],
+    [
+        ("qwen2.5-0.5b-hh", "qwen2"),
+        ("qwen2.5-0.5b-hh-lora", "qwen2"),
+        ("qwen2.5-0.5b-hh", "llama"),
+        ("qwen2.5-0.5b-hh-lora", "llama"),
+    ],
 )
 def test_recipe_end_to_end_on_stand_ins(name, family, stand_ins, tmp_path):
     s, out = stand_ins, tmp_path / "runs"
