@@ -162,9 +162,9 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
         member.ensemble = RMEnsemble()
         final = Path(member.output_dir) / "final"
         if final.is_dir():
-            print(f"[rm] ensemble member {i}: finished already ({final}), skipped")
+            print(f"[rm] ensemble member-{i} of {cfg.ensemble.size}: finished already ({final}), skipped")
         else:
-            print(f"[rm] ensemble member {i + 1}/{cfg.ensemble.size} (seed {member.seed})", flush=True)
+            print(f"[rm] ensemble member-{i} of {cfg.ensemble.size} (seed {member.seed})", flush=True)
             train_one(member, bootstrap_seed=member.seed if cfg.ensemble.bootstrap else None)
         members.append(final)
     return write_ensemble_manifest(cfg, members)
