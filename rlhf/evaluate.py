@@ -326,22 +326,33 @@ def plot_frontier(report: dict, path: Path) -> Path | None:
     import matplotlib.pyplot as plt
 
     rows = [report["sft"]] + report["rows"]
-    kl = [r["kl_to_sft"] for r in rows]
-    fig, ax = plt.subplots(figsize=(6.4, 4.4), dpi=110)
-    for key, label in (("rm_score", "RM score (optimised)"), ("proxy_score", "held-out proxy RM")):
-        if all(key in r for r in rows):
-            ax.plot(kl, [r[key] for r in rows], marker="o", markersize=3, label=label)
-    ax.set_xlabel("KL to SFT (nats / sequence), points in training order")
-    ax.set_ylabel("reward-model score")
+    last_step = max([r["step"] for r in rows if r["step"] is not None] + [0])
+    steps = [last_step + 1 if r["step"] is None else r["step"] for r in rows]  # final/ after the last checkpoint
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    for ax, xs, xlabel in (
+        (axes[0], [r["kl_to_sft"] for r in rows], "KL to SFT (nats / sequence)"),
+        (axes[1], steps, "PPO iteration (SFT at 0, final last)"),
+    ):
+        for key, label in (("rm_score", "RM score (optimised)"), ("proxy_score", "held-out proxy RM")):
+            if all(key in r for r in rows):
+                ax.plot(xs, [r[key] for r in rows], marker="o", markersize=3, label=label)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("reward-model score")
+        if all("gold_score" in r for r in rows):
+            gold_ax = ax.twinx()
+            gold_ax.plot(xs, [r["gold_score"] for r in rows], color="black", marker="s", markersize=3, label="gold")
+            gold_ax.set_ylabel("gold score")
+        ax.grid(alpha=0.3)
     if report["best"]:
-        ax.axvline(report["best"]["kl_to_sft"], color="green", linestyle="--", label=f"best: {report['best']['name']}")
-    if all("gold_score" in r for r in rows):
-        gold_ax = ax.twinx()
-        gold_ax.plot(kl, [r["gold_score"] for r in rows], color="black", marker="s", markersize=3, label="gold")
-        gold_ax.set_ylabel("gold score")
-    ax.grid(alpha=0.3)
-    ax.set_title("reward vs KL over the PPO run")
-    fig.legend(loc="lower center", ncol=4, fontsize=8, frameon=False)
+        axes[0].axvline(
+            report["best"]["kl_to_sft"], color="green", linestyle="--", label=f"best: {report['best']['name']}"
+        )
+    axes[0].set_title("score against KL (the over-optimisation curve)")
+    axes[1].set_title("score over training")
+    handles = [h for ax in fig.axes for h in ax.get_legend_handles_labels()[0]]
+    labels = [lab for ax in fig.axes for lab in ax.get_legend_handles_labels()[1]]
+    unique = dict(zip(labels, handles))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     fig.savefig(path)
     plt.close(fig)
