@@ -214,15 +214,16 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     sft_metrics, sft_scores, sft_texts = ev.measure(ev.sft, "sft")
     if cfg.run_dir:
         chosen, policy_metrics, policy_scores, policy_texts = frontier(cfg, ev, (sft_metrics, sft_scores))
+        policy = ev.load_policy(str(chosen)) if cfg.pretrain_eval.path else None
     else:
-        chosen = cfg.policy
-        policy_metrics, policy_scores, policy_texts = ev.measure(ev.load_policy(cfg.policy), "policy")
+        chosen, policy = cfg.policy, ev.load_policy(cfg.policy)
+        policy_metrics, policy_scores, policy_texts = ev.measure(policy, "policy")
     result = comparison((policy_metrics, policy_scores), (sft_metrics, sft_scores), ev)
     result["policy"] = str(chosen)
     if cfg.pretrain_eval.path:
         ds = load_source(cfg.pretrain_eval, "text")
         examples = encode_text(ev.tokenizer, ds["text"], cfg.format.max_length, TruncationReport())
-        for name, model in (("sft", ev.sft), ("policy", ev.load_policy(str(chosen)))):
+        for name, model in (("sft", ev.sft), ("policy", policy)):
             loss_sum, tokens = summed_lm_loss(model, examples, cfg.batch_size, ev.tokenizer.pad_token_id, ev.device)
             result[f"pretrain_loss_{name}"] = loss_sum / max(tokens, 1)
     result = _rounded(result)

@@ -81,9 +81,9 @@ from rlhf.training import (
     NonFiniteGuard,
     Progress,
     ProgressBar,
-    StoppedBySignal,
     build_optimizer,
     build_scheduler,
+    checkpoint_or_stop,
     drop_metrics_after,
     final_model,
     log_metrics,
@@ -635,24 +635,19 @@ class PPOTrainer:
                     (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
                 ):
                     log_metrics(acc, self.evaluate(), step)
-                periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < self.total_steps
-                stopping = stop.requested(acc) and step < self.total_steps
-                if periodic or stopping:
-                    self.save(step)
-                if stopping:
-                    bar.close()
-                    acc.end_training()
-                    raise StoppedBySignal(stop.signame, step, out / f"checkpoint-{step}")
+                checkpoint_or_stop(acc, stop, bar, step, self.total_steps, cfg.checkpoint.every, self.save)
         bar.close()
         final = publish_final(acc, out, self.write_final, {"policy": self.policy})
         acc.end_training()
         return final
 
-    def save(self, step: int) -> None:
+    def save(self, step: int) -> Path:
         """checkpoint-<step>: the policy and value model in HF form plus the whole training state."""
         models = {"policy": self.policy, "value": self.value_model}
         cfg = self.cfg
-        save_checkpoint(self.accelerator, cfg.output_dir, step, models, self.tokenizer, cfg, cfg.checkpoint.keep_last)
+        return save_checkpoint(
+            self.accelerator, cfg.output_dir, step, models, self.tokenizer, cfg, cfg.checkpoint.keep_last
+        )
 
     def log_samples(self, ro: Rollout, step: int) -> None:
         n = min(self.cfg.logging.num_samples, ro.query_responses.shape[0])

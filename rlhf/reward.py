@@ -20,7 +20,6 @@ from __future__ import annotations
 import copy
 import math
 import random
-import shutil
 from pathlib import Path
 
 import torch
@@ -30,7 +29,16 @@ from rlhf.config import RMConfig, RMEnsemble, TextSource, check_paths, save_conf
 from rlhf.data import load_source
 from rlhf.models import ENSEMBLE_FILE, TokenValueModel, load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
-from rlhf.training import SupervisedTask, final_model, fit, make_accelerator, save_final, seed_everything, write_json
+from rlhf.training import (
+    SupervisedTask,
+    final_model,
+    fit,
+    make_accelerator,
+    publish_final,
+    save_final,
+    seed_everything,
+    write_json,
+)
 
 
 def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
@@ -175,26 +183,22 @@ def write_ensemble_manifest(cfg: RMConfig, members: list[Path]) -> Path:
     from accelerate import PartialState
 
     state = PartialState()
-    final = Path(cfg.output_dir) / "final"
-    if state.is_main_process:
-        tmp = final.with_name("final.tmp")
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True)
-        used = len(members) - cfg.ensemble.holdout
-        write_json(
-            tmp / ENSEMBLE_FILE,
-            {
-                "members": [f"../{m.parent.name}/final" for m in members[:used]],
-                "holdout": [f"../{m.parent.name}/final" for m in members[used:]],
-                "bootstrap": cfg.ensemble.bootstrap,
-            },
-        )
-        load_tokenizer(str(members[0])).save_pretrained(str(tmp))
-        save_config(cfg, tmp / "rlhf_config.yaml")
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    state.wait_for_everyone()
-    return final
+    used = len(members) - cfg.ensemble.holdout
+
+    def write(tmp: Path) -> None:
+        if state.is_main_process:
+            write_json(
+                tmp / ENSEMBLE_FILE,
+                {
+                    "members": [f"../{m.parent.name}/final" for m in members[:used]],
+                    "holdout": [f"../{m.parent.name}/final" for m in members[used:]],
+                    "bootstrap": cfg.ensemble.bootstrap,
+                },
+            )
+            load_tokenizer(str(members[0])).save_pretrained(str(tmp))
+            save_config(cfg, tmp / "rlhf_config.yaml")
+
+    return publish_final(state, cfg.output_dir, write, {})
 
 
 def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:

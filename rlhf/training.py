@@ -359,10 +359,7 @@ class GracefulStop:
 
     def requested(self, accelerator: Accelerator) -> bool:
         """Whether any process got a signal (all processes must stop at the same step)."""
-        flag = self.signum is not None
-        if accelerator.num_processes > 1:
-            flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
-        return flag
+        return any_process(accelerator, self.signum is not None)
 
     @property
     def signame(self) -> str:
@@ -380,10 +377,7 @@ class NonFiniteGuard:
     def skip(self, accelerator: Accelerator, step: int, quantities: dict[str, Any]) -> bool:
         """True when this step must be skipped; raises NonFiniteError once the skip budget is spent."""
         bad = {k: v for k, v in quantities.items() if not bool(torch.isfinite(torch.as_tensor(v)).all())}
-        flag = bool(bad)
-        if accelerator.num_processes > 1:  # every process takes the same decision
-            flag = bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
-        if not flag:
+        if not any_process(accelerator, bool(bad)):  # every process takes the same decision
             return False
         what = ", ".join(f"{k} {_nonfinite(v)}" for k, v in bad.items()) or "a quantity on another process"
         self.skipped += 1
@@ -404,6 +398,26 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict) -> None:
         self.skipped = int(state["skipped"])
+
+
+def any_process(accelerator: Accelerator, flag: bool) -> bool:
+    """True on every process when `flag` is True on any one (a collective: every process must call it)."""
+    if accelerator.num_processes == 1:
+        return flag
+    return bool(accelerator.reduce(torch.tensor([float(flag)], device=accelerator.device), "sum").item())
+
+
+def checkpoint_or_stop(accelerator: Accelerator, stop: GracefulStop, bar, step: int, total: int, every: int, save):
+    """End of a training step: `save(step)` on the checkpoint schedule, or on a signal, after which the run stops
+    (StoppedBySignal). The last step needs neither: `final/` follows it."""
+    periodic = every and step % every == 0 and step < total
+    stopping = stop.requested(accelerator) and step < total
+    if periodic or stopping:
+        checkpoint = save(step)
+    if stopping:
+        bar.close()
+        accelerator.end_training()
+        raise StoppedBySignal(stop.signame, step, checkpoint)
 
 
 def _nonfinite(value: Any) -> str:
@@ -600,6 +614,10 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
     bar = ProgressBar(task.total_steps, task.name, cfg.logging.progress, progress.step, accelerator.is_main_process)
     window: dict[str, float] = {}
     tokens_seen, window_start = 0, time.time()
+
+    def save(step: int) -> Path:
+        return save_checkpoint(accelerator, out, step, {"model": model}, tokenizer, cfg, cfg.checkpoint.keep_last)
+
     with GracefulStop() as stop:
         while progress.step < task.total_steps:
             model.train()
@@ -629,7 +647,8 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
             grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
             if accelerator.num_processes > 1:  # stats of the whole step, not of this process's share
                 names = sorted(stats)
-                summed = accelerator.reduce(torch.tensor([stats[k] for k in names], dtype=torch.float64), "mean")
+                local = torch.tensor([stats[k] for k in names], dtype=torch.float64, device=accelerator.device)
+                summed = accelerator.reduce(local, "mean")
                 stats = dict(zip(names, summed.tolist()))
             loss = stats.get("loss", 0.0) / max(total_units, 1.0)
             if not guard.skip(accelerator, progress.step, {"loss": loss, "grad_norm": grad_norm}):
@@ -658,16 +677,7 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
                 window, tokens_seen, window_start = {}, 0, time.time()
             if (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == task.total_steps:
                 log_metrics(accelerator, task.evaluate(accelerator.unwrap_model(model), step), step)
-            periodic = cfg.checkpoint.every and step % cfg.checkpoint.every == 0 and step < task.total_steps
-            stopping = stop.requested(accelerator) and step < task.total_steps
-            if periodic or stopping:
-                ckpt = save_checkpoint(
-                    accelerator, out, step, {"model": model}, tokenizer, cfg, cfg.checkpoint.keep_last
-                )
-            if stopping:
-                bar.close()
-                accelerator.end_training()
-                raise StoppedBySignal(stop.signame, step, ckpt)
+            checkpoint_or_stop(accelerator, stop, bar, step, task.total_steps, cfg.checkpoint.every, save)
     bar.close()
     final = publish_final(accelerator, out, lambda tmp: task.write_final(model, tmp), {"model": model})
     accelerator.end_training()
