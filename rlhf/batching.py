@@ -150,9 +150,9 @@ def encode_text(tokenizer, texts: list[str], max_length: int, report: Truncation
     return out
 
 
-def pad(sequences: list[list[int]], value: int, side: str = "right") -> torch.Tensor:
-    """Pad to the longest sequence of this batch only (never to a global maximum)."""
-    width = max(len(s) for s in sequences)
+def pad(sequences: list[list[int]], value: int, side: str = "right", width: int = 0) -> torch.Tensor:
+    """Pad to the longest sequence of this batch (or to `width` when that is longer) -> [B, width]."""
+    width = max(width, max(len(s) for s in sequences))
     rows = [s + [value] * (width - len(s)) if side == "right" else [value] * (width - len(s)) + s for s in sequences]
     return torch.tensor(rows, dtype=torch.long)
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import importlib
 import math
 import os
 import types
@@ -287,6 +288,8 @@ class RolloutConfig:
     """Prompts per generate() call per process."""
     missing_eos_penalty: float | None = -1.0
     """Score given to a response that hit max_new_tokens without EOS (null = keep the RM score)."""
+    samples_per_prompt: int = 1
+    """k responses per prompt per iteration (train.batch_size counts responses); rloo/grpo need k >= 2."""
 
 
 @dataclass
@@ -319,6 +322,8 @@ class KLConfig:
     """Iterations averaged for the budget's smoothed KL."""
     estimator: Literal["k1", "k3"] = "k1"
     """Per-token KL estimator in the reward (k1 = log-ratio; k3 = low-variance, non-negative)."""
+    placement: Literal["reward", "loss"] = "reward"
+    """reward = -beta * KL per token in the reward (InstructGPT); loss = beta * k3 KL as a loss term (GRPO)."""
 
 
 @dataclass
@@ -333,6 +338,12 @@ class RewardShaping:
     """Normalise scores by a running mean/std."""
     whiten_rewards: bool = False
     """Whiten per-token rewards over the batch before GAE."""
+    function: str = ""
+    """A reward computed by code, `module:function(prompt, response) -> float` (the eval judge's contract)."""
+    function_weight: float = 1.0
+    """Weight of `function` in the score (with a reward model too: model_weight * RM + function_weight * fn)."""
+    model_weight: float = 1.0
+    """Weight of the reward model's score when `function` is also set."""
 
 
 @dataclass
@@ -343,6 +354,17 @@ class PPOHyper:
     """Episodes per optimizer step (global)."""
     micro_batch_size: int = 8
     """Episodes per forward per process (gradient accumulation inside a minibatch)."""
+    advantage: Literal["gae", "reinforce", "rloo", "grpo"] = "gae"
+    """gae = GAE with the value model; reinforce = returns minus `baseline`; rloo / grpo = critic-free, from the
+    rollout.samples_per_prompt responses to each prompt (leave-one-out mean; group-normalised)."""
+    baseline: Literal["value", "mean"] = "value"
+    """reinforce: a learned value model, or the batch mean of the returns (critic-free)."""
+    objective: Literal["clip", "klpen"] = "clip"
+    """clip = L^CLIP (PPO's clipped surrogate); klpen = L^KLPEN, the KL-penalised surrogate with adaptive beta."""
+    klpen_coef: float = 1.0
+    """klpen: the starting beta of the KL(pi_old || pi) penalty (PPO paper sec. 4: the start hardly matters)."""
+    klpen_target: float = 0.01
+    """klpen: d_targ, the per-token KL(pi_old || pi) each update aims at (PPO paper: 0.01 was best of 0.003-0.03)."""
     cliprange: float = 0.2
     """epsilon of the clipped surrogate."""
     cliprange_value: float = 0.2
@@ -483,13 +505,47 @@ class PPOConfig:
                 "models.reference: disable_adapter needs models.policy.lora.enabled: true "
                 "(without an adapter there is nothing to disable); use reference: copy"
             )
+        self._validate_lineage()
+
+    def uses_critic(self) -> bool:
+        """Whether the advantage estimator needs a value model (GAE, REINFORCE with a learned baseline)."""
+        return self.ppo.advantage == "gae" or (self.ppo.advantage == "reinforce" and self.ppo.baseline == "value")
+
+    def _validate_lineage(self) -> None:
+        p, k, r = self.ppo, self.rollout.samples_per_prompt, self.reward
+        _positive(k, "rollout.samples_per_prompt")
+        if self.train.batch_size % k:
+            raise ConfigError(
+                f"train.batch_size ({self.train.batch_size}) counts responses: it must be a multiple of "
+                f"rollout.samples_per_prompt ({k})"
+            )
+        if p.advantage in ("rloo", "grpo") and k < 2:
+            raise ConfigError(
+                f"ppo.advantage: {p.advantage} compares the responses to the same prompt: set "
+                "rollout.samples_per_prompt >= 2 (RLOO used 2-4, GRPO 64 on maths)"
+            )
+        if p.objective == "klpen":
+            _positive(p.klpen_coef, "ppo.klpen_coef")
+            _positive(p.klpen_target, "ppo.klpen_target")
+        if r.function and (":" not in r.function or r.function.startswith(":") or r.function.endswith(":")):
+            raise ConfigError(f"reward.function must be 'module:function', got {r.function!r}")
+        if not r.function and not self.models.reward.name_or_path:
+            raise ConfigError("no reward: set models.reward.name_or_path (a reward model) and/or reward.function")
+        if r.function and self.models.reward.name_or_path and r.model_weight == 0 and r.function_weight == 0:
+            raise ConfigError("reward.model_weight and reward.function_weight are both 0: the reward would be 0")
+        if self.uses_critic() and self.models.value_init == "reward" and not self.models.reward.name_or_path:
+            raise ConfigError(
+                "the value model starts from the reward model (models.value_init: reward) but there is none: set "
+                "models.value_init: policy, or a critic-free ppo.advantage (rloo, grpo, reinforce + baseline: mean)"
+            )
 
     def paths(self) -> dict[str, str]:
+        reward = _model_paths(self.models.reward, "models.reward") if self.models.reward.name_or_path else {}
         return (
             _source_paths(self.data, ("prompts", "eval_prompts"))
             | _source_paths(self.ptx, ("data",), prefix="ptx")
             | _model_paths(self.models.policy, "models.policy")
-            | _model_paths(self.models.reward, "models.reward")
+            | reward
         )
 
 
@@ -558,7 +614,65 @@ class EvalConfig:
         return out
 
 
-STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "ppo": PPOConfig, "eval": EvalConfig}
+@dataclass
+class DPOData:
+    train: TextSource = field(default_factory=TextSource)
+    """Preference rows (as the RM stage reads them): chosen/rejected pairs or K-way `ranked` lists."""
+    eval: TextSource = field(default_factory=TextSource)
+    """Held-out preference rows for loss and preference accuracy (empty path = none)."""
+    format: FormatConfig = field(default_factory=FormatConfig)
+    """Prompt rendering and truncation (must match the SFT stage)."""
+
+
+@dataclass
+class DPOLoss:
+    label_smoothing: float = 0.0
+    """cDPO: assumed probability that a preference label is flipped, in [0, 0.5) (0 = the paper's DPO loss)."""
+
+
+@dataclass
+class DPOConfig:
+    output_dir: str = "runs/dpo"
+    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    """The policy, initialised from SFT (sft/final); the frozen reference is the same weights."""
+    reference: Literal["copy", "disable_adapter"] = "copy"
+    """copy = a second frozen copy of SFT; disable_adapter = the LoRA policy with its adapter off."""
+    beta: float = 0.1
+    """beta: strength of the implicit KL constraint to the reference (DPO paper: 0.1)."""
+    data: DPOData = field(default_factory=DPOData)
+    loss: DPOLoss = field(default_factory=DPOLoss)
+    train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, micro_batch_size=4))
+    """batch_size = prompts per step; each brings every ordered pair of its ranked responses."""
+    optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=1e-6, warmup_steps=150, scheduler="constant"))
+    """DPO paper: LR 1e-6, linear warm-up over 150 steps, then constant."""
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def validate(self) -> None:
+        _check_common(self)
+        _positive(self.beta, "beta")
+        if not 0.0 <= self.loss.label_smoothing < 0.5:
+            raise ConfigError(
+                f"loss.label_smoothing must be in [0, 0.5) (the assumed label-flip rate), got {self.loss.label_smoothing}"
+            )
+        if self.reference == "disable_adapter" and not self.model.lora.enabled:
+            raise ConfigError(
+                "reference: disable_adapter needs model.lora.enabled: true "
+                "(without an adapter there is nothing to disable); use reference: copy"
+            )
+        if self.reference == "disable_adapter" and self.model.from_config:
+            raise ConfigError("reference: disable_adapter cannot work with model.from_config: true (no SFT weights)")
+
+    def paths(self) -> dict[str, str]:
+        return _source_paths(self.data, ("train", "eval")) | _model_paths(self.model, "model")
+
+
+STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "ppo": PPOConfig, "eval": EvalConfig}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -608,6 +722,15 @@ def _model_paths(model: ModelConfig, prefix: str) -> dict[str, str]:
     if model.tokenizer:
         out[f"{prefix}.tokenizer"] = model.tokenizer
     return out
+
+
+def load_function(spec: str, key: str):
+    """'module:function' named by config key `key` -> the callable (e.g. (prompt, response) -> float)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key} {spec!r} cannot be imported: {e}") from None
 
 
 def looks_local(path: str) -> bool:

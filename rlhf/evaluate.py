@@ -15,7 +15,6 @@ never by the gold judge (a real user has none); `select_best` makes it the run's
 
 from __future__ import annotations
 
-import importlib
 import json
 import shutil
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rlhf.batching import TruncationReport, encode_prompts, encode_text, pad, response_sequences
-from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
+from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, load_function, save_config
 from rlhf.data import load_source
 from rlhf.models import (
     causal_logits,
@@ -41,16 +40,6 @@ from rlhf.sft import summed_lm_loss
 from rlhf.training import ProgressBar, checkpoint_dirs, seed_everything, write_json
 
 
-def load_judge(spec: str):
-    """'module:function' -> the callable (prompt, response) -> float."""
-    module_name, _, name = spec.partition(":")
-    try:
-        return getattr(importlib.import_module(module_name), name)
-    except (ImportError, AttributeError) as e:
-        raise ConfigError(f"judge {spec!r} cannot be imported: {e}") from None
-
-
-@torch.no_grad()
 def sample(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, desc: str) -> list[list[int]]:
     """Response token ids (through EOS when it ended) for every prompt."""
     out = []
@@ -86,7 +75,7 @@ class Evaluation:
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
-        self.judge = load_judge(cfg.judge) if cfg.judge else None
+        self.judge = load_function(cfg.judge, "judge") if cfg.judge else None
         self.tokenizer = tok = load_tokenizer(cfg.sft, cfg.trust_remote_code, cfg.format)
         ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
         self.rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]

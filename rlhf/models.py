@@ -360,6 +360,7 @@ def reward_scores(
     """
     values = token_values(model, input_ids, attention_mask)
     scores = values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
-    if normalized:
-        scores = scores - float(getattr(model.config, "reward_offset", 0.0) or 0.0)
+    if normalized:  # the HF config of the model inside any wrapper (a DeepSpeed engine has a `config` of its own)
+        config = getattr(model, "module", model).config
+        scores = scores - float(getattr(config, "reward_offset", 0.0) or 0.0)
     return scores

@@ -43,7 +43,7 @@ from rlhf.batching import (
     pad,
     response_sequences,
 )
-from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
+from rlhf.config import ConfigError, PPOConfig, check_paths, load_function, save_config
 from rlhf.data import load_source
 from rlhf.models import (
     TokenValueModel,
@@ -59,6 +59,7 @@ from rlhf.ppo_math import (
     AdaptiveKLController,
     FixedKLController,
     KLBudget,
+    KLPenaltyCoef,
     PIKLController,
     aggregate_ensemble,
     compute_rewards,
@@ -66,16 +67,19 @@ from rlhf.ppo_math import (
     entropy_from_logits,
     explained_variance,
     gae,
+    group_advantages,
     kl_penalty,
+    klpen_policy_loss,
     lm_loss,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
     policy_loss,
+    reinforce_advantages,
     truncate_after_eos,
     value_loss,
 )
-from rlhf.sampling import decode_responses, generate
+from rlhf.sampling import decode_responses, episode_seed, generate
 from rlhf.training import (
     GracefulStop,
     NonFiniteGuard,
@@ -86,16 +90,35 @@ from rlhf.training import (
     checkpoint_or_stop,
     drop_metrics_after,
     final_model,
+    generation_context,
     log_metrics,
     log_text,
     make_accelerator,
+    prepare_frozen,
     publish_final,
     resume_state,
     save_checkpoint,
     save_final,
     seed_everything,
+    sharded_parameters,
     split_batch,
 )
+
+# the per-minibatch statistics of the update, in the order minibatch_step returns them
+MINIBATCH_STATS = (
+    "loss/policy_avg",
+    "loss/value_avg",
+    "policy/entropy_avg",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "val/clipfrac_avg",
+    "policy/ratio_avg",
+    "ptx/loss",
+    "policy/grad_norm",
+    "policy/kl_old",
+    "loss/kl_avg",
+)
+ROLLOUT_STREAM, EVAL_STREAM = 0, 1  # keys of the per-episode sampling seeds
 
 # --------------------------------------------------------------------------------------------------
 # State objects checkpointed with the run
@@ -155,11 +178,16 @@ class EMA:
 # --------------------------------------------------------------------------------------------------
 
 
-def response_logprobs(model, query_responses, attention_mask, prompt_width: int, temperature: float, entropy=False):
+def response_logprobs(
+    model, query_responses, attention_mask, prompt_width: int, temperature: float, entropy=False, entropy_grad=True
+):
     """[B,P+R] -> log-probs [B,R] of the response tokens (and entropies [B,R]) at the sampling temperature."""
     logits = causal_logits(model, query_responses, attention_mask)[:, prompt_width - 1 : -1]
     logprobs = logprobs_from_logits(logits, query_responses[:, prompt_width:], temperature)
-    return (logprobs, entropy_from_logits(logits, temperature)) if entropy else logprobs
+    if not entropy:
+        return logprobs
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logprobs, entropy_from_logits(logits, temperature)
 
 
 def response_values(value_model, query_responses, attention_mask, prompt_width: int) -> torch.Tensor:
@@ -187,21 +215,6 @@ class Rollout:
     returns: torch.Tensor | None = None
 
 
-def global_masked_whiten(values: torch.Tensor, mask: torch.Tensor, accelerator, shift_mean: bool = True):
-    """masked_whiten with mean/variance over every process's tokens (identical to masked_whiten on one process)."""
-    if accelerator.num_processes == 1:
-        return masked_whiten(values, mask, shift_mean=shift_mean)
-    m = mask.bool()
-    stats = torch.stack([values[m].sum(), (values[m] ** 2).sum(), m.sum().to(values.dtype)]).double()
-    total, total_sq, count = accelerator.reduce(stats, "sum").tolist()
-    mean = total / count
-    var = (total_sq - count * mean**2) / max(count - 1, 1)
-    whitened = (values - mean) / math.sqrt(var + 1e-8)
-    if not shift_mean:
-        whitened = whitened + mean
-    return torch.where(m, whitened, torch.zeros_like(values))
-
-
 # --------------------------------------------------------------------------------------------------
 # The stage
 # --------------------------------------------------------------------------------------------------
@@ -219,18 +232,26 @@ class PPOTrainer:
         seed_everything(cfg.seed)
         m = cfg.models
         self.tokenizer = load_tokenizer(m.policy, fmt=cfg.data.format)
-        self.reward_tokenizer = load_tokenizer(m.reward, fmt=cfg.data.format)
-        self.same_tokenizer = self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
-        if not self.same_tokenizer and m.value_init == "reward":
+        self.reward_tokenizer = load_tokenizer(m.reward, fmt=cfg.data.format) if m.reward.name_or_path else None
+        self.same_tokenizer = self.reward_tokenizer is None or (
+            self.reward_tokenizer.get_vocab() == self.tokenizer.get_vocab()
+        )
+        self.critic = cfg.uses_critic()
+        if not self.same_tokenizer and m.value_init == "reward" and self.critic:
             raise ConfigError(
                 f"models.reward ({m.reward.name_or_path}) has a different tokenizer from the policy, so the value "
                 "model cannot start from it (values are read per policy token); set models.value_init: policy"
             )
         if m.reference == "disable_adapter":
             _check_adapter_reference(m.policy)
+        if cfg.ema.decay and sharded_parameters(acc):
+            raise ConfigError(
+                "ema.decay > 0 with FSDP / DeepSpeed ZeRO-3: each process holds a shard of the policy, so an EMA of "
+                "its parameters would be an EMA of a shard; set ema.decay: 0 or use DDP / ZeRO-1/2"
+            )
 
-        self.local_batch = split_batch(cfg.train.batch_size, 1, acc.num_processes, "train.batch_size")
-        self.local_mini = split_batch(cfg.ppo.mini_batch_size, 1, acc.num_processes, "ppo.mini_batch_size")
+        # every process samples the same number of episodes and takes the same share of each minibatch
+        split_batch(cfg.train.batch_size, 1, acc.num_processes, "train.batch_size")
         split_batch(cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size, acc.num_processes, "ppo.mini_batch_size")
 
         # data: prompts (rendered exactly as in SFT and RM), optional eval prompts and ptx text
@@ -241,7 +262,7 @@ class PPOTrainer:
         self.prompts = encode_prompts(self.tokenizer, fmt, self.prompt_rows, self.prompt_report)
         self.schedule = BatchSchedule(
             [len(p) for p in self.prompts],
-            cfg.train.batch_size,
+            cfg.train.batch_size // cfg.rollout.samples_per_prompt,  # prompts per iteration
             cfg.seed,
             group_by_length=False,
             what=cfg.data.prompts.path,
@@ -262,7 +283,10 @@ class PPOTrainer:
                 report = TruncationReport()
                 self.ptx_examples = encode_sft(self.tokenizer, ptx_fmt, ds, cfg.ptx.data.path, False, report)
         self._ptx_cached: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) of the ptx text
-        self.ptx_per_mini = round(cfg.ptx.sequences_per_episode * self.local_mini) if self.ptx_examples else 0
+        # ptx sequences per minibatch (all processes), a multiple of the process count so each takes as many
+        world = acc.num_processes
+        per_mini = cfg.ptx.sequences_per_episode * cfg.ppo.mini_batch_size / world
+        self.ptx_per_mini = world * round(per_mini) if self.ptx_examples else 0
         self.total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * self.schedule.steps_per_epoch))
 
         # models: dropout off in all four (N+ detail 1)
@@ -271,75 +295,99 @@ class PPOTrainer:
         if m.reference == "copy":
             ref_cfg = copy.deepcopy(m.policy)
             ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
-            self.reference = load_causal_lm(ref_cfg, self.tokenizer, dropout=False, key="models.policy.name_or_path")
-            self.reference.requires_grad_(False).eval()
-            self.reference.to(acc.device)
-        # one reward model, or the PPO members of an ensemble (scores combined by reward.aggregate)
-        self.reward_models = [rm.to(acc.device) for rm in load_reward_ensemble(m.reward, self.reward_tokenizer)]
-        value_cfg = copy.deepcopy(m.reward if m.value_init == "reward" else m.policy)
-        if m.value_init == "reward":
-            value_cfg.name_or_path = reward_members(m.reward.name_or_path)[0]
-        value_cfg.lora.enabled = False
-        value_cfg.gradient_checkpointing = m.policy.gradient_checkpointing
-        # from the RM its trained head is the value head's start; from the policy a new head is expected
-        value_key = "models.reward.name_or_path" if m.value_init == "reward" else "models.policy.name_or_path"
-        self.value_model = TokenValueModel(
-            load_reward_model(value_cfg, self.tokenizer, train=True, new_head=m.value_init == "policy", key=value_key)
-        )
+            reference = load_causal_lm(ref_cfg, self.tokenizer, dropout=False, key="models.policy.name_or_path")
+            self.reference = prepare_frozen(acc, reference)
+        # one reward model, or the PPO members of an ensemble (scores combined by reward.aggregate); each one
+        # forward module (TokenValueModel), so sharding wrappers see the whole forward. And/or a reward function.
+        members = load_reward_ensemble(m.reward, self.reward_tokenizer) if m.reward.name_or_path else []
+        self.reward_models = [prepare_frozen(acc, TokenValueModel(rm)) for rm in members]
+        self.reward_fn = load_function(cfg.reward.function, "reward.function") if cfg.reward.function else None
 
-        policy_opt = build_optimizer(self.policy.parameters(), cfg.optim)
-        value_opt = build_optimizer(self.value_model.parameters(), cfg.optim, lr=cfg.value_lr or cfg.optim.lr)
         updates = self.total_steps * cfg.ppo.ppo_epochs * (cfg.train.batch_size // cfg.ppo.mini_batch_size)
         # the warm-up counts PPO iterations (InstructGPT: 10 iterations from 1/10 of the peak)
-        per_iteration = updates // self.total_steps
         warm = copy.deepcopy(cfg.optim)
-        warm.warmup_steps = cfg.optim.warmup_steps * per_iteration
-        policy_sched = build_scheduler(policy_opt, warm, updates)
-        value_sched = build_scheduler(value_opt, warm, updates)
-        (self.policy, self.value_model, self.policy_opt, self.value_opt, self.policy_sched, self.value_sched) = (
-            acc.prepare(self.policy, self.value_model, policy_opt, value_opt, policy_sched, value_sched)
+        warm.warmup_steps = cfg.optim.warmup_steps * (updates // self.total_steps)
+        policy_opt = build_optimizer(self.policy.parameters(), cfg.optim)
+        self.policy, self.policy_opt, self.policy_sched = acc.prepare(
+            self.policy, policy_opt, build_scheduler(policy_opt, warm, updates)
         )
+        # the critic (GAE, REINFORCE with a learned baseline); critic-free estimators never load one
+        self.value_model = self.value_opt = self.value_sched = None
+        if self.critic:
+            value_cfg = copy.deepcopy(m.reward if m.value_init == "reward" else m.policy)
+            if m.value_init == "reward":
+                value_cfg.name_or_path = reward_members(m.reward.name_or_path)[0]
+            value_cfg.lora.enabled = False
+            value_cfg.gradient_checkpointing = m.policy.gradient_checkpointing
+            # from the RM its trained head is the value head's start; from the policy a new head is expected
+            value_key = "models.reward.name_or_path" if m.value_init == "reward" else "models.policy.name_or_path"
+            value_model = TokenValueModel(
+                load_reward_model(
+                    value_cfg, self.tokenizer, train=True, new_head=m.value_init == "policy", key=value_key
+                )
+            )
+            value_opt = build_optimizer(value_model.parameters(), cfg.optim, lr=cfg.value_lr or cfg.optim.lr)
+            self.value_model, self.value_opt, self.value_sched = acc.prepare(
+                value_model, value_opt, build_scheduler(value_opt, warm, updates)
+            )
 
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
+        self.klpen = KLPenaltyCoef(cfg.ppo.klpen_coef, cfg.ppo.klpen_target)  # L^KLPEN's beta (objective: klpen)
         self.score_moments = RunningMoments()
         self.progress = Progress()
         self.ema = EMA(acc.unwrap_model(self.policy), cfg.ema.decay) if cfg.ema.decay else None
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_skips, "ppo")
-        acc.register_for_checkpointing(self.progress, self.kl_ctl, self.score_moments, self.kl_budget, self.guard)
+        acc.register_for_checkpointing(
+            self.progress, self.kl_ctl, self.score_moments, self.kl_budget, self.guard, self.klpen
+        )
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
 
     # ---- 1-3: rollout, scoring, rewards -----------------------------------------------------------
 
-    def batch_rows(self, step: int) -> list[int]:
-        """This process's prompt rows of iteration `step` (a pure function of the step: resume is exact)."""
-        acc = self.accelerator
-        return self.schedule(step)[acc.process_index :: acc.num_processes]
+    def episode_rows(self, step: int) -> list[int]:
+        """Prompt row of each of iteration `step`'s episodes, in the global order (a pure function of the step);
+        the rollout.samples_per_prompt responses to a prompt are consecutive episodes (a group)."""
+        k = self.cfg.rollout.samples_per_prompt
+        return [row for row in self.schedule(step) for _ in range(k)]
 
     @torch.no_grad()
-    def rollout(self, row_ids: list[int]) -> tuple[Rollout, dict]:
+    def rollout(self, step: int) -> tuple[Rollout, dict]:
+        """Sample and score this process's share of the iteration's episodes; returns every process's episodes.
+
+        Episode i of the iteration is sampled on process i % num_processes with its own random stream (seeded by
+        run seed, iteration and i) and prompts are left-padded to the widest prompt of the whole iteration, so the
+        gathered rollout is the one a single process would sample (up to float rounding in the forwards).
+        """
         cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
+        episodes = self.episode_rows(step)
+        positions = list(range(acc.process_index, len(episodes), acc.num_processes))
+        row_ids = [episodes[i] for i in positions]
         prompts = [self.prompts[j] for j in row_ids]
         rows = [self.prompt_rows[j] for j in row_ids]
-        policy = acc.unwrap_model(self.policy)
+        seeds = [episode_seed(cfg.seed, ROLLOUT_STREAM, step, i) for i in positions]
         t0 = time.time()
         # 1. sample: one left-padded prompt tensor so every chunk shares the prompt width P
-        prompt_ids = pad(prompts, tok.pad_token_id, side="left")
-        prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left")
-        P = prompt_ids.shape[1]
+        P = max(len(self.prompts[j]) for j in episodes)
+        prompt_ids = pad(prompts, tok.pad_token_id, side="left", width=P)
+        prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left", width=P)
         chunks = []
-        for s in range(0, len(prompts), cfg.rollout.generation_batch_size):
-            _, _, resp = generate(
-                policy,
-                tok,
-                prompts[s : s + cfg.rollout.generation_batch_size],
-                cfg.rollout.max_new_tokens,
-                cfg.rollout.temperature,
-                cfg.rollout.top_k,
-                cfg.rollout.top_p,
-            )
-            chunks.append(resp.tolist())
+        gen_batch = cfg.rollout.generation_batch_size
+        with generation_context(acc, self.policy) as (policy, synced):
+            for s in range(0, len(prompts), gen_batch):
+                _, _, resp = generate(
+                    policy,
+                    tok,
+                    prompts[s : s + gen_batch],
+                    cfg.rollout.max_new_tokens,
+                    cfg.rollout.temperature,
+                    cfg.rollout.top_k,
+                    cfg.rollout.top_p,
+                    seeds=seeds[s : s + gen_batch],
+                    synced=synced,
+                )
+                chunks.append(resp.tolist())
         responses = pad([r for c in chunks for r in c], tok.pad_token_id).to(acc.device)
         responses, response_mask = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
         ended = (responses == tok.eos_token_id).any(-1)
@@ -347,7 +395,11 @@ class PPOTrainer:
         attention_mask = torch.cat([prompt_mask.to(acc.device), response_mask.long()], 1)
         t1 = time.time()
 
-        # 2. score: old log-probs, reference log-probs, values, RM scores; micro-batched forwards
+        # 2. score: old log-probs, reference log-probs, values, RM scores; micro-batched forwards (through the
+        # wrappers when parameters are sharded: a sharded module's forward gathers them)
+        sharded = sharded_parameters(acc)
+        policy = self.policy if sharded else acc.unwrap_model(self.policy)
+        value_model = self.value_model if sharded or not self.critic else acc.unwrap_model(self.value_model)
         mb = cfg.ppo.micro_batch_size * 4
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
         temperature = cfg.rollout.temperature
@@ -356,114 +408,172 @@ class PPOTrainer:
             with acc.autocast():
                 logprobs.append(response_logprobs(policy, qr, am, P, temperature))
                 if self.reference is None:
-                    with policy.disable_adapter():
+                    with acc.unwrap_model(self.policy).disable_adapter():
                         ref_logprobs.append(response_logprobs(policy, qr, am, P, temperature))
                 else:
                     ref_logprobs.append(response_logprobs(self.reference, qr, am, P, temperature))
-                values.append(response_values(acc.unwrap_model(self.value_model), qr, am, P))
-                mb_scores, mb_std = self.score(qr, am, P, rows[s : s + mb])
+                if self.critic:
+                    values.append(response_values(value_model, qr, am, P))
+                else:
+                    values.append(torch.zeros_like(logprobs[-1]))
+                where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
+                mb_scores, mb_std = self.score(qr, am, P, rows[s : s + mb], where)
                 scores.append(mb_scores)
                 score_std.append(mb_std)
-        logprobs, ref_logprobs = torch.cat(logprobs), torch.cat(ref_logprobs)
-        values, raw_scores, score_std = torch.cat(values), torch.cat(scores), torch.cat(score_std)
-        # N+ detail 3: a response cut by the length limit gets a fixed score instead of the RM's
-        scores = raw_scores.clone()
-        if cfg.rollout.missing_eos_penalty is not None:
-            scores = torch.where(ended, scores, torch.full_like(scores, cfg.rollout.missing_eos_penalty))
-        if cfg.reward.normalize:
-            self.score_moments.update(acc.gather(scores))
-            scores = (scores - self.score_moments.mean) / math.sqrt(self.score_moments.var + 1e-8)
-        if cfg.reward.clip:
-            scores = scores.clamp(-cfg.reward.clip, cfg.reward.clip)
-        t2 = time.time()
+        raw_scores = torch.cat(scores)
         ro = Rollout(
             query_responses,
             attention_mask,
             response_mask,
             P,
-            logprobs,
-            ref_logprobs,
-            values,
-            scores,
+            torch.cat(logprobs),
+            torch.cat(ref_logprobs),
+            torch.cat(values),
+            raw_scores.clone(),
             raw_scores,
-            score_std,
+            torch.cat(score_std),
             ended,
         )
+        ro = self.all_episodes(ro)
+        # N+ detail 3: a response cut by the length limit gets a fixed score instead of the RM's
+        if cfg.rollout.missing_eos_penalty is not None:
+            ro.scores = torch.where(ro.ended, ro.scores, torch.full_like(ro.scores, cfg.rollout.missing_eos_penalty))
+        if cfg.reward.normalize:
+            self.score_moments.update(ro.scores)
+            ro.scores = (ro.scores - self.score_moments.mean) / math.sqrt(self.score_moments.var + 1e-8)
+        if cfg.reward.clip:
+            ro.scores = ro.scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+        t2 = time.time()
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
-    def score(
-        self, query_responses, attention_mask, prompt_width: int, rows: list[dict]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Normalised RM scores [B] read at the last real token (EOS), and the ensemble members' std [B].
+    def all_episodes(self, ro: Rollout) -> Rollout:
+        """Every process's episodes on every process, in the iteration's global order (identity on one process).
 
-        With an ensemble the score is `reward.aggregate` of the members' scores (one member: its score, std 0).
-        With a different RM tokenizer the raw prompt is rendered for the RM exactly as in RM training and the
-        decoded response appended, then re-tokenized (TRL and OpenRLHF refuse this case).
+        Responses are padded to the longest on any process. Holding the whole (small: token ids and per-token
+        floats) rollout everywhere makes advantages, statistics and minibatches those of a single process.
         """
-        ids, mask = query_responses, attention_mask
-        if not self.same_tokenizer:
-            rtok = self.reward_tokenizer
-            responses = query_responses[:, prompt_width:]
-            ended = (responses == self.tokenizer.eos_token_id).any(-1).tolist()
-            texts = decode_responses(self.tokenizer, responses)
-            seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
-            ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
-            mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
-        member_scores = torch.stack([reward_scores(rm, ids, mask) for rm in self.reward_models])
-        return aggregate_ensemble(member_scores, self.cfg.reward.aggregate, self.cfg.reward.std_coef)
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return ro
+        world, local = acc.num_processes, ro.query_responses.shape[0]
+        # gathered row r * local + k holds episode r + k * world
+        order = torch.tensor([(i % world) * local + i // world for i in range(world * local)], device=acc.device)
+
+        def everywhere(t: torch.Tensor, pad_value) -> torch.Tensor:
+            dtype = t.dtype
+            t = t.long() if dtype == torch.bool else t  # gloo cannot reduce bool tensors
+            if t.dim() == 2:
+                t = acc.pad_across_processes(t, dim=1, pad_index=pad_value)
+            return acc.gather(t)[order].to(dtype)
+
+        pad_id = self.tokenizer.pad_token_id
+        return Rollout(
+            everywhere(ro.query_responses, pad_id),
+            everywhere(ro.attention_mask, 0),
+            everywhere(ro.response_mask, 0),
+            ro.prompt_width,
+            *(everywhere(t, 0) for t in (ro.logprobs, ro.ref_logprobs, ro.values)),
+            *(everywhere(t, 0) for t in (ro.scores, ro.raw_scores, ro.score_std, ro.ended)),
+        )
+
+    def score(
+        self, query_responses, attention_mask, prompt_width: int, rows: list[dict], where: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [B] of (prompt + response) sequences [B,P+R], and the reward-model ensemble's std [B].
+
+        The reward model's normalised score is read at the last real token (EOS); with an ensemble it is
+        `reward.aggregate` of the members' scores (one member: its score, std 0). With a different RM tokenizer the
+        raw prompt is rendered for the RM exactly as in RM training and the decoded response appended, then
+        re-tokenized (TRL and OpenRLHF refuse this case). `reward.function` scores the raw prompt and the decoded
+        response; with both, the score is model_weight * RM + function_weight * function. `where` names each row
+        for error messages.
+        """
+        zeros = torch.zeros(query_responses.shape[0], device=query_responses.device)
+        scores, score_std = zeros, zeros
+        r = self.cfg.reward
+        if self.reward_models:
+            ids, mask = query_responses, attention_mask
+            if not self.same_tokenizer:
+                rtok = self.reward_tokenizer
+                responses = query_responses[:, prompt_width:]
+                ended = (responses == self.tokenizer.eos_token_id).any(-1).tolist()
+                texts = decode_responses(self.tokenizer, responses)
+                seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
+                ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
+                mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
+            member_scores = torch.stack([reward_scores(rm, ids, mask) for rm in self.reward_models])
+            scores, score_std = aggregate_ensemble(member_scores, r.aggregate, r.std_coef)
+            if self.reward_fn is None:
+                return scores, score_std
+            scores, score_std = r.model_weight * scores, r.model_weight * score_std
+        texts = decode_responses(self.tokenizer, query_responses[:, prompt_width:])
+        values = []
+        for row, text, label in zip(rows, texts, where):
+            try:
+                values.append(float(self.reward_fn(row["prompt"], text)))
+            except Exception as e:  # a user's function: say which row broke it, and that nothing is lost
+                raise ConfigError(
+                    f"reward.function {r.function} failed on {label} (prompt {row['prompt'][:80]!r}, response "
+                    f"{text[:80]!r}): {type(e).__name__}: {e}. The last checkpoint, if any, is intact"
+                ) from e
+        return scores + r.function_weight * torch.tensor(values, device=scores.device), score_std
 
     def compute_advantages(self, ro: Rollout) -> dict:
-        """3-4. KL-penalised per-token rewards, GAE, whitened advantages; returns iteration stats."""
-        cfg, acc = self.cfg, self.accelerator
+        """3-4. Per-token rewards (KL-penalised unless the KL is a loss term), then the advantages of
+        `ppo.advantage` over the whole iteration; returns its stats."""
+        cfg, p = self.cfg, self.cfg.ppo
         mask = ro.response_mask
-        ro.rewards, non_score_reward, kl = compute_rewards(
-            ro.scores, ro.logprobs, ro.ref_logprobs, mask, self.kl_ctl.value, cfg.kl.estimator
+        beta_in_reward = self.kl_ctl.value if cfg.kl.placement == "reward" else 0.0
+        ro.rewards, non_score_reward, _ = compute_rewards(
+            ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta_in_reward, cfg.kl.estimator
         )
-        rewards = (
-            global_masked_whiten(ro.rewards, mask, acc, shift_mean=False) if cfg.reward.whiten_rewards else ro.rewards
-        )
+        rewards = masked_whiten(ro.rewards, mask, shift_mean=False) if cfg.reward.whiten_rewards else ro.rewards
         values = torch.where(mask, ro.values, torch.zeros_like(ro.values))
-        advantages, ro.returns = gae(rewards, values, mask, cfg.ppo.gamma, cfg.ppo.lam)
-        ro.advantages = global_masked_whiten(advantages, mask, acc)
+        if p.advantage == "gae":
+            advantages, ro.returns = gae(rewards, values, mask, p.gamma, p.lam)
+            ro.advantages = masked_whiten(advantages, mask)
+        elif p.advantage == "reinforce":
+            advantages, ro.returns = reinforce_advantages(rewards, mask, p.gamma, values if self.critic else None)
+            ro.advantages = masked_whiten(advantages, mask)
+        else:  # rloo / grpo: one advantage per response from its group, on every token of it (no whitening)
+            k = cfg.rollout.samples_per_prompt
+            sequence_advantages = group_advantages(rewards.sum(1), k, p.advantage)
+            ro.advantages = torch.where(mask, sequence_advantages[:, None], torch.zeros_like(rewards))
+            ro.returns = torch.zeros_like(rewards)
         k1 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1)
         k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1)
-        g = acc.gather
-        scores, raw = g(ro.scores), g(ro.raw_scores)
         # what shows reward hacking as it happens: diversity of the batch, and the reward models' disagreement
         content = ro.response_mask & (ro.query_responses[:, ro.prompt_width :] != self.tokenizer.eos_token_id)
         tokens = [r[m].tolist() for r, m in zip(ro.query_responses[:, ro.prompt_width :], content)]
-        distinct = torch.tensor([distinct_n(tokens, 1), distinct_n(tokens, 2)], device=acc.device)
-        distinct = acc.reduce(distinct, "mean")  # per-process batch statistic, averaged over processes
-        hacking = {"rollout/distinct1": distinct[0], "rollout/distinct2": distinct[1]}
+        hacking = {"rollout/distinct1": distinct_n(tokens, 1), "rollout/distinct2": distinct_n(tokens, 2)}
         if len(self.reward_models) > 1:
-            hacking["objective/ensemble_std"] = g(ro.score_std).mean()
+            hacking["objective/ensemble_std"] = ro.score_std.mean()
+        scores = ro.scores
+        if self.critic:
+            hacking["val/explained_variance"] = explained_variance(ro.values, ro.returns, mask)
         return hacking | {
             "objective/scores": scores.mean(),
             "objective/scores_std": scores.std() if scores.numel() > 1 else scores.new_zeros(()),
-            "objective/rm_score_raw": raw.mean(),
-            "objective/kl": g(k1).mean(),
-            "objective/kl_k3": g(k3).mean(),
-            "objective/non_score_reward": g(non_score_reward.sum(1)).mean(),
-            "objective/rlhf_reward": g(ro.rewards.sum(1)).mean(),
+            "objective/rm_score_raw": ro.raw_scores.mean(),
+            "objective/kl": k1.mean(),
+            "objective/kl_k3": k3.mean(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": ro.rewards.sum(1).mean(),
             "objective/kl_coef": self.kl_ctl.value,
-            "val/explained_variance": explained_variance(ro.values, ro.returns, mask),
-            "rollout/response_length": g(mask.sum(1).float()).mean(),
-            "rollout/eos_share": g(ro.ended.float()).mean(),
+            "rollout/response_length": mask.sum(1).float().mean(),
+            "rollout/eos_share": ro.ended.float().mean(),
         }
 
     # ---- 5: PPO epochs ------------------------------------------------------------------------------
 
     def ptx_batch(self, step: int, epoch: int, mini: int) -> list[dict]:
-        """Pretraining sequences for one minibatch: a deterministic walk over shuffled epochs of the text."""
-        n_mini = self.local_batch // self.local_mini
-        acc = self.accelerator
-        start = ((step * self.cfg.ppo.ppo_epochs + epoch) * n_mini + mini) * self.ptx_per_mini * acc.num_processes
-        start += acc.process_index * self.ptx_per_mini
+        """Every process's pretraining sequences for one minibatch: a deterministic walk over shuffled epochs."""
+        n_mini = self.cfg.train.batch_size // self.cfg.ppo.mini_batch_size
+        start = ((step * self.cfg.ppo.ppo_epochs + epoch) * n_mini + mini) * self.ptx_per_mini
         out, n = [], len(self.ptx_examples)
         for d in range(start, start + self.ptx_per_mini):
             e, i = divmod(d, n)
-            perm = self._ptx_perm(e)
-            out.append(self.ptx_examples[perm[i]])
+            out.append(self.ptx_examples[self._ptx_perm(e)[i]])
         return out
 
     def _ptx_perm(self, epoch: int) -> list[int]:
@@ -473,100 +583,149 @@ class PPOTrainer:
         return self._ptx_cached[1]
 
     def update(self, ro: Rollout, step: int) -> dict:
-        cfg = self.cfg
-        p = cfg.ppo
-        stats: dict[str, list[float]] = {}
+        """5. ppo_epochs over shuffled minibatches of the iteration's episodes; each process takes every
+        num_processes-th episode of a minibatch, so the minibatches are those of one process."""
+        cfg, p = self.cfg, self.cfg.ppo
         g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
-        n_mini = self.local_batch // self.local_mini
+        n_mini = cfg.train.batch_size // p.mini_batch_size
         self.policy.train()
-        self.value_model.train()
+        if self.critic:
+            self.value_model.train()
+        sums: list[torch.Tensor] = []
         stop = False
         for epoch in range(p.ppo_epochs):
-            order = torch.randperm(self.local_batch, generator=g).tolist()
+            order = torch.randperm(cfg.train.batch_size, generator=g).tolist()
             for mini in range(n_mini):
-                mb_inds = order[mini * self.local_mini : (mini + 1) * self.local_mini]
-                micro = [mb_inds[s : s + p.micro_batch_size] for s in range(0, len(mb_inds), p.micro_batch_size)]
+                minibatch = order[mini * p.mini_batch_size : (mini + 1) * p.mini_batch_size]
                 ptx = self.ptx_batch(step, epoch, mini) if self.ptx_per_mini else []
-                ptx_micro = [ptx[s : s + p.micro_batch_size] for s in range(0, len(ptx), p.micro_batch_size)]
-                mb_stats = self.minibatch_step(ro, micro, ptx_micro)
-                for k, v in mb_stats.items():
-                    stats.setdefault(k, []).append(v)
-                if p.target_approx_kl and mb_stats["policy/approxkl_avg"] > p.target_approx_kl:
-                    stop = True  # early stop of the epoch loop on an approx-KL bound
+                mb_stats = self.minibatch_step(ro, minibatch, ptx)
+                sums.append(mb_stats)
+                if p.target_approx_kl and mb_stats[MINIBATCH_STATS.index("policy/approxkl_avg")] > p.target_approx_kl:
+                    stop = True  # early stop of the epoch loop on an approx-KL bound (the same on every process)
                     break
             if stop:
                 break
-        out = {k: sum(v) / len(v) for k, v in stats.items()}
+        per_minibatch = torch.stack(sums)
+        means = per_minibatch.mean(0).tolist()  # one host sync for the iteration's statistics
+        unused = set()
+        if not self.ptx_per_mini:
+            unused.add("ptx/loss")
+        if not self.critic:
+            unused |= {"loss/value_avg", "val/clipfrac_avg"}
+        if cfg.kl.placement != "loss":
+            unused.add("loss/kl_avg")
+        if p.objective != "klpen":
+            unused.add("policy/kl_old")
+        out = {k: v for k, v in zip(MINIBATCH_STATS, means) if k not in unused}
         out["policy/epochs_done"] = epoch + (0 if stop else 1)
+        if p.objective == "klpen":
+            # [PPO] sec. 4: d = KL(pi_old || pi) after the update (here: over the last epoch's minibatches) sets beta
+            last_epoch = per_minibatch[-n_mini:, MINIBATCH_STATS.index("policy/kl_old")]
+            self.klpen.update(float(last_epoch.mean()))
+            out["policy/klpen_coef"] = self.klpen.value
         return out
 
-    def minibatch_step(self, ro: Rollout, micro: list[list[int]], ptx_micro: list[list[dict]]) -> dict:
-        """One optimizer step: PPO loss over the minibatch's micro-batches + gamma_ptx * LM loss, accumulated."""
+    def minibatch_step(self, ro: Rollout, minibatch: list[int], ptx: list[dict]) -> torch.Tensor:
+        """One optimizer step on a minibatch of episodes (indices into the rollout) and its ptx sequences.
+
+        The loss is the token mean over the whole minibatch of the policy objective (-L^CLIP, or -L^KLPEN), plus
+        vf_coef * L^VF with a critic, minus ent_coef * H, plus kl_coef * KL(pi || pi_ref) when the KL is a loss
+        term (kl.placement: loss), plus ptx_coef times the token-mean LM loss of the ptx sequences: gradients of all
+        accumulate over micro-batches into the same buffers before the one step. Each process takes every
+        num_processes-th episode (and ptx sequence); its micro-batch losses are weighted by their share of the
+        minibatch's tokens times num_processes, so DDP's gradient average is the one-process gradient whatever the
+        micro-batching. Returns the minibatch's statistics [len(MINIBATCH_STATS)], token-weighted over every process.
+        """
         cfg, acc, p = self.cfg, self.accelerator, self.cfg.ppo
         P, temperature = ro.prompt_width, cfg.rollout.temperature
-        episodes = sum(len(m) for m in micro)
-        sums: dict[str, float] = {}
-        ptx_tokens = sum(len(e["input_ids"]) - 1 for m in ptx_micro for e in m)
+        rank, world = acc.process_index, acc.num_processes
+        mine = minibatch[rank::world]
+        micro = [mine[s : s + p.micro_batch_size] for s in range(0, len(mine), p.micro_batch_size)]
+        ptx_mine = ptx[rank::world]
+        ptx_micro = [ptx_mine[s : s + p.micro_batch_size] for s in range(0, len(ptx_mine), p.micro_batch_size)]
+        tokens = ro.response_mask[minibatch].sum().clamp(min=1)
+        ptx_tokens = max(sum(len(e["input_ids"]) - 1 for e in ptx), 1)
         n_backward = len(micro) + len(ptx_micro)
+        stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
+        column = {name: i for i, name in enumerate(MINIBATCH_STATS)}
         k = 0
         for inds in micro:
             k += 1
             idx = torch.tensor(inds, device=acc.device)
             qr, am, mask = ro.query_responses[idx], ro.attention_mask[idx], ro.response_mask[idx]
+            share = mask.sum() / tokens  # this micro-batch's share of the minibatch's tokens
+            terms: dict[str, torch.Tensor] = {}
             # the value model's last backward is the last PPO micro-batch's (ptx does not touch it)
             with self._no_sync(policy=k < n_backward, value=k < len(micro)), acc.autocast():
-                new_logprobs, entropy = response_logprobs(self.policy, qr, am, P, temperature, entropy=True)
-                vpred = response_values(self.value_model, qr, am, P)
-                pg_loss, pg_stats = policy_loss(new_logprobs, ro.logprobs[idx], ro.advantages[idx], mask, p.cliprange)
-                vf_loss, vf_stats = value_loss(vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None)
+                # the entropy is only differentiated when it is in the loss (a softmax backward over the vocabulary)
+                new_logprobs, entropy = response_logprobs(
+                    self.policy, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
+                )
+                old_logprobs, advantages = ro.logprobs[idx], ro.advantages[idx]
+                if p.objective == "klpen":
+                    pg_loss, pg_stats = klpen_policy_loss(
+                        new_logprobs, old_logprobs, advantages, mask, self.klpen.value
+                    )
+                    terms["policy/kl_old"] = pg_stats["kl_old"]
+                else:
+                    pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, advantages, mask, p.cliprange)
                 ent = masked_mean(entropy, mask)
-                loss = pg_loss + p.vf_coef * vf_loss - p.ent_coef * ent
-                acc.backward(loss * len(inds) / episodes)
-            w = len(inds) / episodes
-            for name, value in (
-                ("loss/policy_avg", pg_loss),
-                ("loss/value_avg", vf_loss),
-                ("policy/entropy_avg", ent),
-                ("policy/approxkl_avg", pg_stats["approx_kl"]),
-                ("policy/clipfrac_avg", pg_stats["clipfrac"]),
-                ("val/clipfrac_avg", vf_stats["vf_clipfrac"]),
-                ("policy/ratio_avg", pg_stats["ratio_mean"]),
-            ):
-                sums[name] = sums.get(name, 0.0) + w * float(value.detach())
+                loss = pg_loss - p.ent_coef * ent
+                if self.critic:
+                    vpred = response_values(self.value_model, qr, am, P)
+                    vf_loss, vf_stats = value_loss(
+                        vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None
+                    )
+                    loss = loss + p.vf_coef * vf_loss
+                    terms |= {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["vf_clipfrac"]}
+                if cfg.kl.placement == "loss":  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
+                    kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], "k3"), mask)
+                    loss = loss + self.kl_ctl.value * kl_term
+                    terms["loss/kl_avg"] = kl_term
+                acc.backward(loss * share * world)
+            terms |= {
+                "loss/policy_avg": pg_loss,
+                "policy/entropy_avg": ent,
+                "policy/approxkl_avg": pg_stats["approx_kl"],
+                "policy/clipfrac_avg": pg_stats["clipfrac"],
+                "policy/ratio_avg": pg_stats["ratio_mean"],
+            }
+            cols = torch.tensor([column[name] for name in terms], device=acc.device)
+            stats.index_add_(0, cols, torch.stack([v.detach().float() for v in terms.values()]) * share)
         for examples in ptx_micro:
             k += 1
             batch = {key: v.to(acc.device) for key, v in collate_lm(examples, self.tokenizer.pad_token_id).items()}
             with self._no_sync(policy=k < n_backward, value=False), acc.autocast():
                 logits = causal_logits(self.policy, batch["input_ids"], batch["attention_mask"])
-                ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / max(ptx_tokens, 1)
+                ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / ptx_tokens
                 # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
-                acc.backward(cfg.ptx.ptx_coef * ptx_loss)
-            sums["ptx/loss"] = sums.get("ptx/loss", 0.0) + float(ptx_loss.detach())
+                acc.backward(cfg.ptx.ptx_coef * ptx_loss * world)
+            stats[column["ptx/loss"]] += ptx_loss.detach().float()
+        if world > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
+            stats = acc.reduce(stats, "sum")
         max_norm = cfg.optim.max_grad_norm or float("inf")
-        sums["policy/grad_norm"] = float(acc.clip_grad_norm_(self.policy.parameters(), max_norm))
-        value_grad_norm = float(acc.clip_grad_norm_(self.value_model.parameters(), max_norm))
-        numbers = {
-            k: sums[k] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm") if k in sums
-        }
-        skip = self.guard.skip(acc, self.progress.step, numbers | {"value/grad_norm": value_grad_norm})
-        for opt, sched in ((self.policy_opt, self.policy_sched), (self.value_opt, self.value_sched)):
+        stats[column["policy/grad_norm"]] = acc.clip_grad_norm_(self.policy.parameters(), max_norm)
+        numbers = {k: stats[column[k]] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm")}
+        steps = [(self.policy_opt, self.policy_sched)]
+        if self.critic:
+            numbers["value/grad_norm"] = acc.clip_grad_norm_(self.value_model.parameters(), max_norm)
+            steps.append((self.value_opt, self.value_sched))
+        skip = self.guard.skip(acc, self.progress.step, numbers)
+        for opt, sched in steps:
             if not skip:
                 opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.policy))
-        # approx-KL across processes, so every process takes the same early-stop decision
-        kl = acc.reduce(torch.tensor(sums["policy/approxkl_avg"], device=acc.device), "mean")
-        sums["policy/approxkl_avg"] = float(kl)
-        return sums
+        return stats
 
     def _no_sync(self, policy: bool, value: bool) -> contextlib.ExitStack:
         """DDP: skip a model's gradient all-reduce on all but its last backward of the step (each must sync once)."""
         stack = contextlib.ExitStack()
         if policy:
             stack.enter_context(self.accelerator.no_sync(self.policy))
-        if value:
+        if value and self.critic:
             stack.enter_context(self.accelerator.no_sync(self.value_model))
         return stack
 
@@ -593,7 +752,7 @@ class PPOTrainer:
             while self.progress.step < self.total_steps and not self.kl_budget.exceeded:
                 step = self.progress.step
                 t0 = time.time()
-                ro, timing = self.rollout(self.batch_rows(step))
+                ro, timing = self.rollout(step)
                 stats = self.compute_advantages(ro)
                 t1 = time.time()
                 # a NaN/inf reward or advantage (e.g. a broken reward model) must never reach the weights
@@ -608,7 +767,7 @@ class PPOTrainer:
                 stats["objective/kl_smoothed"] = self.kl_budget.smoothed
                 self.progress.step += 1
                 self.progress.samples += cfg.train.batch_size
-                tokens = acc.gather(ro.attention_mask.sum()).sum().item()
+                tokens = ro.attention_mask.sum().item()
                 stats |= timing | {
                     "time/train": t2 - t1,
                     "time/iteration": t2 - t0,
@@ -643,7 +802,7 @@ class PPOTrainer:
 
     def save(self, step: int) -> Path:
         """checkpoint-<step>: the policy and value model in HF form plus the whole training state."""
-        models = {"policy": self.policy, "value": self.value_model}
+        models = {"policy": self.policy} | ({"value": self.value_model} if self.critic else {})
         cfg = self.cfg
         return save_checkpoint(
             self.accelerator, cfg.output_dir, step, models, self.tokenizer, cfg, cfg.checkpoint.keep_last
@@ -674,30 +833,41 @@ class PPOTrainer:
         if self.ema is not None:
             backup = {n: p.detach().clone() for n, p in policy.named_parameters() if n in self.ema.shadow}
             self.ema.copy_to(policy)
-        rng = torch.get_rng_state()  # evaluation must not shift the training's random stream
-        torch.manual_seed(cfg.seed)
-        mine = self.eval_prompts[acc.process_index :: acc.num_processes]
-        mine_rows = self.eval_rows[acc.process_index :: acc.num_processes]
-        scores, ended = [], []
-        for s in range(0, len(mine), cfg.rollout.generation_batch_size):
-            chunk = mine[s : s + cfg.rollout.generation_batch_size]
-            prompt_ids, prompt_mask, resp = generate(
-                policy, self.tokenizer, chunk, cfg.rollout.max_new_tokens, cfg.rollout.temperature
-            )
-            resp, mask = truncate_after_eos(resp, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
-            qr = torch.cat([prompt_ids, resp], 1)
-            am = torch.cat([prompt_mask, mask.long()], 1)
-            scores.append(self.score(qr, am, prompt_ids.shape[1], mine_rows[s : s + len(chunk)])[0])
-            ended.append((resp == self.tokenizer.eos_token_id).any(-1).float())
-        torch.set_rng_state(rng)
+        # each held-out prompt has its own sampling stream: the training's random state is untouched, and the
+        # samples are the same on any number of processes
+        n = len(self.eval_prompts)
+        positions = list(range(acc.process_index, n, acc.num_processes))
+        counted = [1.0] * len(positions)
+        share = math.ceil(n / acc.num_processes)  # equal chunk counts everywhere: sharded forwards are collective
+        positions, counted = positions + [n - 1] * (share - len(positions)), counted + [0.0] * (share - len(counted))
+        totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # sum of scores, of EOS endings, count
+        gen_batch = cfg.rollout.generation_batch_size
+        with generation_context(acc, self.policy) as (generator_model, synced):
+            for s in range(0, len(positions), gen_batch):
+                chunk = positions[s : s + gen_batch]
+                prompt_ids, prompt_mask, resp = generate(
+                    generator_model,
+                    self.tokenizer,
+                    [self.eval_prompts[i] for i in chunk],
+                    cfg.rollout.max_new_tokens,
+                    cfg.rollout.temperature,
+                    seeds=[episode_seed(cfg.seed, EVAL_STREAM, i) for i in chunk],
+                    synced=synced,
+                )
+                resp, mask = truncate_after_eos(resp, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                qr = torch.cat([prompt_ids, resp], 1)
+                am = torch.cat([prompt_mask, mask.long()], 1)
+                where = [f"eval prompt row {i} of {cfg.data.eval_prompts.path}" for i in chunk]
+                scores = self.score(qr, am, prompt_ids.shape[1], [self.eval_rows[i] for i in chunk], where)[0]
+                ended = (resp == self.tokenizer.eos_token_id).any(-1)
+                weight = torch.tensor(counted[s : s + gen_batch], device=acc.device, dtype=torch.float64)
+                totals += torch.stack([(scores * weight).sum(), (ended * weight).sum(), weight.sum()])
         if backup is not None:
             for n, p in policy.named_parameters():
                 if n in backup:
                     p.data.copy_(backup[n])
-        return {
-            "eval/rm_score": acc.gather(torch.cat(scores)).mean(),
-            "eval/eos_share": acc.gather(torch.cat(ended)).mean(),
-        }
+        score_sum, eos_sum, count = acc.reduce(totals, "sum").tolist()
+        return {"eval/rm_score": score_sum / count, "eval/eos_share": eos_sum / count}
 
     def write_final(self, path: Path) -> None:
         acc, cfg = self.accelerator, self.cfg

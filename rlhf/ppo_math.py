@@ -304,6 +304,49 @@ def gae(
     return advantages, returns
 
 
+def reinforce_advantages(
+    rewards: Tensor, mask: Tensor, gamma: float = 1.0, values: Tensor | None = None
+) -> tuple[Tensor, Tensor]:
+    """REINFORCE with a baseline [Williams 1992]: returns-to-go minus a baseline that does not depend on the action.
+
+    Shapes: rewards, mask (and values) [B, T] -> (advantages [B, T], returns [B, T]).
+
+        G_t = sum_{k >= t} gamma^(k-t) r_k          (the returns; GAE with lam = 1 and V = 0)
+        A_t = G_t - V(s_t)                          a learned baseline (values given: the value target is G_t)
+        A_t = G_t - mean over the batch's tokens of G   the batch-mean baseline (values None)
+
+    Masked positions are 0.
+    """
+    bool_mask = _as_bool(mask)
+    returns, _ = gae(rewards, torch.zeros_like(rewards, dtype=_float_dtype(rewards.dtype)), bool_mask, gamma, 1.0)
+    baseline = values.to(returns.dtype) if values is not None else masked_mean(returns, bool_mask)
+    advantages = torch.where(bool_mask, returns - baseline, torch.zeros((), dtype=returns.dtype))
+    return advantages, returns
+
+
+def group_advantages(sequence_rewards: Tensor, group_size: int, how: str = "rloo", eps: float = 1e-6) -> Tensor:
+    """Critic-free sequence advantages from k samples per prompt (groups are consecutive rows).
+
+    Shapes: sequence_rewards [B] with B = G * k -> advantages [B].
+
+        rloo  A_i = R_i - mean_{j != i} R_j = k / (k - 1) * (R_i - mean_j R_j)     [RLOO, Ahmadian et al. 2024]
+        grpo  A_i = (R_i - mean_j R_j) / (std_j R_j + eps)   (std unbiased)          [GRPO, Shao et al. 2024]
+
+    Needs k >= 2 (a single sample has no baseline from its group).
+    """
+    if group_size < 2 or sequence_rewards.numel() % group_size:
+        raise ValueError(
+            f"need groups of >= 2 samples dividing the batch, got k={group_size}, B={sequence_rewards.numel()}"
+        )
+    r = sequence_rewards.reshape(-1, group_size).to(_float_dtype(sequence_rewards.dtype))
+    mean = r.mean(-1, keepdim=True)
+    if how == "rloo":
+        return ((r - mean) * group_size / (group_size - 1)).reshape(-1)
+    if how == "grpo":
+        return ((r - mean) / (r.std(-1, keepdim=True) + eps)).reshape(-1)
+    raise ValueError(f"unknown group advantage {how!r}; expected 'rloo' or 'grpo'")
+
+
 # ---------------------------------------------------------------------------------------------
 # PPO losses
 # ---------------------------------------------------------------------------------------------
@@ -349,6 +392,53 @@ def policy_loss(
             "ratio_max": torch.where(torch.isfinite(ratio_max), ratio_max, torch.zeros_like(ratio_max)),
         }
     return loss, {k: v.detach() for k, v in stats.items()}
+
+
+def klpen_policy_loss(
+    logprobs: Tensor, old_logprobs: Tensor, advantages: Tensor, mask: Tensor, beta: float
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """PPO's KL-penalty surrogate L^KLPEN ([PPO] eq. 8), as a loss to minimise, per token.
+
+    Shapes: logprobs (with grad), old_logprobs, advantages, mask [B, T] -> (scalar loss, stats).
+
+        loss = masked_mean( -A_t * ratio_t + beta * (old_logprobs_t - logprobs_t) )
+
+    The second term is the sampled estimate of KL(pi_old || pi) (tokens come from pi_old; its gradient is that of
+    the KL). beta adapts between updates (`KLPenaltyCoef`). Stats as `policy_loss`, plus "kl_old" (the k1 term).
+    """
+    bool_mask = _as_bool(mask)
+    log_ratio = torch.where(bool_mask, logprobs - old_logprobs, torch.zeros((), dtype=logprobs.dtype))
+    ratio = torch.exp(log_ratio)
+    kl_old = -log_ratio
+    loss = masked_mean(-advantages * ratio + beta * kl_old, bool_mask)
+    with torch.no_grad():
+        stats = {
+            "clipfrac": torch.zeros((), dtype=ratio.dtype, device=ratio.device),
+            "approx_kl": masked_mean(0.5 * log_ratio**2, bool_mask),
+            "ratio_mean": masked_mean(ratio, bool_mask),
+            "kl_old": masked_mean(kl_old, bool_mask),
+        }
+    return loss, {k: v.detach() for k, v in stats.items()}
+
+
+class KLPenaltyCoef:
+    """The adaptive beta of L^KLPEN ([PPO] sec. 4): after each policy update, with d = KL(pi_old || pi),
+    beta /= 2 when d < target / 1.5 and beta *= 2 when d > target * 1.5."""
+
+    def __init__(self, beta: float, target: float):
+        self.value, self.target = beta, target
+
+    def update(self, kl: float) -> None:
+        if kl < self.target / 1.5:
+            self.value /= 2
+        elif kl > self.target * 1.5:
+            self.value *= 2
+
+    def state_dict(self) -> dict:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.value = state["value"]
 
 
 def value_loss(
@@ -707,3 +797,40 @@ def truncate_after_eos(responses: Tensor, eos_token_id: int, pad_token_id: int) 
     mask = positions.unsqueeze(0) <= first_eos.unsqueeze(-1)
     truncated = torch.where(mask, responses, torch.full_like(responses, pad_token_id))
     return truncated, mask
+
+
+# ---------------------------------------------------------------------------------------------
+# Direct Preference Optimization
+# ---------------------------------------------------------------------------------------------
+
+
+def dpo_loss(
+    policy_chosen_logps: Tensor,
+    policy_rejected_logps: Tensor,
+    ref_chosen_logps: Tensor,
+    ref_rejected_logps: Tensor,
+    beta: float,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DPO loss per comparison (Rafailov et al. 2023, "Direct Preference Optimization", arXiv:2305.18290, eq. 7).
+
+    Shapes: four [B] sequence log-probs, each a sum over the response tokens only (prompt and padding
+    excluded) of log pi(y_t | x, y_<t) -> (loss [B], chosen_rewards [B], rejected_rewards [B]).
+
+        r_w = beta * (log pi(y_w|x) - log pi_ref(y_w|x)),   r_l = beta * (log pi(y_l|x) - log pi_ref(y_l|x))
+        loss = -(1 - eps) * log sigmoid(r_w - r_l) - eps * log sigmoid(r_l - r_w)
+
+    r_w, r_l are the implicit rewards; they are returned detached (statistics: the gradient flows through the
+    loss). eps = ``label_smoothing`` is the assumed probability that a preference label is flipped
+    (conservative DPO, Mitchell 2023); eps = 0 is the paper's loss. Math in at least float32.
+    """
+    if beta <= 0:
+        raise ValueError(f"beta must be > 0, got {beta}")
+    if not 0.0 <= label_smoothing < 0.5:  # at 0.5 the loss no longer prefers either response
+        raise ValueError(f"label_smoothing must be in [0, 0.5), got {label_smoothing}")
+    dtype = _float_dtype(policy_chosen_logps.dtype)
+    chosen_logratios = policy_chosen_logps.to(dtype) - ref_chosen_logps.to(dtype)
+    rejected_logratios = policy_rejected_logps.to(dtype) - ref_rejected_logps.to(dtype)
+    logits = beta * (chosen_logratios - rejected_logratios)
+    loss = -(1 - label_smoothing) * F.logsigmoid(logits) - label_smoothing * F.logsigmoid(-logits)
+    return loss, (beta * chosen_logratios).detach(), (beta * rejected_logratios).detach()

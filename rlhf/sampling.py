@@ -1,11 +1,43 @@
-"""Batched sampling shared by PPO rollouts, evaluation, SFT sample logging and `rlhf generate`."""
+"""Batched sampling shared by PPO rollouts, evaluation, SFT sample logging and `rlhf generate`.
+
+Sampling is Gumbel-max with one random stream per episode when `seeds` are given: argmax(logits / T + G) with
+G ~ Gumbel(0, 1) i.i.d. is an exact sample of softmax(logits / T) (after top-k / top-p filtering), and because each
+row draws its noise from its own generator, a row's tokens do not depend on which other rows share its batch,
+chunk or process. That is what lets 2 processes sample the very episodes 1 process samples.
+
+The checkpoint's `generation_config.json` is never applied: a hub model's defaults (Qwen2.5-Instruct ships
+repetition_penalty 1.05, top_k 20, top_p 0.8) would change the distribution PPO's log-probs are computed under.
+"""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
+from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
+from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from rlhf.batching import pad
 from rlhf.ppo_math import truncate_after_eos
+
+
+def episode_seed(*keys: int) -> int:
+    """A 63-bit seed from integer keys, e.g. (run seed, stream, iteration, episode): well mixed, stable everywhere."""
+    state = np.random.SeedSequence([k % 2**32 for k in keys]).generate_state(2, np.uint64)
+    return int(state[0] >> np.uint64(1))
+
+
+class EpisodeGumbelNoise(LogitsProcessor):
+    """Adds Gumbel(0, 1) noise drawn from each row's own generator; greedy decoding then samples (Gumbel-max)."""
+
+    def __init__(self, seeds: list[int], device: torch.device):
+        self.generators = [torch.Generator(device=device).manual_seed(s) for s in seeds]
+
+    def __call__(self, input_ids: torch.Tensor, scores: torch.Tensor) -> torch.Tensor:
+        uniform = torch.stack(
+            [torch.rand(scores.shape[-1], generator=g, device=scores.device) for g in self.generators]
+        )
+        # u in [0, 1): u = 0 gives -inf noise (never chosen), as a zero-probability draw should
+        return scores + -torch.log(-torch.log(uniform))
 
 
 @torch.no_grad()
@@ -18,32 +50,54 @@ def generate(
     top_k: int = 0,
     top_p: float = 1.0,
     do_sample: bool = True,
+    seeds: list[int] | None = None,
+    synced: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one response per prompt from the model's own distribution, with the KV cache.
 
-    Prompts are left-padded so every row's response starts at the same column. Returns
+    Prompts are left-padded so every row's response starts at the same column. `seeds` (one per prompt) give each
+    row its own random stream (see the module docstring); without them the global torch RNG is used. `synced`
+    keeps every process decoding until all are done (sharded parameters: FSDP, ZeRO-3). Returns
     (prompt_ids [B,P] left-padded, prompt_mask [B,P], response_ids [B,R]) where every token after a row's
     first EOS is PAD. Generation stops when every row has produced EOS or after max_new_tokens.
     """
     device = next(model.parameters()).device
     prompt_ids = pad(prompts, tokenizer.pad_token_id, side="left").to(device)
     prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
-    was_training = model.training
-    model.eval()
-    out = model.generate(
-        input_ids=prompt_ids,
-        attention_mask=prompt_mask,
+    # only the library's global defaults plus what is set here: nothing from the checkpoint's generation_config
+    config = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=do_sample,
-        temperature=temperature if do_sample else None,
-        top_k=top_k if do_sample else None,
-        top_p=top_p if do_sample else None,
+        do_sample=do_sample and seeds is None,
         pad_token_id=tokenizer.pad_token_id,
         eos_token_id=tokenizer.eos_token_id,
         use_cache=True,
     )
-    if was_training:
-        model.train()
+    processors = LogitsProcessorList()
+    if do_sample and seeds is None:
+        config.temperature, config.top_k, config.top_p = temperature, top_k or None, top_p
+    elif do_sample:
+        if len(seeds) != len(prompts):
+            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(EpisodeGumbelNoise(seeds, device))
+    was_training, saved_config = model.training, model.generation_config
+    model.eval()
+    model.generation_config = GenerationConfig()
+    try:
+        out = model.generate(
+            input_ids=prompt_ids,
+            attention_mask=prompt_mask,
+            generation_config=config,
+            logits_processor=processors,
+            synced_gpus=synced,
+        )
+    finally:
+        model.generation_config = saved_config
+        model.train(was_training)
     responses = out[:, prompt_ids.shape[1] :]
     if responses.shape[1] == 0:
         responses = torch.full((len(prompts), 1), tokenizer.pad_token_id, device=device, dtype=torch.long)

@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, DistributedType
 from accelerate.tracking import GeneralTracker
 
 from rlhf.config import ConfigError, LoraConfig, OptimConfig, save_config
@@ -77,6 +77,69 @@ VERIFIED_TOPOLOGIES = {
     "NO": "one process: CPU in CI, one GPU (H100, bf16) by hand",
     "MULTI_CPU": "2 CPU processes (torchrun, gloo) in CI: SIGTERM/resume",
 }
+
+
+def sharded_parameters(accelerator: Accelerator) -> bool:
+    """True when each process holds a shard of the parameters (FSDP, DeepSpeed ZeRO-3), not a whole copy."""
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return True
+    if accelerator.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.state.deepspeed_plugin.zero_stage == 3
+    return False
+
+
+def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn.Module:
+    """A frozen role (PPO's reference and reward models) ready for inference on this topology.
+
+    One process / DDP: the module on this device (nothing to synchronise, no wrapper). FSDP: sharded like the
+    trained roles (accelerate's FSDP preparation), so a large frozen copy is not held whole on every GPU.
+    DeepSpeed ZeRO-3: a parameter-partitioned inference engine (`deepspeed.initialize` without an optimizer, as
+    DeepSpeed documents for models that are only run forward); ZeRO-1/2 partition only optimizer state and
+    gradients, so there the module is kept whole. Not run by this project's tests (docs/scaling.md).
+    """
+    model.requires_grad_(False).eval()
+    if accelerator.distributed_type == DistributedType.FSDP:
+        if accelerator.is_fsdp2:
+            from accelerate.utils.fsdp_utils import fsdp2_prepare_model
+
+            return fsdp2_prepare_model(accelerator, model)
+        return accelerator.prepare_model(model)
+    if sharded_parameters(accelerator):  # ZeRO-3
+        import deepspeed
+
+        plugin = accelerator.state.deepspeed_plugin
+        config = {
+            "train_micro_batch_size_per_gpu": 1,
+            "zero_optimization": {"stage": 3, "stage3_param_persistence_threshold": 10_000},
+            "bf16": {"enabled": accelerator.mixed_precision == "bf16"},
+            "fp16": {"enabled": accelerator.mixed_precision == "fp16"},
+        }
+        offload = plugin.deepspeed_config.get("zero_optimization", {}).get("offload_param")
+        if offload:
+            config["zero_optimization"]["offload_param"] = offload
+        engine, *_ = deepspeed.initialize(model=model, config=config)
+        return engine.eval()
+    return model.to(accelerator.device)
+
+
+@contextlib.contextmanager
+def generation_context(accelerator: Accelerator, model: torch.nn.Module):
+    """The module to call `generate` on, and whether ranks must keep stepping together (`synced_gpus`).
+
+    Under ZeRO-3 the policy's parameters are gathered for the whole generation (one all-gather instead of one per
+    layer per token, as TRL and OpenRLHF do); under FSDP every forward all-gathers, so every rank must run as
+    many decoding steps as the slowest (HF generate's `synced_gpus`).
+    """
+    unwrapped = accelerator.unwrap_model(model)
+    if accelerator.distributed_type == DistributedType.DEEPSPEED and sharded_parameters(accelerator):
+        import deepspeed
+
+        with deepspeed.zero.GatheredParameters(list(model.parameters())):
+            yield unwrapped, True
+    elif accelerator.distributed_type == DistributedType.FSDP:
+        yield unwrapped, True
+    else:
+        yield unwrapped, False
 
 
 def quiet_hf_progress() -> None:
@@ -289,7 +352,12 @@ def publish_final(accelerator: Accelerator, output_dir: str | Path, write, model
 
 
 def final_model(accelerator: Accelerator, model, lora: LoraConfig):
-    """The trained model as `final/` holds it: unwrapped, with LoRA merged into the weights when asked."""
+    """The trained model as `final/` holds it: unwrapped, with LoRA merged into the weights when asked.
+
+    With sharded parameters (FSDP, ZeRO-3) the wrapped model is returned: save_final gathers its full state dict.
+    """
+    if sharded_parameters(accelerator):
+        return model
     unwrapped = accelerator.unwrap_model(model)
     if isinstance(unwrapped, TokenValueModel):  # a trained reward/value model is saved as its HF model
         unwrapped = unwrapped.model
@@ -297,7 +365,17 @@ def final_model(accelerator: Accelerator, model, lora: LoraConfig):
 
 
 def save_final(accelerator: Accelerator, model, path: Path, tokenizer, cfg) -> None:
-    """`final/` in Hugging Face form: the model (or peft adapter), its tokenizer and the resolved config."""
+    """`final/` in Hugging Face form: the model (or peft adapter), its tokenizer and the resolved config.
+
+    With sharded parameters every process takes part in gathering the full state dict (accelerate's
+    `get_state_dict`: FSDP full-state-dict, ZeRO-3 16-bit consolidation) and rank 0 writes it; a LoRA adapter is then
+    saved unmerged (merging needs the whole model on one device: `peft`'s merge_and_unload on the saved adapter).
+    """
+    if sharded_parameters(accelerator):
+        save_hf(accelerator, model, path, tokenizer)
+        if accelerator.is_main_process:
+            save_config(cfg, path / "rlhf_config.yaml")
+        return
     if accelerator.is_main_process:
         model.save_pretrained(str(path), safe_serialization=True)
         tokenizer.save_pretrained(str(path))

@@ -83,7 +83,7 @@ def test_ppo_scores_with_a_conservative_ensemble(tiny_world, tiny_sft, tiny_ense
     assert trainer.value_model.model.score.weight.detach().equal(
         member0.score.weight.detach()
     )  # value init = member 0
-    ro, _ = trainer.rollout(trainer.batch_rows(0))
+    ro, _ = trainer.rollout(0)
     assert (ro.score_std > 0).all()
     trainer.train()
     rows = [r for r in read_metrics(tmp_path) if "objective/scores" in r]

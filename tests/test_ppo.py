@@ -49,7 +49,7 @@ def test_first_ratio_is_one(tiny_world, tiny_sft, tiny_rm, tmp_path):
     temperature divides the logits in both (N+ details 1 and 8), so PPO starts on-policy with ratio 1."""
     cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=1", "rollout.temperature=0.7"])
     trainer = ppo.PPOTrainer(cfg)
-    ro, _ = trainer.rollout(trainer.batch_rows(0))
+    ro, _ = trainer.rollout(0)
     trainer.policy.train()
     with torch.no_grad():
         new = ppo.response_logprobs(trainer.policy, ro.query_responses, ro.attention_mask, ro.prompt_width, 0.7)
@@ -85,7 +85,7 @@ def test_lora_disabled_adapter_reference_equals_frozen_copy(tiny_world, tiny_sft
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.normal_(std=0.05)
-    ro, _ = trainer.rollout(trainer.batch_rows(0))
+    ro, _ = trainer.rollout(0)
     copy = load_causal_lm(cfg.models.policy.__class__(name_or_path=str(tiny_sft)), trainer.tokenizer, dropout=False)
     copy.eval()
     with torch.no_grad():
@@ -139,7 +139,7 @@ def test_reward_model_with_another_tokenizer_scores_by_retokenizing(tiny_world, 
     cfg = ppo_config(tiny_world, tiny_sft, other, tmp_path / "out", ["models.value_init=policy", "train.max_steps=1"])
     trainer = ppo.PPOTrainer(cfg)
     assert not trainer.same_tokenizer
-    ro, _ = trainer.rollout(trainer.batch_rows(0))
+    ro, _ = trainer.rollout(0)
     # re-tokenised scoring must agree with scoring the policy's own ids (the words tokenize identically here)
     from rlhf.models import reward_scores
 

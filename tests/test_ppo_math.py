@@ -515,3 +515,58 @@ def test_distinct_n_by_hand():
     assert distinct_n(seqs, 1) == pytest.approx(2 / 6)
     assert distinct_n(seqs, 2) == pytest.approx(2 / 4)  # (1,2) (2,1) (1,2) | (1,2)
     assert distinct_n([[5]], 2) == 0.0
+
+
+# ---- the lineage: REINFORCE with a baseline, RLOO, GRPO, L^KLPEN (hand-computed) ----------------------------
+
+
+def test_reinforce_returns_and_batch_mean_baseline():
+    from rlhf.ppo_math import reinforce_advantages
+
+    rewards, mask = torch.tensor([[1.0, 0.0, 2.0]]), torch.ones(1, 3, dtype=torch.bool)
+    advantages, returns = reinforce_advantages(rewards, mask, gamma=1.0)
+    assert torch.allclose(returns, torch.tensor([[3.0, 2.0, 2.0]]))
+    assert torch.allclose(advantages, torch.tensor([[2 / 3, -1 / 3, -1 / 3]]))
+    # gamma 0.5: G_2 = 2, G_1 = 0 + 0.5 * 2 = 1, G_0 = 1 + 0.5 * 1 = 1.5; learned baseline V = [0.5, 1, 1]
+    advantages, returns = reinforce_advantages(rewards, mask, 0.5, values=torch.tensor([[0.5, 1.0, 1.0]]))
+    assert torch.allclose(returns, torch.tensor([[1.5, 1.0, 2.0]]))
+    assert torch.allclose(advantages, torch.tensor([[1.0, 0.0, 1.0]]))
+    # a masked tail neither contributes nor receives anything
+    advantages, returns = reinforce_advantages(torch.tensor([[1.0, 2.0, 9.0]]), torch.tensor([[1, 1, 0]]), 1.0)
+    assert torch.allclose(returns, torch.tensor([[3.0, 2.0, 0.0]]))
+    assert torch.allclose(advantages, torch.tensor([[0.5, -0.5, 0.0]]))
+
+
+def test_group_advantages_rloo_and_grpo():
+    from rlhf.ppo_math import group_advantages
+
+    rewards = torch.tensor([1.0, 2.0, 3.0, 10.0])
+    assert torch.allclose(group_advantages(rewards, 2, "rloo"), torch.tensor([-1.0, 1.0, -7.0, 7.0]))
+    three = torch.tensor([1.0, 2.0, 6.0])  # leave-one-out means 4, 3.5, 1.5
+    assert torch.allclose(group_advantages(three, 3, "rloo"), torch.tensor([-3.0, -1.5, 4.5]))
+    std = (((1 - 3) ** 2 + (2 - 3) ** 2 + (6 - 3) ** 2) / 2) ** 0.5  # unbiased: sqrt(7)
+    expected = torch.tensor([-2.0, -1.0, 3.0]) / (std + 1e-6)
+    assert torch.allclose(group_advantages(three, 3, "grpo"), expected)
+    with pytest.raises(ValueError, match="groups of >= 2"):
+        group_advantages(rewards, 1, "rloo")
+
+
+def test_klpen_policy_loss_and_adaptive_beta():
+    from rlhf.ppo_math import KLPenaltyCoef, klpen_policy_loss
+
+    logprobs = torch.tensor([[0.1, -0.2]], requires_grad=True)
+    old, advantages = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]])
+    loss, stats = klpen_policy_loss(logprobs, old, advantages, torch.ones(1, 2), beta=0.5)
+    # tokens: -1 * e^0.1 + 0.5 * (0 - 0.1) and +1 * e^-0.2 + 0.5 * (0 + 0.2); mean of the two
+    expected = ((-math.exp(0.1) - 0.05) + (math.exp(-0.2) + 0.1)) / 2
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert stats["kl_old"].item() == pytest.approx(0.05, abs=1e-7)
+    loss.backward()  # d/dlp of (-A e^lp - beta lp) / 2
+    assert torch.allclose(logprobs.grad, torch.tensor([[(-math.exp(0.1) - 0.5) / 2, (math.exp(-0.2) - 0.5) / 2]]))
+    beta = KLPenaltyCoef(1.0, target=0.01)
+    beta.update(0.001)
+    assert beta.value == 0.5
+    beta.update(0.02)
+    assert beta.value == 1.0
+    beta.update(0.01)
+    assert beta.value == 1.0
