@@ -6,7 +6,7 @@ CONFIG  ?=
 RECIPE  ?= configs/tiny
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo world pretrain sft rm ppo eval pipeline plot bench overopt clean
+.PHONY: install test test-fast lint format demo world pretrain sft rm dpo ppo eval pipeline plot bench bench-peer overopt algorithms clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -46,6 +46,9 @@ sft: install
 rm: install
 	$(BIN)/rlhf rm --config $(or $(CONFIG),configs/tiny/rm.yaml)
 
+dpo: install
+	$(BIN)/rlhf dpo --config $(or $(CONFIG),configs/tiny/dpo.yaml)
+
 ppo: install
 	$(BIN)/rlhf ppo --config $(or $(CONFIG),configs/tiny/ppo.yaml)
 
@@ -61,8 +64,15 @@ plot: install
 bench: install
 	$(BIN)/python scripts/bench.py
 
+# rlhf vs TRL side by side; TRL lives only in .venv-peer (built by the script). ARGS="--quick", "--write-doc", ...
+bench-peer: install
+	$(BIN)/python scripts/bench_peer.py $(ARGS)
+
 overopt: install
 	$(BIN)/python scripts/overoptimization.py
+
+algorithms: install
+	$(BIN)/python scripts/algorithms.py
 
 clean:
 	rm -rf runs

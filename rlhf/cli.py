@@ -13,6 +13,7 @@ from rlhf.training import EXIT_STOPPED, CheckpointError, NonFiniteError, Stopped
 STAGE_HELP = {
     "sft": "stage 1: supervised fine-tuning (or pretraining with data.kind: text)",
     "rm": "stage 2: reward model from K-way rankings",
+    "dpo": "instead of rm + ppo: Direct Preference Optimization of the SFT model on the same rankings",
     "ppo": "stage 3: PPO(-ptx) against the reward model with a KL penalty to SFT",
     "eval": "sample SFT and policy on held-out prompts: gold/RM scores, win-rate, KL, collapse signs",
 }
@@ -63,7 +64,37 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p = sub.add_parser("plot", help="PNG curves from a run dir's metrics.jsonl files")
     p.add_argument("run_dir")
+    p = sub.add_parser("plan", help="estimate memory per device and time of a stage before renting a GPU")
+    p.add_argument("--config", required=True, help="an sft/rm/ppo YAML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="as for a stage")
+    p.add_argument("--stage", choices=["sft", "rm", "ppo"], help="default: from the file name or its keys")
+    p.add_argument("--device-memory", help="memory of one device, e.g. 80GiB: warn when the estimate exceeds it")
+    p.add_argument("--num-processes", type=int, default=1, help="processes (GPUs) the run is launched with")
+    p.add_argument("--topology", choices=["ddp", "fsdp", "zero2", "zero3"], default="ddp")
+    p.add_argument("--tflops", type=float, help="achieved TFLOP/s per device, for a time estimate")
+    p.add_argument("--strict", action="store_true", help="exit 1 when the estimate exceeds --device-memory")
     return parser
+
+
+def run_plan(args) -> int:
+    import yaml
+
+    from rlhf.plan import format_plan, guess_stage, parse_bytes, plan_config
+
+    if args.num_processes < 1:
+        raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
+    device_memory = parse_bytes(args.device_memory) if args.device_memory else None
+    stage = args.stage
+    if stage is None:
+        try:
+            data = yaml.safe_load(Path(args.config).read_text(encoding="utf-8")) if Path(args.config).is_file() else {}
+        except (yaml.YAMLError, UnicodeDecodeError):
+            data = {}
+        stage = guess_stage(args.config, data if isinstance(data, dict) else {})
+    cfg = load_config(stage, args.config, args.overrides)
+    plan = plan_config(stage, cfg, args.num_processes, args.topology)
+    print(format_plan(plan, device_memory, args.tflops))
+    return 1 if args.strict and device_memory is not None and plan.total > device_memory else 0
 
 
 def run_stage(stage: str, config: str, overrides: list[str], dry_run: bool = False) -> Path | None:
@@ -76,6 +107,8 @@ def run_stage(stage: str, config: str, overrides: list[str], dry_run: bool = Fal
         from rlhf.sft import train
     elif stage == "rm":
         from rlhf.reward import train
+    elif stage == "dpo":
+        from rlhf.dpo import train
     elif stage == "ppo":
         from rlhf.ppo import train
     else:
@@ -102,6 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
             paths = build_tiny_world(args.out, seed=args.seed)
             print(f"tiny world (seed {args.seed}) written to {args.out}: {', '.join(sorted(paths))}")
+        elif args.command == "plan":
+            return run_plan(args)
         elif args.command == "plot":
             from rlhf.plot import plot_run
 

@@ -658,7 +658,8 @@ class DPOConfig:
         _positive(self.beta, "beta")
         if not 0.0 <= self.loss.label_smoothing < 0.5:
             raise ConfigError(
-                f"loss.label_smoothing must be in [0, 0.5) (the assumed label-flip rate), got {self.loss.label_smoothing}"
+                "loss.label_smoothing must be in [0, 0.5) (the assumed label-flip rate), "
+                f"got {self.loss.label_smoothing}"
             )
         if self.reference == "disable_adapter" and not self.model.lora.enabled:
             raise ConfigError(

@@ -22,7 +22,7 @@ SFT_YAML = str(CONFIGS / "tiny" / "sft.yaml")
 PPO_YAML = str(CONFIGS / "tiny" / "ppo.yaml")
 
 # file stem -> stage; YAMLs that are not stage configs are skipped by name, never silently
-STEM_TO_STAGE = {"pretrain": "sft", "sft": "sft", "rm": "rm", "ppo": "ppo", "eval": "eval"}
+STEM_TO_STAGE = {"pretrain": "sft", "sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "eval": "eval"}
 NOT_STAGE_CONFIGS = {"world"}  # configs/<recipe>/world.yaml: arguments of `rlhf tiny`, not a stage config
 
 

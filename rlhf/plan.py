@@ -1,0 +1,701 @@
+"""`rlhf plan`: per-device memory and time estimates for a stage's YAML, before any GPU hour is spent.
+
+Everything here is arithmetic on a model's shape (read from its config.json; the parameter count comes from
+instantiating the architecture on the `meta` device, which allocates nothing) and the stage config. The formulas
+(docs/scaling.md, "Before you rent a GPU") are:
+
+- weights   = params x bytes(model.dtype); a frozen role holds only this. Sharded (/N) under fsdp and zero3 for
+              every role, the frozen reference and reward models included (rlhf.training.prepare_frozen).
+- grads     = trainable x bytes(dtype) (DeepSpeed ZeRO with mixed precision: 2 B); /N under zero2, zero3, fsdp.
+- optimizer = AdamW m and v: trainable x 2 x bytes(dtype) (torch keeps them in the parameter's dtype); under
+              DeepSpeed ZeRO with mixed precision fp32 master weights + fp32 m, v: 12 B per trainable param; /N
+              under zero2, zero3, fsdp. LoRA trains only the adapters: r x (in + out) per targeted Linear.
+- activations (one micro-batch, training), per layer and token, at p bytes (2 under bf16/fp16, else 4):
+              p x (4h + 2 h_q + 2 h_kv + 4 I)   [Korthikanti et al. 2022 counted for a Llama block with fused
+              (SDPA) attention and no dropout: norm inputs 2h, normed inputs 2h, q and attention output 2 h_q,
+              k and v 2 h_kv, gate, up, act(gate), gate*up 4I], + eager attention's scores a x s x (p + 4);
+              with gradient checkpointing only each layer's input (p x h) is kept, plus one layer's full set
+              recomputed in backward. Plus the LM logits: b x s x V x (p + 8) when trained (logits, the fp32
+              shifted copy and log-softmax of the loss; the fp32 gradient reuses their room in backward);
+              forward-only b x s x V x p plus one fp32 temporary (b x s x V x 4 for fp32 logits, s x V x 4 for
+              16-bit ones, upcast row by row).
+- kv-cache  = generation batch x (prompt + max_new_tokens) x layers x 2 x kv_heads x head_dim x p.
+- FLOPs     = 6 N per trained token (4 N with LoRA: no weight gradients for the frozen base; +2 N with gradient
+              checkpointing), 2 N per forward-only or generated token.
+
+The device total adds every role's static memory (weights, grads, optimizer state) to the largest phase's
+transient memory (SFT/RM: training; PPO: generation, scoring or training), because phases do not overlap.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rlhf.config import ConfigError, ModelConfig, PPOConfig, RMConfig, SFTConfig, looks_local
+
+GiB = 1024**3
+DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+TOPOLOGIES = ("ddp", "fsdp", "zero2", "zero3")
+ENSEMBLE_FILE = "ensemble.json"  # kept equal to rlhf.models.ENSEMBLE_FILE (not imported: no torch at import)
+
+
+# --------------------------------------------------------------------------------------------------
+# Model shapes
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """The numbers of a decoder-only transformer that memory depends on."""
+
+    vocab: int
+    hidden: int
+    layers: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    intermediate: int
+    params_lm: int
+    """Parameters of the causal LM (tied embeddings counted once)."""
+    params_scalar: int
+    """Parameters of the scalar-head model (`*ForSequenceClassification`, num_labels 1): no LM head, a h x 1 head."""
+    linears: dict[str, int] = field(default_factory=dict)
+    """Linear-module name (last component) -> sum over those modules of (in_features + out_features)."""
+    eager_attention: bool = False
+    """Attention materialises the [heads, s, s] scores (eager); False for SDPA / flash attention."""
+    name: str = ""
+
+
+def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
+    """A ModelShape from a transformers config: sizes from its fields, parameter counts and Linear shapes from the
+    architecture built on the meta device (exact for any model transformers knows; nothing is allocated)."""
+    import torch
+    from torch import nn
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    try:
+        hidden = int(text.hidden_size)
+        layers = int(text.num_hidden_layers)
+        heads = int(text.num_attention_heads)
+        vocab = int(text.vocab_size)
+    except (AttributeError, TypeError) as e:
+        raise ConfigError(f"{name or 'model'}: config.json lacks a field the planner needs ({e})") from None
+    kv_heads = int(getattr(text, "num_key_value_heads", None) or heads)
+    head_dim = int(getattr(text, "head_dim", None) or hidden // heads)
+    intermediate = int(getattr(text, "intermediate_size", None) or 4 * hidden)
+    try:
+        with torch.device("meta"):
+            lm = AutoModelForCausalLM.from_config(copy.deepcopy(config))
+            cls_config = copy.deepcopy(config)
+            cls_config.num_labels = 1
+            scalar = AutoModelForSequenceClassification.from_config(cls_config)
+    except (ValueError, KeyError, TypeError, ImportError) as e:
+        raise ConfigError(f"{name or 'model'}: transformers cannot build this architecture ({e})") from None
+    linears: dict[str, int] = {}
+    for module_name, module in lm.named_modules():
+        if isinstance(module, nn.Linear):
+            key = module_name.rsplit(".", 1)[-1]
+            linears[key] = linears.get(key, 0) + module.in_features + module.out_features
+    attn = getattr(lm.config, "_attn_implementation", None) or "sdpa"
+    return ModelShape(
+        vocab=vocab,
+        hidden=hidden,
+        layers=layers,
+        heads=heads,
+        kv_heads=kv_heads,
+        head_dim=head_dim,
+        intermediate=intermediate,
+        params_lm=sum(p.numel() for p in lm.parameters()),
+        params_scalar=sum(p.numel() for p in scalar.parameters()),
+        linears=linears,
+        eager_attention=attn == "eager",
+        name=name,
+    )
+
+
+def load_shape(model: ModelConfig | str, key: str = "model.name_or_path") -> ModelShape:
+    """The shape of the model a config names: a local dir's config.json, or a hub name via AutoConfig (the hub must
+    be reachable). A reward ensemble dir is read through its first member. ConfigError when nothing can be read."""
+    from transformers import AutoConfig
+
+    path = model.name_or_path if isinstance(model, ModelConfig) else model
+    trust = model.trust_remote_code if isinstance(model, ModelConfig) else False
+    if not path:
+        raise ConfigError(f"{key} is empty: the planner needs a model dir or hub name")
+    members = ensemble_members(path)
+    if members:
+        path = members[0]
+    local = Path(path).expanduser()
+    if looks_local(path) and not local.exists():
+        raise ConfigError(
+            f"{key} = {path!r} does not exist yet (an earlier stage writes it). The planner only needs a config.json "
+            f"of the same architecture: --set {key}=<dir with config.json, or the base model's hub name>"
+        )
+    if local.is_dir() and not (local / "config.json").is_file():
+        raise ConfigError(f"{key} = {path!r} has no config.json")
+    try:
+        config = AutoConfig.from_pretrained(str(local) if local.is_dir() else path, trust_remote_code=trust)
+    except (OSError, ValueError) as e:
+        raise ConfigError(
+            f"{key} = {path!r}: cannot read its config ({' '.join(str(e).split())[:200]}). A hub name needs the hub "
+            f"to be reachable; otherwise --set {key}=<a local dir with its config.json>"
+        ) from None
+    return shape_from_hf_config(config, name=path)
+
+
+def ensemble_members(path: str) -> list[str]:
+    """The PPO members of a reward-model ensemble dir ([] when `path` is not one)."""
+    manifest = Path(path) / ENSEMBLE_FILE
+    if not manifest.is_file():
+        return []
+    try:
+        listed = json.loads(manifest.read_text())["members"]
+    except (ValueError, KeyError) as e:
+        raise ConfigError(f"{manifest} is not a valid reward ensemble manifest ({e})") from None
+    return [str((Path(path) / m).resolve()) for m in listed]
+
+
+def lora_params(shape: ModelShape, r: int, target_modules: list[str]) -> int:
+    """Adapter parameters peft adds: r x (in + out) for each Linear whose name is one of `target_modules`."""
+    return sum(r * shape.linears.get(t, 0) for t in target_modules)
+
+
+# --------------------------------------------------------------------------------------------------
+# Per-role arithmetic
+# --------------------------------------------------------------------------------------------------
+
+
+def layer_activation_bytes(shape: ModelShape, batch: int, seq: int, p: int) -> int:
+    """Bytes one transformer block keeps for backward (one micro-batch of `batch` x `seq` tokens at p bytes)."""
+    h, hq, hkv, inter = shape.hidden, shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim, shape.intermediate
+    per_token = p * (4 * h + 2 * hq + 2 * hkv + 4 * inter)
+    if shape.eager_attention:
+        per_token += shape.heads * seq * (p + 4)  # scores softmaxed in fp32, cast back to p
+    return batch * seq * per_token
+
+
+def logits_bytes(shape: ModelShape, batch: int, seq: int, p: int, trained: bool) -> int:
+    """The LM head's [b, s, V] logits and what the loss/log-prob code makes of them (dominant for big vocabularies).
+
+    Trained: logits + the loss's fp32 shifted copy + its fp32 log-softmax (the forward's peak; in backward the fp32
+    gradient takes the place of the freed logits and copy). Forward-only: the logits plus one fp32
+    temporary of their size (16-bit logits are upcast one row [s, V] at a time by rlhf.ppo_math)."""
+    if trained:
+        return batch * seq * shape.vocab * (p + 8)
+    return batch * seq * shape.vocab * p + (batch if p == 4 else 1) * seq * shape.vocab * 4
+
+
+def activation_bytes(
+    shape: ModelShape, batch: int, seq: int, p: int, checkpointing: bool, lm_head: bool, trained: bool = True
+) -> int:
+    """Peak activation bytes of one forward(+backward) of a micro-batch.
+
+    Trained: every layer's saved tensors (or, with gradient checkpointing, each layer's input plus one layer
+    recomputed), the embedding output, plus the logits. Forward-only: about one layer's tensors at a time."""
+    if batch <= 0 or seq <= 0:
+        return 0
+    layer = layer_activation_bytes(shape, batch, seq, p)
+    if trained:
+        kept = shape.layers * batch * seq * shape.hidden * p + layer if checkpointing else shape.layers * layer
+        kept += batch * seq * shape.hidden * p
+    else:
+        kept = layer
+    return kept + (logits_bytes(shape, batch, seq, p, trained) if lm_head else 0)
+
+
+def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, p: int) -> int:
+    """Generation's KV cache: batch x seq x layers x 2 (K and V) x kv_heads x head_dim x p."""
+    return batch * seq * shape.layers * 2 * shape.kv_heads * shape.head_dim * p
+
+
+@dataclass
+class Precision:
+    """What the dtype / mixed-precision / topology combination means for bytes per value."""
+
+    weight: int
+    """Bytes per stored weight."""
+    grad: int
+    """Bytes per gradient value."""
+    optimizer: int
+    """Optimizer bytes per trainable parameter (AdamW m + v, plus fp32 master weights where kept)."""
+    activation: int
+    """Bytes per activation value."""
+
+
+def precision(dtype: str, mixed_precision: str, topology: str) -> Precision:
+    """Bytes per value. accelerate's native mixed precision (ddp, fsdp) autocasts and keeps the loaded dtype for
+    weights, grads and AdamW state; DeepSpeed ZeRO with bf16/fp16 holds 16-bit weights and grads and fp32 master
+    weights + m + v in the optimizer (the ZeRO paper's 2 + 2 + 12 bytes)."""
+    w = DTYPE_BYTES[dtype]
+    low = mixed_precision in ("bf16", "fp16")
+    act = 2 if low or w == 2 else 4
+    if topology.startswith("zero") and low:
+        return Precision(weight=2, grad=2, optimizer=12, activation=act)
+    return Precision(weight=w, grad=w, optimizer=2 * w, activation=act)
+
+
+def shard_divisors(topology: str, num_processes: int) -> tuple[int, int, int]:
+    """(weights, grads, optimizer) divisors for a trained role: ddp none; zero2 grads + optimizer; zero3 and fsdp
+    (full sharding) all three."""
+    if topology not in TOPOLOGIES:
+        raise ConfigError(f"--topology must be one of {', '.join(TOPOLOGIES)}, got {topology!r}")
+    n = max(1, num_processes)
+    return {"ddp": (1, 1, 1), "zero2": (1, n, n), "zero3": (n, n, n), "fsdp": (n, n, n)}[topology]
+
+
+@dataclass
+class RoleEstimate:
+    """One role's bytes on one device."""
+
+    role: str
+    params: int
+    trainable: int
+    weights: int = 0
+    grads: int = 0
+    optimizer: int = 0
+    activations: int = 0
+    """The role's own peak transient bytes (its largest micro-batch forward/backward)."""
+    kv_cache: int = 0
+    note: str = ""
+
+    @property
+    def static(self) -> int:
+        return self.weights + self.grads + self.optimizer
+
+    @property
+    def total(self) -> int:
+        return self.static + self.activations + self.kv_cache
+
+
+def role_static(
+    role: str,
+    params: int,
+    trainable: int,
+    prec: Precision,
+    topology: str,
+    num_processes: int,
+    note: str = "",
+) -> RoleEstimate:
+    """Weights, gradients and optimizer state of a role; trainable == 0 means frozen (weights only, sharded like
+    the trained roles under fsdp / zero3: rlhf.training.prepare_frozen)."""
+    dw, dg, do = shard_divisors(topology, num_processes)
+    if trainable == 0:
+        return RoleEstimate(role, params, 0, weights=math.ceil(params * prec.weight / dw), note=note)
+    return RoleEstimate(
+        role,
+        params,
+        trainable,
+        weights=math.ceil(params * prec.weight / dw),
+        grads=math.ceil(trainable * prec.grad / dg),
+        optimizer=math.ceil(trainable * prec.optimizer / do),
+        note=note,
+    )
+
+
+def train_flops_per_token(params: int, lora: bool, checkpointing: bool) -> int:
+    """6N (forward 2N + backward 4N); LoRA 4N (no weight gradients of the frozen base); +2N recomputation."""
+    return (4 if lora else 6) * params + (2 * params if checkpointing else 0)
+
+
+# --------------------------------------------------------------------------------------------------
+# A stage's plan
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Plan:
+    """The estimate for one stage on one device."""
+
+    stage: str
+    roles: list[RoleEstimate]
+    phases: dict[str, int]
+    """Transient bytes per phase (activations + KV cache that are alive together); the largest counts."""
+    tokens: dict[str, int]
+    """Tokens per optimizer step (SFT/RM) or PPO iteration, by kind (trained, forward-only, generated)."""
+    flops: int
+    """FLOPs per step/iteration, all processes together."""
+    settings: dict[str, Any]
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def static(self) -> int:
+        return sum(r.static for r in self.roles)
+
+    @property
+    def peak_phase(self) -> tuple[str, int]:
+        name = max(self.phases, key=lambda k: self.phases[k]) if self.phases else ""
+        return name, self.phases.get(name, 0)
+
+    @property
+    def total(self) -> int:
+        return self.static + self.peak_phase[1]
+
+    def seconds(self, tflops: float, num_processes: int) -> float:
+        """Time per step/iteration at `tflops` achieved TFLOP/s per device."""
+        return self.flops / (tflops * 1e12 * max(1, num_processes))
+
+
+def resolve_mixed_precision(train_cfg) -> str:
+    """`auto` is what a GPU with bf16 gets (the planner plans for GPUs), unless the config forces the CPU."""
+    mp = train_cfg.mixed_precision
+    if mp == "auto":
+        return "no" if train_cfg.cpu else "bf16"
+    return mp
+
+
+def plan_sft(
+    cfg: SFTConfig,
+    shape: ModelShape,
+    num_processes: int = 1,
+    topology: str = "ddp",
+    mixed_precision: str | None = None,
+) -> Plan:
+    """SFT (and pretraining): one causal LM, trained on micro-batches of max_length tokens."""
+    mp = mixed_precision or resolve_mixed_precision(cfg.train)
+    m = cfg.model
+    prec = precision(m.dtype, mp, topology)
+    trainable = lora_params(shape, m.lora.r, m.lora.target_modules) if m.lora.enabled else shape.params_lm
+    params = shape.params_lm + (trainable if m.lora.enabled else 0)
+    role = role_static(
+        "model", params, trainable, prec, topology, num_processes, note="LoRA" if m.lora.enabled else ""
+    )
+    seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size
+    role.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=True)
+    tokens = cfg.train.batch_size * seq
+    flops = tokens * train_flops_per_token(shape.params_lm, m.lora.enabled, m.gradient_checkpointing)
+    return Plan(
+        "sft",
+        [role],
+        {"train": role.activations},
+        {"trained": tokens},
+        flops,
+        _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size),
+        ["tokens assume every sequence padded to data.format.max_length (an upper bound)"],
+    )
+
+
+def plan_rm(
+    cfg: RMConfig,
+    shape: ModelShape,
+    num_processes: int = 1,
+    topology: str = "ddp",
+    mixed_precision: str | None = None,
+    responses_per_prompt: int = 2,
+) -> Plan:
+    """RM: one scalar-head model; a micro-batch of prompts forwards all K responses of each (members train one
+    after another, so an ensemble costs time, not memory)."""
+    mp = mixed_precision or resolve_mixed_precision(cfg.train)
+    m = cfg.model
+    prec = precision(m.dtype, mp, topology)
+    k = max(2, responses_per_prompt)
+    if m.lora.enabled:  # adapters + the score head (modules_to_save keeps a trained copy of it)
+        trainable = lora_params(shape, m.lora.r, m.lora.target_modules) + shape.hidden
+        params = shape.params_scalar + trainable
+    else:
+        trainable = params = shape.params_scalar
+    role = role_static("reward model", params, trainable, prec, topology, num_processes, note=f"K={k}")
+    seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
+    role.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=False)
+    tokens = cfg.train.batch_size * k * seq
+    flops = tokens * train_flops_per_token(shape.params_scalar, m.lora.enabled, m.gradient_checkpointing)
+    flops *= cfg.ensemble.size
+    notes = ["tokens assume every sequence padded to data.format.max_length (an upper bound)"]
+    if cfg.ensemble.size > 1:
+        notes.append(f"{cfg.ensemble.size} ensemble members train one after another: time x{cfg.ensemble.size}")
+    return Plan(
+        "rm",
+        [role],
+        {"train": role.activations},
+        {"trained": tokens},
+        flops,
+        _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k),
+        notes,
+    )
+
+
+def plan_ppo(
+    cfg: PPOConfig,
+    policy: ModelShape,
+    reward: ModelShape,
+    reward_members: int = 1,
+    num_processes: int = 1,
+    topology: str = "ddp",
+    mixed_precision: str | None = None,
+) -> Plan:
+    """PPO: policy (trained), reference (frozen copy, or the policy with its adapter off), value model (trained,
+    from the RM or the policy) and the frozen reward model(s), all resident on every device."""
+    mp = mixed_precision or resolve_mixed_precision(cfg.train)
+    m = cfg.models
+    pol = m.policy
+    prec = precision(pol.dtype, mp, topology)
+    p = prec.activation
+    n = max(1, num_processes)
+    P, R = cfg.data.format.max_prompt_length, cfg.rollout.max_new_tokens
+    S = P + R
+    micro = cfg.ppo.micro_batch_size
+    local_batch = max(1, cfg.train.batch_size // n)
+    gen_batch = min(cfg.rollout.generation_batch_size, local_batch)
+    score_mb = min(micro * 4, local_batch)  # the rollout scores in micro-batches of 4 x ppo.micro_batch_size
+    ckpt = pol.gradient_checkpointing
+
+    # policy
+    lora = pol.lora.enabled
+    adapters = lora_params(policy, pol.lora.r, pol.lora.target_modules) if lora else 0
+    trainable = adapters if lora else policy.params_lm
+    roles = [
+        role_static(
+            "policy", policy.params_lm + adapters, trainable, prec, topology, n, note="LoRA" if lora else "trained"
+        )
+    ]
+    pol_role = roles[0]
+    if cfg.ema.decay:
+        pol_role.weights += trainable * 4  # the EMA shadow: fp32 copy of the trainable weights
+        pol_role.note += ", EMA"
+    ptx_seqs = round(cfg.ptx.sequences_per_episode * micro) if cfg.ptx.ptx_coef > 0 else 0
+    ptx_len = cfg.ptx.max_length if ptx_seqs else 0
+    train_act = activation_bytes(policy, micro, S, p, ckpt, lm_head=True)
+    ptx_act = activation_bytes(policy, min(ptx_seqs, micro), ptx_len, p, ckpt, lm_head=True) if ptx_seqs else 0
+    score_act = activation_bytes(policy, score_mb, S, p, False, lm_head=True, trained=False)
+    pol_role.activations = max(train_act, ptx_act, score_act)
+    pol_role.kv_cache = kv_cache_bytes(policy, gen_batch, S, p)
+    gen_act = gen_batch * policy.vocab * (p + 4) + activation_bytes(policy, gen_batch, P, p, False, False, False)
+
+    # reference
+    # frozen roles: the loaded dtype (a ZeRO-3 inference engine casts to the training's half precision)
+    frozen_prec = precision(pol.dtype, mp, "zero3" if topology == "zero3" else "ddp")
+    if m.reference == "copy":
+        ref = role_static("reference", policy.params_lm, 0, frozen_prec, topology, n, note="frozen copy")
+        ref.activations = score_act
+    else:
+        ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
+    roles.append(ref)
+
+    # value model
+    value_shape = reward if m.value_init == "reward" else policy
+    value_prec = precision(m.reward.dtype if m.value_init == "reward" else pol.dtype, mp, topology)
+    value = role_static(
+        "value",
+        value_shape.params_scalar,
+        value_shape.params_scalar,
+        value_prec,
+        topology,
+        n,
+        note=f"from {m.value_init}",
+    )
+    value.activations = activation_bytes(value_shape, micro, S, p, ckpt, lm_head=False)
+    roles.append(value)
+
+    # reward model(s)
+    reward_prec = precision(m.reward.dtype, mp, "zero3" if topology == "zero3" else "ddp")
+    score_rm = activation_bytes(reward, score_mb, S, p, False, lm_head=False, trained=False)
+    for i in range(reward_members):
+        rm = role_static(
+            "reward" if reward_members == 1 else f"reward[{i}]", reward.params_scalar, 0, reward_prec, topology, n
+        )
+        rm.note = "frozen"
+        rm.activations = score_rm
+        roles.append(rm)
+
+    phases = {
+        "generate": pol_role.kv_cache + gen_act,
+        "score": max(score_act, score_rm),
+        "train": max(train_act, ptx_act) + value.activations,
+    }
+    B = cfg.train.batch_size
+    ptx_tokens = round(cfg.ptx.sequences_per_episode * B) * cfg.ptx.max_length if cfg.ptx.ptx_coef > 0 else 0
+    tokens = {
+        "generated": B * R,
+        "scored": B * S,
+        "trained": cfg.ppo.ppo_epochs * (B * S + ptx_tokens),
+    }
+    gen_flops = 2 * policy.params_lm * (B * P + B * R)
+    score_flops = (
+        2
+        * B
+        * S
+        * (
+            2 * policy.params_lm  # old log-probs and reference log-probs (a copy or the adapter switched off)
+            + value_shape.params_scalar
+            + reward_members * reward.params_scalar
+        )
+    )
+    train_flops = cfg.ppo.ppo_epochs * (
+        (B * S + ptx_tokens) * train_flops_per_token(policy.params_lm, lora, ckpt)
+        + B * S * train_flops_per_token(value_shape.params_scalar, False, ckpt)
+    )
+    notes = [
+        "sequences counted at max_prompt_length + max_new_tokens (an upper bound)",
+        "generation is memory-bound: its time from 2N FLOPs per token is a lower bound",
+    ]
+    return Plan(
+        "ppo",
+        roles,
+        phases,
+        tokens,
+        gen_flops + score_flops + train_flops,
+        _settings(
+            mp,
+            topology,
+            n,
+            micro=micro,
+            seq=S,
+            batch=B,
+            generation_batch=gen_batch,
+            score_micro=score_mb,
+            ptx=ptx_seqs,
+        ),
+        notes,
+    )
+
+
+def _settings(mp: str, topology: str, n: int, **kw) -> dict[str, Any]:
+    return {"mixed_precision": mp, "topology": topology, "num_processes": n} | kw
+
+
+# --------------------------------------------------------------------------------------------------
+# Reading configs, printing
+# --------------------------------------------------------------------------------------------------
+
+
+def guess_stage(path: str | Path, data: dict | None = None) -> str:
+    """sft / rm / ppo from the file name (pretrain.yaml is SFT) or, failing that, from the YAML's keys."""
+    stem = Path(path).stem.lower()
+    for stage, words in (("ppo", ("ppo",)), ("rm", ("rm", "reward")), ("sft", ("sft", "pretrain"))):
+        if any(stem == w or stem.startswith(w + "_") or stem.startswith(w + "-") for w in words):
+            return stage
+    data = data or {}
+    if "models" in data or "rollout" in data:
+        return "ppo"
+    if "ensemble" in data or "loss" in data or "reference" in (data.get("data") or {}):
+        return "rm"
+    if "policy" in data or "run_dir" in data:
+        raise ConfigError(f"{path} looks like an eval config; `rlhf plan` plans the sft, rm and ppo stages")
+    return "sft"
+
+
+def responses_per_prompt(cfg: RMConfig) -> int:
+    """K of the RM data: the length of the first row's `ranked` list in a local json/jsonl file, else 2 (pairs)."""
+    path = Path(cfg.data.train.path)
+    if path.suffix == ".jsonl" and path.is_file():
+        with path.open(encoding="utf-8") as f:
+            line = f.readline()
+        try:
+            row = json.loads(line)
+        except ValueError:
+            return 2
+        ranked = row.get("ranked") if isinstance(row, dict) else None
+        return len(ranked) if isinstance(ranked, list) and len(ranked) >= 2 else 2
+    return 2
+
+
+def plan_config(
+    stage: str, cfg: Any, num_processes: int = 1, topology: str = "ddp", mixed_precision: str | None = None
+) -> Plan:
+    """Read the model shapes a validated stage config names and plan it."""
+    shard_divisors(topology, num_processes)  # validates the topology
+    if stage == "sft":
+        return plan_sft(cfg, load_shape(cfg.model), num_processes, topology, mixed_precision)
+    if stage == "rm":
+        k = responses_per_prompt(cfg)
+        return plan_rm(cfg, load_shape(cfg.model), num_processes, topology, mixed_precision, k)
+    if stage == "ppo":
+        m = cfg.models
+        policy = load_shape(m.policy, "models.policy.name_or_path")
+        reward = load_shape(m.reward, "models.reward.name_or_path")
+        members = len(ensemble_members(m.reward.name_or_path)) or 1
+        return plan_ppo(cfg, policy, reward, members, num_processes, topology, mixed_precision)
+    raise ConfigError(f"`rlhf plan` plans the sft, rm and ppo stages, not {stage!r}")
+
+
+def parse_bytes(text: str) -> int:
+    """'80GiB', '80GB', '24g', '1.5TiB', '512MiB' or a plain number of GiB -> bytes."""
+    units = {"": GiB, "g": GiB, "gb": 10**9, "gib": GiB, "m": 1024**2, "mb": 10**6, "mib": 1024**2}
+    units |= {"t": 1024**4, "tb": 10**12, "tib": 1024**4}
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
+    try:
+        value = float(num)
+    except ValueError:
+        value = -1.0
+    if unit not in units or not 0 < value < float("inf"):
+        raise ConfigError(f"--device-memory {text!r}: expected a size such as 80GiB, 24GB or 40")
+    return int(value * units[unit])
+
+
+def _size(b: int, unit: int) -> str:
+    return f"{b / unit:.2f}" if b else "-"
+
+
+def _count(n: int) -> str:
+    for unit, size in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def format_plan(plan: Plan, device_memory: int | None = None, tflops: float | None = None) -> str:
+    """A readable table (GiB per device) and the summary lines."""
+    s = plan.settings
+    unit, uname = (GiB, "GiB") if plan.total >= GiB else (1024**2, "MiB")
+
+    def _gib(b: int) -> str:
+        return _size(b, unit)
+
+    lines = [
+        f"rlhf plan: {plan.stage}, {s['topology']} x {s['num_processes']} process(es), mixed_precision="
+        f"{s['mixed_precision']}; per device, {uname}",
+        "",
+    ]
+    head = ("role", "params", "trained", "weights", "grads", "optimizer", "activations", "kv-cache", "total", "")
+    rows = [
+        (
+            r.role,
+            _count(r.params),
+            _count(r.trainable) if r.trainable else "-",
+            _gib(r.weights),
+            _gib(r.grads),
+            _gib(r.optimizer),
+            _gib(r.activations),
+            _gib(r.kv_cache),
+            _gib(r.total),
+            r.note,
+        )
+        for r in plan.roles
+    ]
+    widths = [max(len(str(x[i])) for x in [head, *rows]) for i in range(len(head))]
+    fmt = "  ".join(f"{{:<{w}}}" if i in (0, len(head) - 1) else f"{{:>{w}}}" for i, w in enumerate(widths))
+    lines.append(fmt.format(*head).rstrip())
+    lines.extend(fmt.format(*row).rstrip() for row in rows)
+    phase, peak = plan.peak_phase
+    lines += [
+        "",
+        "phases (transient, not at the same time): "
+        + ", ".join(f"{k} {_gib(v)}" for k, v in plan.phases.items())
+        + f"  -> peak in {phase}",
+        f"device total = static {_gib(plan.static)} + {phase} {_gib(peak)} = {plan.total / GiB:.2f} GiB",
+        "tokens per "
+        + ("iteration" if plan.stage == "ppo" else "step")
+        + ": "
+        + ", ".join(f"{k} {v:,}" for k, v in plan.tokens.items()),
+        f"FLOPs per {'iteration' if plan.stage == 'ppo' else 'step'}: {plan.flops:.3g}",
+    ]
+    if tflops:
+        secs = plan.seconds(tflops, s["num_processes"])
+        lines.append(
+            f"time at {tflops:g} TFLOP/s per device: {secs:.3g} s per {'iteration' if plan.stage == 'ppo' else 'step'}"
+        )
+    lines += [f"note: {n}" for n in plan.notes]
+    if device_memory is not None and plan.total > device_memory:
+        lines.append(
+            f"WARNING: the estimate ({plan.total / GiB:.2f} GiB) exceeds the device memory "
+            f"({device_memory / GiB:.2f} GiB): lower the micro-batch, turn on gradient checkpointing or LoRA, "
+            "or shard (--topology zero3/fsdp)"
+        )
+    return "\n".join(lines)

@@ -1,0 +1,274 @@
+"""`make bench-peer`: rlhf and TRL measured side by side on this machine, on identical workloads.
+
+TRL is a benchmark peer, never a dependency of rlhf: this script builds its own venv (.venv-peer) with trl==1.12.0
+(whose PPO lives in trl.experimental.ppo) on top of the same torch as .venv, and runs each side in a fresh
+subprocess (rlhf in .venv via scripts/peer/rlhf_worker.py, TRL in .venv-peer via scripts/peer/trl_worker.py),
+alternating rlhf, TRL, rlhf, TRL, ... Peak RSS is read per run with os.wait4. Everything is offline
+(HF_HUB_OFFLINE=1): the tokenizer, random-init models and synthetic data are built locally by
+scripts/peer/world.py into runs/bench-peer/world, which both sides load.
+
+Workloads (fp32, CPU, a 3.46M-parameter Llama: 4 layers, d 256, 4 heads, MLP 688, vocabulary 568):
+  ppo   32 episodes per iteration, 32-token prompts, 32 new tokens (EOS stops/truncates on both sides),
+        4 PPO epochs x 4 minibatches of 8 (micro-batch = minibatch), value model = RM architecture
+  sft   8 sequences x 128 tokens per step, loss on completions
+  rm    8 pairs x 128 tokens per step
+  rmk4  8 prompts x 4 ranked responses x 128 tokens (rlhf: K-way loss; TRL: the 6 pairs per prompt, 48 pairs)
+The first step / iteration of every run is warm-up and is not measured.
+
+    python scripts/bench_peer.py [--workloads ppo,sft,rm,rmk4] [--reps 3] [--quick] [--threads N] [--write-doc]
+"""
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+OUT = ROOT / "runs" / "bench-peer"
+PEER = ROOT / ".venv-peer"
+PEER_PY = PEER / "bin" / "python"
+RLHF_PY = Path(sys.executable)
+TRL_VERSION = "1.12.0"
+WORKLOADS = ("ppo", "sft", "rm", "rmk4")
+# tokens per step: sequences x 128 (rmk4: unique tokens, 8 x 4 responses, although TRL forwards each response 3 times)
+TOKENS = {"sft": 8 * 128, "rm": 8 * 2 * 128, "rmk4": 8 * 4 * 128}
+EPISODES = 32
+DOC = ROOT / "docs" / "benchmarks.md"
+HEADING = "## Side by side with TRL (`make bench-peer`)"
+
+
+def log(msg: str) -> None:
+    print(f"[bench-peer] {msg}", flush=True)
+
+
+def run(cmd: list, env: dict | None = None) -> None:
+    subprocess.run([str(c) for c in cmd], check=True, env=env)
+
+
+def rlhf_version(pkg: str, python: Path) -> str:
+    code = f"import importlib.metadata as m; print(m.version({pkg!r}))"
+    out = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    return out.stdout.strip() or "?"
+
+
+def ensure_peer_venv() -> None:
+    """.venv-peer: the same torch (and transformers/accelerate) as .venv, plus trl==1.12.0. Never an unpinned torch."""
+    torch_v = rlhf_version("torch", RLHF_PY)
+    pins = [f"torch=={torch_v}"]
+    for pkg in ("transformers", "accelerate"):
+        pins.append(f"{pkg}=={rlhf_version(pkg, RLHF_PY)}")
+    want = pins + [f"trl=={TRL_VERSION}"]
+    stamp = PEER / ".bench-peer-installed"
+    if stamp.is_file() and stamp.read_text().split() == want:
+        return
+    log(f"building {PEER.name} with {' '.join(want)}")
+    if not PEER_PY.exists():
+        base = Path(getattr(sys, "_base_executable", sys.executable))
+        run([base, "-m", "venv", PEER])
+    run([PEER_PY, "-m", "pip", "install", "-q", "--upgrade", "pip"])
+    run([PEER_PY, "-m", "pip", "install", "-q", pins[0]])  # torch first, pinned: pip never resolves a CUDA build
+    run([PEER_PY, "-m", "pip", "install", "-q", *want])
+    got = rlhf_version("torch", PEER_PY)
+    if got != torch_v:
+        raise SystemExit(f"{PEER.name} got torch {got}, .venv has {torch_v}")
+    stamp.write_text(" ".join(want) + "\n")
+
+
+def child_env(threads: int) -> dict:
+    env = dict(os.environ)
+    env |= {
+        "HF_HUB_OFFLINE": "1",
+        "HF_DATASETS_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        "HF_HUB_DISABLE_TELEMETRY": "1",
+        "WANDB_DISABLED": "true",
+        "PYTHONPATH": str(ROOT),
+    }
+    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if threads:
+        env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+    return env
+
+
+def run_worker(side: str, workload: str, steps: int, rep: int, threads: int) -> dict:
+    """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone)."""
+    python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (PEER_PY, "trl_worker.py")
+    out = OUT / "runs" / f"{workload}-{side}-{rep}"
+    result = OUT / "runs" / f"{workload}-{side}-{rep}.json"
+    result.unlink(missing_ok=True)
+    logfile = OUT / "runs" / f"{workload}-{side}-{rep}.log"
+    cmd = [python, ROOT / "scripts" / "peer" / script, "--workload", workload, "--world", OUT / "world"]
+    cmd += ["--out", out, "--steps", str(steps), "--result", result]
+    t0 = time.time()
+    with logfile.open("w") as f:
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env(threads))
+        _, status, usage = os.wait4(proc.pid, 0)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0 or not result.is_file():
+        tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-30:])
+        raise SystemExit(f"{side} {workload} failed (exit {proc.returncode}); log {logfile}:\n{tail}")
+    data = json.loads(result.read_text())
+    data["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
+    data["process_s"] = time.time() - t0
+    return data
+
+
+def measure(data: dict, workload: str) -> dict:
+    """Per-run figures over the measured steps (step 1 skipped): mean step time from step-end timestamps."""
+    ends = data["step_end_times"]
+    durations = [b - a for a, b in zip(ends, ends[1:])]  # steps 2..N
+    if not durations:
+        raise SystemExit(f"{data['side']} {workload}: fewer than 2 steps recorded")
+    step_s = sum(durations) / len(durations)
+    fig = {"step_s": step_s, "rss": data["peak_rss_mib"]}
+    if workload == "ppo":
+        fig["throughput"] = EPISODES / step_s
+        for k in ("time/generate", "time/score", "time/train"):
+            vals = data[k][1:]
+            fig[k] = sum(vals) / len(vals)
+    else:
+        fig["throughput"] = TOKENS[workload] / step_s
+    return fig
+
+
+def spread(values: list[float]) -> tuple[float, float, float]:
+    return min(values), statistics.median(values), max(values)
+
+
+def fmt(x: float) -> str:
+    return f"{x:,.0f}" if x >= 100 else f"{x:.3g}" if x >= 1 else f"{x:.3f}"
+
+
+def table(workload: str, figs: dict[str, list[dict]]) -> list[str]:
+    unit = {"ppo": "episodes/s", "sft": "tokens/s", "rm": "tokens/s", "rmk4": "unique tokens/s"}[workload]
+    step = "s/iteration" if workload == "ppo" else "s/step"
+    lines = [
+        f"| {workload} | {unit} min / median / max | {step} (median) | peak RSS MiB (median) |"
+        + (" generate / score / train s (median) |" if workload == "ppo" else ""),
+        "|---|---|---|---|" + ("---|" if workload == "ppo" else ""),
+    ]
+    for side in ("rlhf", "trl"):
+        runs = figs[side]
+        lo, med, hi = spread([f["throughput"] for f in runs])
+        step_s = statistics.median(f["step_s"] for f in runs)
+        row = f"| {side} | {fmt(lo)} / **{fmt(med)}** / {fmt(hi)} | {fmt(step_s)} | "
+        row += f"{statistics.median(f['rss'] for f in runs):,.0f} |"
+        if workload == "ppo":
+            parts = [statistics.median(f[k] for f in runs) for k in ("time/generate", "time/score", "time/train")]
+            row += " " + " / ".join(f"{p:.3g}" for p in parts) + " |"
+        lines.append(row)
+    ratio = statistics.median(f["throughput"] for f in figs["rlhf"]) / statistics.median(
+        f["throughput"] for f in figs["trl"]
+    )
+    lines.append(f"\nrlhf / TRL throughput (ratio of medians): **{ratio:.2f}x**")
+    return lines
+
+
+def machine() -> str:
+    model = "unknown CPU"
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    mem = ""
+    try:
+        kib = int(Path("/proc/meminfo").read_text().split()[1])
+        mem = f", {kib / 2**20:.0f} GiB"
+    except (OSError, ValueError, IndexError):
+        pass
+    return f"{model}, {os.cpu_count()} cores{mem}, {platform.system()} {platform.machine()}"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of ppo,sft,rm,rmk4")
+    ap.add_argument("--reps", type=int, default=3, help="runs per side and workload (alternating)")
+    ap.add_argument("--steps", type=int, default=0, help="measured steps per run (default: ppo 5, others 10)")
+    ap.add_argument("--quick", action="store_true", help="1 rep, 2 measured iterations/steps: a smoke test")
+    ap.add_argument("--threads", type=int, default=0, help="OMP/MKL threads for both sides (0 = torch default)")
+    ap.add_argument("--write-doc", action="store_true", help=f"append the tables to {DOC.relative_to(ROOT)}")
+    args = ap.parse_args()
+    workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    bad = [w for w in workloads if w not in WORKLOADS]
+    if bad:
+        raise SystemExit(f"unknown workload(s) {bad}; choose from {','.join(WORKLOADS)}")
+    reps = 1 if args.quick else args.reps
+
+    ensure_peer_venv()
+    env = child_env(args.threads)
+    (OUT / "runs").mkdir(parents=True, exist_ok=True)
+    log("building the world (tokenizer, random-init models, synthetic data)")
+    subprocess.run(
+        [str(RLHF_PY), str(ROOT / "scripts" / "peer" / "world.py"), "--out", str(OUT / "world")],
+        check=True,
+        env=env,
+        stdout=subprocess.DEVNULL,
+    )
+    versions = {
+        "torch": rlhf_version("torch", RLHF_PY),
+        "transformers (rlhf)": rlhf_version("transformers", RLHF_PY),
+        "transformers (trl)": rlhf_version("transformers", PEER_PY),
+        "trl": rlhf_version("trl", PEER_PY),
+    }
+    header = (
+        f"{datetime.date.today().isoformat()}: {machine()}; torch {versions['torch']}, transformers "
+        f"{versions['transformers (rlhf)']} (peer venv: {versions['transformers (trl)']}), trl {versions['trl']}; "
+        f"threads {args.threads or 'torch default'}; {reps} rep(s) per side"
+        + (" (--quick: rough)" if args.quick else "")
+    )
+    log(header)
+    out_lines = [header, ""]
+    for w in workloads:
+        measured = 2 if args.quick else (args.steps or (5 if w == "ppo" else 10))
+        figs: dict[str, list[dict]] = {"rlhf": [], "trl": []}
+        for rep in range(reps):
+            for side in ("rlhf", "trl"):
+                log(f"{w}: {side} run {rep + 1}/{reps} (1 warm-up + {measured} measured)")
+                fig = measure(run_worker(side, w, measured + 1, rep, args.threads), w)
+                figs[side].append(fig)
+                log(f"{w}: {side}: {fmt(fig['throughput'])} per s, {fig['step_s']:.3f} s/step, {fig['rss']:.0f} MiB")
+        lines = table(w, figs)
+        print("\n" + "\n".join(lines) + "\n", flush=True)
+        out_lines += lines + [""]
+    (OUT / "report.md").write_text("\n".join(out_lines) + "\n")
+    if args.write_doc:
+        write_doc(out_lines)
+
+
+def write_doc(lines: list[str]) -> None:
+    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    block = "\n".join(lines).rstrip() + "\n"
+    if HEADING not in text:
+        text = text.rstrip() + f"\n\n{HEADING}\n\n{NOTES}\n"
+    text = text.rstrip() + "\n\n### " + block
+    DOC.write_text(text)
+    log(f"appended to {DOC.relative_to(ROOT)}")
+
+
+NOTES = """\
+`scripts/bench_peer.py` runs rlhf (its public path: `load_config` + the stage's `train()`) and TRL 1.12.0 (in its own
+`.venv-peer`, same torch) on identical workloads: fp32 on CPU, a random-init 3.46M-parameter Llama (4 layers,
+d 256, 4 heads, MLP 688, vocabulary 568), word-level synthetic data with exact lengths. Each run is a fresh
+process, rlhf and TRL alternate; the first step of each run is warm-up. Throughput is per measured step, wall time
+between step ends (all per-step overhead of each loop included); peak RSS is the whole process's.
+PPO: 32 episodes/iteration, 32-token prompts, 32 new tokens at temperature 1 (EOS stops and truncates on both
+sides; a random-init model over 568 tokens almost never emits it, so every iteration decodes 32 steps), 4 epochs x
+4 minibatches of 8, KL coef 0.05 (k1), no ptx, no gradient clipping (TRL's PPO loop has none). TRL's score column is
+everything between generation and the first training forward (rollout forwards, rewards, advantages); TRL takes the
+policy's old log-probs from generate()'s scores, rlhf runs a separate forward. SFT: 8 x 128 tokens, completion-only
+loss, no packing. RM: 8 pairs x 128 tokens. RM K=4: 8 prompts x 4 responses x 128 tokens, counted as unique tokens
+(rlhf forwards each response once; TRL trains on the 6 pairs per prompt, 48 pairs, each response forwarded 3 times)."""
+
+
+if __name__ == "__main__":
+    main()

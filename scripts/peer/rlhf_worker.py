@@ -1,0 +1,127 @@
+"""One rlhf run of a `make bench-peer` workload, in rlhf's own .venv and a fresh process.
+
+Drives rlhf through its public code path (load_config + the stage's train(), with --set style overrides), so any
+later optimisation of rlhf is measured as is. Step timestamps come from metrics.jsonl (one row per step,
+logging.every=1); the parent turns them into per-step times, skipping step 1 (warm-up).
+
+    python scripts/peer/rlhf_worker.py --workload ppo --world runs/bench-peer/world --out DIR --steps 6
+"""
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+COMMON = [
+    "seed=0",
+    "resume=never",
+    "train.cpu=true",
+    "train.mixed_precision=no",
+    "train.eval_every=0",
+    "checkpoint.every=0",
+    "logging.every=1",
+    "logging.progress=off",
+    "logging.tensorboard=false",
+    "logging.num_samples=0",
+]
+
+
+def overrides(workload: str, world: Path, out: Path, steps: int) -> tuple[str, list[str]]:
+    data = world / "data"
+    fmt = ["format.prompt_template='{prompt}'", "format.use_chat_template=never", "format.truncation=error"]
+    if workload == "ppo":
+        return "ppo", COMMON + [
+            f"output_dir={out}",
+            f"models.policy.name_or_path={world / 'lm'}",
+            f"models.reward.name_or_path={world / 'rm'}",
+            "models.value_init=reward",
+            "models.reference=copy",
+            f"data.prompts.path={data / 'prompts.jsonl'}",
+            "data.eval_prompts.path=",
+            *[f"data.{f}" for f in fmt],
+            "data.format.max_length=64",
+            "data.format.max_prompt_length=32",
+            "rollout.max_new_tokens=32",
+            "rollout.temperature=1.0",
+            "rollout.generation_batch_size=32",
+            "rollout.missing_eos_penalty=null",
+            "kl.kl_coef=0.05",
+            "kl.adaptive=false",
+            "kl.estimator=k1",
+            "ppo.ppo_epochs=4",
+            "ppo.mini_batch_size=8",
+            "ppo.micro_batch_size=8",
+            "ppo.cliprange=0.2",
+            "ppo.cliprange_value=0.2",
+            "ppo.vf_coef=0.1",
+            "ptx.ptx_coef=0.0",
+            "ema.decay=0.0",
+            f"train.max_steps={steps}",
+            "train.batch_size=32",
+            "optim.lr=3e-6",
+            "optim.warmup_steps=0",
+            "optim.max_grad_norm=0",  # TRL's PPO loop does not clip gradients
+        ]
+    model = f"model.name_or_path={world / 'lm'}"
+    supervised = [f"output_dir={out}", model, f"train.max_steps={steps}", "train.batch_size=8"]
+    supervised += ["train.micro_batch_size=8", "optim.lr=1e-5", "optim.warmup_steps=0"]
+    supervised += [f"data.{f}" for f in fmt] + ["data.format.max_length=128", "data.format.max_prompt_length=32"]
+    if workload == "sft":
+        return "sft", COMMON + supervised + [
+            "data.kind=sft",
+            f"data.train.path={data / 'sft.jsonl'}",
+            "data.eval.path=",
+            "data.mask_prompt=true",
+            "data.pretrain_mix_ratio=0.0",
+        ]
+    train = {"rm": "pairs.jsonl", "rmk4": "ranked4.jsonl"}[workload]
+    return "rm", COMMON + supervised + [
+        f"data.train.path={data / train}",
+        "data.eval.path=",
+        "data.reference.path=",
+        "ensemble.size=1",
+    ]
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4"], required=True)
+    ap.add_argument("--world", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
+    ap.add_argument("--result", required=True, help="JSON file to write")
+    args = ap.parse_args()
+    out = Path(args.out)
+    shutil.rmtree(out, ignore_errors=True)
+
+    import torch
+
+    from rlhf import ppo, reward, sft
+    from rlhf.config import load_config
+
+    stage, sets = overrides(args.workload, Path(args.world), out, args.steps)
+    cfg = load_config(stage, None, sets)
+    t0 = time.time()
+    {"ppo": ppo.train, "sft": sft.train, "rm": reward.train}[stage](cfg)
+    wall = time.time() - t0
+    rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
+    key = "time/iteration" if stage == "ppo" else "lr"  # rows of training steps (not evaluation rows)
+    rows = [r for r in rows if key in r]
+    result = {
+        "side": "rlhf",
+        "workload": args.workload,
+        "steps": len(rows),
+        "step_end_times": [r["time"] for r in rows],
+        "threads": torch.get_num_threads(),
+        "wall_s": wall,
+    }
+    if stage == "ppo":
+        for k in ("time/generate", "time/score", "time/train", "time/iteration"):
+            result[k] = [r[k] for r in rows]
+        result["eos_share"] = [r.get("rollout/eos_share") for r in rows]
+    Path(args.result).write_text(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

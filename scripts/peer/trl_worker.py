@@ -1,0 +1,185 @@
+"""One TRL run of a `make bench-peer` workload, in the peer venv (.venv-peer, trl==1.12.0) and a fresh process.
+
+TRL is a benchmark peer, never a dependency of rlhf: this file only runs under .venv-peer. Models and the
+tokenizer come from the local world dir (HF_HUB_OFFLINE=1). A TrainerCallback stamps the end of every step
+(PPO: iteration); for PPO the module-level `batch_generation` and `forward` of TRL's trainer are wrapped to split
+each iteration into generate / score (rollout forwards, rewards, advantages) / train.
+
+    .venv-peer/bin/python scripts/peer/trl_worker.py --workload ppo --world runs/bench-peer/world --out DIR --steps 6
+"""
+
+import argparse
+import json
+import shutil
+import time
+from pathlib import Path
+
+import torch
+from datasets import load_dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    TrainerCallback,
+)
+
+# Settings shared by every TRL config: fp32 on CPU, no gradient checkpointing, no saving/eval/logging backends.
+COMMON = dict(
+    seed=0,
+    use_cpu=True,
+    bf16=False,
+    fp16=False,
+    gradient_checkpointing=False,
+    gradient_accumulation_steps=1,
+    save_strategy="no",
+    eval_strategy="no",
+    report_to="none",
+    disable_tqdm=True,
+    dataloader_num_workers=0,
+)
+
+
+class StepClock(TrainerCallback):
+    def __init__(self):
+        self.begin, self.ends = None, []
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.begin = time.time()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.time())
+
+
+def run_ppo(world: Path, out: Path, steps: int, clock: StepClock) -> dict:
+    from trl.experimental.ppo import PPOConfig, PPOTrainer
+    from trl.experimental.ppo import ppo_trainer as mod
+
+    marks: list[dict] = []
+    real_generation, real_forward = mod.batch_generation, mod.forward
+
+    def batch_generation(*a, **k):
+        t0 = time.time()
+        res = real_generation(*a, **k)
+        marks.append({"gen_start": t0, "gen_end": time.time()})
+        return res
+
+    def forward(*a, **k):
+        if torch.is_grad_enabled() and marks and "train_start" not in marks[-1]:
+            marks[-1]["train_start"] = time.time()
+        return real_forward(*a, **k)
+
+    mod.batch_generation, mod.forward = batch_generation, forward
+
+    tok = AutoTokenizer.from_pretrained(world / "lm")
+    rows = load_dataset("json", data_files=str(world / "data" / "prompts.jsonl"), split="train")
+    ds = rows.map(lambda r: {"input_ids": tok(r["prompt"])["input_ids"]}, remove_columns=rows.column_names)
+    policy = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32)
+    reward = AutoModelForSequenceClassification.from_pretrained(world / "rm", num_labels=1, dtype=torch.float32)
+    value = AutoModelForSequenceClassification.from_pretrained(world / "rm", num_labels=1, dtype=torch.float32)
+    args = PPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=32,  # 32 episodes per iteration (x gradient_accumulation_steps 1)
+        num_mini_batches=4,  # minibatch 8 = micro-batch (one forward/backward per optimizer step)
+        num_ppo_epochs=4,
+        total_episodes=32 * steps,
+        local_rollout_forward_batch_size=32,
+        response_length=32,
+        stop_token="eos",  # stop/truncate at EOS, as rlhf does
+        temperature=1.0,
+        missing_eos_penalty=None,
+        kl_coef=0.05,
+        kl_estimator="k1",
+        cliprange=0.2,
+        cliprange_value=0.2,
+        vf_coef=0.1,
+        gamma=1.0,
+        lam=0.95,
+        whiten_rewards=False,
+        learning_rate=3e-6,
+        num_sample_generations=0,
+        logging_steps=1,
+        **COMMON,
+    )
+    trainer = PPOTrainer(
+        args=args,
+        processing_class=tok,
+        model=policy,
+        ref_model=ref,
+        reward_model=reward,
+        train_dataset=ds,
+        value_model=value,
+        callbacks=[clock],
+    )
+    trainer.train()
+    split = {"time/generate": [], "time/score": [], "time/train": []}
+    for m, end in zip(marks, clock.ends):
+        split["time/generate"].append(m["gen_end"] - m["gen_start"])
+        split["time/score"].append(m["train_start"] - m["gen_end"])
+        split["time/train"].append(end - m["train_start"])
+    eos = [r.get("val/num_eos_tokens") for r in trainer.state.log_history if "val/num_eos_tokens" in r]
+    return split | {"eos_tokens": eos}
+
+
+def run_supervised(workload: str, world: Path, out: Path, steps: int, clock: StepClock) -> dict:
+    files = {"sft": "sft_trl.jsonl", "rm": "pairs_trl.jsonl", "rmk4": "ranked4_trl.jsonl"}
+    ds = load_dataset("json", data_files=str(world / "data" / files[workload]), split="train")
+    tok = AutoTokenizer.from_pretrained(world / "lm")
+    common = COMMON | dict(
+        output_dir=str(out),
+        max_steps=steps,
+        learning_rate=1e-5,
+        logging_strategy="no",
+        max_length=128,
+    )
+    if workload == "sft":
+        from trl import SFTConfig, SFTTrainer
+
+        model = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32)
+        args = SFTConfig(per_device_train_batch_size=8, packing=False, padding_free=False, **common)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
+    else:
+        from trl import RewardConfig, RewardTrainer
+
+        # the LM's weights with a new scalar head, as rlhf's RM stage starts from an LM
+        model = AutoModelForSequenceClassification.from_pretrained(world / "lm", num_labels=1, dtype=torch.float32)
+        model.config.pad_token_id = tok.pad_token_id
+        pairs = 8 if workload == "rm" else 48  # rmk4: the 6 pairs of each of 8 prompts
+        args = RewardConfig(per_device_train_batch_size=pairs, **common)
+        trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
+    sample = trainer.train_dataset[0]
+    lengths = {k: len(sample[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in sample}
+    trainer.train()
+    return {"tokenized_lengths": lengths}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4"], required=True)
+    ap.add_argument("--world", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
+    ap.add_argument("--result", required=True, help="JSON file to write")
+    args = ap.parse_args()
+    out, world = Path(args.out), Path(args.world)
+    shutil.rmtree(out, ignore_errors=True)
+    clock = StepClock()
+    t0 = time.time()
+    if args.workload == "ppo":
+        extra = run_ppo(world, out, args.steps, clock)
+    else:
+        extra = run_supervised(args.workload, world, out, args.steps, clock)
+    result = {
+        "side": "trl",
+        "workload": args.workload,
+        "steps": len(clock.ends),
+        "train_begin": clock.begin,
+        "step_end_times": clock.ends,
+        "threads": torch.get_num_threads(),
+        "wall_s": time.time() - t0,
+    } | extra
+    Path(args.result).write_text(json.dumps(result) + "\n")
+
+
+if __name__ == "__main__":
+    main()

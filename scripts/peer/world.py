@@ -1,0 +1,135 @@
+"""Build the shared benchmark world for `make bench-peer`: tokenizer, random-init models, synthetic data.
+
+Runs in rlhf's .venv (needs only transformers/tokenizers/torch). Everything is local (HF_HUB_OFFLINE=1) and
+deterministic from the seed. Texts are space-separated words of a word-level vocabulary, so every token count is
+exact on both sides: a prompt is 32 tokens, a completion/response is 95 words + EOS, a whole sequence 128 tokens.
+
+    python scripts/peer/world.py --out runs/bench-peer/world
+"""
+
+import argparse
+import json
+import random
+from pathlib import Path
+
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
+VOCAB = 568  # specials included
+PROMPT_LEN = 32
+SEQ_LEN = 128  # prompt + completion + EOS
+COMPLETION_LEN = SEQ_LEN - PROMPT_LEN - 1
+MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+
+
+def build_tokenizer(out: Path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=backend,
+        pad_token="<pad>",
+        bos_token="<s>",
+        eos_token="</s>",
+        unk_token="<unk>",
+        padding_side="right",
+        clean_up_tokenization_spaces=False,
+        model_max_length=1024,
+    )
+    return tok, words
+
+
+def build_models(out: Path, tok, seed: int) -> None:
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+    config = LlamaConfig(
+        vocab_size=VOCAB,
+        num_key_value_heads=MODEL["num_attention_heads"],
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        attention_dropout=0.0,
+        **MODEL,
+    )
+    torch.manual_seed(seed)
+    lm = LlamaForCausalLM(config)
+    lm.save_pretrained(out / "lm")
+    tok.save_pretrained(out / "lm")
+    torch.manual_seed(seed + 1)
+    rm_config = LlamaConfig(**config.to_dict())
+    rm_config.num_labels = 1
+    rm = LlamaForSequenceClassification(rm_config)
+    rm.save_pretrained(out / "rm")
+    tok.save_pretrained(out / "rm")
+    n = sum(p.numel() for p in lm.parameters())
+    (out / "model.json").write_text(json.dumps({"params": n, "vocab": VOCAB, **MODEL}) + "\n")
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with path.open("w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+
+
+def build_data(out: Path, words: list[str], seed: int, rows: int) -> None:
+    """rlhf-format files (completion without a leading space: rlhf adds one) and TRL-format files (TRL
+    concatenates prompt + completion as strings, so its completions carry the leading space)."""
+    rng = random.Random(seed)
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    data = out / "data"
+    data.mkdir(parents=True, exist_ok=True)
+    prompts = [text(PROMPT_LEN) for _ in range(rows)]
+    write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in prompts])
+    sft = [{"prompt": p, "completion": text(COMPLETION_LEN)} for p in prompts]
+    write_jsonl(data / "sft.jsonl", sft)
+    write_jsonl(data / "sft_trl.jsonl", [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in sft])
+    ranked = [{"prompt": p, "ranked": [text(COMPLETION_LEN) for _ in range(4)]} for p in prompts]
+    pairs = [{"prompt": r["prompt"], "chosen": r["ranked"][0], "rejected": r["ranked"][1]} for r in ranked]
+    write_jsonl(data / "pairs.jsonl", pairs)
+    write_jsonl(data / "ranked4.jsonl", ranked)
+    pairs_trl = [{"prompt": p["prompt"], "chosen": " " + p["chosen"], "rejected": " " + p["rejected"]} for p in pairs]
+    write_jsonl(data / "pairs_trl.jsonl", pairs_trl)
+    # K=4 for TRL: the C(4,2) = 6 (better, worse) pairs of each prompt (48 pairs per step = 8 prompts' worth)
+    k4 = []
+    for r in ranked:
+        for i in range(4):
+            for j in range(i + 1, 4):
+                k4.append({"prompt": r["prompt"], "chosen": " " + r["ranked"][i], "rejected": " " + r["ranked"][j]})
+    write_jsonl(data / "ranked4_trl.jsonl", k4)
+
+
+def check(out: Path) -> None:
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out / "lm")
+    row = json.loads((out / "data" / "sft_trl.jsonl").read_text().splitlines()[0])
+    ids = tok(row["prompt"] + row["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"]
+    assert len(ids) == SEQ_LEN and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids, len(ids)
+    assert len(tok(row["prompt"])["input_ids"]) == PROMPT_LEN  # no BOS/EOS added on encode
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--rows", type=int, default=512)
+    args = ap.parse_args()
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    tok, words = build_tokenizer(out)
+    build_models(out, tok, args.seed)
+    build_data(out, words, args.seed, args.rows)
+    check(out)
+    print(json.loads((out / "model.json").read_text()))
+
+
+if __name__ == "__main__":
+    main()

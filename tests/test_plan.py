@@ -1,0 +1,199 @@
+"""`rlhf plan`: the memory/time estimator's arithmetic against hand-computed values and real models."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import CONFIGS
+
+from rlhf.cli import main
+from rlhf.config import load_config
+from rlhf.plan import (
+    GiB,
+    activation_bytes,
+    kv_cache_bytes,
+    load_shape,
+    lora_params,
+    parse_bytes,
+    plan_ppo,
+    plan_sft,
+    precision,
+    role_static,
+    shape_from_hf_config,
+)
+
+SMALL_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+# Qwen2.5-0.5B's public config.json (the hub is not reachable in CI; these are its values)
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+
+
+def small_llama():
+    from transformers import LlamaConfig
+
+    return LlamaConfig(**SMALL_LLAMA)
+
+
+def test_parameter_counts_equal_the_built_models():
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    config = small_llama()
+    shape = shape_from_hf_config(config)
+    lm = AutoModelForCausalLM.from_config(config)
+    assert shape.params_lm == sum(p.numel() for p in lm.parameters())
+    # by hand: embeddings + lm_head (untied) + 2 x (q,o 64x64; k,v 64x32; gate,up,down 64x176; two norms) + norm
+    h, kv, inter, v = 64, 32, 176, 300
+    per_layer = 2 * h * h + 2 * h * kv + 3 * h * inter + 2 * h
+    assert shape.params_lm == 2 * v * h + 2 * per_layer + h
+    config.num_labels = 1
+    scalar = AutoModelForSequenceClassification.from_config(config)
+    assert shape.params_scalar == sum(p.numel() for p in scalar.parameters()) == shape.params_lm - v * h + h
+    assert (shape.heads, shape.kv_heads, shape.head_dim) == (4, 2, 16)
+
+
+def test_tied_embeddings_are_counted_once(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_05B))
+    shape = load_shape(str(tmp_path))
+    assert shape.params_lm == 494_032_768  # Qwen2.5-0.5B's published parameter count
+    assert shape.params_scalar == shape.params_lm + 896  # the tied embedding stays; a 896 x 1 score head is added
+
+
+def test_lora_count_equals_peft_trainable_params():
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    config = small_llama()
+    shape = shape_from_hf_config(config)
+    for targets in (["q_proj", "k_proj", "v_proj", "o_proj"], ["q_proj", "v_proj", "gate_proj", "down_proj"]):
+        model = get_peft_model(
+            AutoModelForCausalLM.from_config(config), LoraConfig(r=8, target_modules=targets, task_type="CAUSAL_LM")
+        )
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+        assert lora_params(shape, 8, targets) == trainable
+
+
+def test_adamw_state_and_sharding_divisors():
+    fp32 = precision("float32", "no", "ddp")
+    role = role_static("m", 1000, 1000, fp32, "ddp", 4)
+    assert (role.weights, role.grads, role.optimizer) == (4000, 4000, 8000)  # AdamW m + v: 8 B per fp32 param
+    z2 = role_static("m", 1000, 1000, fp32, "zero2", 4)
+    assert (z2.weights, z2.grads, z2.optimizer) == (4000, 1000, 2000)  # weights stay whole
+    for topo in ("zero3", "fsdp"):
+        z3 = role_static("m", 1000, 1000, fp32, topo, 4)
+        assert (z3.weights, z3.grads, z3.optimizer) == (1000, 1000, 2000)  # weights sharded too
+    # DeepSpeed ZeRO with bf16: 2 + 2 + 12 (fp32 master + m + v) bytes per param
+    zb = role_static("m", 1000, 1000, precision("float32", "bf16", "zero2"), "zero2", 1)
+    assert (zb.weights, zb.grads, zb.optimizer) == (2000, 2000, 12000)
+    frozen = role_static("ref", 1000, 0, fp32, "zero3", 4)
+    assert (frozen.weights, frozen.grads, frozen.optimizer) == (1000, 0, 0)  # frozen roles are sharded too
+    frozen = role_static("ref", 1000, 0, fp32, "ddp", 4)
+    assert (frozen.weights, frozen.grads, frozen.optimizer) == (4000, 0, 0)
+    # LoRA: only the adapters get gradients and optimizer state
+    lora = role_static("m", 1000, 10, fp32, "ddp", 1)
+    assert (lora.weights, lora.grads, lora.optimizer) == (4000, 40, 80)
+
+
+def test_activations_kv_cache_and_checkpointing():
+    shape = shape_from_hf_config(small_llama())
+    b, s, p = 2, 16, 4
+    per_token = p * (4 * 64 + 2 * 64 + 2 * 32 + 4 * 176)
+    layer = b * s * per_token
+    logits = b * s * 300 * (p + 8)
+    assert activation_bytes(shape, b, s, p, False, lm_head=True) == 2 * layer + b * s * 64 * p + logits
+    ckpt = activation_bytes(shape, b, s, p, True, lm_head=True)
+    assert ckpt == 2 * b * s * 64 * p + layer + b * s * 64 * p + logits
+    assert activation_bytes(shape, b, s, p, False, lm_head=False) < activation_bytes(shape, b, s, p, False, True)
+    assert kv_cache_bytes(shape, 8, 100, 2) == 8 * 100 * 2 * 2 * 2 * 16 * 2
+
+
+def test_qwen_ppo_plan_roles_and_lora(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_05B))
+    shape = load_shape(str(tmp_path))
+    sets = [f"models.policy.name_or_path={tmp_path}", f"models.reward.name_or_path={tmp_path}"]
+    cfg = load_config("ppo", str(CONFIGS / "qwen2.5-0.5b-hh" / "ppo.yaml"), sets)
+    plan = plan_ppo(cfg, shape, shape)
+    assert [r.role for r in plan.roles] == ["policy", "reference", "value", "reward"]
+    policy, ref, value, reward = plan.roles
+    assert policy.trainable == shape.params_lm and ref.trainable == 0 and reward.trainable == 0
+    assert value.trainable == shape.params_scalar
+    assert policy.kv_cache == kv_cache_bytes(shape, 64, 512 + 256, 2)
+    lora_cfg = load_config("ppo", str(CONFIGS / "qwen2.5-0.5b-hh-lora" / "ppo.yaml"), sets)
+    lora_plan = plan_ppo(lora_cfg, shape, shape)
+    lpol, lref = lora_plan.roles[:2]
+    assert lpol.trainable == lora_params(shape, 16, ["q_proj", "k_proj", "v_proj", "o_proj"])
+    assert lref.weights == 0  # the reference is the policy with its adapter off
+    assert lora_plan.total < plan.total
+    # under zero3 the trained roles shrink per device, the frozen ones do not
+    z3 = plan_ppo(cfg, shape, shape, num_processes=8, topology="zero3")
+    assert z3.roles[0].weights < policy.weights and z3.roles[1].weights == 494032768 * 2 // 8
+
+
+def test_sft_plan_tokens_and_flops(tiny_world):
+    cfg = load_config(
+        "sft", str(CONFIGS / "tiny" / "pretrain.yaml"), [f"model.name_or_path={tiny_world / 'model_config'}"]
+    )
+    shape = load_shape(cfg.model)
+    plan = plan_sft(cfg, shape)
+    assert plan.tokens == {"trained": 64 * 64}
+    assert plan.flops == 6 * shape.params_lm * 64 * 64
+    assert plan.seconds(1.0, 1) == pytest.approx(plan.flops / 1e12)
+
+
+def test_parse_bytes():
+    assert parse_bytes("80GiB") == 80 * GiB
+    assert parse_bytes("24GB") == 24 * 10**9
+    assert parse_bytes("40") == 40 * GiB
+
+
+def _ppo_sets(world) -> list[str]:
+    return [
+        f"models.policy.name_or_path={world / 'model_config'}",
+        f"models.reward.name_or_path={world / 'model_config'}",
+    ]
+
+
+def test_cli_plan_tiny_ppo(tiny_world, capsys):
+    sets = [x for s in _ppo_sets(tiny_world) for x in ("--set", s)]
+    assert main(["plan", "--config", str(CONFIGS / "tiny" / "ppo.yaml"), *sets, "--tflops", "100"]) == 0
+    out = capsys.readouterr().out
+    for word in ("policy", "reference", "value", "reward", "weights", "kv-cache", "tokens per iteration", "time at"):
+        assert word in out
+    assert "WARNING" not in out
+    # too little memory: a warning, exit 0; with --strict exit 1
+    small = ["--device-memory", "1MiB"]
+    assert main(["plan", "--config", str(CONFIGS / "tiny" / "ppo.yaml"), *sets, *small]) == 0
+    assert "WARNING" in capsys.readouterr().out
+    assert main(["plan", "--config", str(CONFIGS / "tiny" / "ppo.yaml"), *sets, *small, "--strict"]) == 1
+
+
+def test_cli_plan_missing_model_is_a_config_error(capsys):
+    missing = ["--set", "models.policy.name_or_path=/nonexistent/sft/final"]
+    assert main(["plan", "--config", str(CONFIGS / "tiny" / "ppo.yaml"), *missing]) == 2
+    err = capsys.readouterr().err
+    assert "models.policy.name_or_path" in err and "config.json" in err
+    assert main(["plan", "--config", str(CONFIGS / "tiny" / "ppo.yaml"), "--device-memory", "lots"]) == 2
