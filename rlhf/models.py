@@ -7,6 +7,8 @@ generates) gets the same positions as the unpadded sequence, exactly as `generat
 from __future__ import annotations
 
 import dataclasses
+import functools
+import inspect
 import json
 import math
 import os
@@ -282,15 +284,32 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def causal_logits(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """[B,T] ids -> [B,T,V] logits, with padding-aware positions."""
+def causal_logits(
+    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int = 0
+) -> torch.Tensor:
+    """[B,T] ids -> [B,T,V] logits, with padding-aware positions; `last` > 0: only the last `last` positions
+    [B,last,V] (the LM head skips the prompt: for a 150k vocabulary that is most of a forward's logits memory)."""
+    kwargs = {"logits_to_keep": last} if last and _keeps_logits(model) else {}
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
+        **kwargs,
     )
-    return out.logits
+    return out.logits[:, -last:] if last else out.logits
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def _keeps_logits(model: nn.Module) -> bool:
+    """Whether the Hugging Face model inside any wrapper (DDP, DeepSpeed, peft) takes `logits_to_keep`."""
+    inner = getattr(model, "module", model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return _forward_takes_logits_to_keep(type(inner))
 
 
 def _backbone(model: nn.Module) -> nn.Module:

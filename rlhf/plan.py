@@ -36,7 +36,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import ConfigError, ModelConfig, PPOConfig, RMConfig, SFTConfig, looks_local
+from rlhf.config import ConfigError, DPOConfig, ModelConfig, PPOConfig, RMConfig, SFTConfig, looks_local
 
 GiB = 1024**3
 DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
@@ -192,12 +192,20 @@ def logits_bytes(shape: ModelShape, batch: int, seq: int, p: int, trained: bool)
 
 
 def activation_bytes(
-    shape: ModelShape, batch: int, seq: int, p: int, checkpointing: bool, lm_head: bool, trained: bool = True
+    shape: ModelShape,
+    batch: int,
+    seq: int,
+    p: int,
+    checkpointing: bool,
+    lm_head: bool,
+    trained: bool = True,
+    logit_positions: int = 0,
 ) -> int:
     """Peak activation bytes of one forward(+backward) of a micro-batch.
 
     Trained: every layer's saved tensors (or, with gradient checkpointing, each layer's input plus one layer
-    recomputed), the embedding output, plus the logits. Forward-only: about one layer's tensors at a time."""
+    recomputed), the embedding output, plus the logits (of `logit_positions` positions when > 0: PPO's forwards
+    ask the LM head for the response positions only). Forward-only: about one layer's tensors at a time."""
     if batch <= 0 or seq <= 0:
         return 0
     layer = layer_activation_bytes(shape, batch, seq, p)
@@ -206,7 +214,7 @@ def activation_bytes(
         kept += batch * seq * shape.hidden * p
     else:
         kept = layer
-    return kept + (logits_bytes(shape, batch, seq, p, trained) if lm_head else 0)
+    return kept + (logits_bytes(shape, batch, logit_positions or seq, p, trained) if lm_head else 0)
 
 
 def kv_cache_bytes(shape: ModelShape, batch: int, seq: int, p: int) -> int:
@@ -419,6 +427,48 @@ def plan_rm(
     )
 
 
+def plan_dpo(
+    cfg: DPOConfig,
+    shape: ModelShape,
+    num_processes: int = 1,
+    topology: str = "ddp",
+    mixed_precision: str | None = None,
+    responses_per_prompt: int = 2,
+) -> Plan:
+    """DPO: the policy trained on micro-batches of prompts x K responses (one forward for all), and the reference
+    (a frozen copy, or the policy with its adapter off) run forward-only on the same batch."""
+    mp = mixed_precision or resolve_mixed_precision(cfg.train)
+    m = cfg.model
+    prec = precision(m.dtype, mp, topology)
+    k = max(2, responses_per_prompt)
+    trainable = lora_params(shape, m.lora.r, m.lora.target_modules) if m.lora.enabled else shape.params_lm
+    params = shape.params_lm + (trainable if m.lora.enabled else 0)
+    policy = role_static(
+        "policy", params, trainable, prec, topology, num_processes, note="LoRA" if m.lora.enabled else "trained"
+    )
+    seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
+    policy.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=True)
+    frozen_prec = precision(m.dtype, mp, "zero3" if topology == "zero3" else "ddp")
+    if cfg.reference == "copy":
+        ref = role_static("reference", shape.params_lm, 0, frozen_prec, topology, num_processes, note="frozen copy")
+    else:
+        ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
+    ref.activations = activation_bytes(shape, micro, seq, prec.activation, False, lm_head=True, trained=False)
+    tokens = cfg.train.batch_size * k * seq
+    flops = tokens * (
+        train_flops_per_token(shape.params_lm, m.lora.enabled, m.gradient_checkpointing) + 2 * shape.params_lm
+    )
+    return Plan(
+        "dpo",
+        [policy, ref],
+        {"train": policy.activations + ref.activations},
+        {"trained": tokens},
+        flops,
+        _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k),
+        ["tokens assume every sequence padded to data.format.max_length (an upper bound)"],
+    )
+
+
 def plan_ppo(
     cfg: PPOConfig,
     policy: ModelShape,
@@ -459,9 +509,10 @@ def plan_ppo(
         pol_role.note += ", EMA"
     ptx_seqs = round(cfg.ptx.sequences_per_episode * micro) if cfg.ptx.ptx_coef > 0 else 0
     ptx_len = cfg.ptx.max_length if ptx_seqs else 0
-    train_act = activation_bytes(policy, micro, S, p, ckpt, lm_head=True)
+    # the policy's PPO forwards compute logits for the R + 1 positions that predict the response only
+    train_act = activation_bytes(policy, micro, S, p, ckpt, lm_head=True, logit_positions=R + 1)
     ptx_act = activation_bytes(policy, min(ptx_seqs, micro), ptx_len, p, ckpt, lm_head=True) if ptx_seqs else 0
-    score_act = activation_bytes(policy, score_mb, S, p, False, lm_head=True, trained=False)
+    score_act = activation_bytes(policy, score_mb, S, p, False, lm_head=True, trained=False, logit_positions=R + 1)
     pol_role.activations = max(train_act, ptx_act, score_act)
     pol_role.kv_cache = kv_cache_bytes(policy, gen_batch, S, p)
     gen_act = gen_batch * policy.vocab * (p + 4) + activation_bytes(policy, gen_batch, P, p, False, False, False)
@@ -476,24 +527,27 @@ def plan_ppo(
         ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
     roles.append(ref)
 
-    # value model
+    # value model: only for the estimators that learn one (GAE, REINFORCE with a learned baseline)
+    critic = cfg.uses_critic()
     value_shape = reward if m.value_init == "reward" else policy
     value_prec = precision(m.reward.dtype if m.value_init == "reward" else pol.dtype, mp, topology)
-    value = role_static(
-        "value",
-        value_shape.params_scalar,
-        value_shape.params_scalar,
-        value_prec,
-        topology,
-        n,
-        note=f"from {m.value_init}",
-    )
-    value.activations = activation_bytes(value_shape, micro, S, p, ckpt, lm_head=False)
+    value = RoleEstimate("value", 0, 0, note=f"none: {cfg.ppo.advantage} is critic-free")
+    if critic:
+        value = role_static(
+            "value",
+            value_shape.params_scalar,
+            value_shape.params_scalar,
+            value_prec,
+            topology,
+            n,
+            note=f"from {m.value_init}",
+        )
+        value.activations = activation_bytes(value_shape, micro, S, p, ckpt, lm_head=False)
     roles.append(value)
 
     # reward model(s)
     reward_prec = precision(m.reward.dtype, mp, "zero3" if topology == "zero3" else "ddp")
-    score_rm = activation_bytes(reward, score_mb, S, p, False, lm_head=False, trained=False)
+    score_rm = activation_bytes(reward, score_mb, S, p, False, lm_head=False, trained=False) if reward_members else 0
     for i in range(reward_members):
         rm = role_static(
             "reward" if reward_members == 1 else f"reward[{i}]", reward.params_scalar, 0, reward_prec, topology, n
@@ -521,13 +575,13 @@ def plan_ppo(
         * S
         * (
             2 * policy.params_lm  # old log-probs and reference log-probs (a copy or the adapter switched off)
-            + value_shape.params_scalar
+            + (value_shape.params_scalar if critic else 0)
             + reward_members * reward.params_scalar
         )
     )
     train_flops = cfg.ppo.ppo_epochs * (
         (B * S + ptx_tokens) * train_flops_per_token(policy.params_lm, lora, ckpt)
-        + B * S * train_flops_per_token(value_shape.params_scalar, False, ckpt)
+        + (B * S * train_flops_per_token(value_shape.params_scalar, False, ckpt) if critic else 0)
     )
     notes = [
         "sequences counted at max_prompt_length + max_new_tokens (an upper bound)",
@@ -566,7 +620,7 @@ def _settings(mp: str, topology: str, n: int, **kw) -> dict[str, Any]:
 def guess_stage(path: str | Path, data: dict | None = None) -> str:
     """sft / rm / ppo from the file name (pretrain.yaml is SFT) or, failing that, from the YAML's keys."""
     stem = Path(path).stem.lower()
-    for stage, words in (("ppo", ("ppo",)), ("rm", ("rm", "reward")), ("sft", ("sft", "pretrain"))):
+    for stage, words in (("ppo", ("ppo",)), ("dpo", ("dpo",)), ("rm", ("rm", "reward")), ("sft", ("sft", "pretrain"))):
         if any(stem == w or stem.startswith(w + "_") or stem.startswith(w + "-") for w in words):
             return stage
     data = data or {}
@@ -579,7 +633,7 @@ def guess_stage(path: str | Path, data: dict | None = None) -> str:
     return "sft"
 
 
-def responses_per_prompt(cfg: RMConfig) -> int:
+def responses_per_prompt(cfg: RMConfig | DPOConfig) -> int:
     """K of the RM data: the length of the first row's `ranked` list in a local json/jsonl file, else 2 (pairs)."""
     path = Path(cfg.data.train.path)
     if path.suffix == ".jsonl" and path.is_file():
@@ -604,13 +658,19 @@ def plan_config(
     if stage == "rm":
         k = responses_per_prompt(cfg)
         return plan_rm(cfg, load_shape(cfg.model), num_processes, topology, mixed_precision, k)
+    if stage == "dpo":
+        k = responses_per_prompt(cfg)
+        return plan_dpo(cfg, load_shape(cfg.model), num_processes, topology, mixed_precision, k)
     if stage == "ppo":
         m = cfg.models
         policy = load_shape(m.policy, "models.policy.name_or_path")
-        reward = load_shape(m.reward, "models.reward.name_or_path")
-        members = len(ensemble_members(m.reward.name_or_path)) or 1
+        if m.reward.name_or_path:
+            reward = load_shape(m.reward, "models.reward.name_or_path")
+            members = len(ensemble_members(m.reward.name_or_path)) or 1
+        else:  # a reward function only: no reward model to hold
+            reward, members = policy, 0
         return plan_ppo(cfg, policy, reward, members, num_processes, topology, mixed_precision)
-    raise ConfigError(f"`rlhf plan` plans the sft, rm and ppo stages, not {stage!r}")
+    raise ConfigError(f"`rlhf plan` plans the sft, rm, dpo and ppo stages, not {stage!r}")
 
 
 def parse_bytes(text: str) -> int:

@@ -182,7 +182,9 @@ def response_logprobs(
     model, query_responses, attention_mask, prompt_width: int, temperature: float, entropy=False, entropy_grad=True
 ):
     """[B,P+R] -> log-probs [B,R] of the response tokens (and entropies [B,R]) at the sampling temperature."""
-    logits = causal_logits(model, query_responses, attention_mask)[:, prompt_width - 1 : -1]
+    response_width = query_responses.shape[1] - prompt_width
+    # the logits that predict the response tokens: positions P-1 .. P+R-2 (the LM head skips the rest of the prompt)
+    logits = causal_logits(model, query_responses, attention_mask, last=response_width + 1)[:, :-1]
     logprobs = logprobs_from_logits(logits, query_responses[:, prompt_width:], temperature)
     if not entropy:
         return logprobs

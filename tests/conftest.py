@@ -25,10 +25,11 @@ QUIET = {
     "logging.num_samples": 0,
     "checkpoint.every": 0,
     "resume": "never",
+    "train.mixed_precision": "no",  # fp32: tolerances below are fp32's (bf16 autocast has its own tests)
 }
 
 
-PPO_QUIET = ["logging.progress=off", "logging.tensorboard=false"]
+PPO_QUIET = ["logging.progress=off", "logging.tensorboard=false", "train.mixed_precision=no"]
 
 
 def overrides(mapping: dict | None = None, **kw) -> list[str]:

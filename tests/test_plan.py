@@ -16,6 +16,8 @@ from rlhf.plan import (
     load_shape,
     lora_params,
     parse_bytes,
+    plan_config,
+    plan_dpo,
     plan_ppo,
     plan_sft,
     precision,
@@ -197,3 +199,27 @@ def test_cli_plan_missing_model_is_a_config_error(capsys):
     err = capsys.readouterr().err
     assert "models.policy.name_or_path" in err and "config.json" in err
     assert main(["plan", "--config", str(CONFIGS / "tiny" / "ppo.yaml"), "--device-memory", "lots"]) == 2
+
+
+def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
+    (tmp_path / "config.json").write_text(json.dumps(QWEN25_05B))
+    shape = load_shape(str(tmp_path))
+    sets = [f"models.policy.name_or_path={tmp_path}", f"models.reward.name_or_path={tmp_path}"]
+    recipe = str(CONFIGS / "qwen2.5-0.5b-hh" / "ppo.yaml")
+    gae = plan_ppo(load_config("ppo", recipe, sets), shape, shape)
+    grpo_cfg = load_config("ppo", recipe, sets + ["ppo.advantage=grpo", "rollout.samples_per_prompt=4"])
+    grpo = plan_ppo(grpo_cfg, shape, shape)
+    value = grpo.roles[2]
+    assert value.role == "value" and value.total == 0  # no critic is built: nothing held, nothing trained
+    assert grpo.total < gae.total and grpo.flops < gae.flops
+    # a reward function only: no reward model held either
+    fn = sets[:1] + ["models.reward.name_or_path=", "reward.function=rlhf.tiny:gold_judge", "models.value_init=policy"]
+    only_fn = plan_config("ppo", load_config("ppo", recipe, fn))
+    assert [r.role for r in only_fn.roles] == ["policy", "reference", "value"]
+    # DPO: the policy trained on prompts x K responses, the reference forward-only on the same batch
+    dpo_cfg = load_config("dpo", str(CONFIGS / "tiny" / "dpo.yaml"), [f"model.name_or_path={tmp_path}"])
+    dpo = plan_dpo(dpo_cfg, shape, responses_per_prompt=4)
+    policy, ref = dpo.roles
+    assert policy.trainable == shape.params_lm and ref.trainable == 0 and ref.weights == policy.weights
+    tokens = dpo_cfg.train.batch_size * 4 * dpo_cfg.data.format.max_length
+    assert dpo.tokens == {"trained": tokens} and dpo.flops == tokens * 8 * shape.params_lm  # 6N train + 2N reference
