@@ -376,7 +376,8 @@ class PPOTrainer:
         prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left", width=P)
         chunks = []
         gen_batch = cfg.rollout.generation_batch_size
-        with generation_context(acc, self.policy) as (policy, synced):
+        # sampled under the same autocast as the scoring forwards that compute the old log-probs
+        with generation_context(acc, self.policy) as (policy, synced), acc.autocast():
             for s in range(0, len(prompts), gen_batch):
                 _, _, resp = generate(
                     policy,
@@ -844,7 +845,7 @@ class PPOTrainer:
         positions, counted = positions + [n - 1] * (share - len(positions)), counted + [0.0] * (share - len(counted))
         totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # sum of scores, of EOS endings, count
         gen_batch = cfg.rollout.generation_batch_size
-        with generation_context(acc, self.policy) as (generator_model, synced):
+        with generation_context(acc, self.policy) as (generator_model, synced), acc.autocast():
             for s in range(0, len(positions), gen_batch):
                 chunk = positions[s : s + gen_batch]
                 prompt_ids, prompt_mask, resp = generate(

@@ -5,17 +5,24 @@ TRL is a benchmark peer, never a dependency of rlhf: this script builds its own 
 subprocess (rlhf in .venv via scripts/peer/rlhf_worker.py, TRL in .venv-peer via scripts/peer/trl_worker.py),
 alternating rlhf, TRL, rlhf, TRL, ... Peak RSS is read per run with os.wait4. Everything is offline
 (HF_HUB_OFFLINE=1): the tokenizer, random-init models and synthetic data are built locally by
-scripts/peer/world.py into runs/bench-peer/world, which both sides load.
+scripts/peer/world.py into runs/bench-peer/world (--size tiny) or runs/bench-peer/world-small, which both sides load.
 
-Workloads (fp32, CPU, a 3.46M-parameter Llama: 4 layers, d 256, 4 heads, MLP 688, vocabulary 568):
-  ppo   32 episodes per iteration, 32-token prompts, 32 new tokens (EOS stops/truncates on both sides),
+Sizes (CPU, random-init Llama, vocabulary 568; L = sequence length, P = prompt, R = PPO's new tokens):
+  tiny   3.46M parameters: 4 layers, d 256, 4 heads, MLP 688; L 128, P 32, R 32
+  small  25.9M parameters: 8 layers, d 512, 8 heads, MLP 1376, 256-token context; L 256, P 64, R 192
+Workloads:
+  ppo   32 episodes per iteration, P-token prompts, R new tokens (EOS stops/truncates on both sides),
         4 PPO epochs x 4 minibatches of 8 (micro-batch = minibatch), value model = RM architecture
-  sft   8 sequences x 128 tokens per step, loss on completions
-  rm    8 pairs x 128 tokens per step
-  rmk4  8 prompts x 4 ranked responses x 128 tokens (rlhf: K-way loss; TRL: the 6 pairs per prompt, 48 pairs)
+  sft   8 sequences x L tokens per step, loss on completions
+  rm    8 pairs x L tokens per step
+  rmk4  8 prompts x 4 ranked responses x L tokens (rlhf: K-way loss; TRL: the 6 pairs per prompt, 48 pairs)
 The first step / iteration of every run is warm-up and is not measured.
+Precision (--precision, or per side --rlhf-precision / --trl-precision): no = fp32 (default); bf16 = bf16 autocast
+with fp32 master weights (rlhf: train.mixed_precision=bf16; TRL: bf16=True; see scripts/peer/trl_worker.py for
+what TRL's PPO autocasts).
 
-    python scripts/bench_peer.py [--workloads ppo,sft,rm,rmk4] [--reps 3] [--quick] [--threads N] [--write-doc]
+    python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
+        [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--write-doc]
 """
 
 import argparse
@@ -36,9 +43,13 @@ PEER_PY = PEER / "bin" / "python"
 RLHF_PY = Path(sys.executable)
 TRL_VERSION = "1.12.0"
 WORKLOADS = ("ppo", "sft", "rm", "rmk4")
-# tokens per step: sequences x 128 (rmk4: unique tokens, 8 x 4 responses, although TRL forwards each response 3 times)
-TOKENS = {"sft": 8 * 128, "rm": 8 * 2 * 128, "rmk4": 8 * 4 * 128}
+SIDES = ("rlhf", "trl")
+# sequence length L, PPO prompt P and new tokens R per size (scripts/peer/world.py builds these; model.json has them)
+SIZES = {"tiny": dict(L=128, P=32, R=32), "small": dict(L=256, P=64, R=192)}
+# sequences per step (rmk4: unique responses, 8 x 4, although TRL forwards each response 3 times); tokens = x L
+SEQUENCES = {"sft": 8, "rm": 8 * 2, "rmk4": 8 * 4}
 EPISODES = 32
+PRECISION = {"no": "fp32", "bf16": "bf16 autocast (fp32 weights)"}
 DOC = ROOT / "docs" / "benchmarks.md"
 HEADING = "## Side by side with TRL (`make bench-peer`)"
 
@@ -97,15 +108,20 @@ def child_env(threads: int) -> dict:
     return env
 
 
-def run_worker(side: str, workload: str, steps: int, rep: int, threads: int) -> dict:
+def world_dir(size: str) -> Path:
+    return OUT / ("world" if size == "tiny" else f"world-{size}")
+
+
+def run_worker(side: str, workload: str, steps: int, rep: int, threads: int, size: str, precision: str) -> dict:
     """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone)."""
     python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (PEER_PY, "trl_worker.py")
-    out = OUT / "runs" / f"{workload}-{side}-{rep}"
-    result = OUT / "runs" / f"{workload}-{side}-{rep}.json"
+    name = f"{size}-{precision}-{workload}-{side}-{rep}"
+    out = OUT / "runs" / name
+    result = OUT / "runs" / f"{name}.json"
     result.unlink(missing_ok=True)
-    logfile = OUT / "runs" / f"{workload}-{side}-{rep}.log"
-    cmd = [python, ROOT / "scripts" / "peer" / script, "--workload", workload, "--world", OUT / "world"]
-    cmd += ["--out", out, "--steps", str(steps), "--result", result]
+    logfile = OUT / "runs" / f"{name}.log"
+    cmd = [python, ROOT / "scripts" / "peer" / script, "--workload", workload, "--world", world_dir(size)]
+    cmd += ["--out", out, "--steps", str(steps), "--result", result, "--precision", precision]
     t0 = time.time()
     with logfile.open("w") as f:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env(threads))
@@ -115,12 +131,18 @@ def run_worker(side: str, workload: str, steps: int, rep: int, threads: int) -> 
         tail = "\n".join(logfile.read_text(errors="replace").splitlines()[-30:])
         raise SystemExit(f"{side} {workload} failed (exit {proc.returncode}); log {logfile}:\n{tail}")
     data = json.loads(result.read_text())
+    amp = precision == "bf16"
+    if data.get("mixed_precision") != precision or data.get("native_amp", amp) != amp:
+        got = {k: data.get(k) for k in ("mixed_precision", "native_amp", "param_dtype")}
+        raise SystemExit(f"{side} {workload}: asked for precision {precision}, the run used {got}; log {logfile}")
+    if data.get("param_dtype", "torch.float32") != "torch.float32":
+        raise SystemExit(f"{side} {workload}: weights are {data['param_dtype']}, not fp32 masters; log {logfile}")
     data["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     data["process_s"] = time.time() - t0
     return data
 
 
-def measure(data: dict, workload: str) -> dict:
+def measure(data: dict, workload: str, seq_len: int) -> dict:
     """Per-run figures over the measured steps (step 1 skipped): mean step time from step-end timestamps."""
     ends = data["step_end_times"]
     durations = [b - a for a, b in zip(ends, ends[1:])]  # steps 2..N
@@ -134,7 +156,7 @@ def measure(data: dict, workload: str) -> dict:
             vals = data[k][1:]
             fig[k] = sum(vals) / len(vals)
     else:
-        fig["throughput"] = TOKENS[workload] / step_s
+        fig["throughput"] = SEQUENCES[workload] * seq_len / step_s
     return fig
 
 
@@ -146,28 +168,31 @@ def fmt(x: float) -> str:
     return f"{x:,.0f}" if x >= 100 else f"{x:.3g}" if x >= 1 else f"{x:.3f}"
 
 
-def table(workload: str, figs: dict[str, list[dict]]) -> list[str]:
+def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str], size: str) -> list[str]:
     unit = {"ppo": "episodes/s", "sft": "tokens/s", "rm": "tokens/s", "rmk4": "unique tokens/s"}[workload]
     step = "s/iteration" if workload == "ppo" else "s/step"
+    labels = {side: "bf16" if p == "bf16" else "fp32" for side, p in precision.items()}
+    same = len(set(labels.values())) == 1
+    caption = next(iter(labels.values())) if same else ", ".join(f"{side} {label}" for side, label in labels.items())
     lines = [
-        f"| {workload} | {unit} min / median / max | {step} (median) | peak RSS MiB (median) |"
+        f"| {workload} ({size}, {caption}) | {unit} min / median / max | {step} (median) | peak RSS MiB (median) |"
         + (" generate / score / train s (median) |" if workload == "ppo" else ""),
         "|---|---|---|---|" + ("---|" if workload == "ppo" else ""),
     ]
-    for side in ("rlhf", "trl"):
-        runs = figs[side]
+    for side, runs in figs.items():
         lo, med, hi = spread([f["throughput"] for f in runs])
         step_s = statistics.median(f["step_s"] for f in runs)
-        row = f"| {side} | {fmt(lo)} / **{fmt(med)}** / {fmt(hi)} | {fmt(step_s)} | "
+        row = f"| {side} ({labels[side]}) | {fmt(lo)} / **{fmt(med)}** / {fmt(hi)} | {fmt(step_s)} | "
         row += f"{statistics.median(f['rss'] for f in runs):,.0f} |"
         if workload == "ppo":
             parts = [statistics.median(f[k] for f in runs) for k in ("time/generate", "time/score", "time/train")]
             row += " " + " / ".join(f"{p:.3g}" for p in parts) + " |"
         lines.append(row)
-    ratio = statistics.median(f["throughput"] for f in figs["rlhf"]) / statistics.median(
-        f["throughput"] for f in figs["trl"]
-    )
-    lines.append(f"\nrlhf / TRL throughput (ratio of medians): **{ratio:.2f}x**")
+    if len(figs) == 2:
+        ratio = statistics.median(f["throughput"] for f in figs["rlhf"]) / statistics.median(
+            f["throughput"] for f in figs["trl"]
+        )
+        lines.append(f"\nrlhf / TRL throughput (ratio of medians): **{ratio:.2f}x**")
     return lines
 
 
@@ -191,10 +216,15 @@ def machine() -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny", help="model and sequence size (default tiny)")
+    ap.add_argument("--precision", choices=sorted(PRECISION), default="no", help="both sides: no = fp32 | bf16")
+    ap.add_argument("--rlhf-precision", choices=sorted(PRECISION), help="rlhf's precision (default: --precision)")
+    ap.add_argument("--trl-precision", choices=sorted(PRECISION), help="TRL's precision (default: --precision)")
+    ap.add_argument("--sides", default=",".join(SIDES), help="comma list of rlhf,trl (default both)")
     ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of ppo,sft,rm,rmk4")
     ap.add_argument("--reps", type=int, default=3, help="runs per side and workload (alternating)")
-    ap.add_argument("--steps", type=int, default=0, help="measured steps per run (default: ppo 5, others 10)")
-    ap.add_argument("--quick", action="store_true", help="1 rep, 2 measured iterations/steps: a smoke test")
+    ap.add_argument("--steps", type=int, default=0, help="measured steps per run (ppo 5, others 10; --quick 2)")
+    ap.add_argument("--quick", action="store_true", help="1 rep, 2 measured steps unless --steps: a smoke test")
     ap.add_argument("--threads", type=int, default=0, help="OMP/MKL threads for both sides (0 = torch default)")
     ap.add_argument("--write-doc", action="store_true", help=f"append the tables to {DOC.relative_to(ROOT)}")
     args = ap.parse_args()
@@ -202,45 +232,57 @@ def main() -> None:
     bad = [w for w in workloads if w not in WORKLOADS]
     if bad:
         raise SystemExit(f"unknown workload(s) {bad}; choose from {','.join(WORKLOADS)}")
+    sides = [x.strip() for x in args.sides.split(",") if x.strip()]
+    if not sides or any(x not in SIDES for x in sides) or len(set(sides)) != len(sides):
+        raise SystemExit(f"--sides {args.sides!r}: a comma list of {','.join(SIDES)}")
+    sides = [x for x in SIDES if x in sides]  # rlhf first, then TRL
+    precision = {"rlhf": args.rlhf_precision or args.precision, "trl": args.trl_precision or args.precision}
+    precision = {side: precision[side] for side in sides}
+    size = SIZES[args.size]
     reps = 1 if args.quick else args.reps
 
-    ensure_peer_venv()
+    if "trl" in sides:
+        ensure_peer_venv()
     env = child_env(args.threads)
     (OUT / "runs").mkdir(parents=True, exist_ok=True)
-    log("building the world (tokenizer, random-init models, synthetic data)")
+    log(f"building the {args.size} world (tokenizer, random-init models, synthetic data) in {world_dir(args.size)}")
     subprocess.run(
-        [str(RLHF_PY), str(ROOT / "scripts" / "peer" / "world.py"), "--out", str(OUT / "world")],
+        [str(RLHF_PY), ROOT / "scripts" / "peer" / "world.py", "--out", world_dir(args.size), "--size", args.size],
         check=True,
         env=env,
         stdout=subprocess.DEVNULL,
     )
-    versions = {
-        "torch": rlhf_version("torch", RLHF_PY),
-        "transformers (rlhf)": rlhf_version("transformers", RLHF_PY),
-        "transformers (trl)": rlhf_version("transformers", PEER_PY),
-        "trl": rlhf_version("trl", PEER_PY),
-    }
+    shape = json.loads((world_dir(args.size) / "model.json").read_text())
+    if (shape["seq_len"], shape["prompt_len"], shape["new_tokens"]) != (size["L"], size["P"], size["R"]):
+        raise SystemExit(f"{world_dir(args.size)}/model.json {shape} does not match --size {args.size} {size}")
+    versions = f"torch {rlhf_version('torch', RLHF_PY)}, transformers {rlhf_version('transformers', RLHF_PY)}"
+    if "trl" in sides:
+        versions += f" (peer venv: {rlhf_version('transformers', PEER_PY)}), trl {rlhf_version('trl', PEER_PY)}"
+    prec = " / ".join(f"{side} {PRECISION[precision[side]]}" for side in sides)
     header = (
-        f"{datetime.date.today().isoformat()}: {machine()}; torch {versions['torch']}, transformers "
-        f"{versions['transformers (rlhf)']} (peer venv: {versions['transformers (trl)']}), trl {versions['trl']}; "
-        f"threads {args.threads or 'torch default'}; {reps} rep(s) per side"
+        f"{datetime.date.today().isoformat()}, size {args.size} ({shape['params'] / 1e6:.2f}M parameters; "
+        f"L {size['L']}, PPO {size['P']}-token prompts + {size['R']} new tokens), precision: {prec}; "
+        f"{machine()}; {versions}; threads {args.threads or 'torch default'}; {reps} rep(s) per side"
         + (" (--quick: rough)" if args.quick else "")
     )
     log(header)
     out_lines = [header, ""]
     for w in workloads:
-        measured = 2 if args.quick else (args.steps or (5 if w == "ppo" else 10))
-        figs: dict[str, list[dict]] = {"rlhf": [], "trl": []}
+        measured = args.steps or (2 if args.quick else 5 if w == "ppo" else 10)
+        figs: dict[str, list[dict]] = {side: [] for side in sides}
         for rep in range(reps):
-            for side in ("rlhf", "trl"):
-                log(f"{w}: {side} run {rep + 1}/{reps} (1 warm-up + {measured} measured)")
-                fig = measure(run_worker(side, w, measured + 1, rep, args.threads), w)
+            for side in sides:
+                log(f"{w}: {side} ({PRECISION[precision[side]]}) run {rep + 1}/{reps}: 1 warm-up, {measured} measured")
+                data = run_worker(side, w, measured + 1, rep, args.threads, args.size, precision[side])
+                fig = measure(data, w, size["L"])
                 figs[side].append(fig)
                 log(f"{w}: {side}: {fmt(fig['throughput'])} per s, {fig['step_s']:.3f} s/step, {fig['rss']:.0f} MiB")
-        lines = table(w, figs)
+        lines = table(w, figs, precision, args.size)
         print("\n" + "\n".join(lines) + "\n", flush=True)
         out_lines += lines + [""]
-    (OUT / "report.md").write_text("\n".join(out_lines) + "\n")
+    tag = f"{args.size}-" + "-".join(f"{side}_{precision[side]}" for side in sides)
+    (OUT / f"report-{tag}.md").write_text("\n".join(out_lines) + "\n")
+    log(f"wrote {(OUT / f'report-{tag}.md').relative_to(ROOT)}")
     if args.write_doc:
         write_doc(out_lines)
 
@@ -257,17 +299,29 @@ def write_doc(lines: list[str]) -> None:
 
 NOTES = """\
 `scripts/bench_peer.py` runs rlhf (its public path: `load_config` + the stage's `train()`) and TRL 1.12.0 (in its own
-`.venv-peer`, same torch) on identical workloads: fp32 on CPU, a random-init 3.46M-parameter Llama (4 layers,
-d 256, 4 heads, MLP 688, vocabulary 568), word-level synthetic data with exact lengths. Each run is a fresh
-process, rlhf and TRL alternate; the first step of each run is warm-up. Throughput is per measured step, wall time
-between step ends (all per-step overhead of each loop included); peak RSS is the whole process's.
-PPO: 32 episodes/iteration, 32-token prompts, 32 new tokens at temperature 1 (EOS stops and truncates on both
-sides; a random-init model over 568 tokens almost never emits it, so every iteration decodes 32 steps), 4 epochs x
-4 minibatches of 8, KL coef 0.05 (k1), no ptx, no gradient clipping (TRL's PPO loop has none). TRL's score column is
-everything between generation and the first training forward (rollout forwards, rewards, advantages); TRL takes the
-policy's old log-probs from generate()'s scores, rlhf runs a separate forward. SFT: 8 x 128 tokens, completion-only
-loss, no packing. RM: 8 pairs x 128 tokens. RM K=4: 8 prompts x 4 responses x 128 tokens, counted as unique tokens
-(rlhf forwards each response once; TRL trains on the 6 pairs per prompt, 48 pairs, each response forwarded 3 times)."""
+`.venv-peer`, same torch) on identical workloads on CPU: a random-init Llama, vocabulary 568, word-level synthetic
+data with exact lengths, in two sizes (`--size`): **tiny**, 3.46M parameters (4 layers, d 256, 4 heads, MLP 688),
+sequences L = 128, PPO prompts P = 32 + R = 32 new tokens; **small**, 25.9M parameters (8 layers, d 512, 8 heads,
+MLP 1376, 256-token context), L = 256, P = 64 + R = 192. Each table's heading names its size and precision.
+Each run is a fresh process, rlhf and TRL alternate; the first step of each run is warm-up. Throughput is per
+measured step, wall time between step ends (all per-step overhead of each loop included); peak RSS is the whole
+process's.
+Precision (`--precision`, or `--rlhf-precision` / `--trl-precision`): fp32 (`no`, the default) or bf16 autocast with
+fp32 master weights on both sides (rlhf `train.mixed_precision=bf16`; TRL `bf16=True`, and for PPO also
+`ACCELERATE_MIXED_PRECISION=bf16`, as `accelerate launch --mixed_precision bf16` sets, because TRL 1.12's PPOTrainer
+builds its own Accelerator without the config's precision). Both autocast through accelerate (torch.autocast on
+CPU, outputs back to fp32); the weights stay fp32, which each run checks. Not the same coverage in PPO: rlhf
+autocasts generation, the rollout forwards and training; TRL only the training forwards (its generation and its
+reference / value / reward rollout forwards stay fp32), so PPO's generate and score columns compare fp32 TRL with
+bf16 rlhf.
+PPO: 32 episodes/iteration, P-token prompts, R new tokens at temperature 1 (EOS stops and truncates on both sides;
+a random-init model over 568 tokens seldom emits it, about 1 response in 18 in 32 tokens, 1 in 3.5 in 192, and a
+batch decodes until every response has ended, so every iteration decodes R steps), 4 epochs x 4 minibatches of 8,
+KL coef 0.05 (k1), no ptx, no gradient clipping (TRL's PPO loop has none). TRL's score column is everything between
+generation and the first training forward (rollout forwards, rewards, advantages); TRL takes the policy's old
+log-probs from generate()'s scores, rlhf runs a separate forward. SFT: 8 x L tokens, completion-only loss, no
+packing. RM: 8 pairs x L tokens. RM K=4: 8 prompts x 4 responses x L tokens, counted as unique tokens (rlhf forwards
+each response once; TRL trains on the 6 pairs per prompt, 48 pairs, each response forwarded 3 times)."""
 
 
 if __name__ == "__main__":

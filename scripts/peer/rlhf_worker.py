@@ -1,10 +1,13 @@
 """One rlhf run of a `make bench-peer` workload, in rlhf's own .venv and a fresh process.
 
 Drives rlhf through its public code path (load_config + the stage's train(), with --set style overrides), so any
-later optimisation of rlhf is measured as is. Step timestamps come from metrics.jsonl (one row per step,
+later optimisation of rlhf is measured as is. Lengths come from the world's model.json (tiny or small); --precision
+bf16 sets train.mixed_precision=bf16 (accelerate's bf16 autocast around every forward, generation included, with
+fp32 master weights: model.dtype stays float32). Step timestamps come from metrics.jsonl (one row per step,
 logging.every=1); the parent turns them into per-step times, skipping step 1 (warm-up).
 
-    python scripts/peer/rlhf_worker.py --workload ppo --world runs/bench-peer/world --out DIR --steps 6
+    python scripts/peer/rlhf_worker.py --workload ppo --world runs/bench-peer/world --out DIR --steps 6 \
+        [--precision bf16]
 """
 
 import argparse
@@ -17,7 +20,6 @@ COMMON = [
     "seed=0",
     "resume=never",
     "train.cpu=true",
-    "train.mixed_precision=no",
     "train.eval_every=0",
     "checkpoint.every=0",
     "logging.every=1",
@@ -27,11 +29,14 @@ COMMON = [
 ]
 
 
-def overrides(workload: str, world: Path, out: Path, steps: int) -> tuple[str, list[str]]:
+def overrides(workload: str, world: Path, out: Path, steps: int, precision: str) -> tuple[str, list[str]]:
     data = world / "data"
+    shape = json.loads((world / "model.json").read_text())
+    prompt_len, seq_len, new_tokens = shape["prompt_len"], shape["seq_len"], shape["new_tokens"]
+    common = COMMON + [f"train.mixed_precision={precision}"]
     fmt = ["format.prompt_template='{prompt}'", "format.use_chat_template=never", "format.truncation=error"]
     if workload == "ppo":
-        return "ppo", COMMON + [
+        return "ppo", common + [
             f"output_dir={out}",
             f"models.policy.name_or_path={world / 'lm'}",
             f"models.reward.name_or_path={world / 'rm'}",
@@ -40,9 +45,9 @@ def overrides(workload: str, world: Path, out: Path, steps: int) -> tuple[str, l
             f"data.prompts.path={data / 'prompts.jsonl'}",
             "data.eval_prompts.path=",
             *[f"data.{f}" for f in fmt],
-            "data.format.max_length=64",
-            "data.format.max_prompt_length=32",
-            "rollout.max_new_tokens=32",
+            f"data.format.max_length={prompt_len + new_tokens}",
+            f"data.format.max_prompt_length={prompt_len}",
+            f"rollout.max_new_tokens={new_tokens}",
             "rollout.temperature=1.0",
             "rollout.generation_batch_size=32",
             "rollout.missing_eos_penalty=null",
@@ -66,9 +71,10 @@ def overrides(workload: str, world: Path, out: Path, steps: int) -> tuple[str, l
     model = f"model.name_or_path={world / 'lm'}"
     supervised = [f"output_dir={out}", model, f"train.max_steps={steps}", "train.batch_size=8"]
     supervised += ["train.micro_batch_size=8", "optim.lr=1e-5", "optim.warmup_steps=0"]
-    supervised += [f"data.{f}" for f in fmt] + ["data.format.max_length=128", "data.format.max_prompt_length=32"]
+    supervised += [f"data.{f}" for f in fmt] + [f"data.format.max_length={seq_len}"]
+    supervised += [f"data.format.max_prompt_length={prompt_len}"]
     if workload == "sft":
-        return "sft", COMMON + supervised + [
+        return "sft", common + supervised + [
             "data.kind=sft",
             f"data.train.path={data / 'sft.jsonl'}",
             "data.eval.path=",
@@ -76,7 +82,7 @@ def overrides(workload: str, world: Path, out: Path, steps: int) -> tuple[str, l
             "data.pretrain_mix_ratio=0.0",
         ]
     train = {"rm": "pairs.jsonl", "rmk4": "ranked4.jsonl"}[workload]
-    return "rm", COMMON + supervised + [
+    return "rm", common + supervised + [
         f"data.train.path={data / train}",
         "data.eval.path=",
         "data.reference.path=",
@@ -91,6 +97,7 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
     ap.add_argument("--result", required=True, help="JSON file to write")
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="train.mixed_precision (no = fp32)")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -100,11 +107,14 @@ def main() -> None:
     from rlhf import ppo, reward, sft
     from rlhf.config import load_config
 
-    stage, sets = overrides(args.workload, Path(args.world), out, args.steps)
+    stage, sets = overrides(args.workload, Path(args.world), out, args.steps, args.precision)
     cfg = load_config(stage, None, sets)
     t0 = time.time()
     {"ppo": ppo.train, "sft": sft.train, "rm": reward.train}[stage](cfg)
     wall = time.time() - t0
+    from accelerate.state import AcceleratorState
+
+    state = AcceleratorState()  # the process-wide state the stage's Accelerator set up
     rows = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines() if x.strip()]
     key = "time/iteration" if stage == "ppo" else "lr"  # rows of training steps (not evaluation rows)
     rows = [r for r in rows if key in r]
@@ -115,6 +125,8 @@ def main() -> None:
         "step_end_times": [r["time"] for r in rows],
         "threads": torch.get_num_threads(),
         "wall_s": wall,
+        "mixed_precision": str(state.mixed_precision),
+        "param_dtype": f"torch.{(cfg.models.policy if stage == 'ppo' else cfg.model).dtype}",  # the load dtype
     }
     if stage == "ppo":
         for k in ("time/generate", "time/score", "time/train", "time/iteration"):

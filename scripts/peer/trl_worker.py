@@ -3,13 +3,26 @@
 TRL is a benchmark peer, never a dependency of rlhf: this file only runs under .venv-peer. Models and the
 tokenizer come from the local world dir (HF_HUB_OFFLINE=1). A TrainerCallback stamps the end of every step
 (PPO: iteration); for PPO the module-level `batch_generation` and `forward` of TRL's trainer are wrapped to split
-each iteration into generate / score (rollout forwards, rewards, advantages) / train.
+each iteration into generate / score (rollout forwards, rewards, advantages) / train. Lengths come from the
+world's model.json (tiny or small).
+
+--precision bf16 sets `bf16=True` in the TRL config. In transformers' Trainer (SFT, RM) that becomes
+Accelerator(mixed_precision="bf16"), which on CPU wraps the prepared model's forward in
+torch.autocast("cpu", torch.bfloat16) (+ outputs back to fp32); the weights stay fp32 (nothing casts the model: no
+bf16_full_eval here, TRL casts to bf16 only QLoRA adapters), so it is autocast with fp32 master weights, as in rlhf.
+TRL 1.12's experimental PPOTrainer builds its own `Accelerator(gradient_accumulation_steps=...)` without passing
+mixed_precision, so `bf16=True` alone leaves PPO in fp32; accelerate then reads ACCELERATE_MIXED_PRECISION, which
+is what `accelerate launch --mixed_precision bf16` sets, so this worker sets it too. Even then only the prepared
+PolicyAndValueWrapper's forward is autocast, i.e. the PPO training forwards: generation (unwrapped .policy), the
+rollout's policy/reference/value/reward forwards run fp32. The accelerator's mixed_precision / native_amp and the
+policy's parameter dtype are recorded in the result so the parent can check what actually ran.
 
     .venv-peer/bin/python scripts/peer/trl_worker.py --workload ppo --world runs/bench-peer/world --out DIR --steps 6
 """
 
 import argparse
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -23,11 +36,11 @@ from transformers import (
     TrainerCallback,
 )
 
-# Settings shared by every TRL config: fp32 on CPU, no gradient checkpointing, no saving/eval/logging backends.
+# Settings shared by every TRL config (bf16 is set per run): CPU, no gradient checkpointing, no saving/eval/logging
+# backends.
 COMMON = dict(
     seed=0,
     use_cpu=True,
-    bf16=False,
     fp16=False,
     gradient_checkpointing=False,
     gradient_accumulation_steps=1,
@@ -50,7 +63,16 @@ class StepClock(TrainerCallback):
         self.ends.append(time.time())
 
 
-def run_ppo(world: Path, out: Path, steps: int, clock: StepClock) -> dict:
+def precision_used(trainer, model) -> dict:
+    acc = trainer.accelerator
+    return {
+        "mixed_precision": str(acc.mixed_precision),
+        "native_amp": bool(acc.native_amp),
+        "param_dtype": str(next(model.parameters()).dtype),
+    }
+
+
+def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as mod
 
@@ -69,6 +91,9 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock) -> dict:
         return real_forward(*a, **k)
 
     mod.batch_generation, mod.forward = batch_generation, forward
+    if bf16:  # PPOTrainer's own Accelerator() takes mixed precision only from here (see the module docstring)
+        os.environ["ACCELERATE_MIXED_PRECISION"] = "bf16"
+    shape = json.loads((world / "model.json").read_text())
 
     tok = AutoTokenizer.from_pretrained(world / "lm")
     rows = load_dataset("json", data_files=str(world / "data" / "prompts.jsonl"), split="train")
@@ -84,7 +109,7 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock) -> dict:
         num_ppo_epochs=4,
         total_episodes=32 * steps,
         local_rollout_forward_batch_size=32,
-        response_length=32,
+        response_length=shape["new_tokens"],
         stop_token="eos",  # stop/truncate at EOS, as rlhf does
         temperature=1.0,
         missing_eos_penalty=None,
@@ -99,6 +124,7 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock) -> dict:
         learning_rate=3e-6,
         num_sample_generations=0,
         logging_steps=1,
+        bf16=bf16,
         **COMMON,
     )
     trainer = PPOTrainer(
@@ -118,10 +144,10 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock) -> dict:
         split["time/score"].append(m["train_start"] - m["gen_end"])
         split["time/train"].append(end - m["train_start"])
     eos = [r.get("val/num_eos_tokens") for r in trainer.state.log_history if "val/num_eos_tokens" in r]
-    return split | {"eos_tokens": eos}
+    return split | {"eos_tokens": eos} | precision_used(trainer, policy)
 
 
-def run_supervised(workload: str, world: Path, out: Path, steps: int, clock: StepClock) -> dict:
+def run_supervised(workload: str, world: Path, out: Path, steps: int, clock: StepClock, bf16: bool) -> dict:
     files = {"sft": "sft_trl.jsonl", "rm": "pairs_trl.jsonl", "rmk4": "ranked4_trl.jsonl"}
     ds = load_dataset("json", data_files=str(world / "data" / files[workload]), split="train")
     tok = AutoTokenizer.from_pretrained(world / "lm")
@@ -130,7 +156,8 @@ def run_supervised(workload: str, world: Path, out: Path, steps: int, clock: Ste
         max_steps=steps,
         learning_rate=1e-5,
         logging_strategy="no",
-        max_length=128,
+        max_length=json.loads((world / "model.json").read_text())["seq_len"],
+        bf16=bf16,
     )
     if workload == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -150,7 +177,7 @@ def run_supervised(workload: str, world: Path, out: Path, steps: int, clock: Ste
     sample = trainer.train_dataset[0]
     lengths = {k: len(sample[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in sample}
     trainer.train()
-    return {"tokenized_lengths": lengths}
+    return {"tokenized_lengths": lengths} | precision_used(trainer, model)
 
 
 def main() -> None:
@@ -160,15 +187,17 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
     ap.add_argument("--result", required=True, help="JSON file to write")
+    ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16 = TRL's bf16=True (no = fp32)")
     args = ap.parse_args()
+    bf16 = args.precision == "bf16"
     out, world = Path(args.out), Path(args.world)
     shutil.rmtree(out, ignore_errors=True)
     clock = StepClock()
     t0 = time.time()
     if args.workload == "ppo":
-        extra = run_ppo(world, out, args.steps, clock)
+        extra = run_ppo(world, out, args.steps, clock, bf16)
     else:
-        extra = run_supervised(args.workload, world, out, args.steps, clock)
+        extra = run_supervised(args.workload, world, out, args.steps, clock, bf16)
     result = {
         "side": "trl",
         "workload": args.workload,

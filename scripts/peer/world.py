@@ -2,9 +2,14 @@
 
 Runs in rlhf's .venv (needs only transformers/tokenizers/torch). Everything is local (HF_HUB_OFFLINE=1) and
 deterministic from the seed. Texts are space-separated words of a word-level vocabulary, so every token count is
-exact on both sides: a prompt is 32 tokens, a completion/response is 95 words + EOS, a whole sequence 128 tokens.
+exact on both sides. Two sizes (SIZES below), the same 568-word vocabulary:
+  tiny   3.46M-parameter Llama (4 layers, d 256, 4 heads, MLP 688); a prompt is 32 tokens, a completion/response
+         95 words + EOS, a whole sequence 128 tokens; PPO samples 32 new tokens
+  small  ~25.9M-parameter Llama (8 layers, d 512, 8 heads, MLP 1376), 256-token context; a prompt is 64 tokens,
+         a completion/response 191 words + EOS, a whole sequence 256 tokens; PPO samples 192 new tokens
+The shape is written to <out>/model.json, which both workers read (lengths included).
 
-    python scripts/peer/world.py --out runs/bench-peer/world
+    python scripts/peer/world.py --out runs/bench-peer/world [--size tiny|small]
 """
 
 import argparse
@@ -14,10 +19,24 @@ from pathlib import Path
 
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = 568  # specials included
-PROMPT_LEN = 32
-SEQ_LEN = 128  # prompt + completion + EOS
-COMPLETION_LEN = SEQ_LEN - PROMPT_LEN - 1
-MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4)
+# model: LlamaConfig fields; prompt_len / seq_len (prompt + completion + EOS) for SFT and RM data; new_tokens: PPO's
+# response length (prompt_len + new_tokens <= context)
+SIZES = {
+    "tiny": dict(
+        model=dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+        context=256,
+        prompt_len=32,
+        seq_len=128,
+        new_tokens=32,
+    ),
+    "small": dict(
+        model=dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+        context=256,
+        prompt_len=64,
+        seq_len=256,
+        new_tokens=192,
+    ),
+}
 
 
 def build_tokenizer(out: Path):
@@ -41,20 +60,20 @@ def build_tokenizer(out: Path):
     return tok, words
 
 
-def build_models(out: Path, tok, seed: int) -> None:
+def build_models(out: Path, tok, seed: int, size: dict) -> None:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
     config = LlamaConfig(
         vocab_size=VOCAB,
-        num_key_value_heads=MODEL["num_attention_heads"],
-        max_position_embeddings=256,
+        num_key_value_heads=size["model"]["num_attention_heads"],
+        max_position_embeddings=size["context"],
         tie_word_embeddings=False,
         pad_token_id=tok.pad_token_id,
         bos_token_id=tok.bos_token_id,
         eos_token_id=tok.eos_token_id,
         attention_dropout=0.0,
-        **MODEL,
+        **size["model"],
     )
     torch.manual_seed(seed)
     lm = LlamaForCausalLM(config)
@@ -67,7 +86,8 @@ def build_models(out: Path, tok, seed: int) -> None:
     rm.save_pretrained(out / "rm")
     tok.save_pretrained(out / "rm")
     n = sum(p.numel() for p in lm.parameters())
-    (out / "model.json").write_text(json.dumps({"params": n, "vocab": VOCAB, **MODEL}) + "\n")
+    shape = {k: v for k, v in size.items() if k != "model"}
+    (out / "model.json").write_text(json.dumps({"params": n, "vocab": VOCAB, **size["model"], **shape}) + "\n")
 
 
 def write_jsonl(path: Path, rows: list[dict]) -> None:
@@ -76,22 +96,23 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
             f.write(json.dumps(r) + "\n")
 
 
-def build_data(out: Path, words: list[str], seed: int, rows: int) -> None:
+def build_data(out: Path, words: list[str], seed: int, rows: int, prompt_len: int, seq_len: int) -> None:
     """rlhf-format files (completion without a leading space: rlhf adds one) and TRL-format files (TRL
     concatenates prompt + completion as strings, so its completions carry the leading space)."""
     rng = random.Random(seed)
+    completion_len = seq_len - prompt_len - 1  # + EOS
 
     def text(n: int) -> str:
         return " ".join(rng.choice(words) for _ in range(n))
 
     data = out / "data"
     data.mkdir(parents=True, exist_ok=True)
-    prompts = [text(PROMPT_LEN) for _ in range(rows)]
+    prompts = [text(prompt_len) for _ in range(rows)]
     write_jsonl(data / "prompts.jsonl", [{"prompt": p} for p in prompts])
-    sft = [{"prompt": p, "completion": text(COMPLETION_LEN)} for p in prompts]
+    sft = [{"prompt": p, "completion": text(completion_len)} for p in prompts]
     write_jsonl(data / "sft.jsonl", sft)
     write_jsonl(data / "sft_trl.jsonl", [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in sft])
-    ranked = [{"prompt": p, "ranked": [text(COMPLETION_LEN) for _ in range(4)]} for p in prompts]
+    ranked = [{"prompt": p, "ranked": [text(completion_len) for _ in range(4)]} for p in prompts]
     pairs = [{"prompt": r["prompt"], "chosen": r["ranked"][0], "rejected": r["ranked"][1]} for r in ranked]
     write_jsonl(data / "pairs.jsonl", pairs)
     write_jsonl(data / "ranked4.jsonl", ranked)
@@ -106,14 +127,14 @@ def build_data(out: Path, words: list[str], seed: int, rows: int) -> None:
     write_jsonl(data / "ranked4_trl.jsonl", k4)
 
 
-def check(out: Path) -> None:
+def check(out: Path, prompt_len: int, seq_len: int) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(out / "lm")
     row = json.loads((out / "data" / "sft_trl.jsonl").read_text().splitlines()[0])
     ids = tok(row["prompt"] + row["completion"] + tok.eos_token, add_special_tokens=False)["input_ids"]
-    assert len(ids) == SEQ_LEN and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids, len(ids)
-    assert len(tok(row["prompt"])["input_ids"]) == PROMPT_LEN  # no BOS/EOS added on encode
+    assert len(ids) == seq_len and ids[-1] == tok.eos_token_id and tok.unk_token_id not in ids, len(ids)
+    assert len(tok(row["prompt"])["input_ids"]) == prompt_len  # no BOS/EOS added on encode
 
 
 def main() -> None:
@@ -121,13 +142,15 @@ def main() -> None:
     ap.add_argument("--out", required=True)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--rows", type=int, default=512)
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     args = ap.parse_args()
+    size = SIZES[args.size]
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     tok, words = build_tokenizer(out)
-    build_models(out, tok, args.seed)
-    build_data(out, words, args.seed, args.rows)
-    check(out)
+    build_models(out, tok, args.seed, {"size": args.size, **size})
+    build_data(out, words, args.seed, args.rows, size["prompt_len"], size["seq_len"])
+    check(out, size["prompt_len"], size["seq_len"])
     print(json.loads((out / "model.json").read_text()))
 
 
