@@ -29,7 +29,15 @@ from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
 from rlhf.data import load_source
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
-from rlhf.training import SupervisedTask, final_model, fit, make_accelerator, save_final, seed_everything
+from rlhf.training import (
+    SupervisedTask,
+    final_model,
+    fit,
+    make_accelerator,
+    prepare_frozen,
+    save_final,
+    seed_everything,
+)
 
 # a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
 Group = list[tuple[list[int], list[int]]]
@@ -184,8 +192,8 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
     if cfg.reference == "copy":
         ref_cfg = copy.deepcopy(cfg.model)
         ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
-        reference = load_causal_lm(ref_cfg, tokenizer, dropout=False).requires_grad_(False).eval()
-        reference.to(accelerator.device)
+        # frozen, and sharded like the policy under FSDP / ZeRO-3 (as PPO's reference)
+        reference = prepare_frozen(accelerator, load_causal_lm(ref_cfg, tokenizer, dropout=False))
 
         def ref_logps_fn(policy, batch: dict) -> torch.Tensor:
             return sequence_logps(reference, batch)
