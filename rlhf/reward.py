@@ -245,7 +245,7 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
                 .mean()
                 .item()
             )
-        unwrapped.config.reward_offset = offset
+        getattr(unwrapped, "module", unwrapped).config.reward_offset = offset  # the HF config inside any wrapper
         save_final(accelerator, unwrapped, path, tokenizer, cfg)
         if accelerator.is_main_process:
             write_json(

@@ -84,9 +84,12 @@ def generate(
         if top_p < 1.0:
             processors.append(TopPLogitsWarper(top_p))
         processors.append(EpisodeGumbelNoise(seeds, device))
-    was_training, saved_config = model.training, model.generation_config
+    was_training = model.training
+    # the Hugging Face model whose generate() reads generation_config (inside a peft wrapper: the base model)
+    hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
+    saved_config = hf_model.generation_config
     model.eval()
-    model.generation_config = GenerationConfig()
+    hf_model.generation_config = GenerationConfig()
     try:
         out = model.generate(
             input_ids=prompt_ids,
@@ -96,7 +99,7 @@ def generate(
             synced_gpus=synced,
         )
     finally:
-        model.generation_config = saved_config
+        hf_model.generation_config = saved_config
         model.train(was_training)
     responses = out[:, prompt_ids.shape[1] :]
     if responses.shape[1] == 0:

@@ -89,7 +89,7 @@ def make_accelerator(
 # What the project's own tests run (docs/scaling.md); any other topology says so in one line at start-up.
 VERIFIED_TOPOLOGIES = {
     "NO": "one process: CPU in CI, one GPU (H100, bf16) by hand",
-    "MULTI_CPU": "2 CPU processes (torchrun, gloo) in CI: SIGTERM/resume",
+    "MULTI_CPU": "2 CPU processes (torchrun, gloo) in CI: SFT, RM, PPO (= 1 process to 1e-5), SIGTERM, resume",
 }
 
 
