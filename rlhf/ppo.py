@@ -1,22 +1,29 @@
 """Stage 3: PPO against the reward model with a per-token KL penalty to SFT and the pretraining mix (PPO-ptx).
 
-Four roles: the policy (from SFT, trained), the frozen reference (SFT weights: a second copy, or the LoRA
-policy with its adapter disabled), the value model (from the reward model, as InstructGPT does; trained) and
-the frozen reward model. Dropout is off in all four. One iteration:
+Four roles: the policy (from SFT, trained), the frozen reference (SFT weights: a second copy, or the LoRA policy
+with its adapter disabled), the value model (from the reward model, as InstructGPT does; trained) and the frozen
+reward model (or a reward function, or both). Dropout is off in all of them. One iteration:
 
-  1. rollout   sample responses from the policy's own distribution (left-padded prompts, KV cache, stop at EOS)
-  2. score     RM score at the EOS token (an ensemble: mean, mean - lambda*std or min of its members);
-               old log-probs, reference log-probs, values (one forward each)
-  3. rewards   r_t = -beta * KL_t, plus the score at the last response token (missing-EOS penalty optional)
-  4. GAE       advantages (whitened across processes) and returns = advantages + values
-  5. update    ppo_epochs over shuffled minibatches: -L_clip + vf_coef * L_vf - ent_coef * H, and for each
-               minibatch the gamma_ptx-weighted pretraining LM gradients accumulate into the same buffers
-               before the one optimizer step (InstructGPT App. C.4; not DeepSpeed-Chat's separate step)
+  1. rollout   sample rollout.samples_per_prompt responses per prompt from the policy's own distribution (left-
+               padded prompts, KV cache, stop at EOS); each episode from its own seeded random stream
+  2. score     RM score at the EOS token (an ensemble: mean, mean - lambda*std or min of its members) and/or
+               reward.function; old log-probs, reference log-probs, values (one forward each); then every
+               process's episodes are gathered on every process
+  3. rewards   r_t = -beta * KL_t, plus the score at the last response token (missing-EOS penalty optional); with
+               kl.placement: loss the KL leaves the reward and becomes a loss term (GRPO)
+  4. advantages  ppo.advantage: GAE with the value model (default; whitened), REINFORCE with a learned or batch-mean
+               baseline, or the critic-free RLOO / GRPO from each prompt's group (docs/algorithms.md)
+  5. update    ppo_epochs over shuffled minibatches: -L^CLIP (or -L^KLPEN, adaptive beta) + vf_coef * L^VF (with a
+               critic) - ent_coef * H, token means over the minibatch; for each minibatch the gamma_ptx-weighted
+               pretraining LM gradients accumulate into the same buffers before the one optimizer step
+               (InstructGPT App. C.4; not DeepSpeed-Chat's separate step)
   6. log (with the signs of reward hacking: length, EOS share, distinct-n, ensemble std) / KL controller
      (fixed beta, PI control toward kl.target, or Ziegler's) / KL budget (a hard stop) / EMA / checkpoint
 
-SIGTERM/SIGINT end the iteration with a checkpoint; NaN/inf rewards, advantages, losses or gradient norms skip the
-update or stop the run (rlhf.training, docs/reliability.md).
+N processes compute the 1-process iteration: episode i is sampled on process i mod N, the rollout is gathered, and
+each process takes every N-th episode of the same minibatches (docs/scaling.md). SIGTERM/SIGINT end the iteration
+with a checkpoint; NaN/inf rewards, advantages, losses or gradient norms skip the update or stop the run
+(rlhf.training, docs/reliability.md).
 
 Departures from the paper: `value_init: policy` starts a separate value network from the SFT weights rather
 than putting a value head on the policy trunk.
