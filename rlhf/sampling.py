@@ -74,7 +74,8 @@ def generate(
     )
     processors = LogitsProcessorList()
     if do_sample and seeds is None:
-        config.temperature, config.top_k, config.top_p = temperature, top_k or None, top_p
+        # top_k 0 must be passed as 0: a None is filled with the library default (50)
+        config.temperature, config.top_k, config.top_p = temperature, top_k, top_p
     elif do_sample:
         if len(seeds) != len(prompts):
             raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")

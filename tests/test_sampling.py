@@ -65,3 +65,19 @@ def test_the_checkpoints_generation_config_is_not_applied(model):
     finally:
         model.generation_config = saved
     assert torch.equal(plain, with_defaults) and torch.equal(plain, through_peft)
+
+
+def test_unseeded_sampling_uses_the_full_distribution():
+    """top_k 0 means no truncation: the library's default top_k (50) must not slip in (a 200-token vocabulary of a
+    random model: most of the mass is outside any 50 tokens)."""
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=200, hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
+    wide = LlamaForCausalLM(cfg).eval()
+    n = 4000
+    torch.manual_seed(1)
+    _, _, tokens = generate(wide, Tok, [[5]] * n, 1)
+    with torch.no_grad():
+        probs = wide(torch.tensor([[5]])).logits[0, -1].softmax(-1)
+    freq = torch.bincount(tokens[:, 0], minlength=200).float() / n
+    assert (freq > 0).sum() > 100  # far more than 50 distinct tokens drawn
+    assert (freq - probs).abs().max() < 0.02
