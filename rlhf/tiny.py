@@ -517,20 +517,19 @@ def _mean(values: list[float]) -> float:
     return round(sum(values) / len(values), 4) if values else 0.0
 
 
-def build_tokenizer(out_dir: str | Path):
-    """Build the word-level tokenizer of the task, save it with ``save_pretrained`` and return it.
+def word_level_tokenizer(words: list[str], model_max_length: int):
+    """A word-level fast tokenizer: ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<unk>``=3, then ``words`` in order.
 
-    Special tokens ``<pad>``=0, ``<s>``=1, ``</s>``=2, ``<unk>``=3, then :data:`VOCAB` in sorted order. No decoder is
-    set: ``tokenizers`` then joins tokens with single spaces, which inverts the ``WhitespaceSplit`` pre-tokenizer for
-    the canonical single-space texts of the task. No BOS/EOS is added on encode (no post-processor template).
+    No decoder is set: ``tokenizers`` then joins tokens with single spaces, which inverts the ``WhitespaceSplit``
+    pre-tokenizer for single-space texts. No BOS/EOS is added on encode (no post-processor template).
     """
     from tokenizers import Tokenizer, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {token: i for i, token in enumerate(SPECIAL_TOKENS + VOCAB)}
+    vocab = {token: i for i, token in enumerate([*SPECIAL_TOKENS, *words])}
     backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
     backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tokenizer = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=backend,
         pad_token="<pad>",
         bos_token="<s>",
@@ -539,8 +538,14 @@ def build_tokenizer(out_dir: str | Path):
         padding_side="right",
         # The default cleanup would glue " ." to the previous word and break decode(encode(text)) == text.
         clean_up_tokenization_spaces=False,
-        model_max_length=128,
+        model_max_length=model_max_length,
     )
+
+
+def build_tokenizer(out_dir: str | Path):
+    """Build the word-level tokenizer of the task (:data:`VOCAB` in sorted order after the special tokens), save it
+    with ``save_pretrained`` and return it."""
+    tokenizer = word_level_tokenizer(VOCAB, model_max_length=128)
     tokenizer.save_pretrained(str(out_dir))
     return tokenizer
 

@@ -17,7 +17,6 @@ import json
 import random
 from pathlib import Path
 
-SPECIALS = ["<pad>", "<s>", "</s>", "<unk>"]
 VOCAB = 568  # specials included
 # model: LlamaConfig fields; prompt_len / seq_len (prompt + completion + EOS) for SFT and RM data; new_tokens: PPO's
 # response length (prompt_len + new_tokens <= context)
@@ -40,24 +39,10 @@ SIZES = {
 
 
 def build_tokenizer(out: Path):
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    from rlhf.tiny import SPECIAL_TOKENS, word_level_tokenizer
 
-    words = [f"w{i}" for i in range(VOCAB - len(SPECIALS))]
-    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = PreTrainedTokenizerFast(
-        tokenizer_object=backend,
-        pad_token="<pad>",
-        bos_token="<s>",
-        eos_token="</s>",
-        unk_token="<unk>",
-        padding_side="right",
-        clean_up_tokenization_spaces=False,
-        model_max_length=1024,
-    )
-    return tok, words
+    words = [f"w{i}" for i in range(VOCAB - len(SPECIAL_TOKENS))]
+    return word_level_tokenizer(words, model_max_length=1024), words
 
 
 def build_models(out: Path, tok, seed: int, size: dict) -> None:
