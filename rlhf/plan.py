@@ -357,6 +357,16 @@ def resolve_mixed_precision(train_cfg) -> str:
     return mp
 
 
+PADDED = "tokens assume every sequence padded to data.format.max_length (an upper bound)"
+
+
+def trained_lm_role(name: str, m: ModelConfig, shape: ModelShape, prec: Precision, topology: str, n: int, note: str):
+    """A trained causal LM's static bytes: all its weights trained, or the frozen base plus LoRA adapters."""
+    trainable = lora_params(shape, m.lora.r, m.lora.target_modules) if m.lora.enabled else shape.params_lm
+    params = shape.params_lm + (trainable if m.lora.enabled else 0)
+    return role_static(name, params, trainable, prec, topology, n, note="LoRA" if m.lora.enabled else note)
+
+
 def plan_sft(
     cfg: SFTConfig,
     shape: ModelShape,
@@ -368,11 +378,7 @@ def plan_sft(
     mp = mixed_precision or resolve_mixed_precision(cfg.train)
     m = cfg.model
     prec = precision(m.dtype, mp, topology)
-    trainable = lora_params(shape, m.lora.r, m.lora.target_modules) if m.lora.enabled else shape.params_lm
-    params = shape.params_lm + (trainable if m.lora.enabled else 0)
-    role = role_static(
-        "model", params, trainable, prec, topology, num_processes, note="LoRA" if m.lora.enabled else ""
-    )
+    role = trained_lm_role("model", m, shape, prec, topology, num_processes, note="")
     seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size
     role.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=True)
     tokens = cfg.train.batch_size * seq
@@ -384,7 +390,7 @@ def plan_sft(
         {"trained": tokens},
         flops,
         _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size),
-        ["tokens assume every sequence padded to data.format.max_length (an upper bound)"],
+        [PADDED],
     )
 
 
@@ -413,7 +419,7 @@ def plan_rm(
     tokens = cfg.train.batch_size * k * seq
     flops = tokens * train_flops_per_token(shape.params_scalar, m.lora.enabled, m.gradient_checkpointing)
     flops *= cfg.ensemble.size
-    notes = ["tokens assume every sequence padded to data.format.max_length (an upper bound)"]
+    notes = [PADDED]
     if cfg.ensemble.size > 1:
         notes.append(f"{cfg.ensemble.size} ensemble members train one after another: time x{cfg.ensemble.size}")
     return Plan(
@@ -441,11 +447,7 @@ def plan_dpo(
     m = cfg.model
     prec = precision(m.dtype, mp, topology)
     k = max(2, responses_per_prompt)
-    trainable = lora_params(shape, m.lora.r, m.lora.target_modules) if m.lora.enabled else shape.params_lm
-    params = shape.params_lm + (trainable if m.lora.enabled else 0)
-    policy = role_static(
-        "policy", params, trainable, prec, topology, num_processes, note="LoRA" if m.lora.enabled else "trained"
-    )
+    policy = trained_lm_role("policy", m, shape, prec, topology, num_processes, note="trained")
     seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
     policy.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=True)
     frozen_prec = precision(m.dtype, mp, "zero3" if topology == "zero3" else "ddp")
@@ -465,7 +467,7 @@ def plan_dpo(
         {"trained": tokens},
         flops,
         _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k),
-        ["tokens assume every sequence padded to data.format.max_length (an upper bound)"],
+        [PADDED],
     )
 
 
