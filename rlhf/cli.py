@@ -65,7 +65,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("plot", help="PNG curves from a run dir's metrics.jsonl files")
     p.add_argument("run_dir")
     p = sub.add_parser("plan", help="estimate memory per device and time of a stage before renting a GPU")
-    p.add_argument("--config", required=True, help="an sft/rm/ppo YAML config file")
+    p.add_argument("--config", required=True, help="an sft/rm/dpo/ppo YAML config file")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE", help="as for a stage")
     p.add_argument("--stage", choices=["sft", "rm", "dpo", "ppo"], help="default: from the file name or its keys")
     p.add_argument("--device-memory", help="memory of one device, e.g. 80GiB: warn when the estimate exceeds it")
