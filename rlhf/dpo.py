@@ -24,11 +24,11 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
+from rlhf.batching import BatchSchedule, TruncationReport, pad
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
-from rlhf.data import load_source
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
+from rlhf.reward import load_ranked
 from rlhf.training import (
     SupervisedTask,
     final_model,
@@ -45,19 +45,7 @@ Group = list[tuple[list[int], list[int]]]
 
 def load_groups(tokenizer, cfg: DPOConfig, source: TextSource, report: TruncationReport) -> list[Group]:
     """Preference rows -> groups of (prompt ids, response ids), best first; rendered exactly as in the RM stage."""
-    fmt = cfg.data.format
-    rows = load_source(source, "preference", on_bad_row=fmt.on_bad_row).to_list()
-    prompts = encode_prompts(tokenizer, fmt, rows, report)
-    flat_prompts = [p for p, r in zip(prompts, rows) for _ in r["ranked"]]
-    flat_responses = [resp for r in rows for resp in r["ranked"]]
-    pairs = encode_pairs(tokenizer, fmt, flat_prompts, flat_responses, source.path, report)
-    groups, k = [], 0
-    for r in rows:
-        group = [pair for pair in pairs[k : k + len(r["ranked"])] if pair is not None]
-        k += len(r["ranked"])
-        if len(group) >= 2:  # a response dropped as too long leaves the others' order intact
-            groups.append(group)
-    return groups
+    return load_ranked(tokenizer, cfg.data.format, source, report)
 
 
 def collate_groups(groups: list[Group], pad_token_id: int) -> dict[str, torch.Tensor]:

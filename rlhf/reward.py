@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
-from rlhf.config import RMConfig, RMEnsemble, TextSource, check_paths, save_config
+from rlhf.config import FormatConfig, RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
 from rlhf.models import ENSEMBLE_FILE, TokenValueModel, load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
@@ -41,21 +41,25 @@ from rlhf.training import (
 )
 
 
-def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
-    """Preference rows -> groups of token sequences (prompt + response + EOS), best first."""
-    ds = load_source(source, "preference", on_bad_row=cfg.data.format.on_bad_row)
-    rows = ds.to_list()
-    prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)
+def load_ranked(tokenizer, fmt: FormatConfig, source: TextSource, report: TruncationReport) -> list[list[tuple]]:
+    """Preference rows -> per prompt, its responses best first as (prompt ids, response ids + EOS) (RM and DPO)."""
+    rows = load_source(source, "preference", on_bad_row=fmt.on_bad_row).to_list()
+    prompts = encode_prompts(tokenizer, fmt, rows, report)
     flat_prompts = [p for p, r in zip(prompts, rows) for _ in r["ranked"]]
     flat_responses = [resp for r in rows for resp in r["ranked"]]
-    pairs = encode_pairs(tokenizer, cfg.data.format, flat_prompts, flat_responses, source.path, report)
+    pairs = encode_pairs(tokenizer, fmt, flat_prompts, flat_responses, source.path, report)
     groups, k = [], 0
     for r in rows:
-        seqs = [p + c for p, c in (pair for pair in pairs[k : k + len(r["ranked"])] if pair is not None)]
+        group = [pair for pair in pairs[k : k + len(r["ranked"])] if pair is not None]
         k += len(r["ranked"])
-        if len(seqs) >= 2:  # a response dropped as too long leaves the others' order intact
-            groups.append(seqs)
+        if len(group) >= 2:  # a response dropped as too long leaves the others' order intact
+            groups.append(group)
     return groups
+
+
+def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
+    """Preference rows -> groups of token sequences (prompt + response + EOS), best first."""
+    return [[p + c for p, c in group] for group in load_ranked(tokenizer, cfg.data.format, source, report)]
 
 
 def collate_groups(groups: list[list[list[int]]], pad_token_id: int, margin_coef: float) -> dict[str, torch.Tensor]:

@@ -168,6 +168,33 @@ def tiny_world(tmp_path_factory) -> Path:
 
 
 @pytest.fixture(scope="session")
+def tokenizer(tiny_world):
+    """The tiny world's word-level tokenizer."""
+    from rlhf.models import load_tokenizer
+
+    return load_tokenizer(str(tiny_world / "tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_lm(tokenizer):
+    """A 2-layer random Llama over the tiny world's vocabulary (seed 0), in eval mode: for exact-math tests."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=128,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config).eval()
+
+
+@pytest.fixture(scope="session")
 def tiny_base(tiny_world, tmp_path_factory) -> Path:
     """A base model pretrained from scratch for 60 steps (the sft stage with configs/tiny/pretrain.yaml)."""
     from rlhf import sft

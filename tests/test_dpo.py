@@ -16,7 +16,7 @@ from conftest import (
     metric_series,
     read_metrics,
 )
-from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM
 
 from rlhf import dpo
 from rlhf.batching import TruncationReport
@@ -90,23 +90,6 @@ def test_dpo_loss_matches_hand_values():
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_lm(tiny_world):
-    tokenizer = load_tokenizer(str(tiny_world / "tokenizer"))
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval(), tokenizer
-
-
 def _groups(tokenizer) -> list:
     def enc(text: str, eos: bool = False) -> list[int]:
         return tokenizer(text, add_special_tokens=False)["input_ids"] + ([tokenizer.eos_token_id] if eos else [])
@@ -121,8 +104,8 @@ def _groups(tokenizer) -> list:
     return [g0, g1]
 
 
-def test_sequence_logps_sum_response_tokens_only(tiny_lm):
-    model, tokenizer = tiny_lm
+def test_sequence_logps_sum_response_tokens_only(tiny_lm, tokenizer):
+    model = tiny_lm
     groups = _groups(tokenizer)
     batch = dpo.collate_groups(groups, tokenizer.pad_token_id)
     assert batch["pair_index"].tolist() == [[0, 1], [0, 2], [1, 2], [3, 4]]
@@ -138,8 +121,8 @@ def test_sequence_logps_sum_response_tokens_only(tiny_lm):
     assert got.tolist() == pytest.approx(expected, rel=1e-5, abs=1e-4)
 
 
-def test_one_policy_forward_per_micro_batch(tiny_lm):
-    model, tokenizer = tiny_lm
+def test_one_policy_forward_per_micro_batch(tiny_lm, tokenizer):
+    model = tiny_lm
     batch = dpo.collate_groups(_groups(tokenizer), tokenizer.pad_token_id)
     calls: list[int] = []
     handle = model.register_forward_hook(

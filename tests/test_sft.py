@@ -17,12 +17,11 @@ from conftest import (
 )
 from datasets import Dataset
 from torch import nn
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
+from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf import sft
 from rlhf.batching import TruncationReport, collate_lm, encode_sft
 from rlhf.config import FormatConfig
-from rlhf.models import load_tokenizer
 
 ROWS = [
     {"prompt": "tell me a short happy sentence about the cat .", "completion": "the cat is happy ."},
@@ -31,27 +30,6 @@ ROWS = [
         "completion": "the dog is sad in the park all day .",
     },
 ]
-
-
-@pytest.fixture(scope="module")
-def tokenizer(tiny_world):
-    return load_tokenizer(str(tiny_world / "tokenizer"))
-
-
-@pytest.fixture(scope="module")
-def tiny_lm(tokenizer):
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
 
 
 def _encode(tokenizer, mask_prompt: bool):
