@@ -61,6 +61,9 @@ class ModelConfig:
     """Allow model code from the hub; off unless you trust the repo."""
     gradient_checkpointing: bool = False
     """Recompute activations in backward to save memory."""
+    attn_implementation: str = "auto"
+    """Attention kernel: auto (transformers' choice, sdpa where supported; on CPU, sdpa in fp32 for short bf16/fp16
+    sequences, where it is faster) or a name transformers knows: sdpa, eager, flash_attention_2, flex_attention."""
     lora: LoraConfig = field(default_factory=LoraConfig)
     """LoRA adapters."""
 

@@ -31,6 +31,71 @@ from rlhf.config import ConfigError, FormatConfig, LoraConfig, ModelConfig
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 ENSEMBLE_FILE = "ensemble.json"  # in a reward-model ensemble's final/: its members, relative to it
 
+# --------------------------------------------------------------------------------------------------
+# Attention: transformers' sdpa, except on CPU for short half-precision sequences
+# --------------------------------------------------------------------------------------------------
+
+CPU_SDPA = "rlhf_cpu_sdpa"
+# Measured on an AVX512-BF16 EPYC (torch 2.13, docs/benchmarks.md): PyTorch's CPU flash-attention kernel in bf16
+# is 2-4x slower than in fp32 up to a few hundred keys (forward + backward at 64 keys: 3.0 vs 1.1 ms; decoding one
+# token against 300 keys: 3.3 vs 1.4 ms), equal at 256 and faster from ~1024. Under bf16 autocast (or bf16
+# weights) every attention call of a short-sequence run lands in the slow case.
+CPU_FP32_ATTENTION_MAX_KEYS = 512
+
+
+def cpu_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
+    """transformers' sdpa attention; on CPU, when the kernel would run in bf16/fp16 (half q/k/v, or under CPU
+    autocast, which casts sdpa's inputs down) over at most CPU_FP32_ATTENTION_MAX_KEYS keys, it runs in fp32 (more
+    precise, and faster there). q/k/v [B,H,T,D] -> output [B,T,H,D] in the query's dtype."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    halves = (torch.bfloat16, torch.float16)
+    autocast = torch.is_autocast_enabled("cpu")
+    half = autocast or any(t.dtype in halves for t in (query, key, value))
+    if query.device.type != "cpu" or not half or key.shape[-2] > CPU_FP32_ATTENTION_MAX_KEYS:
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    if attention_mask is not None and attention_mask.is_floating_point():
+        attention_mask = attention_mask.float()
+    with torch.autocast("cpu", enabled=False):  # autocast would send sdpa back to bf16
+        out, weights = sdpa_attention_forward(
+            module, query.float(), key.float(), value.float(), attention_mask, **kwargs
+        )
+    return out.to(query.dtype), weights
+
+
+@functools.cache
+def _register_cpu_sdpa() -> None:
+    from transformers import AttentionInterface, AttentionMaskInterface
+    from transformers.masking_utils import sdpa_mask
+
+    AttentionInterface.register(CPU_SDPA, cpu_sdpa_attention)
+    AttentionMaskInterface.register(CPU_SDPA, sdpa_mask)
+
+
+def _attention_kwargs(model_cfg: ModelConfig) -> dict:
+    """from_pretrained/from_config kwargs for model.attn_implementation (auto: transformers' choice)."""
+    return {} if model_cfg.attn_implementation == "auto" else {"attn_implementation": model_cfg.attn_implementation}
+
+
+def _load_error(key: str, model_cfg: ModelConfig, error: Exception) -> ConfigError:
+    """A loading failure as a ConfigError naming the config key to fix (the path, or the attention kernel)."""
+    what = f"{key} = {model_cfg.name_or_path!r} cannot be loaded as a model"
+    if model_cfg.attn_implementation != "auto":
+        attn_key = key.rsplit(".", 1)[0] + ".attn_implementation" if "." in key else "attn_implementation"
+        what += f" with {attn_key} = {model_cfg.attn_implementation!r} (auto: transformers' default)"
+    return ConfigError(f"{what}: {' '.join(str(error).split())[:300]}")
+
+
+def _set_attention(model: nn.Module, model_cfg: ModelConfig) -> None:
+    """auto: where transformers chose sdpa, the same kernel through `cpu_sdpa_attention` (identical off the CPU and
+    in fp32). Not written to config.json: a saved checkpoint loads anywhere with transformers' default."""
+    if model_cfg.attn_implementation != "auto" or getattr(model.config, "_attn_implementation", None) != "sdpa":
+        return
+    # remote-code models that do not dispatch through transformers' AttentionInterface keep their own sdpa
+    if getattr(model, "_can_set_attn_implementation", lambda: False)():
+        _register_cpu_sdpa()
+        model.set_attn_implementation(CPU_SDPA)
+
 
 def load_tokenizer(
     model: ModelConfig | str, trust_remote_code: bool = False, fmt: FormatConfig | None = None
@@ -123,12 +188,14 @@ def _from_pretrained(auto_class, model_cfg: ModelConfig, key: str, allowed_new: 
             dtype=DTYPES[model_cfg.dtype],
             trust_remote_code=model_cfg.trust_remote_code,
             output_loading_info=True,
+            **_attention_kwargs(model_cfg),
             **kwargs,
         )
-    except (OSError, ValueError) as e:  # no/unknown config.json, missing weights file, not a model dir
-        raise ConfigError(f"{key} = {path!r} cannot be loaded as a model: {' '.join(str(e).split())[:300]}") from None
+    except (OSError, ValueError, ImportError) as e:  # no/unknown config.json, missing weights, not a model dir
+        raise _load_error(key, model_cfg, e) from None
     finally:
         hf_logging.set_verbosity(verbosity)
+    _set_attention(model, model_cfg)
     missing = sorted(info["missing_keys"]) + sorted(
         str(m[0]) if isinstance(m, tuple) else str(m) for m in info["mismatched_keys"]
     )
@@ -165,7 +232,13 @@ def load_causal_lm(
     dtype = DTYPES[model_cfg.dtype]
     if model_cfg.from_config:
         config = AutoConfig.from_pretrained(model_cfg.name_or_path, trust_remote_code=model_cfg.trust_remote_code)
-        model = AutoModelForCausalLM.from_config(config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code)
+        try:
+            model = AutoModelForCausalLM.from_config(
+                config, dtype=dtype, trust_remote_code=model_cfg.trust_remote_code, **_attention_kwargs(model_cfg)
+            )
+        except (ValueError, ImportError) as e:  # an attention kernel the model or this install lacks
+            raise _load_error(key, model_cfg, e) from None
+        _set_attention(model, model_cfg)
     else:
         model, _ = _from_pretrained(AutoModelForCausalLM, model_cfg, key)
     _fit_vocab(model, tokenizer)
@@ -335,7 +408,11 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
         position_ids=position_ids_from_mask(attention_mask),
         use_cache=False,
     ).last_hidden_state
-    return _score_head(model)(hidden).squeeze(-1).float()
+    head = _score_head(model)
+    # the scalar in the head's own precision (fp32 masters), not autocast's bf16, which keeps ~3 significant digits
+    # (a score of 4.3 to +-0.016): RM margins and values then carry no rounding ties; the head is [d -> 1], free
+    with torch.autocast(hidden.device.type, enabled=False):
+        return head(hidden.to(next(head.parameters()).dtype)).squeeze(-1).float()
 
 
 class TokenValueModel(nn.Module):

@@ -46,3 +46,101 @@ def test_bf16_ppo_ratios_start_near_one(tiny_world, tiny_sft, tiny_rm, tmp_path)
     rows = [r for r in read_metrics(tmp_path) if "objective/scores" in r]
     assert len(rows) == 2 and all(abs(r["policy/ratio_avg"] - 1) < 1e-2 for r in rows), rows
     assert rows[0]["policy/clipfrac_avg"] < 0.05
+
+
+def _qkv(batch: int, heads: int, length: int, dim: int, seed: int = 0) -> list[torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(batch, heads, length, dim, generator=g) for _ in range(3)]
+
+
+class _Attention(torch.nn.Module):  # what transformers' attention functions read off the calling module
+    is_causal = True
+
+
+def test_cpu_attention_is_sdpa_in_fp32():
+    """In fp32 the function is transformers' sdpa (same kernel, same bits); under bf16 autocast on CPU it runs the
+    kernel on fp32 q/k/v (the autocast kernel would round them to bf16 and run 2-4x slower at these lengths)."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf.models import cpu_sdpa_attention
+
+    q, k, v = _qkv(2, 4, 24, 16)
+    module = _Attention()
+    expected, _ = sdpa_attention_forward(module, q, k, v, None)
+    out, _ = cpu_sdpa_attention(module, q, k, v, None)
+    assert torch.equal(out, expected)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out, _ = cpu_sdpa_attention(module, q, k, v, None)
+        rounded, _ = sdpa_attention_forward(module, q, k, v, None)  # the kernel autocast picks: bf16
+    assert out.dtype == torch.float32 and rounded.dtype == torch.bfloat16
+    assert torch.equal(out, expected)
+    assert (rounded.float() - expected).abs().max() > 1e-4  # so the equality above is not vacuous
+    # bf16 q/k/v (bf16 weights): fp32 kernel, the result back in bf16
+    out, _ = cpu_sdpa_attention(module, q.bfloat16(), k.bfloat16(), v.bfloat16(), None)
+    exact, _ = sdpa_attention_forward(module, q.bfloat16().float(), k.bfloat16().float(), v.bfloat16().float(), None)
+    assert out.dtype == torch.bfloat16 and torch.equal(out, exact.bfloat16())
+
+
+def test_cpu_attention_keeps_the_half_kernel_for_long_sequences():
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from rlhf.models import CPU_FP32_ATTENTION_MAX_KEYS, cpu_sdpa_attention
+
+    q, k, v = (t.bfloat16() for t in _qkv(1, 2, CPU_FP32_ATTENTION_MAX_KEYS + 1, 8))
+    out, _ = cpu_sdpa_attention(_Attention(), q, k, v, None)
+    expected, _ = sdpa_attention_forward(_Attention(), q, k, v, None)
+    assert torch.equal(out, expected)
+
+
+def test_models_load_with_the_cpu_attention_and_save_without_it(tiny_sft, tokenizer, tmp_path):
+    """auto: the loaded model runs through cpu_sdpa_attention, gives sdpa's logits bit for bit in fp32, and its saved
+    config.json names no attention kernel (it loads anywhere with transformers' default); a named kernel is used
+    as given; a kernel transformers does not know is a ConfigError naming the key."""
+    import json
+
+    import pytest
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.config import ConfigError, ModelConfig
+    from rlhf.models import CPU_SDPA, load_causal_lm, load_reward_model
+
+    model = load_causal_lm(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, dropout=False).eval()
+    assert model.config._attn_implementation == CPU_SDPA
+    rm = load_reward_model(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, new_head=True)
+    assert rm.config._attn_implementation == CPU_SDPA
+    plain = AutoModelForCausalLM.from_pretrained(str(tiny_sft), attn_implementation="sdpa").eval()
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [4, 5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    with torch.no_grad():
+        assert torch.equal(model(ids, attention_mask=mask).logits, plain(ids, attention_mask=mask).logits)
+    model.save_pretrained(tmp_path / "saved")
+    saved = json.loads((tmp_path / "saved" / "config.json").read_text())
+    assert not any("attn" in key for key in saved), saved
+    assert AutoModelForCausalLM.from_pretrained(tmp_path / "saved").config._attn_implementation == "sdpa"
+    eager = load_causal_lm(ModelConfig(name_or_path=str(tiny_sft), attn_implementation="eager"), tokenizer)
+    assert eager.config._attn_implementation == "eager"
+    with pytest.raises(ConfigError, match="models.policy.attn_implementation = 'nonsense'"):
+        load_causal_lm(
+            ModelConfig(name_or_path=str(tiny_sft), attn_implementation="nonsense"),
+            tokenizer,
+            key="models.policy.name_or_path",
+        )
+
+
+def test_scalar_head_is_not_rounded_to_bf16(tiny_sft, tokenizer):
+    """Under bf16 autocast the backbone runs in bf16 but the [d -> 1] score head in fp32: scores keep fp32 digits
+    (autocast would round them to bf16's ~3, a score of 4.3 to +-0.016), and equal the fp32 head on the hidden
+    states the backbone produced."""
+    from rlhf.config import ModelConfig
+    from rlhf.models import _backbone, load_reward_model, position_ids_from_mask, token_values
+
+    rm = load_reward_model(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, new_head=True)
+    ids = torch.tensor([[0, 0, 5, 6, 7, 8], [4, 5, 6, 7, 8, 9]])
+    mask = (ids != 0).long()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        values = token_values(rm, ids, mask)
+        hidden = _backbone(rm)(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+    expected = hidden.last_hidden_state.float() @ rm.score.weight.float().T
+    assert values.dtype == torch.float32
+    assert torch.allclose(values, expected.squeeze(-1), atol=1e-6)
+    assert not torch.equal(values, values.bfloat16().float())  # off bf16's grid
