@@ -101,7 +101,7 @@ class TrainConfig:
     micro_batch_size: int = 8
     """Examples per forward pass per process; accumulation = batch_size / (micro_batch_size * processes)."""
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    """auto = bf16 on a GPU that supports it, else full precision."""
+    """auto = bf16 autocast on a GPU that supports it or a CPU with bf16 matrix instructions, else fp32."""
     eval_every: int = 100
     """Evaluate on held-out data every N steps (0 = only at the end)."""
     eval_max_batches: int = 0

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 
 from rlhf.config import ConfigError, check_paths, load_config
-from rlhf.plot import stage_metrics
+from rlhf.plot import read_metrics, stage_metrics
 
 # (file stem, config class key, what marks it finished)
 STAGES = [("pretrain", "sft"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("eval", "eval")]
@@ -93,6 +93,15 @@ def _values(rows: list[dict], key: str) -> list[float]:
     return [r[key] for r in rows if isinstance(r.get(key), (int, float))]
 
 
+def _members_accuracy(run: Path) -> str:
+    """For a reward-model ensemble: every member's last held-out accuracy (the line above shows member-0's)."""
+    members = sorted((run / "rm").glob("member-*"), key=lambda p: int(p.name.split("-")[1]))
+    last = [_values(read_metrics(m / "metrics.jsonl"), "eval/accuracy")[-1:] for m in members]
+    if len(members) < 2 or not all(last):
+        return ""
+    return " (member-0; members: " + ", ".join(f"{v[0]:.3f}" for v in last) + ")"
+
+
 def summarize(run_dir: str | Path) -> str:
     """A console table: per stage wall time and key metric, then the eval's scores."""
     run = Path(run_dir)
@@ -107,7 +116,7 @@ def summarize(run_dir: str | Path) -> str:
         "world": "tiny world built",
         "pretrain": f"held-out loss {first_last('pretrain', 'eval/loss')}",
         "sft": f"held-out loss {first_last('sft', 'eval/loss')}",
-        "rm": f"held-out pairwise accuracy {first_last('rm', 'eval/accuracy')}",
+        "rm": f"held-out pairwise accuracy {first_last('rm', 'eval/accuracy')}{_members_accuracy(run)}",
         "ppo": f"RM score {first_last('ppo', 'objective/scores', '{:+.2f}')}, "
         f"KL {first_last('ppo', 'objective/kl', '{:.2f}')}",
     }

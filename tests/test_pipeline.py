@@ -86,7 +86,7 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
     assert "[ppo] resumed from" in log
     assert (runs / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_stamp
     assert (runs / "rm" / "member-0" / "final" / "model.safetensors").stat().st_mtime_ns == rm_stamp
-    assert (runs / "rm" / "final" / "ensemble.json").exists()  # the recipe's RM: member-0, member-1 held out
+    assert (runs / "rm" / "final" / "ensemble.json").exists()  # the recipe's RM: members 0, 1; member-2 held out
     steps = [
         json.loads(x)["step"]
         for x in (runs / "ppo" / "metrics.jsonl").read_text().splitlines()
@@ -125,6 +125,7 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
     assert all(p.stat().st_size > 5000 for p in plots)
     table = summarize(runs)
     assert "rm" in table and "win-rate" in table
+    assert table.split("members: ")[1].split(")")[0].count(",") == 2  # the last accuracy of each of 3 members
     assert f"best checkpoint by the held-out proxy RM: {frontier['best']['name']}" in table
 
     # a third run finds everything done
