@@ -37,10 +37,11 @@ ENSEMBLE_FILE = "ensemble.json"  # in a reward-model ensemble's final/: its memb
 
 CPU_SDPA = "rlhf_cpu_sdpa"
 # Measured on an AVX512-BF16 EPYC (torch 2.13, docs/benchmarks.md): PyTorch's CPU flash-attention kernel in bf16
-# is 2-4x slower than in fp32 up to a few hundred keys (forward + backward at 64 keys: 3.0 vs 1.1 ms; decoding one
-# token against 300 keys: 3.3 vs 1.4 ms), equal at 256 and faster from ~1024. Under bf16 autocast (or bf16
-# weights) every attention call of a short-sequence run lands in the slow case.
-CPU_FP32_ATTENTION_MAX_KEYS = 512
+# is 2-4x slower than in fp32 at short sequences (forward + backward at 64 keys: 3.0 vs 1.1 ms; decoding one token
+# against 256 bf16 keys, casts included: 2.6 vs 1.1 ms), equal at 256 keys and faster from 384 (and casting a long
+# bf16 KV cache to fp32 costs more than the kernel saves). Under bf16 autocast (or bf16 weights) every attention
+# call of a short-sequence run lands in the slow case.
+CPU_FP32_ATTENTION_MAX_KEYS = 256
 
 
 def cpu_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
