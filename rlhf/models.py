@@ -412,8 +412,11 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
     head = _score_head(model)
     # the scalar in the head's own precision (fp32 masters), not autocast's bf16, which keeps ~3 significant digits
     # (a score of 4.3 to +-0.016): RM margins and values then carry no rounding ties; the head is [d -> 1], free
+    # (FSDP with flattened parameters registers none on the head: its weight is then a plain attribute)
+    weight = next(head.parameters(), None)
+    dtype = (weight if weight is not None else getattr(head, "weight", hidden)).dtype
     with torch.autocast(hidden.device.type, enabled=False):
-        return head(hidden.to(next(head.parameters()).dtype)).squeeze(-1).float()
+        return head(hidden.to(dtype)).squeeze(-1).float()
 
 
 class TokenValueModel(nn.Module):
