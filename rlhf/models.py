@@ -23,6 +23,7 @@ from transformers import (
     AutoTokenizer,
     PreTrainedTokenizerBase,
 )
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.utils import logging as hf_logging
 
 from rlhf.batching import uses_chat_template
@@ -48,8 +49,6 @@ def cpu_sdpa_attention(module, query, key, value, attention_mask, **kwargs):
     """transformers' sdpa attention; on CPU, when the kernel would run in bf16/fp16 (half q/k/v, or under CPU
     autocast, which casts sdpa's inputs down) over at most CPU_FP32_ATTENTION_MAX_KEYS keys, it runs in fp32 (more
     precise, and faster there). q/k/v [B,H,T,D] -> output [B,T,H,D] in the query's dtype."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     halves = (torch.bfloat16, torch.float16)
     autocast = torch.is_autocast_enabled("cpu")
     half = autocast or any(t.dtype in halves for t in (query, key, value))
