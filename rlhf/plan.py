@@ -30,6 +30,7 @@ transient memory (SFT/RM: training; PPO: generation, scoring or training), becau
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 import math
 from dataclasses import dataclass, field
@@ -146,7 +147,11 @@ def load_shape(model: ModelConfig | str, key: str = "model.name_or_path") -> Mod
             f"{key} = {path!r}: cannot read its config ({' '.join(str(e).split())[:200]}). A hub name needs the hub "
             f"to be reachable; otherwise --set {key}=<a local dir with its config.json>"
         ) from None
-    return shape_from_hf_config(config, name=path)
+    shape = shape_from_hf_config(config, name=path)
+    named = model.attn_implementation if isinstance(model, ModelConfig) else "auto"
+    if named != "auto":  # the kernel the run will load (auto: transformers' choice, read from the config above)
+        shape = dataclasses.replace(shape, eager_attention=named == "eager")
+    return shape
 
 
 def ensemble_members(path: str) -> list[str]:

@@ -164,6 +164,15 @@ def test_sft_plan_tokens_and_flops(tiny_world):
     assert plan.tokens == {"trained": 64 * 64}
     assert plan.flops == 6 * shape.params_lm * 64 * 64
     assert plan.seconds(1.0, 1) == pytest.approx(plan.flops / 1e12)
+    # a named eager kernel keeps the [heads, s, s] scores for backward: more activation memory than sdpa's
+    assert not shape.eager_attention
+    eager_cfg = load_config(
+        "sft",
+        str(CONFIGS / "tiny" / "pretrain.yaml"),
+        [f"model.name_or_path={tiny_world / 'model_config'}", "model.attn_implementation=eager"],
+    )
+    eager = plan_sft(eager_cfg, load_shape(eager_cfg.model))
+    assert eager.roles[0].activations > plan.roles[0].activations
 
 
 def test_parse_bytes():
