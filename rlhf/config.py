@@ -108,6 +108,10 @@ class TrainConfig:
     """Cap on held-out micro-batches per evaluation (0 = all)."""
     cpu: bool = False
     """Force CPU even when a GPU is present."""
+    compile: bool = False
+    """torch.compile the training forward + backward (TorchInductor): a one-off compile per model (tens of
+    seconds, again when input shapes first change), then fused kernels. For long runs; generation and scoring stay
+    eager. Measured in docs/benchmarks.md."""
     max_nonfinite_skips: int = 0
     """Steps with a NaN/inf loss, gradient norm (PPO: also reward, advantage) skipped before the run stops."""
 

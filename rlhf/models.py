@@ -373,6 +373,12 @@ def causal_logits(
     return out.logits[:, -last:] if last else out.logits
 
 
+def wrapped_module(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and DDP's (or a DeepSpeed engine's) wrappers, whose forwards call it."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
 @functools.cache
 def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
@@ -380,7 +386,7 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
 
 def _keeps_logits(model: nn.Module) -> bool:
     """Whether the Hugging Face model inside any wrapper (DDP, DeepSpeed, peft) takes `logits_to_keep`."""
-    inner = getattr(model, "module", model)
+    inner = wrapped_module(model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return _forward_takes_logits_to_keep(type(inner))
 
@@ -400,7 +406,7 @@ def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torc
 
     A trained scalar-head model is a TokenValueModel (possibly inside a DDP wrapper): it is called, so the forward
     goes through the wrapper; a frozen Hugging Face model is run as backbone + head."""
-    if isinstance(getattr(model, "module", model), TokenValueModel):
+    if isinstance(wrapped_module(model), TokenValueModel):
         return model(input_ids, attention_mask)
     hidden = _backbone(model)(
         input_ids=input_ids,
@@ -460,6 +466,6 @@ def reward_scores(
     values = token_values(model, input_ids, attention_mask)
     scores = values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
     if normalized:  # the HF config of the model inside any wrapper (a DeepSpeed engine has a `config` of its own)
-        config = getattr(model, "module", model).config
+        config = wrapped_module(model).config
         scores = scores - float(getattr(config, "reward_offset", 0.0) or 0.0)
     return scores

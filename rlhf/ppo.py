@@ -95,6 +95,8 @@ from rlhf.training import (
     build_optimizer,
     build_scheduler,
     checkpoint_or_stop,
+    clip_grad_norm,
+    compiled_for_training,
     drop_metrics_after,
     final_model,
     generation_context,
@@ -340,6 +342,9 @@ class PPOTrainer:
                 value_model, value_opt, build_scheduler(value_opt, warm, updates)
             )
 
+        # the update's differentiated forwards only (train.compile); rollout, scoring and saving use the eager roles
+        self.policy_train = compiled_for_training(acc, self.policy, cfg.train.compile)
+        self.value_train = compiled_for_training(acc, self.value_model, cfg.train.compile) if self.critic else None
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
         self.klpen = KLPenaltyCoef(cfg.ppo.klpen_coef, cfg.ppo.klpen_target)  # L^KLPEN's beta (objective: klpen)
@@ -669,7 +674,7 @@ class PPOTrainer:
             with self._no_sync(policy=k < n_backward, value=k < len(micro)), acc.autocast():
                 # the entropy is only differentiated when it is in the loss (a softmax backward over the vocabulary)
                 new_logprobs, entropy = response_logprobs(
-                    self.policy, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
+                    self.policy_train, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
                 )
                 old_logprobs, advantages = ro.logprobs[idx], ro.advantages[idx]
                 if p.objective == "klpen":
@@ -682,7 +687,7 @@ class PPOTrainer:
                 ent = masked_mean(entropy, mask)
                 loss = pg_loss - p.ent_coef * ent
                 if self.critic:
-                    vpred = response_values(self.value_model, qr, am, P)
+                    vpred = response_values(self.value_train, qr, am, P)
                     vf_loss, vf_stats = value_loss(
                         vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None
                     )
@@ -706,19 +711,19 @@ class PPOTrainer:
             k += 1
             batch = {key: v.to(acc.device) for key, v in collate_lm(examples, self.tokenizer.pad_token_id).items()}
             with self._no_sync(policy=k < n_backward, value=False), acc.autocast():
-                logits = causal_logits(self.policy, batch["input_ids"], batch["attention_mask"])
+                logits = causal_logits(self.policy_train, batch["input_ids"], batch["attention_mask"])
                 ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / ptx_tokens
                 # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
                 acc.backward(cfg.ptx.ptx_coef * ptx_loss * world)
             stats[column["ptx/loss"]] += ptx_loss.detach().float()
         if world > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
             stats = acc.reduce(stats, "sum")
-        max_norm = cfg.optim.max_grad_norm or float("inf")
-        stats[column["policy/grad_norm"]] = acc.clip_grad_norm_(self.policy.parameters(), max_norm)
+        max_norm = cfg.optim.max_grad_norm
+        stats[column["policy/grad_norm"]] = clip_grad_norm(acc, list(self.policy.parameters()), max_norm)
         numbers = {k: stats[column[k]] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm")}
         steps = [(self.policy_opt, self.policy_sched)]
         if self.critic:
-            numbers["value/grad_norm"] = acc.clip_grad_norm_(self.value_model.parameters(), max_norm)
+            numbers["value/grad_norm"] = clip_grad_norm(acc, list(self.value_model.parameters()), max_norm)
             steps.append((self.value_opt, self.value_sched))
         skip = self.guard.skip(acc, self.progress.step, numbers)
         for opt, sched in steps:

@@ -136,6 +136,39 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn
     return model.to(accelerator.device)
 
 
+def clip_grad_norm(accelerator: Accelerator, parameters, max_norm: float) -> torch.Tensor:
+    """The gradients' global L2 norm, after clipping them to `max_norm` when it is > 0 (0: no clipping).
+
+    Without clipping, whole (unsharded) fp32/bf16 gradients are only measured: torch's clip multiplies every
+    gradient by its clamped coefficient of 1.0 (a pass over all of them per step: 3% of a tiny PPO iteration).
+    Sharded parameters (FSDP, ZeRO-3), DeepSpeed and fp16's loss scaling take accelerate's clip, which knows them.
+    """
+    special = sharded_parameters(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED
+    if max_norm or special or accelerator.scaler is not None:
+        return accelerator.clip_grad_norm_(parameters, max_norm or float("inf"))
+    # DDP has all-reduced the gradients by now: the local norm is the global one
+    return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def compiled_for_training(accelerator: Accelerator, model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
+    """The module a stage's training forwards call: `model` itself, or with `train.compile` a `torch.compile`d
+    view of it (the same parameters and wrapper; TorchInductor; shapes start static and turn dynamic at the first
+    change). Only the differentiated forwards use it: generation (a KV cache that grows every step would
+    recompile), rollout scoring, evaluation and saving keep the eager `model`.
+
+    DDP: compiling the wrapper keeps its gradient all-reduce and `no_sync` (DDP's forward runs eagerly, dynamo
+    compiles the module inside it; tested against one eager process). FSDP / DeepSpeed with compile: not run here.
+    """
+    if not enabled:
+        return model
+    if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        accelerator.print(
+            f"[compile] train.compile under {accelerator.distributed_type.value}: not run by rlhf's tests "
+            "(single process and DDP on CPU are); DeepSpeed has its own compile settings"
+        )
+    return torch.compile(model)
+
+
 @contextlib.contextmanager
 def generation_context(accelerator: Accelerator, model: torch.nn.Module):
     """The module to call `generate` on, and whether ranks must keep stepping together (`synced_gpus`).
@@ -699,6 +732,7 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
     optimizer = build_optimizer(model.parameters(), cfg.optim)
     scheduler = build_scheduler(optimizer, cfg.optim, task.total_steps)
     model, optimizer, scheduler = accelerator.prepare(model, optimizer, scheduler)
+    train_model = compiled_for_training(accelerator, model, cfg.train.compile)
     progress = Progress()
     guard = NonFiniteGuard(cfg.train.max_nonfinite_skips, task.name)
     accelerator.register_for_checkpointing(progress, guard)
@@ -738,11 +772,11 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
                 # only the last micro-batch all-reduces gradients under DDP
                 sync = accelerator.no_sync(model) if i < len(batches) - 1 else contextlib.nullcontext()
                 with sync, accelerator.autocast():
-                    loss_sum, batch_stats = task.loss(model, batch)
+                    loss_sum, batch_stats = task.loss(train_model, batch)
                     accelerator.backward(loss_sum / max(total_units, 1.0))
                 for k, v in batch_stats.items():
                     step_stats[k] = step_stats.get(k, 0.0) + torch.as_tensor(v).detach().double()
-            grad_norm = accelerator.clip_grad_norm_(model.parameters(), cfg.optim.max_grad_norm or float("inf"))
+            grad_norm = clip_grad_norm(accelerator, list(model.parameters()), cfg.optim.max_grad_norm)
             names = sorted(step_stats)
             local = torch.stack([step_stats[k] for k in names]).to(accelerator.device) if names else None
             if local is not None and accelerator.num_processes > 1:  # the whole step's stats, not this share's

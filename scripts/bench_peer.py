@@ -22,7 +22,7 @@ with fp32 master weights (rlhf: train.mixed_precision=bf16; TRL: bf16=True; see 
 what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
-        [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--write-doc]
+        [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--rlhf-set K=V] [--write-doc]
 """
 
 import argparse
@@ -112,8 +112,10 @@ def world_dir(size: str) -> Path:
     return OUT / ("world" if size == "tiny" else f"world-{size}")
 
 
-def run_worker(side: str, workload: str, steps: int, rep: int, threads: int, size: str, precision: str) -> dict:
-    """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone)."""
+def run_worker(
+    side: str, workload: str, steps: int, rep: int, threads: int, size: str, precision: str, sets: list[str]
+) -> dict:
+    """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone). `sets`: rlhf overrides."""
     python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (PEER_PY, "trl_worker.py")
     name = f"{size}-{precision}-{workload}-{side}-{rep}"
     out = OUT / "runs" / name
@@ -122,6 +124,7 @@ def run_worker(side: str, workload: str, steps: int, rep: int, threads: int, siz
     logfile = OUT / "runs" / f"{name}.log"
     cmd = [python, ROOT / "scripts" / "peer" / script, "--workload", workload, "--world", world_dir(size)]
     cmd += ["--out", out, "--steps", str(steps), "--result", result, "--precision", precision]
+    cmd += [a for kv in sets for a in ("--set", kv)] if side == "rlhf" else []
     t0 = time.time()
     with logfile.open("w") as f:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env(threads))
@@ -150,6 +153,8 @@ def measure(data: dict, workload: str, seq_len: int) -> dict:
         raise SystemExit(f"{data['side']} {workload}: fewer than 2 steps recorded")
     step_s = sum(durations) / len(durations)
     fig = {"step_s": step_s, "rss": data["peak_rss_mib"]}
+    if "train_start" in data:  # the warm-up step from the training call's start (setup and any compile included)
+        fig["first_s"] = ends[0] - data["train_start"]
     if workload == "ppo":
         fig["throughput"] = EPISODES / step_s
         for k in ("time/generate", "time/score", "time/train"):
@@ -226,6 +231,13 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=0, help="measured steps per run (ppo 5, others 10; --quick 2)")
     ap.add_argument("--quick", action="store_true", help="1 rep, 2 measured steps unless --steps: a smoke test")
     ap.add_argument("--threads", type=int, default=0, help="OMP/MKL threads for both sides (0 = torch default)")
+    ap.add_argument(
+        "--rlhf-set",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="an rlhf config override for every rlhf run (repeatable), e.g. train.compile=true",
+    )
     ap.add_argument("--write-doc", action="store_true", help=f"append the tables to {DOC.relative_to(ROOT)}")
     args = ap.parse_args()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -263,6 +275,7 @@ def main() -> None:
         f"{datetime.date.today().isoformat()}, size {args.size} ({shape['params'] / 1e6:.2f}M parameters; "
         f"L {size['L']}, PPO {size['P']}-token prompts + {size['R']} new tokens), precision: {prec}; "
         f"{machine()}; {versions}; threads {args.threads or 'torch default'}; {reps} rep(s) per side"
+        + (f"; rlhf with {', '.join(args.rlhf_set)}" if args.rlhf_set and "rlhf" in sides else "")
         + (" (--quick: rough)" if args.quick else "")
     )
     log(header)
@@ -273,10 +286,14 @@ def main() -> None:
         for rep in range(reps):
             for side in sides:
                 log(f"{w}: {side} ({PRECISION[precision[side]]}) run {rep + 1}/{reps}: 1 warm-up, {measured} measured")
-                data = run_worker(side, w, measured + 1, rep, args.threads, args.size, precision[side])
+                data = run_worker(side, w, measured + 1, rep, args.threads, args.size, precision[side], args.rlhf_set)
                 fig = measure(data, w, size["L"])
                 figs[side].append(fig)
-                log(f"{w}: {side}: {fmt(fig['throughput'])} per s, {fig['step_s']:.3f} s/step, {fig['rss']:.0f} MiB")
+                first = f", first step {fig['first_s']:.1f} s" if "first_s" in fig else ""
+                log(
+                    f"{w}: {side}: {fmt(fig['throughput'])} per s, {fig['step_s']:.3f} s/step, "
+                    f"{fig['rss']:.0f} MiB{first}"
+                )
         lines = table(w, figs, precision, args.size)
         print("\n" + "\n".join(lines) + "\n", flush=True)
         out_lines += lines + [""]

@@ -179,3 +179,23 @@ def test_two_processes_match_one_process_for_sft(tiny_world, tiny_base, tmp_path
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     lr = [[r["lr"] for r in read_metrics(tmp_path / name) if "lr" in r] for name in ("one", "two")]
     assert lr[0] == lr[1]  # the schedule counts global steps, not steps x processes
+
+
+def test_two_process_compiled_ppo_matches_one_eager_process(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    """train.compile under DDP: the compiled wrapper keeps DDP's gradient all-reduce (2 policy backwards per step
+    here, PPO then ptx, the first under no_sync): two compiled processes train the weights one eager process does."""
+    extra = ["train.max_steps=2", "ppo.micro_batch_size=4", "ppo.ppo_epochs=1"]
+    configs = {}
+    for name, compiled in (("eager", "false"), ("compiled", "true")):
+        configs[name] = tmp_path / f"{name}.yaml"
+        cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path / name, extra + [f"train.compile={compiled}"])
+        save_config(cfg, configs[name])
+    run = torchrun(["ppo", "--config", str(configs["compiled"])])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    env = torchrun_command()[1]
+    one = subprocess.run([sys.executable, "-m", "rlhf", "ppo", "--config", str(configs["eager"])], env=env)
+    assert one.returncode == 0
+    a = load_safetensors_dir(tmp_path / "eager" / "final")
+    b = load_safetensors_dir(tmp_path / "compiled" / "final")
+    assert a.keys() == b.keys()
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4

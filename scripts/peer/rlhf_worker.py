@@ -98,6 +98,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
     ap.add_argument("--result", required=True, help="JSON file to write")
     ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="train.mixed_precision (no = fp32)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -108,7 +109,7 @@ def main() -> None:
     from rlhf.config import load_config
 
     stage, sets = overrides(args.workload, Path(args.world), out, args.steps, args.precision)
-    cfg = load_config(stage, None, sets)
+    cfg = load_config(stage, None, sets + args.set)
     t0 = time.time()
     {"ppo": ppo.train, "sft": sft.train, "rm": reward.train}[stage](cfg)
     wall = time.time() - t0
@@ -125,6 +126,7 @@ def main() -> None:
         "step_end_times": [r["time"] for r in rows],
         "threads": torch.get_num_threads(),
         "wall_s": wall,
+        "train_start": t0,
         "mixed_precision": str(state.mixed_precision),
         "param_dtype": f"torch.{(cfg.models.policy if stage == 'ppo' else cfg.model).dtype}",  # the load dtype
     }
