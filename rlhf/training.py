@@ -161,6 +161,12 @@ def compiled_for_training(accelerator: Accelerator, model: torch.nn.Module, enab
     """
     if not enabled:
         return model
+    compilers = ("g++", "clang++", "c++")
+    if accelerator.device.type == "cpu" and not (os.environ.get("CXX") or any(map(shutil.which, compilers))):
+        raise ConfigError(
+            "train.compile: true on CPU needs a C++ compiler (TorchInductor builds C++ kernels) and none was found "
+            "(g++, clang++, c++ or $CXX): install one, or set train.compile: false"
+        )
     if accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
         accelerator.print(
             f"[compile] train.compile under {accelerator.distributed_type.value}: not run by rlhf's tests "

@@ -22,7 +22,8 @@ with fp32 master weights (rlhf: train.mixed_precision=bf16; TRL: bf16=True; see 
 what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
-        [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--rlhf-set K=V] [--write-doc]
+        [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--compile] [--rlhf-set K=V]
+        [--write-doc]
 """
 
 import argparse
@@ -113,9 +114,18 @@ def world_dir(size: str) -> Path:
 
 
 def run_worker(
-    side: str, workload: str, steps: int, rep: int, threads: int, size: str, precision: str, sets: list[str]
+    side: str,
+    workload: str,
+    steps: int,
+    rep: int,
+    threads: int,
+    size: str,
+    precision: str,
+    sets: list[str],
+    compile: bool,
 ) -> dict:
-    """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone). `sets`: rlhf overrides."""
+    """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone). `sets`: rlhf overrides;
+    `compile`: TRL's torch_compile (SFT, RM; its PPO has none), rlhf's train.compile arrives in `sets`."""
     python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (PEER_PY, "trl_worker.py")
     name = f"{size}-{precision}-{workload}-{side}-{rep}"
     out = OUT / "runs" / name
@@ -124,7 +134,10 @@ def run_worker(
     logfile = OUT / "runs" / f"{name}.log"
     cmd = [python, ROOT / "scripts" / "peer" / script, "--workload", workload, "--world", world_dir(size)]
     cmd += ["--out", out, "--steps", str(steps), "--result", result, "--precision", precision]
-    cmd += [a for kv in sets for a in ("--set", kv)] if side == "rlhf" else []
+    if side == "rlhf":
+        cmd += [a for kv in sets for a in ("--set", kv)]
+    elif compile and workload != "ppo":
+        cmd += ["--compile"]
     t0 = time.time()
     with logfile.open("w") as f:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env(threads))
@@ -153,8 +166,9 @@ def measure(data: dict, workload: str, seq_len: int) -> dict:
         raise SystemExit(f"{data['side']} {workload}: fewer than 2 steps recorded")
     step_s = sum(durations) / len(durations)
     fig = {"step_s": step_s, "rss": data["peak_rss_mib"]}
-    if "train_start" in data:  # the warm-up step from the training call's start (setup and any compile included)
-        fig["first_s"] = ends[0] - data["train_start"]
+    start = data.get("train_start", data.get("train_begin"))  # rlhf: before loading the models; TRL: train()
+    if start:  # the warm-up step, any compile included
+        fig["first_s"] = ends[0] - start
     if workload == "ppo":
         fig["throughput"] = EPISODES / step_s
         for k in ("time/generate", "time/score", "time/train"):
@@ -163,6 +177,77 @@ def measure(data: dict, workload: str, seq_len: int) -> dict:
     else:
         fig["throughput"] = SEQUENCES[workload] * seq_len / step_s
     return fig
+
+
+def forward_flops(shape: dict, tokens: int, seqs: int, seq_len: int, head_tokens: int = 0) -> float:
+    """Matmul FLOPs of one forward: the decoder's linears over `tokens`, causal attention (QK^T and AV over the lower
+    triangle) over `seqs` sequences of `seq_len`, and an LM head over `head_tokens` (2 FLOPs per multiply-add)."""
+    d, f, layers = shape["hidden_size"], shape["intermediate_size"], shape["num_hidden_layers"]
+    linears = 2 * tokens * layers * (4 * d * d + 3 * d * f)
+    attention = seqs * layers * 2 * seq_len * seq_len * d
+    return linears + attention + 2 * head_tokens * d * shape["vocab"]
+
+
+def step_flops(shape: dict, workload: str) -> float:
+    """Matmul FLOPs of one measured step of rlhf's computation (PPO: an iteration); training = 3x the forward."""
+    L, P, R = shape["seq_len"], shape["prompt_len"], shape["new_tokens"]
+    if workload in SEQUENCES:
+        n = SEQUENCES[workload]
+        return 3 * forward_flops(shape, n * L, n, L, head_tokens=n * L if workload == "sft" else 0)
+    T, mini = P + R, 8
+    generate = forward_flops(shape, EPISODES * P, EPISODES, P, EPISODES) + sum(
+        forward_flops(shape, EPISODES, 0, 0, EPISODES)
+        + EPISODES * shape["num_hidden_layers"] * 4 * t * shape["hidden_size"]
+        for t in range(P + 1, T)
+    )
+    # old log-probs and reference log-probs (LM head over R + 1 positions), values, reward
+    score = 2 * forward_flops(shape, EPISODES * T, EPISODES, T, EPISODES * (R + 1))
+    score += 2 * forward_flops(shape, EPISODES * T, EPISODES, T)
+    minibatches = 4 * EPISODES // mini  # 4 epochs
+    policy = forward_flops(shape, mini * T, mini, T, mini * (R + 1))
+    value = forward_flops(shape, mini * T, mini, T)
+    return generate + score + minibatches * 3 * (policy + value)
+
+
+def gemm_rate(precision: str, threads: int, shape: dict) -> float:
+    """This machine's best measured matmul rate (FLOP/s) in the precision's compute dtype: a large square product
+    and the model's own MLP product at PPO's minibatch, best of both (an upper bound for any step's matmuls)."""
+    dtype = "bfloat16" if precision == "bf16" else "float32"
+    m = 8 * (shape["prompt_len"] + shape["new_tokens"])
+    code = f"""
+import time, torch
+best = 0.0
+for m, k, n in ((2048, 2048, 2048), ({m}, {shape["hidden_size"]}, {shape["intermediate_size"]})):
+    a, b = torch.randn(m, k, dtype=torch.{dtype}), torch.randn(k, n, dtype=torch.{dtype})
+    for _ in range(3):
+        a @ b
+    reps = max(3, int(2e10 / (2 * m * k * n)))
+    t = time.perf_counter()
+    for _ in range(reps):
+        a @ b
+    best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
+print(best)
+"""
+    out = subprocess.run(
+        [str(RLHF_PY), "-c", code], capture_output=True, text=True, env=child_env(threads), check=True
+    )
+    return float(out.stdout.strip())
+
+
+def floor_line(workload: str, shape: dict, rate: float, precision: str, figs: dict[str, list[dict]]) -> str:
+    """The compute floor of a step: its matmul FLOPs at the best measured GEMM rate, and the throughput cap."""
+    flops = step_flops(shape, workload)
+    seconds = flops / rate
+    cap = (EPISODES if workload == "ppo" else SEQUENCES[workload] * shape["seq_len"]) / seconds
+    line = (
+        f"Compute floor ({PRECISION[precision]} matmuls): {flops / 1e9:.0f} GFLOP per "
+        f"{'iteration' if workload == 'ppo' else 'step'} at this CPU's best measured GEMM rate "
+        f"({rate / 1e9:.0f} GFLOP/s) = {seconds:.3f} s, so at most {fmt(cap)} per s"
+    )
+    if "trl" in figs:
+        trl = statistics.median(f["throughput"] for f in figs["trl"])
+        line += f" = **{cap / trl:.2f}x** TRL's median with no time outside the matmuls"
+    return line + "."
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
@@ -232,6 +317,11 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="1 rep, 2 measured steps unless --steps: a smoke test")
     ap.add_argument("--threads", type=int, default=0, help="OMP/MKL threads for both sides (0 = torch default)")
     ap.add_argument(
+        "--compile",
+        action="store_true",
+        help="torch.compile on both sides: rlhf train.compile=true, TRL torch_compile=True (SFT, RM; not its PPO)",
+    )
+    ap.add_argument(
         "--rlhf-set",
         action="append",
         default=[],
@@ -250,6 +340,7 @@ def main() -> None:
     sides = [x for x in SIDES if x in sides]  # rlhf first, then TRL
     precision = {"rlhf": args.rlhf_precision or args.precision, "trl": args.trl_precision or args.precision}
     precision = {side: precision[side] for side in sides}
+    rlhf_sets = args.rlhf_set + (["train.compile=true"] if args.compile else [])
     size = SIZES[args.size]
     reps = 1 if args.quick else args.reps
 
@@ -275,18 +366,26 @@ def main() -> None:
         f"{datetime.date.today().isoformat()}, size {args.size} ({shape['params'] / 1e6:.2f}M parameters; "
         f"L {size['L']}, PPO {size['P']}-token prompts + {size['R']} new tokens), precision: {prec}; "
         f"{machine()}; {versions}; threads {args.threads or 'torch default'}; {reps} rep(s) per side"
-        + (f"; rlhf with {', '.join(args.rlhf_set)}" if args.rlhf_set and "rlhf" in sides else "")
+        + (f"; rlhf with {', '.join(rlhf_sets)}" if rlhf_sets and "rlhf" in sides else "")
+        + (
+            "; TRL with torch_compile=True (SFT, RM; its PPO cannot compile)"
+            if args.compile and "trl" in sides
+            else ""
+        )
         + (" (--quick: rough)" if args.quick else "")
     )
     log(header)
     out_lines = [header, ""]
+    rates: dict[str, float] = {}
     for w in workloads:
         measured = args.steps or (2 if args.quick else 5 if w == "ppo" else 10)
         figs: dict[str, list[dict]] = {side: [] for side in sides}
         for rep in range(reps):
             for side in sides:
                 log(f"{w}: {side} ({PRECISION[precision[side]]}) run {rep + 1}/{reps}: 1 warm-up, {measured} measured")
-                data = run_worker(side, w, measured + 1, rep, args.threads, args.size, precision[side], args.rlhf_set)
+                data = run_worker(
+                    side, w, measured + 1, rep, args.threads, args.size, precision[side], rlhf_sets, args.compile
+                )
                 fig = measure(data, w, size["L"])
                 figs[side].append(fig)
                 first = f", first step {fig['first_s']:.1f} s" if "first_s" in fig else ""
@@ -295,9 +394,17 @@ def main() -> None:
                     f"{fig['rss']:.0f} MiB{first}"
                 )
         lines = table(w, figs, precision, args.size)
+        if "rlhf" in precision:
+            if precision["rlhf"] not in rates:
+                rates[precision["rlhf"]] = gemm_rate(precision["rlhf"], args.threads, shape)
+            lines += ["", floor_line(w, shape, rates[precision["rlhf"]], precision["rlhf"], figs)]
         print("\n" + "\n".join(lines) + "\n", flush=True)
         out_lines += lines + [""]
-    tag = f"{args.size}-" + "-".join(f"{side}_{precision[side]}" for side in sides)
+    tag = (
+        f"{args.size}-"
+        + "-".join(f"{side}_{precision[side]}" for side in sides)
+        + ("-compile" if args.compile else "")
+    )
     (OUT / f"report-{tag}.md").write_text("\n".join(out_lines) + "\n")
     log(f"wrote {(OUT / f'report-{tag}.md').relative_to(ROOT)}")
     if args.write_doc:
@@ -338,7 +445,14 @@ KL coef 0.05 (k1), no ptx, no gradient clipping (TRL's PPO loop has none). TRL's
 generation and the first training forward (rollout forwards, rewards, advantages); TRL takes the policy's old
 log-probs from generate()'s scores, rlhf runs a separate forward. SFT: 8 x L tokens, completion-only loss, no
 packing. RM: 8 pairs x L tokens. RM K=4: 8 prompts x 4 responses x L tokens, counted as unique tokens (rlhf forwards
-each response once; TRL trains on the 6 pairs per prompt, 48 pairs, each response forwarded 3 times)."""
+each response once; TRL trains on the 6 pairs per prompt, 48 pairs, each response forwarded 3 times).
+`--compile`: torch.compile on both sides (rlhf `train.compile=true`, TRL `torch_compile=True` for SFT and RM; TRL
+1.12's PPOTrainer builds its own Accelerator with no compile path, so its PPO stays eager); the log gives each
+run's first step, compile included. Under each table, the compute floor: the step's matmul FLOPs, counted from the
+model's shape (decoder linears, causal attention, LM head where logits are taken; training = 3x the forward; PPO:
+generation, the four scoring forwards, 16 minibatch updates of policy and value), at the best matmul rate this CPU
+measures in that precision (a 2048^3 product or the model's MLP product at PPO's minibatch): no implementation of
+the same computation can run faster."""
 
 
 if __name__ == "__main__":

@@ -245,7 +245,7 @@ def tiny_sft(tiny_world, tiny_base, tmp_path_factory) -> Path:
 
 
 def rm_config(tiny_world, tiny_sft, out: Path, extra: list[str] = ()):
-    """configs/tiny/rm.yaml shrunk to one plain RM of 40 steps (the recipe trains a 2-member ensemble)."""
+    """configs/tiny/rm.yaml shrunk to one plain RM of 40 steps (the recipe trains a 3-member ensemble)."""
     from rlhf.config import load_config
 
     data = Path(tiny_world) / "data"

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from accelerate import Accelerator
-from conftest import load_stage, ppo_config, read_metrics, sft_overrides
+from conftest import load_stage, ppo_config, read_metrics, rm_config, sft_overrides
 from safetensors.torch import load_file
 
-from rlhf import ppo, sft
-from rlhf.training import clip_grad_norm
+from rlhf import ppo, reward, sft
+from rlhf.config import ConfigError
+from rlhf.training import clip_grad_norm, compiled_for_training
 
 
 def _with_grads() -> list[torch.nn.Parameter]:
@@ -35,6 +37,13 @@ def test_grad_norm_without_clipping_measures_and_leaves_the_gradients():
     torch.testing.assert_close(clipped, torch.tensor(0.5), rtol=1e-4, atol=0)
 
 
+def _graphs_compiled() -> int:
+    """Graphs dynamo has compiled in this process so far (to tell a compiled run from an eager one)."""
+    from torch._dynamo.utils import counters
+
+    return counters["stats"]["unique_graphs"]
+
+
 def _weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
@@ -51,7 +60,9 @@ def test_compiled_sft_follows_eager_and_saves_plain_weights(tiny_world, tiny_bas
             "train__mixed_precision": "no",
             "logging__every": 1,
         }
+        before = _graphs_compiled()
         finals[compiled] = sft.train(load_stage("sft", "sft.yaml", sft_overrides(tiny_world, out, tiny_base, **extra)))
+        assert (_graphs_compiled() > before) == compiled
         losses[compiled] = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
     assert len(losses[True]) == 3
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)
@@ -59,6 +70,20 @@ def test_compiled_sft_follows_eager_and_saves_plain_weights(tiny_world, tiny_bas
     assert eager.keys() == compiled.keys()
     for name in eager:
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5)
+
+
+def test_compiled_reward_model_follows_eager(tiny_world, tiny_sft, tmp_path):
+    """The RM trains as a TokenValueModel: compiled, its forward still goes through the wrapper (wrapped_module)."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        extra = ["train.max_steps=3", "logging.every=1", f"train.compile={str(compiled).lower()}"]
+        before = _graphs_compiled()
+        reward.train(rm_config(tiny_world, tiny_sft, out, extra + ["train.mixed_precision=no"]))
+        assert (_graphs_compiled() > before) == compiled
+        losses[compiled] = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+    assert len(losses[True]) == 3
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)
 
 
 def test_compiled_ppo_update_matches_eager(tiny_world, tiny_sft, tiny_rm, tmp_path):
@@ -80,3 +105,11 @@ def test_compiled_ppo_update_matches_eager(tiny_world, tiny_sft, tiny_rm, tmp_pa
         torch.testing.assert_close(
             torch.tensor(stats[True][key]), torch.tensor(stats[False][key]), rtol=1e-3, atol=1e-6, msg=key
         )
+
+
+def test_compile_without_a_cpu_compiler_is_a_config_error(monkeypatch):
+    monkeypatch.delenv("CXX", raising=False)
+    monkeypatch.setattr("shutil.which", lambda name: None)
+    with pytest.raises(ConfigError, match="train.compile"):
+        compiled_for_training(Accelerator(cpu=True), torch.nn.Linear(2, 2), True)
+    assert compiled_for_training(Accelerator(cpu=True), module := torch.nn.Linear(2, 2), False) is module

@@ -147,7 +147,9 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool) ->
     return split | {"eos_tokens": eos} | precision_used(trainer, policy)
 
 
-def run_supervised(workload: str, world: Path, out: Path, steps: int, clock: StepClock, bf16: bool) -> dict:
+def run_supervised(
+    workload: str, world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, compile: bool
+) -> dict:
     files = {"sft": "sft_trl.jsonl", "rm": "pairs_trl.jsonl", "rmk4": "ranked4_trl.jsonl"}
     ds = load_dataset("json", data_files=str(world / "data" / files[workload]), split="train")
     tok = AutoTokenizer.from_pretrained(world / "lm")
@@ -158,6 +160,7 @@ def run_supervised(workload: str, world: Path, out: Path, steps: int, clock: Ste
         logging_strategy="no",
         max_length=json.loads((world / "model.json").read_text())["seq_len"],
         bf16=bf16,
+        torch_compile=compile,  # Trainer: accelerate's dynamo plugin compiles the prepared model (inductor)
     )
     if workload == "sft":
         from trl import SFTConfig, SFTTrainer
@@ -188,6 +191,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
     ap.add_argument("--result", required=True, help="JSON file to write")
     ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16 = TRL's bf16=True (no = fp32)")
+    ap.add_argument("--compile", action="store_true", help="torch_compile=True (SFT, RM; TRL's PPO has no such path)")
     args = ap.parse_args()
     bf16 = args.precision == "bf16"
     out, world = Path(args.out), Path(args.world)
@@ -195,9 +199,11 @@ def main() -> None:
     clock = StepClock()
     t0 = time.time()
     if args.workload == "ppo":
+        if args.compile:
+            raise SystemExit("TRL 1.12's PPOTrainer builds its own Accelerator without a dynamo plugin: no compile")
         extra = run_ppo(world, out, args.steps, clock, bf16)
     else:
-        extra = run_supervised(args.workload, world, out, args.steps, clock, bf16)
+        extra = run_supervised(args.workload, world, out, args.steps, clock, bf16, args.compile)
     result = {
         "side": "trl",
         "workload": args.workload,
