@@ -72,6 +72,25 @@ def test_compiled_sft_follows_eager_and_saves_plain_weights(tiny_world, tiny_bas
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5)
 
 
+def test_compiled_lora_with_gradient_checkpointing_follows_eager(tiny_world, tiny_base, tmp_path):
+    """peft adapters and activation checkpointing inside the compiled forward: the eager loss curve."""
+    losses = {}
+    for compiled in (False, True):
+        out = tmp_path / f"compile-{compiled}"
+        extra = {
+            "train__max_steps": 3,
+            "train__compile": compiled,
+            "train__mixed_precision": "no",
+            "logging__every": 1,
+            "model__lora__enabled": True,
+            "model__gradient_checkpointing": True,
+        }
+        sft.train(load_stage("sft", "sft.yaml", sft_overrides(tiny_world, out, tiny_base, **extra)))
+        losses[compiled] = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
+    assert len(losses[True]) == 3 and losses[True][-1] < losses[True][0]
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)
+
+
 def test_compiled_reward_model_follows_eager(tiny_world, tiny_sft, tmp_path):
     """The RM trains as a TokenValueModel: compiled, its forward still goes through the wrapper (wrapped_module)."""
     losses = {}
