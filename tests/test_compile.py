@@ -8,7 +8,7 @@ from accelerate import Accelerator
 from conftest import load_stage, ppo_config, read_metrics, rm_config, sft_overrides
 from safetensors.torch import load_file
 
-from rlhf import ppo, reward, sft
+from rlhf import dpo, ppo, reward, sft
 from rlhf.config import ConfigError
 from rlhf.training import clip_grad_norm, compiled_for_training
 
@@ -72,23 +72,29 @@ def test_compiled_sft_follows_eager_and_saves_plain_weights(tiny_world, tiny_bas
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5)
 
 
-def test_compiled_lora_with_gradient_checkpointing_follows_eager(tiny_world, tiny_base, tmp_path):
-    """peft adapters and activation checkpointing inside the compiled forward: the eager loss curve."""
+def test_compiled_dpo_lora_with_gradient_checkpointing_follows_eager(tiny_world, tiny_sft, tmp_path):
+    """DPO with peft adapters, the reference as the policy with its adapter disabled (a no-grad forward through the
+    same compiled module), and activation checkpointing: the eager loss curve."""
+    from test_dpo import dpo_overrides
+
     losses = {}
     for compiled in (False, True):
         out = tmp_path / f"compile-{compiled}"
-        extra = {
-            "train__max_steps": 3,
-            "train__compile": compiled,
-            "train__mixed_precision": "no",
-            "logging__every": 1,
-            "model__lora__enabled": True,
-            "model__gradient_checkpointing": True,
-        }
-        sft.train(load_stage("sft", "sft.yaml", sft_overrides(tiny_world, out, tiny_base, **extra)))
+        extra = dict(
+            reference="disable_adapter",
+            model__lora__enabled=True,
+            model__lora__target_modules=["q_proj", "v_proj"],
+            model__gradient_checkpointing=True,
+            train__max_steps=3,
+            train__compile=compiled,
+            train__mixed_precision="no",
+            logging__every=1,
+            optim__lr=1e-2,
+        )
+        dpo.train(load_stage("dpo", "dpo.yaml", dpo_overrides(tiny_world, out, tiny_sft, **extra)))
         losses[compiled] = [r["train/loss"] for r in read_metrics(out) if "train/loss" in r]
     assert len(losses[True]) == 3 and losses[True][-1] < losses[True][0]
-    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)
+    torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-6)
 
 
 def test_compiled_reward_model_follows_eager(tiny_world, tiny_sft, tmp_path):
