@@ -23,6 +23,7 @@ what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
         [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--compile] [--rlhf-set K=V]
+        [--attn IMPL]
         [--write-doc]
 """
 
@@ -123,9 +124,11 @@ def run_worker(
     precision: str,
     sets: list[str],
     compile: bool,
+    attn: str,
 ) -> dict:
     """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone). `sets`: rlhf overrides;
-    `compile`: TRL's torch_compile (SFT, RM; its PPO has none), rlhf's train.compile arrives in `sets`."""
+    `compile`: TRL's torch_compile (SFT, RM; its PPO has none), rlhf's train.compile arrives in `sets`; `attn`:
+    both sides' attn_implementation (empty: each side's default)."""
     python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (PEER_PY, "trl_worker.py")
     name = f"{size}-{precision}-{workload}-{side}-{rep}"
     out = OUT / "runs" / name
@@ -138,6 +141,8 @@ def run_worker(
         cmd += [a for kv in sets for a in ("--set", kv)]
     elif compile and workload != "ppo":
         cmd += ["--compile"]
+    if attn:
+        cmd += ["--attn", attn]
     t0 = time.time()
     with logfile.open("w") as f:
         proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env(threads))
@@ -328,6 +333,12 @@ def main() -> None:
         metavar="KEY=VALUE",
         help="an rlhf config override for every rlhf run (repeatable), e.g. train.compile=true",
     )
+    ap.add_argument(
+        "--attn",
+        default="",
+        metavar="IMPL",
+        help="attn_implementation of every model on both sides (e.g. eager; default: each side's own)",
+    )
     ap.add_argument("--write-doc", action="store_true", help=f"append the tables to {DOC.relative_to(ROOT)}")
     args = ap.parse_args()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -372,6 +383,7 @@ def main() -> None:
             if args.compile and "trl" in sides
             else ""
         )
+        + (f"; attn_implementation={args.attn} on both sides" if args.attn else "")
         + (" (--quick: rough)" if args.quick else "")
     )
     log(header)
@@ -384,7 +396,16 @@ def main() -> None:
             for side in sides:
                 log(f"{w}: {side} ({PRECISION[precision[side]]}) run {rep + 1}/{reps}: 1 warm-up, {measured} measured")
                 data = run_worker(
-                    side, w, measured + 1, rep, args.threads, args.size, precision[side], rlhf_sets, args.compile
+                    side,
+                    w,
+                    measured + 1,
+                    rep,
+                    args.threads,
+                    args.size,
+                    precision[side],
+                    rlhf_sets,
+                    args.compile,
+                    args.attn,
                 )
                 fig = measure(data, w, size["L"])
                 figs[side].append(fig)
@@ -448,11 +469,12 @@ packing. RM: 8 pairs x L tokens. RM K=4: 8 prompts x 4 responses x L tokens, cou
 each response once; TRL trains on the 6 pairs per prompt, 48 pairs, each response forwarded 3 times).
 `--compile`: torch.compile on both sides (rlhf `train.compile=true`, TRL `torch_compile=True` for SFT and RM; TRL
 1.12's PPOTrainer builds its own Accelerator with no compile path, so its PPO stays eager); the log gives each
-run's first step, compile included. Under each table, the compute floor: the step's matmul FLOPs, counted from the
-model's shape (decoder linears, causal attention, LM head where logits are taken; training = 3x the forward; PPO:
-generation, the four scoring forwards, 16 minibatch updates of policy and value), at the best matmul rate this CPU
-measures in that precision (a 2048^3 product or the model's MLP product at PPO's minibatch): no implementation of
-the same computation can run faster."""
+run's first step, compile included. `--attn IMPL`: every model of both sides loaded with that attn_implementation
+(like for like when one side's setting is not the default). Under each table, the compute floor: the step's matmul
+FLOPs, counted from the model's shape (decoder linears, causal attention, LM head where logits are taken; training =
+3x the forward; PPO: generation, the four scoring forwards, 16 minibatch updates of policy and value), at the best
+matmul rate this CPU measures in that precision (a 2048^3 product or the model's MLP product at PPO's minibatch): no
+implementation of the same computation can run faster."""
 
 
 if __name__ == "__main__":

@@ -99,6 +99,7 @@ def main() -> None:
     ap.add_argument("--result", required=True, help="JSON file to write")
     ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="train.mixed_precision (no = fp32)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
+    ap.add_argument("--attn", default="", help="attn_implementation of every model (default: rlhf's auto)")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -109,6 +110,9 @@ def main() -> None:
     from rlhf.config import load_config
 
     stage, sets = overrides(args.workload, Path(args.world), out, args.steps, args.precision)
+    if args.attn:  # the value model and the reference are built from these two
+        roles = ["models.policy", "models.reward"] if stage == "ppo" else ["model"]
+        sets += [f"{role}.attn_implementation={args.attn}" for role in roles]
     cfg = load_config(stage, None, sets + args.set)
     t0 = time.time()
     {"ppo": ppo.train, "sft": sft.train, "rm": reward.train}[stage](cfg)

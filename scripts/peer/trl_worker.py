@@ -72,7 +72,7 @@ def precision_used(trainer, model) -> dict:
     }
 
 
-def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool) -> dict:
+def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, attn: dict) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as mod
 
@@ -98,10 +98,12 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool) ->
     tok = AutoTokenizer.from_pretrained(world / "lm")
     rows = load_dataset("json", data_files=str(world / "data" / "prompts.jsonl"), split="train")
     ds = rows.map(lambda r: {"input_ids": tok(r["prompt"])["input_ids"]}, remove_columns=rows.column_names)
-    policy = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32)
-    ref = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32)
-    reward = AutoModelForSequenceClassification.from_pretrained(world / "rm", num_labels=1, dtype=torch.float32)
-    value = AutoModelForSequenceClassification.from_pretrained(world / "rm", num_labels=1, dtype=torch.float32)
+    policy = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
+    ref = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        world / "rm", num_labels=1, dtype=torch.float32, **attn
+    )
+    value = AutoModelForSequenceClassification.from_pretrained(world / "rm", num_labels=1, dtype=torch.float32, **attn)
     args = PPOConfig(
         output_dir=str(out),
         per_device_train_batch_size=32,  # 32 episodes per iteration (x gradient_accumulation_steps 1)
@@ -148,7 +150,7 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool) ->
 
 
 def run_supervised(
-    workload: str, world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, compile: bool
+    workload: str, world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, compile: bool, attn: dict
 ) -> dict:
     files = {"sft": "sft_trl.jsonl", "rm": "pairs_trl.jsonl", "rmk4": "ranked4_trl.jsonl"}
     ds = load_dataset("json", data_files=str(world / "data" / files[workload]), split="train")
@@ -165,14 +167,16 @@ def run_supervised(
     if workload == "sft":
         from trl import SFTConfig, SFTTrainer
 
-        model = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32)
+        model = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
         args = SFTConfig(per_device_train_batch_size=8, packing=False, padding_free=False, **common)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
     else:
         from trl import RewardConfig, RewardTrainer
 
         # the LM's weights with a new scalar head, as rlhf's RM stage starts from an LM
-        model = AutoModelForSequenceClassification.from_pretrained(world / "lm", num_labels=1, dtype=torch.float32)
+        model = AutoModelForSequenceClassification.from_pretrained(
+            world / "lm", num_labels=1, dtype=torch.float32, **attn
+        )
         model.config.pad_token_id = tok.pad_token_id
         pairs = 8 if workload == "rm" else 48  # rmk4: the 6 pairs of each of 8 prompts
         args = RewardConfig(per_device_train_batch_size=pairs, **common)
@@ -192,8 +196,10 @@ def main() -> None:
     ap.add_argument("--result", required=True, help="JSON file to write")
     ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16 = TRL's bf16=True (no = fp32)")
     ap.add_argument("--compile", action="store_true", help="torch_compile=True (SFT, RM; TRL's PPO has no such path)")
+    ap.add_argument("--attn", default="", help="attn_implementation of every model (default: transformers')")
     args = ap.parse_args()
     bf16 = args.precision == "bf16"
+    attn = {"attn_implementation": args.attn} if args.attn else {}
     out, world = Path(args.out), Path(args.world)
     shutil.rmtree(out, ignore_errors=True)
     clock = StepClock()
@@ -201,9 +207,9 @@ def main() -> None:
     if args.workload == "ppo":
         if args.compile:
             raise SystemExit("TRL 1.12's PPOTrainer builds its own Accelerator without a dynamo plugin: no compile")
-        extra = run_ppo(world, out, args.steps, clock, bf16)
+        extra = run_ppo(world, out, args.steps, clock, bf16, attn)
     else:
-        extra = run_supervised(args.workload, world, out, args.steps, clock, bf16, args.compile)
+        extra = run_supervised(args.workload, world, out, args.steps, clock, bf16, args.compile, attn)
     result = {
         "side": "trl",
         "workload": args.workload,
