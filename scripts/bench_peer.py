@@ -23,8 +23,7 @@ what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
         [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--compile] [--rlhf-set K=V]
-        [--attn IMPL]
-        [--write-doc]
+        [--attn IMPL] [--write-doc]
 """
 
 import argparse
