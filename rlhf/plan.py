@@ -5,7 +5,8 @@ instantiating the architecture on the `meta` device, which allocates nothing) an
 (docs/scaling.md, "Before you rent a GPU") are:
 
 - weights   = params x bytes(model.dtype); a frozen role holds only this. Sharded (/N) under fsdp and zero3 for
-              every role, the frozen reference and reward models included (rlhf.training.prepare_frozen).
+              every role, the frozen reference and reward models included (rlhf.training.prepare_frozen); unsharded
+              (ddp) under bf16/fp16 autocast its Linear weights take 2 B (rlhf.models.half_precision_linears).
 - grads     = trainable x bytes(dtype) (DeepSpeed ZeRO with mixed precision: 2 B); /N under zero2, zero3, fsdp.
 - optimizer = AdamW m and v: trainable x 2 x bytes(dtype) (torch keeps them in the parameter's dtype); under
               DeepSpeed ZeRO with mixed precision fp32 master weights + fp32 m, v: 12 B per trainable param; /N
@@ -65,6 +66,10 @@ class ModelShape:
     """Parameters of the causal LM (tied embeddings counted once)."""
     params_scalar: int
     """Parameters of the scalar-head model (`*ForSequenceClassification`, num_labels 1): no LM head, a h x 1 head."""
+    linear_params_lm: int = 0
+    """Parameters of the causal LM's own (untied) Linear layers: what a frozen copy stores in half precision."""
+    linear_params_scalar: int = 0
+    """The same for the scalar-head model, its [h -> 1] head excepted (it runs in fp32)."""
     linears: dict[str, int] = field(default_factory=dict)
     """Linear-module name (last component) -> sum over those modules of (in_features + out_features)."""
     eager_attention: bool = False
@@ -114,9 +119,27 @@ def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
         intermediate=intermediate,
         params_lm=sum(p.numel() for p in lm.parameters()),
         params_scalar=sum(p.numel() for p in scalar.parameters()),
+        linear_params_lm=_untied_linear_params(lm),
+        linear_params_scalar=_untied_linear_params(scalar, skip=getattr(scalar, "score", None)),
         linears=linears,
         eager_attention=attn == "eager",
         name=name,
+    )
+
+
+def _untied_linear_params(model: Any, skip: Any = None) -> int:
+    """Parameters of the plain nn.Linear modules (but `skip`) that share no weight with another module."""
+    from torch import nn
+
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return sum(
+        p.numel()
+        for m in model.modules()
+        if type(m) is nn.Linear and m is not skip and all(owners[id(q)] == 1 for q in m.parameters(recurse=False))
+        for p in m.parameters(recurse=False)
     )
 
 
@@ -311,6 +334,26 @@ def role_static(
     )
 
 
+def frozen_role(
+    role: str,
+    params: int,
+    linear_params: int,
+    dtype: str,
+    mixed_precision: str,
+    topology: str,
+    num_processes: int,
+    note: str = "",
+) -> RoleEstimate:
+    """A frozen role's weights: its loaded dtype (a ZeRO-3 inference engine casts to the training's half
+    precision); unsharded under bf16/fp16 autocast its fp32 Linear weights are kept in 2 bytes
+    (rlhf.training.prepare_frozen), the rest (embeddings, norms, a scalar head) in the loaded dtype."""
+    prec = precision(dtype, mixed_precision, "zero3" if topology == "zero3" else "ddp")
+    est = role_static(role, params, 0, prec, topology, num_processes, note=note)
+    if topology == "ddp" and mixed_precision in ("bf16", "fp16") and prec.weight == 4:
+        est.weights -= linear_params * 2
+    return est
+
+
 def train_flops_per_token(params: int, lora: bool, checkpointing: bool) -> int:
     """6N (forward 2N + backward 4N); LoRA 4N (no weight gradients of the frozen base); +2N recomputation."""
     return (4 if lora else 6) * params + (2 * params if checkpointing else 0)
@@ -455,9 +498,10 @@ def plan_dpo(
     policy = trained_lm_role("policy", m, shape, prec, topology, num_processes, note="trained")
     seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
     policy.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=True)
-    frozen_prec = precision(m.dtype, mp, "zero3" if topology == "zero3" else "ddp")
     if cfg.reference == "copy":
-        ref = role_static("reference", shape.params_lm, 0, frozen_prec, topology, num_processes, note="frozen copy")
+        ref = frozen_role(
+            "reference", shape.params_lm, shape.linear_params_lm, m.dtype, mp, topology, num_processes, "frozen copy"
+        )
     else:
         ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
     ref.activations = activation_bytes(shape, micro, seq, prec.activation, False, lm_head=True, trained=False)
@@ -525,10 +569,10 @@ def plan_ppo(
     gen_act = gen_batch * policy.vocab * (p + 4) + activation_bytes(policy, gen_batch, P, p, False, False, False)
 
     # reference
-    # frozen roles: the loaded dtype (a ZeRO-3 inference engine casts to the training's half precision)
-    frozen_prec = precision(pol.dtype, mp, "zero3" if topology == "zero3" else "ddp")
     if m.reference == "copy":
-        ref = role_static("reference", policy.params_lm, 0, frozen_prec, topology, n, note="frozen copy")
+        ref = frozen_role(
+            "reference", policy.params_lm, policy.linear_params_lm, pol.dtype, mp, topology, n, note="frozen copy"
+        )
         ref.activations = score_act
     else:
         ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
@@ -553,13 +597,12 @@ def plan_ppo(
     roles.append(value)
 
     # reward model(s)
-    reward_prec = precision(m.reward.dtype, mp, "zero3" if topology == "zero3" else "ddp")
     score_rm = activation_bytes(reward, score_mb, S, p, False, lm_head=False, trained=False) if reward_members else 0
     for i in range(reward_members):
-        rm = role_static(
-            "reward" if reward_members == 1 else f"reward[{i}]", reward.params_scalar, 0, reward_prec, topology, n
+        name = "reward" if reward_members == 1 else f"reward[{i}]"
+        rm = frozen_role(
+            name, reward.params_scalar, reward.linear_params_scalar, m.reward.dtype, mp, topology, n, "frozen"
         )
-        rm.note = "frozen"
         rm.activations = score_rm
         roles.append(rm)
 

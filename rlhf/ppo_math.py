@@ -100,8 +100,9 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
         return picked - torch.logsumexp(scaled, dim=-1)
     rows = []
     for row_logits, row_labels in zip(logits, labels):
-        row = row_logits.to(out_dtype) / temperature
-        rows.append(row.log_softmax(-1).gather(-1, row_labels.unsqueeze(-1)).squeeze(-1))
+        row = row_logits.to(out_dtype) / temperature if temperature != 1.0 else row_logits.to(out_dtype)
+        # the float32 path's formula: bf16 logits and their float32 copy give the same log-probs to the bit
+        rows.append(row.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
     return torch.stack(rows)
 
 

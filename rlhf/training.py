@@ -37,7 +37,7 @@ from accelerate.state import AcceleratorState
 from accelerate.tracking import GeneralTracker
 
 from rlhf.config import ConfigError, LoraConfig, OptimConfig, save_config
-from rlhf.models import TokenValueModel, cpu_backend
+from rlhf.models import TokenValueModel, cpu_backend, half_precision_linears
 
 # --------------------------------------------------------------------------------------------------
 # Accelerator, seeds, optimizer, schedule
@@ -110,6 +110,8 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn
     DeepSpeed ZeRO-3: a parameter-partitioned inference engine (`deepspeed.initialize` without an optimizer, as
     DeepSpeed documents for models that are only run forward); ZeRO-1/2 partition only optimizer state and
     gradients, so there the module is kept whole. Not run by this project's tests (docs/scaling.md).
+    Unsharded under bf16/fp16 autocast (one process, DDP): the Linear weights are stored in that half dtype, which
+    changes no output (`rlhf.models.half_precision_linears`) and halves their memory.
     """
     model.requires_grad_(False).eval()
     if accelerator.distributed_type == DistributedType.FSDP:
@@ -133,7 +135,9 @@ def prepare_frozen(accelerator: Accelerator, model: torch.nn.Module) -> torch.nn
             config["zero_optimization"]["offload_param"] = offload
         engine, *_ = deepspeed.initialize(model=model, config=config)
         return engine.eval()
-    return model.to(accelerator.device)
+    model = model.to(accelerator.device)
+    half_precision_linears(model, accelerator.autocast)
+    return model
 
 
 def clip_grad_norm(accelerator: Accelerator, parameters, max_norm: float) -> torch.Tensor:

@@ -227,8 +227,17 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     assert [r.role for r in only_fn.roles] == ["policy", "reference", "value"]
     # DPO: the policy trained on prompts x K responses, the reference forward-only on the same batch
     dpo_cfg = load_config("dpo", str(CONFIGS / "tiny" / "dpo.yaml"), [f"model.name_or_path={tmp_path}"])
-    dpo = plan_dpo(dpo_cfg, shape, responses_per_prompt=4)
+    dpo = plan_dpo(dpo_cfg, shape, responses_per_prompt=4, mixed_precision="no")
     policy, ref = dpo.roles
     assert policy.trainable == shape.params_lm and ref.trainable == 0 and ref.weights == policy.weights
+    # under bf16 autocast the frozen reference keeps its Linear weights in 2 bytes; Qwen2.5-0.5B ties its LM head
+    # to the embedding (kept fp32): per layer q 896x896+896, k and v 896x128+128, o 896x896, MLP 3 x 896x4864
+    assert shape.linear_params_scalar == shape.linear_params_lm  # its [896 -> 1] score head stays fp32
+    assert shape.linear_params_lm == 24 * (803_712 + 2 * 114_816 + 802_816 + 3 * 896 * 4864) == 357_854_208
+    half = plan_dpo(dpo_cfg, shape, responses_per_prompt=4, mixed_precision="bf16").roles[1]
+    assert half.weights == ref.weights - 2 * shape.linear_params_lm
+    zero3 = plan_dpo(dpo_cfg, shape, responses_per_prompt=4, mixed_precision="bf16", topology="zero3").roles[1]
+    assert zero3.weights == 2 * shape.params_lm  # DeepSpeed's inference engine casts it all (not our conversion)
+    dpo = plan_dpo(dpo_cfg, shape, responses_per_prompt=4)
     tokens = dpo_cfg.train.batch_size * 4 * dpo_cfg.data.format.max_length
     assert dpo.tokens == {"trained": tokens} and dpo.flops == tokens * 8 * shape.params_lm  # 6N train + 2N reference

@@ -69,6 +69,11 @@ def test_logprobs_bf16_upcast_to_float32():
     assert out.dtype == torch.float32
     expected = torch.log_softmax(logits.float() / 2.0, -1).gather(-1, labels[..., None]).squeeze(-1)
     assert_close(out, expected)
+    # bf16 logits (a frozen reference's) and their float32 copy (the policy's, upcast by accelerate) give the same
+    # log-probs to the bit, so the KL to the reference is exactly 0 while the policy equals it
+    for temperature in (1.0, 0.7):
+        upcast = logprobs_from_logits(logits.float(), labels, temperature)
+        assert torch.equal(logprobs_from_logits(logits, labels, temperature), upcast)
 
 
 def test_entropy_uniform_is_log_v_and_matches_definition():

@@ -7,6 +7,8 @@ state and the loss reductions stay fp32 (autocast), so the runs differ from fp32
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from conftest import load_stage, ppo_config, read_metrics, sft_overrides
 
@@ -144,3 +146,96 @@ def test_scalar_head_is_not_rounded_to_bf16(tiny_sft, tokenizer):
     assert values.dtype == torch.float32
     assert torch.allclose(values, expected.squeeze(-1), atol=1e-6)
     assert not torch.equal(values, values.bfloat16().float())  # off bf16's grid
+
+
+def _bf16_autocast():
+    return torch.autocast("cpu", dtype=torch.bfloat16)
+
+
+def _padded_batch(vocab: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    ids = torch.randint(3, vocab, (3, 12), generator=g)
+    mask = torch.ones_like(ids)
+    mask[0, :4] = 0  # left padding, as PPO's rollouts have
+    return ids, mask
+
+
+def test_frozen_linears_in_bf16_change_no_output(tiny_lm):
+    """A frozen causal LM's Linear weights stored in bf16: the logits under bf16 autocast are bit-identical (autocast
+    rounds the fp32 weights to the same bf16 values on every call); embeddings and norms stay fp32. With tied
+    embeddings the LM head is the embedding matrix, which autocast does not cast: it stays fp32."""
+    import copy
+
+    from rlhf.models import causal_logits, half_precision_linears
+
+    ids, mask = _padded_batch(tiny_lm.config.vocab_size)
+    for tied in (False, True):
+        model = copy.deepcopy(tiny_lm)
+        if tied:
+            model.config.tie_word_embeddings = True
+            model.lm_head.weight = model.model.embed_tokens.weight
+        with torch.no_grad(), _bf16_autocast():
+            expected = causal_logits(model, ids, mask)
+        fp32_bytes = sum(p.numel() * 4 for p in model.parameters())
+        saved = half_precision_linears(model, _bf16_autocast)
+        attn = model.model.layers[0].self_attn
+        assert attn.q_proj.weight.dtype == torch.bfloat16 and model.model.layers[1].mlp.down_proj.weight.dtype == (
+            torch.bfloat16
+        )
+        assert model.model.embed_tokens.weight.dtype == torch.float32
+        assert model.model.norm.weight.dtype == torch.float32
+        assert model.lm_head.weight.dtype == (torch.float32 if tied else torch.bfloat16)
+        linear = sum(
+            m.weight.numel()
+            for m in model.modules()
+            if isinstance(m, torch.nn.Linear) and m.weight.dtype != torch.float32
+        )
+        assert saved == 2 * linear and 0 < saved < fp32_bytes / 2
+        with torch.no_grad(), _bf16_autocast():
+            assert torch.equal(causal_logits(model, ids, mask), expected)
+        with torch.no_grad():  # not under autocast: the probe saw none, so a fresh copy converts nothing
+            assert half_precision_linears(copy.deepcopy(tiny_lm), contextlib.nullcontext) == 0
+
+
+def test_frozen_reward_model_keeps_its_fp32_head(tokenizer):
+    """The reward model's scalar head runs with autocast off (its score in fp32): the probe sees that call outside
+    autocast and leaves the head fp32; the backbone's Linears go bf16; the scores are bit-identical."""
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    from rlhf.models import TokenValueModel, half_precision_linears
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        num_labels=1,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    reward = TokenValueModel(LlamaForSequenceClassification(config).eval()).requires_grad_(False)
+    ids, mask = _padded_batch(config.vocab_size)
+    with torch.no_grad(), _bf16_autocast():
+        expected = reward(ids, mask)
+    assert half_precision_linears(reward, _bf16_autocast) > 0
+    assert reward.model.score.weight.dtype == torch.float32
+    assert reward.model.model.layers[0].mlp.gate_proj.weight.dtype == torch.bfloat16
+    with torch.no_grad(), _bf16_autocast():
+        values = reward(ids, mask)
+    assert values.dtype == torch.float32 and torch.equal(values, expected)
+
+
+def test_bf16_ppo_frozen_reference_starts_at_zero_kl(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    """Under bf16 the frozen reference and reward model hold bf16 Linear weights, the trained policy and value model
+    fp32 masters; at the first rollout the policy is the reference, and their log-probs (same batches, same
+    rounding) are equal to the bit: KL exactly 0."""
+    cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=1", "train.mixed_precision=bf16"])
+    trainer = ppo.PPOTrainer(cfg)
+    q_proj = "model.layers.0.self_attn.q_proj.weight"
+    assert dict(trainer.reference.named_parameters())[q_proj].dtype == torch.bfloat16
+    assert dict(trainer.policy.named_parameters())[q_proj].dtype == torch.float32
+    assert dict(trainer.reward_models[0].named_parameters())["model." + q_proj].dtype == torch.bfloat16
+    rollout, _ = trainer.rollout(0)
+    assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
