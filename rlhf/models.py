@@ -524,4 +524,10 @@ def half_precision_linears(model: nn.Module, autocast: Callable[[], Any]) -> int
         if seen and all(seen):
             saved += sum(p.numel() * (p.element_size() - dtype.itemsize) for p in module.parameters(recurse=False))
             module.to(dtype)
+    if saved and device.type == "cpu":
+        # on CPU from_pretrained leaves the weights in a memory map of the checkpoint file, which stays resident (the
+        # whole fp32 file) while any tensor still points into it: copying the remaining ones out releases it
+        for tensor in [*model.parameters(), *model.buffers()]:
+            if tensor.dtype != dtype:
+                tensor.data = tensor.data.clone()
     return saved

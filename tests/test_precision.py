@@ -239,3 +239,24 @@ def test_bf16_ppo_frozen_reference_starts_at_zero_kl(tiny_world, tiny_sft, tiny_
     assert dict(trainer.reward_models[0].named_parameters())["model." + q_proj].dtype == torch.bfloat16
     rollout, _ = trainer.rollout(0)
     assert torch.equal(rollout.logprobs, rollout.ref_logprobs)
+
+
+def test_frozen_conversion_releases_the_checkpoint_memory_map(tiny_sft):
+    """On CPU from_pretrained's weights point into a memory map of model.safetensors, resident while any tensor
+    does: after the conversion none does (the fp32 file is released, the model holds only its bf16 + fp32 copies)."""
+    from transformers import AutoModelForCausalLM
+
+    from rlhf.models import half_precision_linears
+
+    def mapped(model) -> int:
+        spans = []
+        for line in open("/proc/self/maps"):
+            if line.rstrip().endswith("model.safetensors"):
+                start, end = (int(x, 16) for x in line.split()[0].split("-"))
+                spans.append((start, end))
+        return sum(any(a <= t.data_ptr() < b for a, b in spans) for t in model.parameters())
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_sft, dtype=torch.float32).eval().requires_grad_(False)
+    assert mapped(model) > 0  # so the check below can fail
+    assert half_precision_linears(model, _bf16_autocast) > 0
+    assert mapped(model) == 0
