@@ -473,6 +473,20 @@ def reward_scores(
     return scores
 
 
+def untied_linears(model: nn.Module) -> list[nn.Linear]:
+    """The plain `nn.Linear` modules of `model` whose parameters no other module shares (a tied LM head shares the
+    input embedding's weight)."""
+    owners: dict[int, int] = {}
+    for module in model.modules():
+        for p in module.parameters(recurse=False):
+            owners[id(p)] = owners.get(id(p), 0) + 1
+    return [
+        m
+        for m in model.modules()
+        if type(m) is nn.Linear and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))
+    ]
+
+
 def half_precision_linears(model: nn.Module, autocast: Callable[[], Any]) -> int:
     """Store a frozen model's Linear weights (and biases) in the half dtype its forwards autocast them to: the same
     values reach every matmul (autocast rounds fp32 weights to bf16/fp16 on each call; here once), so outputs are
@@ -492,17 +506,7 @@ def half_precision_linears(model: nn.Module, autocast: Callable[[], Any]) -> int
         enabled, dtype = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
     if not enabled or dtype not in (torch.bfloat16, torch.float16):
         return 0
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    candidates = [
-        m
-        for m in model.modules()
-        if type(m) is nn.Linear
-        and m.weight.dtype == torch.float32
-        and all(owners[id(p)] == 1 for p in m.parameters(recurse=False))
-    ]
+    candidates = [m for m in untied_linears(model) if m.weight.dtype == torch.float32]
     calls: dict[nn.Module, list[bool]] = {m: [] for m in candidates}
 
     def record(module: nn.Module, args: tuple) -> None:

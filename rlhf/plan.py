@@ -128,19 +128,10 @@ def shape_from_hf_config(config: Any, name: str = "") -> ModelShape:
 
 
 def _untied_linear_params(model: Any, skip: Any = None) -> int:
-    """Parameters of the plain nn.Linear modules (but `skip`) that share no weight with another module."""
-    from torch import nn
+    """Parameters of the model's untied nn.Linear modules but `skip`: what a frozen copy stores in half precision."""
+    from rlhf.models import untied_linears
 
-    owners: dict[int, int] = {}
-    for module in model.modules():
-        for p in module.parameters(recurse=False):
-            owners[id(p)] = owners.get(id(p), 0) + 1
-    return sum(
-        p.numel()
-        for m in model.modules()
-        if type(m) is nn.Linear and m is not skip and all(owners[id(q)] == 1 for q in m.parameters(recurse=False))
-        for p in m.parameters(recurse=False)
-    )
+    return sum(p.numel() for m in untied_linears(model) if m is not skip for p in m.parameters(recurse=False))
 
 
 def load_shape(model: ModelConfig | str, key: str = "model.name_or_path") -> ModelShape:

@@ -8,6 +8,7 @@ state and the loss reductions stay fp32 (autocast), so the runs differ from fp32
 from __future__ import annotations
 
 import contextlib
+import copy
 
 import torch
 from conftest import load_stage, ppo_config, read_metrics, sft_overrides
@@ -164,8 +165,6 @@ def test_frozen_linears_in_bf16_change_no_output(tiny_lm):
     """A frozen causal LM's Linear weights stored in bf16: the logits under bf16 autocast are bit-identical (autocast
     rounds the fp32 weights to the same bf16 values on every call); embeddings and norms stay fp32. With tied
     embeddings the LM head is the embedding matrix, which autocast does not cast: it stays fp32."""
-    import copy
-
     from rlhf.models import causal_logits, half_precision_linears
 
     ids, mask = _padded_batch(tiny_lm.config.vocab_size)
@@ -197,24 +196,16 @@ def test_frozen_linears_in_bf16_change_no_output(tiny_lm):
             assert half_precision_linears(copy.deepcopy(tiny_lm), contextlib.nullcontext) == 0
 
 
-def test_frozen_reward_model_keeps_its_fp32_head(tokenizer):
+def test_frozen_reward_model_keeps_its_fp32_head(tiny_lm):
     """The reward model's scalar head runs with autocast off (its score in fp32): the probe sees that call outside
     autocast and leaves the head fp32; the backbone's Linears go bf16; the scores are bit-identical."""
-    from transformers import LlamaConfig, LlamaForSequenceClassification
+    from transformers import LlamaForSequenceClassification
 
     from rlhf.models import TokenValueModel, half_precision_linears
 
+    config = copy.deepcopy(tiny_lm.config)  # the same small Llama, with a scalar head
+    config.num_labels = 1
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
     reward = TokenValueModel(LlamaForSequenceClassification(config).eval()).requires_grad_(False)
     ids, mask = _padded_batch(config.vocab_size)
     with torch.no_grad(), _bf16_autocast():
