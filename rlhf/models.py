@@ -515,7 +515,7 @@ def half_precision_linears(model: nn.Module, autocast: Callable[[], Any]) -> int
 
     hooks = [m.register_forward_pre_hook(record) for m in candidates]
     try:
-        vocab = int(getattr(model.config, "vocab_size", 0) or 8)
+        vocab = int(getattr(getattr(model, "config", None), "vocab_size", 0) or 8)
         ids = torch.arange(8, device=device)[None] % vocab
         mask = torch.ones_like(ids)
         with torch.no_grad(), autocast():
