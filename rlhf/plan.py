@@ -340,8 +340,9 @@ def frozen_role(
     (rlhf.training.prepare_frozen), the rest (embeddings, norms, a scalar head) in the loaded dtype."""
     prec = precision(dtype, mixed_precision, "zero3" if topology == "zero3" else "ddp")
     est = role_static(role, params, 0, prec, topology, num_processes, note=note)
-    if topology == "ddp" and mixed_precision in ("bf16", "fp16") and prec.weight == 4:
+    if topology == "ddp" and mixed_precision in ("bf16", "fp16") and prec.weight == 4 and linear_params:
         est.weights -= linear_params * 2
+        est.note = f"{note}, Linears in {mixed_precision}" if note else f"Linears in {mixed_precision}"
     return est
 
 
