@@ -235,7 +235,7 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     assert shape.linear_params_scalar == shape.linear_params_lm  # its [896 -> 1] score head stays fp32
     assert shape.linear_params_lm == 24 * (803_712 + 2 * 114_816 + 802_816 + 3 * 896 * 4864) == 357_854_208
     half = plan_dpo(dpo_cfg, shape, responses_per_prompt=4, mixed_precision="bf16").roles[1]
-    assert half.weights == ref.weights - 2 * shape.linear_params_lm
+    assert half.weights == ref.weights - 2 * shape.linear_params_lm and half.note == "frozen copy, Linears in bf16"
     zero3 = plan_dpo(dpo_cfg, shape, responses_per_prompt=4, mixed_precision="bf16", topology="zero3").roles[1]
     assert zero3.weights == 2 * shape.params_lm  # DeepSpeed's inference engine casts it all (not our conversion)
     dpo = plan_dpo(dpo_cfg, shape, responses_per_prompt=4)
