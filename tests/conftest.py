@@ -32,6 +32,19 @@ QUIET = {
 PPO_QUIET = ["logging.progress=off", "logging.tensorboard=false", "train.mixed_precision=no"]
 
 
+# a small Llama-shaped config (2 layers, d 64, GQA 4/2 heads, vocabulary 300) for shape and precision tests
+SMALL_LLAMA = dict(
+    hidden_size=64,
+    intermediate_size=176,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=300,
+    max_position_embeddings=128,
+    tie_word_embeddings=False,
+)
+
+
 def overrides(mapping: dict | None = None, **kw) -> list[str]:
     """{'train.max_steps': 5} (or train__max_steps=5) -> ['train.max_steps=5'] for load_config / --set."""
     items = dict(mapping or {}) | {k.replace("__", "."): v for k, v in kw.items()}

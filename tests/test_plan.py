@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CONFIGS
+from conftest import CONFIGS, SMALL_LLAMA
 
 from rlhf.cli import main
 from rlhf.config import load_config
@@ -25,16 +25,6 @@ from rlhf.plan import (
     shape_from_hf_config,
 )
 
-SMALL_LLAMA = dict(
-    hidden_size=64,
-    intermediate_size=176,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=300,
-    max_position_embeddings=128,
-    tie_word_embeddings=False,
-)
 # Qwen2.5-0.5B's public config.json (the hub is not reachable in CI; these are its values)
 QWEN25_05B = {
     "architectures": ["Qwen2ForCausalLM"],

@@ -12,7 +12,7 @@ import copy
 
 import pytest
 import torch
-from conftest import load_stage, ppo_config, read_metrics, sft_overrides
+from conftest import SMALL_LLAMA, load_stage, ppo_config, read_metrics, sft_overrides
 
 from rlhf import ppo, sft
 from rlhf.training import fast_bf16, make_accelerator
@@ -254,23 +254,11 @@ def test_frozen_conversion_releases_the_checkpoint_memory_map(tiny_sft):
     assert mapped(model) == 0
 
 
-_SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    vocab_size=300,
-    max_position_embeddings=128,
-    pad_token_id=0,
-)
-
-
 @pytest.mark.parametrize(
     "arch, extra, converts",
     [
         ("qwen2", {}, True),  # biased q/k/v projections
-        ("gemma", {"head_dim": 16}, True),  # LM head tied to the embedding: kept fp32
+        ("gemma", {"head_dim": 16, "tie_word_embeddings": True}, True),  # LM head tied to the embedding: kept fp32
         ("mixtral", {"num_local_experts": 4, "num_experts_per_tok": 2}, True),  # router and experts are not nn.Linear
         ("gpt2", {}, False),  # Conv1D layers, no nn.Linear but the tied LM head: nothing converted
     ],
@@ -283,7 +271,7 @@ def test_frozen_conversion_is_exact_across_architectures(arch, extra, converts):
     from rlhf.models import TokenValueModel, causal_logits, half_precision_linears
 
     kwargs = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128, pad_token_id=0)
-    config = AutoConfig.for_model(arch, **(kwargs if arch == "gpt2" else _SMALL | extra))
+    config = AutoConfig.for_model(arch, **(kwargs if arch == "gpt2" else SMALL_LLAMA | {"pad_token_id": 0} | extra))
     ids, mask = _padded_batch(config.vocab_size)
     torch.manual_seed(0)
     lm = AutoModelForCausalLM.from_config(config).eval().requires_grad_(False)
