@@ -498,10 +498,10 @@ def half_precision_linears(model: nn.Module, autocast: Callable[[], Any]) -> int
     never called, or sharing its weight with another module (an LM head tied to the input embedding, which autocast
     does not cast) keeps its dtype. Only fp32 weights are converted. `model`: a causal LM or a TokenValueModel.
     """
-    params = list(model.parameters())
-    if not params:
+    first = next(model.parameters(), None)
+    if first is None:
         return 0
-    device = params[0].device
+    device = first.device
     with autocast():
         enabled, dtype = torch.is_autocast_enabled(device.type), torch.get_autocast_dtype(device.type)
     if not enabled or dtype not in (torch.bfloat16, torch.float16):

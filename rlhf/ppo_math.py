@@ -98,12 +98,8 @@ def logprobs_from_logits(logits: Tensor, labels: Tensor, temperature: float = 1.
         scaled = logits / temperature if temperature != 1.0 else logits
         picked = scaled.gather(-1, labels.unsqueeze(-1)).squeeze(-1)
         return picked - torch.logsumexp(scaled, dim=-1)
-    rows = []
-    for row_logits, row_labels in zip(logits, labels):
-        row = row_logits.to(out_dtype) / temperature if temperature != 1.0 else row_logits.to(out_dtype)
-        # the float32 path's formula: bf16 logits and their float32 copy give the same log-probs to the bit
-        rows.append(row.gather(-1, row_labels.unsqueeze(-1)).squeeze(-1) - torch.logsumexp(row, dim=-1))
-    return torch.stack(rows)
+    # each row upcast through the float32 path above: bf16 logits and their float32 copy give the same log-probs
+    return torch.stack([logprobs_from_logits(r.to(out_dtype), y, temperature) for r, y in zip(logits, labels)])
 
 
 def entropy_from_logits(logits: Tensor, temperature: float = 1.0) -> Tensor:
