@@ -114,6 +114,11 @@ class TrainConfig:
     eager. Measured in docs/benchmarks.md."""
     max_nonfinite_skips: int = 0
     """Steps with a NaN/inf loss, gradient norm (PPO: also reward, advantage) skipped before the run stops."""
+    concurrent_models: Literal["auto", "on", "off"] = "auto"
+    """PPO on a CPU, one process: the policy's and the critic's forward, backward and optimizer step of each
+    minibatch, and the rollout's scoring forwards (policy and reference | critic and reward models), run in two
+    threads with the CPU's threads split between them; the same computation, sooner (docs/benchmarks.md). auto = on
+    with 2+ CPU threads; several processes and GPUs run them in sequence."""
 
 
 @dataclass

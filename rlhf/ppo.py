@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -89,6 +90,7 @@ from rlhf.ppo_math import (
 from rlhf.sampling import decode_responses, episode_seed, generate
 from rlhf.training import (
     GracefulStop,
+    ModelLanes,
     NonFiniteGuard,
     Progress,
     ProgressBar,
@@ -97,6 +99,7 @@ from rlhf.training import (
     checkpoint_or_stop,
     clip_grad_norm,
     compiled_for_training,
+    concurrent_models,
     drop_metrics_after,
     final_model,
     generation_context,
@@ -345,6 +348,8 @@ class PPOTrainer:
         # the update's differentiated forwards only (train.compile); rollout, scoring and saving use the eager roles
         self.policy_train = compiled_for_training(acc, self.policy, cfg.train.compile)
         self.value_train = compiled_for_training(acc, self.value_model, cfg.train.compile) if self.critic else None
+        # the policy's and the critic's work side by side on a CPU (same computation, sooner)
+        self.lanes = ModelLanes(concurrent_models(acc, cfg.train.concurrent_models))
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
         self.klpen = KLPenaltyCoef(cfg.ppo.klpen_coef, cfg.ppo.klpen_target)  # L^KLPEN's beta (objective: klpen)
@@ -417,24 +422,20 @@ class PPOTrainer:
         value_model = self.value_model if sharded or not self.critic else acc.unwrap_model(self.value_model)
         mb = cfg.ppo.micro_batch_size * 4
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
-        temperature = cfg.rollout.temperature
         for s in range(0, len(prompts), mb):
             qr, am = query_responses[s : s + mb], attention_mask[s : s + mb]
-            with acc.autocast():
-                logprobs.append(response_logprobs(policy, qr, am, P, temperature))
-                if self.reference is None:
-                    with acc.unwrap_model(self.policy).disable_adapter():
-                        ref_logprobs.append(response_logprobs(policy, qr, am, P, temperature))
-                else:
-                    ref_logprobs.append(response_logprobs(self.reference, qr, am, P, temperature))
-                if self.critic:
-                    values.append(response_values(value_model, qr, am, P))
-                else:
-                    values.append(torch.zeros_like(logprobs[-1]))
-                where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
-                mb_scores, mb_std = self.score(qr, am, P, rows[s : s + mb], where)
-                scores.append(mb_scores)
-                score_std.append(mb_std)
+
+            where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
+            # the policy and reference | the critic and reward models: side by side with train.concurrent_models
+            (old, ref), (vals, mb_scores, mb_std) = self.lanes.run(
+                functools.partial(self.rollout_logprobs, policy, qr, am, P),
+                functools.partial(self.rollout_values_and_scores, value_model, qr, am, P, rows[s : s + mb], where),
+            )
+            logprobs.append(old)
+            ref_logprobs.append(ref)
+            values.append(vals if self.critic else torch.zeros_like(old))
+            scores.append(mb_scores)
+            score_std.append(mb_std)
         raw_scores = torch.cat(scores)
         ro = Rollout(
             query_responses,
@@ -460,6 +461,24 @@ class PPOTrainer:
             ro.scores = ro.scores.clamp(-cfg.reward.clip, cfg.reward.clip)
         t2 = time.time()
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
+
+    def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int):
+        """Old (the policy's) and reference log-probs [B,R] of a scored micro-batch [B,P+R]."""
+        args = (query_responses, attention_mask, prompt_width, self.cfg.rollout.temperature)
+        with self.accelerator.autocast():
+            old = response_logprobs(policy, *args)
+            if self.reference is None:
+                with self.accelerator.unwrap_model(self.policy).disable_adapter():
+                    return old, response_logprobs(policy, *args)
+            return old, response_logprobs(self.reference, *args)
+
+    def rollout_values_and_scores(self, value_model, query_responses, attention_mask, prompt_width: int, rows, where):
+        """Values [B,R] (None without a critic), scores [B] and the ensemble's std [B] of a micro-batch [B,P+R]."""
+        with self.accelerator.autocast():
+            values = None
+            if self.critic:
+                values = response_values(value_model, query_responses, attention_mask, prompt_width)
+            return values, *self.score(query_responses, attention_mask, prompt_width, rows, where)
 
     def all_episodes(self, ro: Rollout) -> Rollout:
         """Every process's episodes on every process, in the iteration's global order (identity on one process).
@@ -646,10 +665,12 @@ class PPOTrainer:
         The loss is the token mean over the whole minibatch of the policy objective (-L^CLIP, or -L^KLPEN), plus
         vf_coef * L^VF with a critic, minus ent_coef * H, plus kl_coef * KL(pi || pi_ref) when the KL is a loss
         term (kl.placement: loss), plus ptx_coef times the token-mean LM loss of the ptx sequences: gradients of all
-        accumulate over micro-batches into the same buffers before the one step. Each process takes every
-        num_processes-th episode (and ptx sequence); its micro-batch losses are weighted by their share of the
-        minibatch's tokens times num_processes, so DDP's gradient average is the one-process gradient whatever the
-        micro-batching. Returns the minibatch's statistics [len(MINIBATCH_STATS)], token-weighted over every process.
+        accumulate over micro-batches into the same buffers before the one step. The policy and the critic share no
+        parameter, so each side runs its own backward (the gradients of the summed loss), side by side with
+        `train.concurrent_models`. Each process takes every num_processes-th episode (and ptx sequence); its
+        micro-batch losses are weighted by their share of the minibatch's tokens times num_processes, so DDP's
+        gradient average is the one-process gradient whatever the micro-batching. Returns the minibatch's
+        statistics [len(MINIBATCH_STATS)], token-weighted over every process.
         """
         cfg, acc, p = self.cfg, self.accelerator, self.cfg.ppo
         P, temperature = ro.prompt_width, cfg.rollout.temperature
@@ -660,89 +681,101 @@ class PPOTrainer:
         ptx_micro = [ptx_mine[s : s + p.micro_batch_size] for s in range(0, len(ptx_mine), p.micro_batch_size)]
         tokens = ro.response_mask[minibatch].sum().clamp(min=1)
         ptx_tokens = max(sum(len(e["input_ids"]) - 1 for e in ptx), 1)
-        n_backward = len(micro) + len(ptx_micro)
-        stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
         column = {name: i for i, name in enumerate(MINIBATCH_STATS)}
-        k = 0
-        for inds in micro:
-            k += 1
+        max_norm = cfg.optim.max_grad_norm
+
+        def add(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> None:
+            cols = torch.tensor([column[name] for name in terms], device=acc.device)
+            stats.index_add_(0, cols, torch.stack([v.detach().float() for v in terms.values()]) * weight)
+
+        def micro_batch(inds: list[int]):
             idx = torch.tensor(inds, device=acc.device)
-            qr, am, mask = ro.query_responses[idx], ro.attention_mask[idx], ro.response_mask[idx]
-            share = mask.sum() / tokens  # this micro-batch's share of the minibatch's tokens
-            terms: dict[str, torch.Tensor] = {}
-            # the value model's last backward is the last PPO micro-batch's (ptx does not touch it)
-            with self._no_sync(policy=k < n_backward, value=k < len(micro)), acc.autocast():
-                # the entropy is only differentiated when it is in the loss (a softmax backward over the vocabulary)
-                new_logprobs, entropy = response_logprobs(
-                    self.policy_train, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
-                )
-                old_logprobs, advantages = ro.logprobs[idx], ro.advantages[idx]
-                if p.objective == "klpen":
-                    pg_loss, pg_stats = klpen_policy_loss(
-                        new_logprobs, old_logprobs, advantages, mask, self.klpen.value
+            mask = ro.response_mask[idx]
+            return idx, ro.query_responses[idx], ro.attention_mask[idx], mask, mask.sum() / tokens
+
+        def policy_side() -> tuple[torch.Tensor, torch.Tensor]:
+            stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
+            n_backward = len(micro) + len(ptx_micro)
+            for k, inds in enumerate(micro, 1):
+                idx, qr, am, mask, share = micro_batch(inds)  # share: of the minibatch's tokens
+                terms: dict[str, torch.Tensor] = {}
+                with self._no_sync(self.policy, k < n_backward), acc.autocast():
+                    # the entropy is differentiated only when in the loss (a softmax backward over the vocabulary)
+                    new_logprobs, entropy = response_logprobs(
+                        self.policy_train, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
                     )
-                    terms["policy/kl_old"] = pg_stats["kl_old"]
-                else:
-                    pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, advantages, mask, p.cliprange)
-                ent = masked_mean(entropy, mask)
-                loss = pg_loss - p.ent_coef * ent
-                if self.critic:
+                    old_logprobs, advantages = ro.logprobs[idx], ro.advantages[idx]
+                    if p.objective == "klpen":
+                        pg_loss, pg_stats = klpen_policy_loss(
+                            new_logprobs, old_logprobs, advantages, mask, self.klpen.value
+                        )
+                        terms["policy/kl_old"] = pg_stats["kl_old"]
+                    else:
+                        pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, advantages, mask, p.cliprange)
+                    ent = masked_mean(entropy, mask)
+                    loss = pg_loss - p.ent_coef * ent
+                    if cfg.kl.placement == "loss":  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
+                        kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], "k3"), mask)
+                        loss = loss + self.kl_ctl.value * kl_term
+                        terms["loss/kl_avg"] = kl_term
+                    acc.backward(loss * share * world)
+                terms |= {
+                    "loss/policy_avg": pg_loss,
+                    "policy/entropy_avg": ent,
+                    "policy/approxkl_avg": pg_stats["approx_kl"],
+                    "policy/clipfrac_avg": pg_stats["clipfrac"],
+                    "policy/ratio_avg": pg_stats["ratio_mean"],
+                }
+                add(stats, terms, share)
+            for k, examples in enumerate(ptx_micro, len(micro) + 1):
+                batch = {key: v.to(acc.device) for key, v in collate_lm(examples, self.tokenizer.pad_token_id).items()}
+                with self._no_sync(self.policy, k < n_backward), acc.autocast():
+                    logits = causal_logits(self.policy_train, batch["input_ids"], batch["attention_mask"])
+                    ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / ptx_tokens
+                    # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
+                    acc.backward(cfg.ptx.ptx_coef * ptx_loss * world)
+                stats[column["ptx/loss"]] += ptx_loss.detach().float()
+            return stats, clip_grad_norm(acc, list(self.policy.parameters()), max_norm)
+
+        def value_side() -> tuple[torch.Tensor, torch.Tensor]:
+            stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
+            for k, inds in enumerate(micro, 1):  # the critic's last backward is the last PPO micro-batch's
+                idx, qr, am, mask, share = micro_batch(inds)
+                with self._no_sync(self.value_model, k < len(micro)), acc.autocast():
                     vpred = response_values(self.value_train, qr, am, P)
                     vf_loss, vf_stats = value_loss(
                         vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None
                     )
-                    loss = loss + p.vf_coef * vf_loss
-                    terms |= {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["vf_clipfrac"]}
-                if cfg.kl.placement == "loss":  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
-                    kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], "k3"), mask)
-                    loss = loss + self.kl_ctl.value * kl_term
-                    terms["loss/kl_avg"] = kl_term
-                acc.backward(loss * share * world)
-            terms |= {
-                "loss/policy_avg": pg_loss,
-                "policy/entropy_avg": ent,
-                "policy/approxkl_avg": pg_stats["approx_kl"],
-                "policy/clipfrac_avg": pg_stats["clipfrac"],
-                "policy/ratio_avg": pg_stats["ratio_mean"],
-            }
-            cols = torch.tensor([column[name] for name in terms], device=acc.device)
-            stats.index_add_(0, cols, torch.stack([v.detach().float() for v in terms.values()]) * share)
-        for examples in ptx_micro:
-            k += 1
-            batch = {key: v.to(acc.device) for key, v in collate_lm(examples, self.tokenizer.pad_token_id).items()}
-            with self._no_sync(policy=k < n_backward, value=False), acc.autocast():
-                logits = causal_logits(self.policy_train, batch["input_ids"], batch["attention_mask"])
-                ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / ptx_tokens
-                # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
-                acc.backward(cfg.ptx.ptx_coef * ptx_loss * world)
-            stats[column["ptx/loss"]] += ptx_loss.detach().float()
+                    acc.backward(p.vf_coef * vf_loss * share * world)
+                add(stats, {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["vf_clipfrac"]}, share)
+            return stats, clip_grad_norm(acc, list(self.value_model.parameters()), max_norm)
+
+        sides = self.lanes.run(policy_side, value_side) if self.critic else [policy_side()]
+        stats = sum(side_stats for side_stats, _ in sides)
         if world > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
             stats = acc.reduce(stats, "sum")
-        max_norm = cfg.optim.max_grad_norm
-        stats[column["policy/grad_norm"]] = clip_grad_norm(acc, list(self.policy.parameters()), max_norm)
+        stats[column["policy/grad_norm"]] = sides[0][1]
         numbers = {k: stats[column[k]] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm")}
         steps = [(self.policy_opt, self.policy_sched)]
         if self.critic:
-            numbers["value/grad_norm"] = clip_grad_norm(acc, list(self.value_model.parameters()), max_norm)
+            numbers["value/grad_norm"] = sides[1][1]
             steps.append((self.value_opt, self.value_sched))
         skip = self.guard.skip(acc, self.progress.step, numbers)
-        for opt, sched in steps:
+
+        def optimizer_step(opt, sched) -> None:
             if not skip:
                 opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
+
+        self.lanes.run(*(lambda opt=opt, sched=sched: optimizer_step(opt, sched) for opt, sched in steps))
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.policy))
         return stats
 
-    def _no_sync(self, policy: bool, value: bool) -> contextlib.ExitStack:
+    def _no_sync(self, model, skip: bool) -> contextlib.AbstractContextManager:
         """DDP: skip a model's gradient all-reduce on all but its last backward of the step (each must sync once)."""
-        stack = contextlib.ExitStack()
-        if policy:
-            stack.enter_context(self.accelerator.no_sync(self.policy))
-        if value and self.critic:
-            stack.enter_context(self.accelerator.no_sync(self.value_model))
-        return stack
+        return self.accelerator.no_sync(model) if skip else contextlib.nullcontext()
 
     # ---- 6: the loop ----------------------------------------------------------------------------------
 

@@ -26,6 +26,7 @@ import sys
 import threading
 import time
 from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -177,6 +178,68 @@ def compiled_for_training(accelerator: Accelerator, model: torch.nn.Module, enab
             "(single process and DDP on CPU are); DeepSpeed has its own compile settings"
         )
     return torch.compile(model)
+
+
+class ModelLanes:
+    """Runs independent pieces of work, each on its own models, side by side in threads, or one after the other.
+
+    On a CPU a small model's forward + backward leaves cores idle: eager per-op overhead (Python, dispatch, autograd)
+    runs on one thread and thin matmuls do not fill two. Two models' work in two threads, each with its share of the
+    intra-op threads, finishes sooner than the same work in sequence (PPO's policy and critic: ~20% of a tiny bf16
+    iteration, docs/benchmarks.md). The results are those of running the tasks in sequence: each task touches only
+    its own parameters, gradients and optimizer, grad mode and CPU autocast are carried into the threads, and the
+    tasks must not both draw from the global random generator (PPO's roles run without dropout; only the policy
+    may have LoRA dropout). Matmul kernels may round differently with fewer threads, as with any thread count.
+    """
+
+    def __init__(self, enabled: bool, lanes: int = 2):
+        self.pools: list[ThreadPoolExecutor] = []
+        if not enabled:
+            return
+        threads = torch.get_num_threads()
+        for i in range(lanes):  # the first lane (PPO: the policy, the larger forward) takes any odd thread
+            share = max(1, threads // lanes + (i < threads % lanes))
+            self.pools.append(ThreadPoolExecutor(1, f"rlhf-lane{i}", initializer=_lane_threads, initargs=(share,)))
+        wait([pool.submit(lambda: None) for pool in self.pools])  # start the threads now
+        # torch.set_num_threads also sets the process-wide count that threads starting later take: put it back
+        torch.set_num_threads(threads)
+
+    @property
+    def concurrent(self) -> bool:
+        return bool(self.pools)
+
+    def run(self, *tasks):
+        """Call each task (no arguments); returns their results in order. A task's exception is raised after every
+        task has finished (none is left running)."""
+        if not self.pools or len(tasks) < 2:
+            return [task() for task in tasks]
+        grad = torch.is_grad_enabled()
+        autocast = torch.is_autocast_enabled("cpu"), torch.get_autocast_dtype("cpu")
+
+        def in_lane(task):
+            with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
+                return task()
+
+        futures = [self.pools[i % len(self.pools)].submit(in_lane, task) for i, task in enumerate(tasks)]
+        wait(futures)
+        return [f.result() for f in futures]
+
+
+def _lane_threads(share: int) -> None:
+    torch.get_num_threads()  # a thread's first torch call sets its count to the process-wide one: let it happen first
+    torch.set_num_threads(share)
+
+
+def concurrent_models(accelerator: Accelerator, setting: str) -> bool:
+    """`train.concurrent_models`: whether independent models run side by side (`ModelLanes`). auto: on a CPU with
+    two or more threads, one process, no fp16 loss scaling; on: also with one thread (tests); off: never. Several
+    processes (DDP and the rest) always run in sequence: their collectives must be issued in the same order on every
+    process, which threads would not keep. GPUs: not measured, in sequence."""
+    if setting == "off" or accelerator.num_processes > 1 or accelerator.device.type != "cpu":
+        return False
+    if accelerator.scaler is not None:  # one GradScaler shared by both models' backward
+        return False
+    return setting == "on" or torch.get_num_threads() >= 2
 
 
 @contextlib.contextmanager

@@ -1,0 +1,122 @@
+"""train.concurrent_models: independent models' work side by side in threads (rlhf.training.ModelLanes)."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+import pytest
+import torch
+from conftest import ppo_config, read_metrics
+
+from rlhf import ppo
+from rlhf.training import ModelLanes, concurrent_models
+
+
+def test_lanes_run_each_task_in_its_own_thread_with_a_share_of_the_cores():
+    previous = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        lanes = ModelLanes(True)
+    finally:
+        torch.set_num_threads(previous)
+    barrier = threading.Barrier(2, timeout=30)  # both tasks must be running at once to pass it
+
+    def task():
+        barrier.wait()
+        return threading.current_thread().name, torch.get_num_threads(), torch.is_grad_enabled()
+
+    with torch.no_grad():
+        first, second = lanes.run(task, task)
+    assert first == ("rlhf-lane0_0", 2, False)  # the odd thread goes to the first lane; grad mode carried over
+    assert second == ("rlhf-lane1_0", 1, False)
+    assert torch.get_num_threads() == previous  # the caller's own thread count is untouched
+
+
+def test_lanes_carry_cpu_autocast_and_return_in_order():
+    lanes = ModelLanes(True)
+    linear = torch.nn.Linear(4, 4)
+    x = torch.randn(2, 4)
+
+    def forward():
+        return linear(x).dtype
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lanes.run(forward, lambda: "second") == [torch.bfloat16, "second"]
+    assert lanes.run(forward, lambda: "second") == [torch.float32, "second"]
+
+
+def test_a_failing_lane_raises_after_the_other_has_finished():
+    lanes = ModelLanes(True)
+    finished = threading.Event()
+
+    def fails():
+        raise ValueError("lane 0 broke")
+
+    def slow():
+        finished.wait(0.2)
+        finished.set()
+        return 1
+
+    with pytest.raises(ValueError, match="lane 0 broke"):
+        lanes.run(fails, slow)
+    assert finished.is_set()  # nothing left running behind the error
+
+
+def test_sequential_lanes_run_in_order_on_the_callers_thread():
+    lanes = ModelLanes(False)
+    assert not lanes.concurrent
+    names = lanes.run(*(lambda: threading.current_thread().name for _ in range(2)))
+    assert names == [threading.current_thread().name] * 2
+
+
+def test_when_models_run_side_by_side():
+    def accelerator(processes=1, device="cpu", scaler=None):
+        return SimpleNamespace(num_processes=processes, device=torch.device(device), scaler=scaler)
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        assert not concurrent_models(accelerator(), "auto")  # one core: nothing to split
+        assert concurrent_models(accelerator(), "on")
+        torch.set_num_threads(2)
+        assert concurrent_models(accelerator(), "auto")
+        assert not concurrent_models(accelerator(), "off")
+        # collectives of several processes must keep one order; fp16's one loss scaler; GPUs (not measured)
+        for other in (accelerator(processes=2), accelerator(scaler=object()), accelerator(device="cuda")):
+            assert not concurrent_models(other, "on")
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _state(model) -> dict[str, torch.Tensor]:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def test_concurrent_ppo_trains_the_weights_sequential_ppo_does(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    """The policy and critic side by side (rollout scoring, backward and gradient norm, optimizer step; ptx on,
+    gradient clipping on) train the same weights and log the same statistics as one after the other, to the bit
+    (one intra-op thread per lane here, as in the sequential run)."""
+    extra = ["train.max_steps=2", "ptx.ptx_coef=0.5", "optim.max_grad_norm=0.5"]
+    runs = {}
+    for setting in ("off", "on"):
+        out = tmp_path / setting
+        trainer = ppo.PPOTrainer(
+            ppo_config(tiny_world, tiny_sft, tiny_rm, out, [*extra, f"train.concurrent_models={setting}"])
+        )
+        assert trainer.lanes.concurrent == (setting == "on")
+        trainer.train()
+        timings = ("time", "tokens_per_s")  # wall clock: "time", "time/generate", ...
+        rows = [{k: v for k, v in r.items() if not k.startswith(timings)} for r in read_metrics(out)]
+        runs[setting] = _state(trainer.policy), _state(trainer.value_model), rows
+    (policy_a, value_a, rows_a), (policy_b, value_b, rows_b) = runs["off"], runs["on"]
+    for a, b in ((policy_a, policy_b), (value_a, value_b)):
+        assert a.keys() == b.keys()
+        for k in a:
+            assert torch.equal(a[k], b[k]), k
+    updates_a, updates_b = ([r for r in rows if "loss/policy_avg" in r] for rows in (rows_a, rows_b))
+    assert len(updates_a) == len(updates_b) == 2
+    for a, b in zip(updates_a, updates_b):
+        assert a.keys() == b.keys()
+        assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}
+    assert any(r.get("ptx/loss", 0) > 0 for r in rows_b)
