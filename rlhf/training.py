@@ -234,10 +234,19 @@ def concurrent_models(accelerator: Accelerator, setting: str) -> bool:
     """`train.concurrent_models`: whether independent models run side by side (`ModelLanes`). auto: on a CPU with
     two or more threads, one process, no fp16 loss scaling; on: also with one thread (tests); off: never. Several
     processes (DDP and the rest) always run in sequence: their collectives must be issued in the same order on every
-    process, which threads would not keep. GPUs: not measured, in sequence."""
-    if setting == "off" or accelerator.num_processes > 1 or accelerator.device.type != "cpu":
+    process, which threads would not keep. GPUs: not measured, in sequence. `on` where it cannot apply says why."""
+    if setting == "off":
         return False
-    if accelerator.scaler is not None:  # one GradScaler shared by both models' backward
+    why = None
+    if accelerator.num_processes > 1:
+        why = "several processes issue their collectives in one order"
+    elif accelerator.device.type != "cpu":
+        why = f"on {accelerator.device.type} it has not been measured"
+    elif accelerator.scaler is not None:
+        why = "fp16's one loss scaler serves both models"
+    if why:
+        if setting == "on":
+            accelerator.print(f"[rlhf] train.concurrent_models: on, but the models run in sequence: {why}")
         return False
     return setting == "on" or torch.get_num_threads() >= 2
 

@@ -71,8 +71,10 @@ def test_sequential_lanes_run_in_order_on_the_callers_thread():
 
 
 def test_when_models_run_side_by_side():
+    notes = []
+
     def accelerator(processes=1, device="cpu", scaler=None):
-        return SimpleNamespace(num_processes=processes, device=torch.device(device), scaler=scaler)
+        return SimpleNamespace(num_processes=processes, device=torch.device(device), scaler=scaler, print=notes.append)
 
     previous = torch.get_num_threads()
     try:
@@ -84,9 +86,11 @@ def test_when_models_run_side_by_side():
         assert not concurrent_models(accelerator(), "off")
         # collectives of several processes must keep one order; fp16's one loss scaler; GPUs (not measured)
         for other in (accelerator(processes=2), accelerator(scaler=object()), accelerator(device="cuda")):
+            assert not concurrent_models(other, "auto")
             assert not concurrent_models(other, "on")
     finally:
         torch.set_num_threads(previous)
+    assert len(notes) == 3 and all("run in sequence" in note for note in notes)  # said only when asked for
 
 
 def _state(model) -> dict[str, torch.Tensor]:
