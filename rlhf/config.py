@@ -116,9 +116,9 @@ class TrainConfig:
     """Steps with a NaN/inf loss, gradient norm (PPO: also reward, advantage) skipped before the run stops."""
     concurrent_models: Literal["auto", "on", "off"] = "auto"
     """PPO on a CPU, one process: the policy's and the critic's forward, backward and optimizer step of each
-    minibatch, and the rollout's scoring forwards (policy and reference | critic and reward models), run in two
-    threads with the CPU's threads split between them; the same computation, sooner (docs/benchmarks.md). auto = on
-    with 2+ CPU threads; several processes and GPUs run them in sequence."""
+    minibatch run in two threads, the CPU's threads split between them: the same computation, ~15-25% sooner, for
+    one more model's activations in memory at a time (docs/benchmarks.md). auto = on with 2+ CPU threads; several
+    processes and GPUs run them in sequence."""
 
 
 @dataclass

@@ -185,8 +185,8 @@ class ModelLanes:
 
     On a CPU a small model's forward + backward leaves cores idle: eager per-op overhead (Python, dispatch, autograd)
     runs on one thread and thin matmuls do not fill two. Two models' work in two threads, each with its share of the
-    intra-op threads, finishes sooner than the same work in sequence (PPO's policy and critic: ~20% of a tiny bf16
-    iteration, docs/benchmarks.md). The results are those of running the tasks in sequence: each task touches only
+    intra-op threads, finishes sooner than the same work in sequence (PPO's policy and critic updates: 11-23% of the
+    train phase, docs/benchmarks.md). The results are those of running the tasks in sequence: each task touches only
     its own parameters, gradients and optimizer, grad mode and CPU autocast are carried into the threads, and the
     tasks must not both draw from the global random generator (PPO's roles run without dropout; only the policy
     may have LoRA dropout). Matmul kernels may round differently with fewer threads, as with any thread count.
