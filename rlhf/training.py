@@ -193,12 +193,14 @@ class ModelLanes:
     """
 
     def __init__(self, enabled: bool, lanes: int = 2):
+        threads = torch.get_num_threads()
+        # the first lane is the calling thread (PPO: the policy, the larger forward; it also takes any odd thread):
+        # its memory stays in the caller's malloc arena, where the next sequential work (PPO's scoring) finds it
+        self.shares = [max(1, threads // lanes + (i < threads % lanes)) for i in range(lanes)]
         self.pools: list[ThreadPoolExecutor] = []
         if not enabled:
             return
-        threads = torch.get_num_threads()
-        for i in range(lanes):  # the first lane (PPO: the policy, the larger forward) takes any odd thread
-            share = max(1, threads // lanes + (i < threads % lanes))
+        for i, share in enumerate(self.shares[1:], 1):
             self.pools.append(ThreadPoolExecutor(1, f"rlhf-lane{i}", initializer=_lane_threads, initargs=(share,)))
         wait([pool.submit(lambda: None) for pool in self.pools])  # start the threads now
         # torch.set_num_threads also sets the process-wide count that threads starting later take: put it back
@@ -220,9 +222,15 @@ class ModelLanes:
             with torch.set_grad_enabled(grad), torch.autocast("cpu", dtype=autocast[1], enabled=autocast[0]):
                 return task()
 
-        futures = [self.pools[i % len(self.pools)].submit(in_lane, task) for i, task in enumerate(tasks)]
-        wait(futures)
-        return [f.result() for f in futures]
+        futures = [self.pools[i % len(self.pools)].submit(in_lane, task) for i, task in enumerate(tasks[1:])]
+        threads = torch.get_num_threads()
+        torch.set_num_threads(self.shares[0])
+        try:
+            first = tasks[0]()
+        finally:
+            torch.set_num_threads(threads)
+            wait(futures)
+        return [first, *(f.result() for f in futures)]
 
 
 def _lane_threads(share: int) -> None:

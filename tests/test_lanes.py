@@ -28,9 +28,10 @@ def test_lanes_run_each_task_in_its_own_thread_with_a_share_of_the_cores():
 
     with torch.no_grad():
         first, second = lanes.run(task, task)
-    assert first == ("rlhf-lane0_0", 2, False)  # the odd thread goes to the first lane; grad mode carried over
+    # the first lane is the caller's thread and takes the odd thread; grad mode is carried into the other
+    assert first == (threading.current_thread().name, 2, False)
     assert second == ("rlhf-lane1_0", 1, False)
-    assert torch.get_num_threads() == previous  # the caller's own thread count is untouched
+    assert torch.get_num_threads() == previous  # the caller's thread count is back
 
 
 def test_lanes_carry_cpu_autocast_and_return_in_order():
@@ -48,19 +49,23 @@ def test_lanes_carry_cpu_autocast_and_return_in_order():
 
 def test_a_failing_lane_raises_after_the_other_has_finished():
     lanes = ModelLanes(True)
+    threads = torch.get_num_threads()
     finished = threading.Event()
 
     def fails():
-        raise ValueError("lane 0 broke")
+        raise ValueError("lane broke")
 
     def slow():
         finished.wait(0.2)
         finished.set()
         return 1
 
-    with pytest.raises(ValueError, match="lane 0 broke"):
-        lanes.run(fails, slow)
-    assert finished.is_set()  # nothing left running behind the error
+    for tasks in ((fails, slow), (slow, fails)):
+        finished.clear()
+        with pytest.raises(ValueError, match="lane broke"):
+            lanes.run(*tasks)
+        assert finished.is_set()  # nothing left running behind the error
+        assert torch.get_num_threads() == threads
 
 
 def test_sequential_lanes_run_in_order_on_the_callers_thread():
