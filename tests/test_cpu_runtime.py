@@ -1,7 +1,10 @@
-"""train.concurrent_models: independent models' work side by side in threads (rlhf.training.ModelLanes)."""
+"""CPU runtime: independent models' work side by side in threads (train.concurrent_models, ModelLanes) and the
+allocator settings of CPU runs (keep_freed_memory)."""
 
 from __future__ import annotations
 
+import ctypes
+import platform
 import threading
 from types import SimpleNamespace
 
@@ -9,8 +12,8 @@ import pytest
 import torch
 from conftest import ppo_config, read_metrics
 
-from rlhf import ppo
-from rlhf.training import ModelLanes, concurrent_models
+from rlhf import ppo, training
+from rlhf.training import ModelLanes, concurrent_models, keep_freed_memory
 
 
 def test_lanes_run_each_task_in_its_own_thread_with_a_share_of_the_cores():
@@ -129,3 +132,33 @@ def test_concurrent_ppo_trains_the_weights_sequential_ppo_does(tiny_world, tiny_
         assert a.keys() == b.keys()
         assert {k: (a[k], b[k]) for k in a if a[k] != b[k]} == {}
     assert any(r.get("ptx/loss", 0) > 0 for r in rows_b)
+
+
+def test_cpu_runs_keep_freed_memory_unless_the_environment_says_otherwise(monkeypatch):
+    calls = []
+
+    def mallopt(param, value):
+        calls.append((param.value, value.value))
+        return 1
+
+    monkeypatch.setattr(ctypes, "CDLL", lambda name: SimpleNamespace(mallopt=mallopt))
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("glibc", "2.36"))
+    for env in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(env, raising=False)
+    assert keep_freed_memory() == {"MALLOC_MMAP_THRESHOLD_": True, "MALLOC_TRIM_THRESHOLD_": True}
+    # M_MMAP_THRESHOLD = -3 at glibc's 64-bit ceiling; M_TRIM_THRESHOLD = -1
+    assert calls == [(-3, 32 * 1024 * 1024), (-1, 2**31 - 1)]
+    calls.clear()
+    monkeypatch.setenv("MALLOC_TRIM_THRESHOLD_", "131072")  # the user's setting wins
+    assert keep_freed_memory() == {"MALLOC_MMAP_THRESHOLD_": True}
+    assert calls == [(-3, 32 * 1024 * 1024)]
+    calls.clear()
+    monkeypatch.setattr(platform, "libc_ver", lambda: ("", ""))  # musl, macOS: nothing to set
+    assert keep_freed_memory() == {} and calls == []
+
+
+def test_a_cpu_accelerator_sets_the_allocator(monkeypatch, tmp_path):
+    seen = []
+    monkeypatch.setattr(training, "keep_freed_memory", lambda: seen.append(True) or {})
+    training.make_accelerator("no", tmp_path, tensorboard=False, cpu=True)
+    assert seen == [True]
