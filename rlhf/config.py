@@ -118,7 +118,7 @@ class TrainConfig:
     """PPO on a CPU, one process: the policy's and the critic's forward, backward and optimizer step of each
     minibatch run in two threads, the CPU's threads split between them: the same computation, ~15-25% sooner, for
     one more model's activations in memory at a time (docs/benchmarks.md). auto = on with 2+ CPU threads; several
-    processes and GPUs run them in sequence."""
+    processes, GPUs and models with dropout or gradient checkpointing run them in sequence."""
 
 
 @dataclass

@@ -348,7 +348,8 @@ class PPOTrainer:
         self.policy_train = compiled_for_training(acc, self.policy, cfg.train.compile)
         self.value_train = compiled_for_training(acc, self.value_model, cfg.train.compile) if self.critic else None
         # the policy's and the critic's work side by side on a CPU (same computation, sooner)
-        self.lanes = ModelLanes(concurrent_models(acc, cfg.train.concurrent_models))
+        trained = [self.policy, self.value_model] if self.critic else []
+        self.lanes = ModelLanes(concurrent_models(acc, cfg.train.concurrent_models, trained))
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
         self.klpen = KLPenaltyCoef(cfg.ppo.klpen_coef, cfg.ppo.klpen_target)  # L^KLPEN's beta (objective: klpen)

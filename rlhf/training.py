@@ -223,9 +223,9 @@ class ModelLanes:
     runs on one thread and thin matmuls do not fill two. Two models' work in two threads, each with its share of the
     intra-op threads, finishes sooner than the same work in sequence (PPO's policy and critic updates: 11-23% of the
     train phase, docs/benchmarks.md). The results are those of running the tasks in sequence: each task touches only
-    its own parameters, gradients and optimizer, grad mode and CPU autocast are carried into the threads, and the
-    tasks must not both draw from the global random generator (PPO's roles run without dropout; only the policy
-    may have LoRA dropout). Matmul kernels may round differently with fewer threads, as with any thread count.
+    its own parameters, gradients and optimizer, grad mode and CPU autocast are carried into the threads, and
+    nothing in them may use the global random generator (`concurrent_models` keeps models with dropout or gradient
+    checkpointing in sequence). Matmul kernels may round differently with fewer threads, as with any thread count.
     """
 
     def __init__(self, enabled: bool, lanes: int = 2):
@@ -274,11 +274,13 @@ def _lane_threads(share: int) -> None:
     torch.set_num_threads(share)
 
 
-def concurrent_models(accelerator: Accelerator, setting: str) -> bool:
-    """`train.concurrent_models`: whether independent models run side by side (`ModelLanes`). auto: on a CPU with
+def concurrent_models(accelerator: Accelerator, setting: str, models: Iterable[torch.nn.Module] = ()) -> bool:
+    """`train.concurrent_models`: whether independent `models` run side by side (`ModelLanes`). auto: on a CPU with
     two or more threads, one process, no fp16 loss scaling; on: also with one thread (tests); off: never. Several
     processes (DDP and the rest) always run in sequence: their collectives must be issued in the same order on every
-    process, which threads would not keep. GPUs: not measured, in sequence. `on` where it cannot apply says why."""
+    process, which threads would not keep. GPUs: not measured, in sequence. So do models with dropout or gradient
+    checkpointing: dropout draws from the one global CPU generator and checkpointing sets and restores its state
+    around each recomputation, so threads would interleave them by timing. `on` where it cannot apply says why."""
     if setting == "off":
         return False
     why = None
@@ -288,6 +290,13 @@ def concurrent_models(accelerator: Accelerator, setting: str) -> bool:
         why = f"on {accelerator.device.type} it has not been measured"
     elif accelerator.scaler is not None:
         why = "fp16's one loss scaler serves both models"
+    else:
+        for model in models:
+            modules = list(model.modules())
+            if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in modules):
+                why = "a model has dropout (the global random generator would be drawn from in two threads)"
+            elif any(getattr(m, "gradient_checkpointing", False) is True for m in modules):
+                why = "a model uses gradient checkpointing (it sets the global random state in its thread)"
     if why:
         if setting == "on":
             accelerator.print(f"[rlhf] train.concurrent_models: on, but the models run in sequence: {why}")

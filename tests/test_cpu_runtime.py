@@ -99,17 +99,34 @@ def test_when_models_run_side_by_side():
     finally:
         torch.set_num_threads(previous)
     assert len(notes) == 3 and all("run in sequence" in note for note in notes)  # said only when asked for
+    # dropout and gradient checkpointing use the one global random generator: in sequence
+    dropout = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.1))
+    checkpointed = torch.nn.Sequential(torch.nn.Linear(2, 2))
+    checkpointed[0].gradient_checkpointing = True
+    plain = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Dropout(0.0))
+    assert concurrent_models(accelerator(), "on", [plain, plain])
+    for model in (dropout, checkpointed):
+        assert not concurrent_models(accelerator(), "on", [plain, model])
+    assert "dropout" in notes[-2] and "gradient checkpointing" in notes[-1]
 
 
 def _state(model) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
 
 
-def test_concurrent_ppo_trains_the_weights_sequential_ppo_does(tiny_world, tiny_sft, tiny_rm, tmp_path):
-    """The policy and critic side by side (rollout scoring, backward and gradient norm, optimizer step; ptx on,
-    gradient clipping on) train the same weights and log the same statistics as one after the other, to the bit
-    (one intra-op thread per lane here, as in the sequential run)."""
-    extra = ["train.max_steps=2", "ptx.ptx_coef=0.5", "optim.max_grad_norm=0.5"]
+@pytest.mark.parametrize(
+    "variant",
+    [
+        [],
+        ["models.policy.lora.enabled=true", "models.reference=disable_adapter"],
+    ],
+    ids=["full", "lora"],
+)
+def test_concurrent_ppo_trains_the_weights_sequential_ppo_does(tiny_world, tiny_sft, tiny_rm, tmp_path, variant):
+    """The policy and critic side by side (backward and gradient norm, optimizer step; ptx on, gradient clipping
+    on) train the same weights and log the same statistics as one after the other, to the bit (one intra-op thread
+    per lane here, as in the sequential run)."""
+    extra = ["train.max_steps=2", "ptx.ptx_coef=0.5", "optim.max_grad_norm=0.5", *variant]
     runs = {}
     for setting in ("off", "on"):
         out = tmp_path / setting
@@ -162,3 +179,14 @@ def test_a_cpu_accelerator_sets_the_allocator(monkeypatch, tmp_path):
     monkeypatch.setattr(training, "keep_freed_memory", lambda: seen.append(True) or {})
     training.make_accelerator("no", tmp_path, tensorboard=False, cpu=True)
     assert seen == [True]
+
+
+def test_ppo_with_gradient_checkpointing_runs_its_models_in_sequence(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    cfg = ppo_config(
+        tiny_world,
+        tiny_sft,
+        tiny_rm,
+        tmp_path,
+        ["train.max_steps=1", "train.concurrent_models=on", "models.policy.gradient_checkpointing=true"],
+    )
+    assert not ppo.PPOTrainer(cfg).lanes.concurrent
