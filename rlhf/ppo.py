@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import functools
 import math
 import time
 from dataclasses import dataclass
@@ -754,7 +755,7 @@ class PPOTrainer:
             sched.step()
             opt.zero_grad(set_to_none=True)
 
-        self.lanes.run(*(lambda opt=opt, sched=sched: optimizer_step(opt, sched) for opt, sched in steps))
+        self.lanes.run(*(functools.partial(optimizer_step, opt, sched) for opt, sched in steps))
         if self.ema is not None:
             self.ema.update(acc.unwrap_model(self.policy))
         return stats

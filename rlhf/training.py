@@ -67,8 +67,8 @@ def keep_freed_memory() -> dict[str, bool]:
     glibc serves an allocation above its mmap threshold (128 KiB at first, adjusted up to 32 MiB as blocks are
     freed) with a fresh mmap and unmaps it on free, and returns a free heap top above the trim threshold. A training
     step allocates and frees the same activations every time, so both make each step fault in, and the kernel zero,
-    pages it had a moment before (the tiny PPO benchmark: 4-8% of an iteration, and scoring forwards up to 60% slower
-    after a smaller update phase; docs/benchmarks.md). Sets the mmap threshold to glibc's 32 MiB ceiling and the
+    pages it had a moment before (the tiny PPO benchmark: 4-8% of an iteration; compiled, its scoring took 0.21 s
+    instead of 0.12; docs/benchmarks.md). Sets the mmap threshold to glibc's 32 MiB ceiling and the
     trim threshold to 2 GiB; peak RSS, the high-water mark, is unchanged. A MALLOC_MMAP_THRESHOLD_ or
     MALLOC_TRIM_THRESHOLD_ in the environment wins; other C libraries are left alone. Returns what was set."""
     if platform.libc_ver()[0] != "glibc":
@@ -221,7 +221,7 @@ class ModelLanes:
 
     On a CPU a small model's forward + backward leaves cores idle: eager per-op overhead (Python, dispatch, autograd)
     runs on one thread and thin matmuls do not fill two. Two models' work in two threads, each with its share of the
-    intra-op threads, finishes sooner than the same work in sequence (PPO's policy and critic updates: 11-23% of the
+    intra-op threads, finishes sooner than the same work in sequence (PPO's policy and critic updates: 8-17% off the
     train phase, docs/benchmarks.md). The results are those of running the tasks in sequence: each task touches only
     its own parameters, gradients and optimizer, grad mode and CPU autocast are carried into the threads, and
     nothing in them may use the global random generator (`concurrent_models` keeps models with dropout or gradient
@@ -297,6 +297,8 @@ def concurrent_models(accelerator: Accelerator, setting: str, models: Iterable[t
                 why = "a model has dropout (the global random generator would be drawn from in two threads)"
             elif any(getattr(m, "gradient_checkpointing", False) is True for m in modules):
                 why = "a model uses gradient checkpointing (it sets the global random state in its thread)"
+            if why:
+                break
     if why:
         if setting == "on":
             accelerator.print(f"[rlhf] train.concurrent_models: on, but the models run in sequence: {why}")
