@@ -349,8 +349,10 @@ class PPOTrainer:
         self.policy_train = compiled_for_training(acc, self.policy, cfg.train.compile)
         self.value_train = compiled_for_training(acc, self.value_model, cfg.train.compile) if self.critic else None
         # the policy's and the critic's work side by side on a CPU (same computation, sooner)
-        trained = [self.policy, self.value_model] if self.critic else []
-        self.lanes = ModelLanes(concurrent_models(acc, cfg.train.concurrent_models, trained))
+        side_by_side = self.critic and concurrent_models(
+            acc, cfg.train.concurrent_models, [self.policy, self.value_model]
+        )
+        self.lanes = ModelLanes(side_by_side)
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
         self.klpen = KLPenaltyCoef(cfg.ppo.klpen_coef, cfg.ppo.klpen_target)  # L^KLPEN's beta (objective: klpen)
@@ -780,6 +782,11 @@ class PPOTrainer:
             f"episodes, {cfg.ppo.ppo_epochs} epochs x {cfg.train.batch_size // cfg.ppo.mini_batch_size} "
             f"minibatches; ptx {cfg.ptx.ptx_coef} x {self.ptx_per_mini} sequences per minibatch"
         )
+        if self.lanes.concurrent:
+            acc.print(
+                f"[ppo] policy and critic updates side by side on {' + '.join(map(str, self.lanes.shares))} CPU "
+                "threads (train.concurrent_models: off runs them in sequence)"
+            )
         bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
         if self.kl_budget.exceeded:  # resumed from the checkpoint a KL-budget stop wrote: nothing left to train
             acc.print(f"[ppo] the KL budget ({cfg.kl.budget}) was spent at iteration {self.progress.step}")

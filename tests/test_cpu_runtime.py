@@ -181,12 +181,13 @@ def test_a_cpu_accelerator_sets_the_allocator(monkeypatch, tmp_path):
     assert seen == [True]
 
 
-def test_ppo_with_gradient_checkpointing_runs_its_models_in_sequence(tiny_world, tiny_sft, tiny_rm, tmp_path):
+@pytest.mark.parametrize(
+    "extra",
+    [["models.policy.gradient_checkpointing=true"], ["ppo.advantage=rloo", "rollout.samples_per_prompt=4"]],
+    ids=["gradient-checkpointing", "critic-free"],
+)
+def test_ppo_runs_in_sequence_with_checkpointing_or_without_a_critic(tiny_world, tiny_sft, tiny_rm, tmp_path, extra):
     cfg = ppo_config(
-        tiny_world,
-        tiny_sft,
-        tiny_rm,
-        tmp_path,
-        ["train.max_steps=1", "train.concurrent_models=on", "models.policy.gradient_checkpointing=true"],
+        tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=1", "train.concurrent_models=on", *extra]
     )
     assert not ppo.PPOTrainer(cfg).lanes.concurrent
