@@ -116,8 +116,9 @@ class TrainConfig:
     """Steps with a NaN/inf loss, gradient norm (PPO: also reward, advantage) skipped before the run stops."""
     concurrent_models: Literal["auto", "on", "off"] = "auto"
     """PPO on a CPU, one process: the policy's and the critic's forward, backward and optimizer step of each
-    minibatch run in two threads, the CPU's threads split between them: the same computation, the train phase 8-17%
-    sooner here, for one more model's activations in memory at a time (docs/benchmarks.md). auto = on with 2+ CPU
+    minibatch (and the rollout's scoring forwards: policy and reference | critic and reward models) run in two
+    threads, the CPU's threads split between them: the same computation, the train phase 8-17% sooner here, for one
+    more model's activations in memory at a time (docs/benchmarks.md). auto = on with 2+ CPU
     threads; several processes, GPUs and models with dropout or gradient checkpointing run them in sequence."""
 
 

@@ -425,24 +425,19 @@ class PPOTrainer:
         value_model = self.value_model if sharded or not self.critic else acc.unwrap_model(self.value_model)
         mb = cfg.ppo.micro_batch_size * 4
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
-        temperature = cfg.rollout.temperature
         for s in range(0, len(prompts), mb):
             qr, am = query_responses[s : s + mb], attention_mask[s : s + mb]
-            with acc.autocast():
-                logprobs.append(response_logprobs(policy, qr, am, P, temperature))
-                if self.reference is None:
-                    with acc.unwrap_model(self.policy).disable_adapter():
-                        ref_logprobs.append(response_logprobs(policy, qr, am, P, temperature))
-                else:
-                    ref_logprobs.append(response_logprobs(self.reference, qr, am, P, temperature))
-                if self.critic:
-                    values.append(response_values(value_model, qr, am, P))
-                else:
-                    values.append(torch.zeros_like(logprobs[-1]))
-                where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
-                mb_scores, mb_std = self.score(qr, am, P, rows[s : s + mb], where)
-                scores.append(mb_scores)
-                score_std.append(mb_std)
+            where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
+            # the policy and reference | the critic and reward models: side by side with train.concurrent_models
+            (old, ref), (vals, mb_scores, mb_std) = self.lanes.run(
+                functools.partial(self.rollout_logprobs, policy, qr, am, P),
+                functools.partial(self.rollout_values_and_scores, value_model, qr, am, P, rows[s : s + mb], where),
+            )
+            logprobs.append(old)
+            ref_logprobs.append(ref)
+            values.append(vals if self.critic else torch.zeros_like(old))
+            scores.append(mb_scores)
+            score_std.append(mb_std)
         raw_scores = torch.cat(scores)
         ro = Rollout(
             query_responses,
@@ -468,6 +463,24 @@ class PPOTrainer:
             ro.scores = ro.scores.clamp(-cfg.reward.clip, cfg.reward.clip)
         t2 = time.time()
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
+
+    def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int):
+        """Old (the policy's) and reference log-probs [B,R] of a micro-batch of episodes [B,P+R]."""
+        args = (query_responses, attention_mask, prompt_width, self.cfg.rollout.temperature)
+        with self.accelerator.autocast():
+            old = response_logprobs(policy, *args)
+            if self.reference is None:
+                with self.accelerator.unwrap_model(self.policy).disable_adapter():
+                    return old, response_logprobs(policy, *args)
+            return old, response_logprobs(self.reference, *args)
+
+    def rollout_values_and_scores(self, value_model, query_responses, attention_mask, prompt_width: int, rows, where):
+        """Values [B,R] (None without a critic), scores [B] and the ensemble's std [B] of a micro-batch [B,P+R]."""
+        with self.accelerator.autocast():
+            values = None
+            if self.critic:
+                values = response_values(value_model, query_responses, attention_mask, prompt_width)
+            return values, *self.score(query_responses, attention_mask, prompt_width, rows, where)
 
     def all_episodes(self, ro: Rollout) -> Rollout:
         """Every process's episodes on every process, in the iteration's global order (identity on one process).

@@ -231,7 +231,7 @@ class ModelLanes:
     def __init__(self, enabled: bool, lanes: int = 2):
         threads = torch.get_num_threads()
         # the first lane is the calling thread (PPO: the policy, the larger forward; it also takes any odd thread):
-        # its memory stays in the caller's malloc arena, where the next sequential work (PPO's scoring) finds it
+        # its memory stays in the caller's malloc arena, where the sequential work that follows (generation) finds it
         self.shares = [max(1, threads // lanes + (i < threads % lanes)) for i in range(lanes)]
         self.pools: list[ThreadPoolExecutor] = []
         if not enabled:
