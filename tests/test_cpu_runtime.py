@@ -124,8 +124,8 @@ def _state(model) -> dict[str, torch.Tensor]:
 )
 def test_concurrent_ppo_trains_the_weights_sequential_ppo_does(tiny_world, tiny_sft, tiny_rm, tmp_path, variant):
     """The policy and critic side by side (rollout scoring, backward and gradient norm, optimizer step; ptx on,
-    gradient clipping on) train the same weights and log the same statistics as one after the other, to the bit (one intra-op thread
-    per lane here, as in the sequential run)."""
+    gradient clipping on) train the same weights and log the same statistics as one after the other, to the bit
+    (one intra-op thread per lane here, as in the sequential run)."""
     extra = ["train.max_steps=2", "ptx.ptx_coef=0.5", "optim.max_grad_norm=0.5", *variant]
     runs = {}
     for setting in ("off", "on"):
