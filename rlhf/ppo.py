@@ -797,8 +797,9 @@ class PPOTrainer:
         )
         if self.lanes.concurrent:
             acc.print(
-                f"[ppo] policy and critic updates side by side on {' + '.join(map(str, self.lanes.shares))} CPU "
-                "threads (train.concurrent_models: off runs them in sequence)"
+                f"[ppo] policy and critic (updates, scoring) side by side on "
+                f"{' + '.join(map(str, self.lanes.shares))} CPU threads (train.concurrent_models: off runs them in "
+                "sequence)"
             )
         bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
         if self.kl_budget.exceeded:  # resumed from the checkpoint a KL-budget stop wrote: nothing left to train
