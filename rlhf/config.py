@@ -118,8 +118,8 @@ class TrainConfig:
     """PPO on a CPU, one process: the policy's and the critic's forward, backward and optimizer step of each
     minibatch (and the rollout's scoring forwards: policy and reference | critic and reward models) run in two
     threads, the CPU's threads split between them: the same computation, the train phase 8-17% sooner here, for one
-    more model's activations in memory at a time (docs/benchmarks.md). auto = on with 2+ CPU
-    threads; several processes, GPUs and models with dropout or gradient checkpointing run them in sequence."""
+    more model's activations in memory at a time (docs/benchmarks.md). auto = on with 2+ CPU threads; several
+    processes, GPUs and models with dropout or gradient checkpointing run them in sequence."""
 
 
 @dataclass

@@ -68,9 +68,9 @@ def keep_freed_memory() -> dict[str, bool]:
     freed) with a fresh mmap and unmaps it on free, and returns a free heap top above the trim threshold. A training
     step allocates and frees the same activations every time, so both make each step fault in, and the kernel zero,
     pages it had a moment before (the tiny PPO benchmark: 4-8% of an iteration; compiled, its scoring took 0.21 s
-    instead of 0.12; docs/benchmarks.md). Sets the mmap threshold to glibc's 32 MiB ceiling and the
-    trim threshold to 2 GiB; peak RSS, the high-water mark, is unchanged. A MALLOC_MMAP_THRESHOLD_ or
-    MALLOC_TRIM_THRESHOLD_ in the environment wins; other C libraries are left alone. Returns what was set."""
+    instead of 0.12; docs/benchmarks.md). Sets the mmap threshold to glibc's 32 MiB ceiling and the trim threshold to
+    2 GiB; peak RSS, the high-water mark, is unchanged. A MALLOC_MMAP_THRESHOLD_ or MALLOC_TRIM_THRESHOLD_ in the
+    environment wins; other C libraries are left alone. Returns what was set."""
     if platform.libc_ver()[0] != "glibc":
         return {}
     try:
