@@ -23,7 +23,12 @@ what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
         [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--compile] [--rlhf-set K=V]
-        [--attn IMPL] [--write-doc]
+        [--attn IMPL] [--device cpu|cuda] [--peer-python PATH] [--write-doc]
+
+--device cuda runs both sides on the GPU (rlhf train.cpu=false, TRL use_cpu=False) and adds each run's peak GPU
+memory (torch.cuda.max_memory_allocated) to the table; the compute floor then uses the GPU's measured GEMM rate.
+--peer-python: an interpreter that already has trl==1.12.0 (a lent GPU machine with the wheels carried: see
+docs/benchmarks.md) instead of building .venv-peer.
 """
 
 import argparse
@@ -35,6 +40,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -92,8 +98,10 @@ def ensure_peer_venv() -> None:
     stamp.write_text(" ".join(want) + "\n")
 
 
-def child_env(threads: int) -> dict:
+def child_env(threads: int, device: str = "cpu") -> dict:
     env = dict(os.environ)
+    # the repo first, then whatever the caller's path holds (carried wheels on a lent machine)
+    path = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
     env |= {
         "HF_HUB_OFFLINE": "1",
         "HF_DATASETS_OFFLINE": "1",
@@ -101,9 +109,10 @@ def child_env(threads: int) -> dict:
         "TOKENIZERS_PARALLELISM": "false",
         "HF_HUB_DISABLE_TELEMETRY": "1",
         "WANDB_DISABLED": "true",
-        "PYTHONPATH": str(ROOT),
+        "PYTHONPATH": path,
     }
-    env.pop("CUDA_VISIBLE_DEVICES", None)
+    if device == "cpu":  # on cuda the caller's choice of GPU stands
+        env.pop("CUDA_VISIBLE_DEVICES", None)
     if threads:
         env |= {"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
     return env
@@ -113,22 +122,25 @@ def world_dir(size: str) -> Path:
     return OUT / ("world" if size == "tiny" else f"world-{size}")
 
 
-def run_worker(
-    side: str,
-    workload: str,
-    steps: int,
-    rep: int,
-    threads: int,
-    size: str,
-    precision: str,
-    sets: list[str],
-    compile: bool,
-    attn: str,
-) -> dict:
-    """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone). `sets`: rlhf overrides;
-    `compile`: TRL's torch_compile (SFT, RM; its PPO has none), rlhf's train.compile arrives in `sets`; `attn`:
-    both sides' attn_implementation (empty: each side's default)."""
-    python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (PEER_PY, "trl_worker.py")
+@dataclass(frozen=True)
+class Setup:
+    """What every run of one invocation shares. `sets`: rlhf overrides; `compile`: TRL's torch_compile (SFT, RM; its
+    PPO has none), rlhf's train.compile arrives in `sets`; `attn`: both sides' attn_implementation (empty: each
+    side's default); `peer_py`: the interpreter that runs TRL."""
+
+    size: str
+    threads: int
+    sets: list[str]
+    compile: bool
+    attn: str
+    device: str
+    peer_py: Path
+
+
+def run_worker(side: str, workload: str, steps: int, rep: int, precision: str, setup: Setup) -> dict:
+    """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone)."""
+    size, attn = setup.size, setup.attn
+    python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (setup.peer_py, "trl_worker.py")
     name = f"{size}-{precision}-{workload}-{side}-{rep}"
     out = OUT / "runs" / name
     result = OUT / "runs" / f"{name}.json"
@@ -136,15 +148,17 @@ def run_worker(
     logfile = OUT / "runs" / f"{name}.log"
     cmd = [python, ROOT / "scripts" / "peer" / script, "--workload", workload, "--world", world_dir(size)]
     cmd += ["--out", out, "--steps", str(steps), "--result", result, "--precision", precision]
+    cmd += ["--device", setup.device]
     if side == "rlhf":
-        cmd += [a for kv in sets for a in ("--set", kv)]
-    elif compile and workload != "ppo":
+        cmd += [a for kv in setup.sets for a in ("--set", kv)]
+    elif setup.compile and workload != "ppo":
         cmd += ["--compile"]
     if attn:
         cmd += ["--attn", attn]
     t0 = time.time()
     with logfile.open("w") as f:
-        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=child_env(threads))
+        env = child_env(setup.threads, setup.device)
+        proc = subprocess.Popen([str(c) for c in cmd], stdout=f, stderr=subprocess.STDOUT, env=env)
         _, status, usage = os.wait4(proc.pid, 0)
         proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0 or not result.is_file():
@@ -157,6 +171,9 @@ def run_worker(
         raise SystemExit(f"{side} {workload}: asked for precision {precision}, the run used {got}; log {logfile}")
     if data.get("param_dtype", "torch.float32") != "torch.float32":
         raise SystemExit(f"{side} {workload}: weights are {data['param_dtype']}, not fp32 masters; log {logfile}")
+    if data.get("device", "cpu").split(":")[0] != setup.device:
+        got = data.get("device")
+        raise SystemExit(f"{side} {workload}: asked for {setup.device}, the run used {got}; log {logfile}")
     data["peak_rss_mib"] = usage.ru_maxrss / 1024  # KiB on Linux
     data["process_s"] = time.time() - t0
     return data
@@ -170,6 +187,8 @@ def measure(data: dict, workload: str, seq_len: int) -> dict:
         raise SystemExit(f"{data['side']} {workload}: fewer than 2 steps recorded")
     step_s = sum(durations) / len(durations)
     fig = {"step_s": step_s, "rss": data["peak_rss_mib"]}
+    if "peak_gpu_mib" in data:
+        fig["gpu"] = data["peak_gpu_mib"]
     start = data.get("train_start", data.get("train_begin"))  # rlhf: before loading the models; TRL: train()
     if start:  # the warm-up step, any compile included
         fig["first_s"] = ends[0] - start
@@ -213,39 +232,49 @@ def step_flops(shape: dict, workload: str) -> float:
     return generate + score + minibatches * 3 * (policy + value)
 
 
-def gemm_rate(precision: str, threads: int, shape: dict) -> float:
-    """This machine's best measured matmul rate (FLOP/s) in the precision's compute dtype: a large square product
-    and the model's own MLP product at PPO's minibatch, best of both (an upper bound for any step's matmuls)."""
+def gemm_rate(precision: str, threads: int, shape: dict, device: str = "cpu") -> float:
+    """This machine's best measured matmul rate (FLOP/s) in the precision's compute dtype on `device`: a large square
+    product (and on a GPU a larger one) and the model's own MLP product at PPO's minibatch, best of all (an upper
+    bound for any step's matmuls)."""
     dtype = "bfloat16" if precision == "bf16" else "float32"
     m = 8 * (shape["prompt_len"] + shape["new_tokens"])
+    gpu = device == "cuda"
     code = f"""
 import time, torch
+sync = torch.cuda.synchronize if {gpu} else (lambda: None)
 best = 0.0
-for m, k, n in ((2048, 2048, 2048), ({m}, {shape["hidden_size"]}, {shape["intermediate_size"]})):
-    a, b = torch.randn(m, k, dtype=torch.{dtype}), torch.randn(k, n, dtype=torch.{dtype})
+sizes = [(2048, 2048, 2048), ({m}, {shape["hidden_size"]}, {shape["intermediate_size"]})]
+sizes += [(8192, 8192, 8192)] * {int(gpu)}
+for m, k, n in sizes:
+    a = torch.randn(m, k, dtype=torch.{dtype}, device="{device}")
+    b = torch.randn(k, n, dtype=torch.{dtype}, device="{device}")
     for _ in range(3):
         a @ b
-    reps = max(3, int(2e10 / (2 * m * k * n)))
+    reps = max(3, int({1e13 if gpu else 2e10} / (2 * m * k * n)))
+    sync()
     t = time.perf_counter()
     for _ in range(reps):
         a @ b
+    sync()
     best = max(best, 2 * m * k * n * reps / (time.perf_counter() - t))
 print(best)
 """
-    out = subprocess.run(
-        [str(RLHF_PY), "-c", code], capture_output=True, text=True, env=child_env(threads), check=True
-    )
+    env = child_env(threads, device)
+    out = subprocess.run([str(RLHF_PY), "-c", code], capture_output=True, text=True, env=env, check=True)
     return float(out.stdout.strip())
 
 
-def floor_line(workload: str, shape: dict, rate: float, precision: str, figs: dict[str, list[dict]]) -> str:
+def floor_line(
+    workload: str, shape: dict, rate: float, precision: str, figs: dict[str, list[dict]], device: str = "cpu"
+) -> str:
     """The compute floor of a step: its matmul FLOPs at the best measured GEMM rate, and the throughput cap."""
     flops = step_flops(shape, workload)
     seconds = flops / rate
     cap = (EPISODES if workload == "ppo" else SEQUENCES[workload] * shape["seq_len"]) / seconds
+    where = "GPU" if device == "cuda" else "CPU"
     line = (
         f"Compute floor ({PRECISION[precision]} matmuls): {flops / 1e9:.0f} GFLOP per "
-        f"{'iteration' if workload == 'ppo' else 'step'} at this CPU's best measured GEMM rate "
+        f"{'iteration' if workload == 'ppo' else 'step'} at this {where}'s best measured GEMM rate "
         f"({rate / 1e9:.0f} GFLOP/s) = {seconds:.3f} s, so at most {fmt(cap)} per s"
     )
     if "trl" in figs:
@@ -268,16 +297,20 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
     labels = {side: "bf16" if p == "bf16" else "fp32" for side, p in precision.items()}
     same = len(set(labels.values())) == 1
     caption = next(iter(labels.values())) if same else ", ".join(f"{side} {label}" for side, label in labels.items())
+    gpu = any("gpu" in f for runs in figs.values() for f in runs)
     lines = [
         f"| {workload} ({size}, {caption}) | {unit} min / median / max | {step} (median) | peak RSS MiB (median) |"
+        + (" peak GPU MiB allocated (median) |" if gpu else "")
         + (" generate / score / train s (median) |" if workload == "ppo" else ""),
-        "|---|---|---|---|" + ("---|" if workload == "ppo" else ""),
+        "|---|---|---|---|" + ("---|" if gpu else "") + ("---|" if workload == "ppo" else ""),
     ]
     for side, runs in figs.items():
         lo, med, hi = spread([f["throughput"] for f in runs])
         step_s = statistics.median(f["step_s"] for f in runs)
         row = f"| {side} ({labels[side]}) | {fmt(lo)} / **{fmt(med)}** / {fmt(hi)} | {fmt(step_s)} | "
         row += f"{statistics.median(f['rss'] for f in runs):,.0f} |"
+        if gpu:
+            row += f" {statistics.median(f.get('gpu', float('nan')) for f in runs):,.0f} |"
         if workload == "ppo":
             parts = [statistics.median(f[k] for f in runs) for k in ("time/generate", "time/score", "time/train")]
             row += " " + " / ".join(f"{p:.3g}" for p in parts) + " |"
@@ -344,6 +377,12 @@ def main() -> None:
         metavar="IMPL",
         help="attn_implementation of every model on both sides (e.g. eager; default: each side's own)",
     )
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where both sides run (default cpu)")
+    ap.add_argument(
+        "--peer-python",
+        type=Path,
+        help="an interpreter with trl==1.12.0 to run TRL with, instead of building .venv-peer (a lent GPU machine)",
+    )
     ap.add_argument("--write-doc", action="store_true", help=f"append the tables to {DOC.relative_to(ROOT)}")
     args = ap.parse_args()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
@@ -360,9 +399,17 @@ def main() -> None:
     size = SIZES[args.size]
     reps = 1 if args.quick else args.reps
 
-    if "trl" in sides:
+    peer_py = args.peer_python or PEER_PY
+    if "trl" in sides and args.peer_python is None:
         ensure_peer_venv()
-    env = child_env(args.threads)
+    env = child_env(args.threads, args.device)
+    gpu_name = ""
+    if args.device == "cuda":
+        code = "import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else '')"
+        gpu_name = subprocess.run([str(RLHF_PY), "-c", code], capture_output=True, text=True, env=env).stdout.strip()
+        if not gpu_name:
+            raise SystemExit(f"--device cuda: {RLHF_PY} sees no CUDA device (torch.cuda.is_available() is False)")
+    setup = Setup(args.size, args.threads, rlhf_sets, args.compile, args.attn, args.device, peer_py)
     (OUT / "runs").mkdir(parents=True, exist_ok=True)
     log(f"building the {args.size} world (tokenizer, random-init models, synthetic data) in {world_dir(args.size)}")
     subprocess.run(
@@ -376,12 +423,13 @@ def main() -> None:
         raise SystemExit(f"{world_dir(args.size)}/model.json {shape} does not match --size {args.size} {size}")
     versions = f"torch {rlhf_version('torch', RLHF_PY)}, transformers {rlhf_version('transformers', RLHF_PY)}"
     if "trl" in sides:
-        versions += f" (peer venv: {rlhf_version('transformers', PEER_PY)}), trl {rlhf_version('trl', PEER_PY)}"
+        versions += f" (peer: {rlhf_version('transformers', peer_py)}), trl {rlhf_version('trl', peer_py)}"
     prec = " / ".join(f"{side} {PRECISION[precision[side]]}" for side in sides)
     header = (
         f"{datetime.date.today().isoformat()}, size {args.size} ({shape['params'] / 1e6:.2f}M parameters; "
         f"L {size['L']}, PPO {size['P']}-token prompts + {size['R']} new tokens), precision: {prec}; "
-        f"{machine()}; {versions}; threads {args.threads or 'torch default'}; {reps} rep(s) per side"
+        f"{gpu_name + ' on ' if gpu_name else ''}{machine()}; {versions}; "
+        f"threads {args.threads or 'torch default'}; {reps} rep(s) per side"
         + (f"; rlhf with {', '.join(rlhf_sets)}" if rlhf_sets and "rlhf" in sides else "")
         + (
             "; TRL with torch_compile=True (SFT, RM; its PPO cannot compile)"
@@ -400,18 +448,7 @@ def main() -> None:
         for rep in range(reps):
             for side in sides:
                 log(f"{w}: {side} ({PRECISION[precision[side]]}) run {rep + 1}/{reps}: 1 warm-up, {measured} measured")
-                data = run_worker(
-                    side,
-                    w,
-                    measured + 1,
-                    rep,
-                    args.threads,
-                    args.size,
-                    precision[side],
-                    rlhf_sets,
-                    args.compile,
-                    args.attn,
-                )
+                data = run_worker(side, w, measured + 1, rep, precision[side], setup)
                 fig = measure(data, w, size["L"])
                 figs[side].append(fig)
                 first = f", first step {fig['first_s']:.1f} s" if "first_s" in fig else ""
@@ -422,8 +459,9 @@ def main() -> None:
         lines = table(w, figs, precision, args.size)
         if "rlhf" in precision:
             if precision["rlhf"] not in rates:
-                rates[precision["rlhf"]] = gemm_rate(precision["rlhf"], args.threads, shape)
-            lines += ["", floor_line(w, shape, rates[precision["rlhf"]], precision["rlhf"], figs)]
+                rates[precision["rlhf"]] = gemm_rate(precision["rlhf"], args.threads, shape, args.device)
+            rate = rates[precision["rlhf"]]
+            lines += ["", floor_line(w, shape, rate, precision["rlhf"], figs, args.device)]
         print("\n" + "\n".join(lines) + "\n", flush=True)
         out_lines += lines + [""]
     tag = (

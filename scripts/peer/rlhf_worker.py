@@ -100,6 +100,7 @@ def main() -> None:
     ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="train.mixed_precision (no = fp32)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="extra config override")
     ap.add_argument("--attn", default="", help="attn_implementation of every model (default: rlhf's auto)")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: train.cpu=false")
     args = ap.parse_args()
     out = Path(args.out)
     shutil.rmtree(out, ignore_errors=True)
@@ -113,6 +114,8 @@ def main() -> None:
     if args.attn:  # the value model and the reference are built from these two
         roles = ["models.policy", "models.reward"] if stage == "ppo" else ["model"]
         sets += [f"{role}.attn_implementation={args.attn}" for role in roles]
+    if args.device == "cuda":
+        sets.append("train.cpu=false")
     cfg = load_config(stage, None, sets + args.set)
     t0 = time.time()
     {"ppo": ppo.train, "sft": sft.train, "rm": reward.train}[stage](cfg)
@@ -133,7 +136,10 @@ def main() -> None:
         "train_start": t0,
         "mixed_precision": str(state.mixed_precision),
         "param_dtype": f"torch.{(cfg.models.policy if stage == 'ppo' else cfg.model).dtype}",  # the load dtype
+        "device": str(state.device),
     }
+    if state.device.type == "cuda":  # what the tensors took at their peak (the caching allocator's reserve aside)
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     if stage == "ppo":
         for k in ("time/generate", "time/score", "time/train", "time/iteration"):
             result[k] = [r[k] for r in rows]

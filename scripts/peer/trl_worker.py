@@ -69,6 +69,7 @@ def precision_used(trainer, model) -> dict:
         "mixed_precision": str(acc.mixed_precision),
         "native_amp": bool(acc.native_amp),
         "param_dtype": str(next(model.parameters()).dtype),
+        "device": str(next(model.parameters()).device),
     }
 
 
@@ -197,7 +198,9 @@ def main() -> None:
     ap.add_argument("--precision", choices=["no", "bf16"], default="no", help="bf16 = TRL's bf16=True (no = fp32)")
     ap.add_argument("--compile", action="store_true", help="torch_compile=True (SFT, RM; TRL's PPO has no such path)")
     ap.add_argument("--attn", default="", help="attn_implementation of every model (default: transformers')")
+    ap.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="cuda: use_cpu=False")
     args = ap.parse_args()
+    COMMON["use_cpu"] = args.device == "cpu"
     bf16 = args.precision == "bf16"
     attn = {"attn_implementation": args.attn} if args.attn else {}
     out, world = Path(args.out), Path(args.world)
@@ -219,6 +222,8 @@ def main() -> None:
         "threads": torch.get_num_threads(),
         "wall_s": time.time() - t0,
     } | extra
+    if torch.cuda.is_initialized():  # what the tensors took at their peak (the caching allocator's reserve aside)
+        result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
     Path(args.result).write_text(json.dumps(result) + "\n")
 
 
