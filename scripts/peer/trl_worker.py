@@ -1,10 +1,10 @@
 """One TRL run of a `make bench-peer` workload, in the peer venv (.venv-peer, trl==1.12.0) and a fresh process.
 
-TRL is a benchmark peer, never a dependency of rlhf: this file only runs under .venv-peer. Models and the
-tokenizer come from the local world dir (HF_HUB_OFFLINE=1). A TrainerCallback stamps the end of every step
-(PPO: iteration); for PPO the module-level `batch_generation` and `forward` of TRL's trainer are wrapped to split
-each iteration into generate / score (rollout forwards, rewards, advantages) / train. Lengths come from the
-world's model.json (tiny or small).
+TRL is a benchmark peer, never a dependency of rlhf: this file runs only under .venv-peer (or the interpreter that
+`bench_peer.py --peer-python` names). Models and the tokenizer come from the local world dir (HF_HUB_OFFLINE=1). A
+TrainerCallback stamps the end of every step (PPO: iteration); for PPO the module-level `batch_generation` and
+`forward` of TRL's trainer are wrapped to split each iteration into generate / score (rollout forwards, rewards,
+advantages) / train. Lengths come from the world's model.json (tiny or small).
 
 --precision bf16 sets `bf16=True` in the TRL config. In transformers' Trainer (SFT, RM) that becomes
 Accelerator(mixed_precision="bf16"), which on CPU wraps the prepared model's forward in
@@ -36,8 +36,8 @@ from transformers import (
     TrainerCallback,
 )
 
-# Settings shared by every TRL config (bf16 is set per run): CPU, no gradient checkpointing, no saving/eval/logging
-# backends.
+# Settings shared by every TRL config (bf16 is set per run, use_cpu by --device): no gradient checkpointing, no
+# saving/eval/logging backends.
 COMMON = dict(
     seed=0,
     use_cpu=True,
