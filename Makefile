@@ -6,7 +6,7 @@ CONFIG  ?=
 RECIPE  ?= configs/tiny
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo world pretrain sft rm dpo ppo eval pipeline plot bench bench-peer overopt algorithms clean
+.PHONY: install test test-fast lint format demo world pretrain sft rm dpo ppo eval pipeline plot bench bench-peer overopt kl-control algorithms clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -71,6 +71,9 @@ bench-peer: install
 
 overopt: install
 	$(BIN)/python scripts/overoptimization.py
+
+kl-control: install
+	$(BIN)/python scripts/kl_control.py
 
 algorithms: install
 	$(BIN)/python scripts/algorithms.py

@@ -311,22 +311,32 @@ class KLConfig:
     """beta: per-token KL penalty to the SFT reference (InstructGPT: 0.02); the starting beta when adaptive."""
     adaptive: bool = False
     """Adapt beta so the KL per sequence holds at `target` (see `controller`)."""
-    controller: Literal["pi", "proportional"] = "pi"
-    """pi = PI control of log(beta), holds the target whatever the initial beta; proportional = Ziegler et al. 2019."""
+    controller: Literal["antiwindup", "pi", "proportional"] = "antiwindup"
+    """antiwindup = PI control of log(beta) without integral windup (holds the target when the policy is slow to
+    move, then takes off); pi = the same without the anti-windup (issue 9); proportional = Ziegler et al. 2019."""
     target: float = 6.0
     """Target KL (nats per sequence) of the adaptive controller."""
     p_gain: float = 1.0
-    """pi: proportional gain on the relative KL error (log-beta per unit error)."""
+    """pi, antiwindup: proportional gain on the relative KL error (log-beta per unit error)."""
     i_gain: float = 0.2
-    """pi: integral gain (log-beta per iteration per unit error)."""
+    """pi, antiwindup: integral gain (log-beta per iteration per unit error)."""
     lookahead: float = 10.0
-    """pi: act on the KL predicted this many iterations ahead from its recent trend (0 = the current KL)."""
+    """pi, antiwindup: act on the KL predicted this many iterations ahead from its trend (0 = the current KL)."""
     smoothing: float = 0.3
-    """pi: weight of the newest batch in the smoothed KL the controller acts on (1 = no smoothing)."""
+    """pi, antiwindup: weight of the newest batch in the smoothed KL the controller acts on (1 = no smoothing)."""
     min_coef: float = 1.0e-4
-    """pi: beta never goes below this."""
+    """pi, antiwindup: beta never goes below this."""
     max_coef: float = 10.0
-    """pi: beta never goes above this."""
+    """pi, antiwindup: beta never goes above this."""
+    min_share: float = 0.1
+    """antiwindup: lower beta at full rate only while the KL penalty's share of the return's spread,
+    beta * std(KL_i) / std(score_i) (1 at the KL-regularised optimum), is at least this; below, in proportion."""
+    max_error: float = 2.0
+    """antiwindup: the relative KL error is clipped to [-1, max_error]: a KL predicted at 3x the target raises
+    beta 2x as fast as one at 2x."""
+    max_step: float = 0.5
+    """antiwindup: log(beta) moves by at most this per iteration, either way (one noisy batch cannot multiply beta
+    by more than e^0.5 = 1.65, and whatever one iteration does, one iteration can undo)."""
     horizon: int = 10000
     """proportional: controller horizon in episodes."""
     budget: float = 0.0
@@ -337,6 +347,58 @@ class KLConfig:
     """Per-token KL estimator in the reward (k1 = log-ratio; k3 = low-variance, non-negative)."""
     placement: Literal["reward", "loss"] = "reward"
     """reward = -beta * KL per token in the reward (InstructGPT); loss = beta * k3 KL as a loss term (GRPO)."""
+
+
+@dataclass
+class CollapseLimits:
+    """When a policy counts as collapsed (rlhf.collapse): each sign against the SFT policy's. A ratio or KL limit of
+    0 turns its check off; max_repeat_share 1 does."""
+
+    max_repeat_share: float = 0.1
+    """Flag when the share of responses repeating an n-gram `repeat_times` times in a row exceeds SFT's by more."""
+    repeat_times: int = 3
+    """Repeats in a row that count ("today today today" = 3)."""
+    max_ngram: int = 4
+    """Longest repeated unit checked, in tokens (a word of several tokens, a short phrase)."""
+    min_distinct2_ratio: float = 0.4
+    """Flag when distinct-2 falls below this fraction of SFT's."""
+    min_length_ratio: float = 0.5
+    """Flag when the mean response length falls below this fraction of SFT's."""
+    max_length_ratio: float = 2.0
+    """Flag when the mean response length exceeds this multiple of SFT's."""
+    min_eos_share_ratio: float = 0.5
+    """Flag when the share of responses that end (EOS) falls below this fraction of SFT's."""
+    max_kl: float = 0.0
+    """eval: flag a checkpoint whose KL to SFT exceeds this (0 = the run's kl.budget, else max_kl_over_target x
+    its kl.target when it was adaptive, else no KL check)."""
+    max_kl_over_target: float = 1.5
+    """eval: with no max_kl and no budget, flag KL above this multiple of the run's KL target."""
+
+    def validate(self, prefix: str) -> None:
+        for key in ("min_distinct2_ratio", "min_length_ratio", "max_length_ratio", "min_eos_share_ratio", "max_kl"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"{prefix}.{key} must be >= 0 (0 = off), got {getattr(self, key)}")
+        if not 0 <= self.max_repeat_share <= 1 or self.max_kl_over_target < 0:
+            raise ConfigError(
+                f"need 0 <= {prefix}.max_repeat_share <= 1 (1 = off) and {prefix}.max_kl_over_target >= 0, got "
+                f"{self.max_repeat_share} and {self.max_kl_over_target}"
+            )
+        if self.repeat_times < 2 or self.max_ngram < 1:
+            raise ConfigError(
+                f"need {prefix}.repeat_times >= 2 and {prefix}.max_ngram >= 1, got {self.repeat_times} and "
+                f"{self.max_ngram}"
+            )
+        if self.max_length_ratio and self.max_length_ratio < self.min_length_ratio:
+            raise ConfigError(f"{prefix}.max_length_ratio must be >= {prefix}.min_length_ratio")
+
+
+@dataclass
+class CollapseGuard(CollapseLimits):
+    stop: bool = False
+    """Stop the run (checkpoint and final/, like kl.budget) once the rollouts' collapse signs, averaged over
+    `window` iterations, cross the limits against the first iteration's (the SFT policy's own samples)."""
+    window: int = 5
+    """Iterations averaged before the guard judges."""
 
 
 @dataclass
@@ -448,6 +510,8 @@ class PPOConfig:
     data: PPOData = field(default_factory=PPOData)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
     kl: KLConfig = field(default_factory=KLConfig)
+    collapse: CollapseGuard = field(default_factory=CollapseGuard)
+    """Collapse signs of the rollouts (rlhf.collapse) and the optional guard that stops a collapsing run."""
     reward: RewardShaping = field(default_factory=RewardShaping)
     ppo: PPOHyper = field(default_factory=PPOHyper)
     ptx: PtxConfig = field(default_factory=PtxConfig)
@@ -497,6 +561,11 @@ class PPOConfig:
                 raise ConfigError(f"need 0 < kl.min_coef <= kl.max_coef, got {k.min_coef} and {k.max_coef}")
             if not 0 < k.smoothing <= 1:
                 raise ConfigError(f"kl.smoothing must be in (0, 1], got {k.smoothing}")
+            if k.min_share <= 0 or k.max_error < 1 or k.max_step <= 0:
+                raise ConfigError(
+                    f"need kl.min_share > 0, kl.max_error >= 1 and kl.max_step > 0, got {k.min_share}, "
+                    f"{k.max_error} and {k.max_step}"
+                )
             if k.p_gain < 0 or k.i_gain <= 0 or k.lookahead < 0:
                 raise ConfigError(
                     f"need kl.p_gain >= 0, kl.i_gain > 0 and kl.lookahead >= 0, got {k.p_gain}, {k.i_gain}, "
@@ -504,6 +573,8 @@ class PPOConfig:
                 )
         if k.budget < 0:
             raise ConfigError(f"kl.budget must be >= 0 (0 = off), got {k.budget}")
+        self.collapse.validate("collapse")
+        _positive(self.collapse.window, "collapse.window")
         _positive(k.budget_window, "kl.budget_window")
         if self.reward.std_coef < 0:
             raise ConfigError(f"reward.std_coef must be >= 0, got {self.reward.std_coef}")
@@ -600,10 +671,13 @@ class EvalConfig:
     """Prompts per generate() call."""
     format: FormatConfig = field(default_factory=FormatConfig)
     """Prompt rendering (must match training)."""
+    collapse: CollapseLimits = field(default_factory=CollapseLimits)
+    """With run_dir: a checkpoint whose collapse signs cross these limits is flagged and never selected."""
     trust_remote_code: bool = False
     """Allow model code from the hub."""
 
     def validate(self) -> None:
+        self.collapse.validate("collapse")
         if not self.sft:
             raise ConfigError("sft is required (a model dir)")
         if bool(self.policy) == bool(self.run_dir):

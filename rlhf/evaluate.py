@@ -9,8 +9,10 @@ held-out pretraining text (what PPO-ptx protects). Ends with one JSON line, also
 
 With `run_dir` (a PPO output dir) it measures the same for every checkpoint and the final policy — plus the
 held-out proxy score from a reward model PPO never optimised — and writes `frontier.json` and `frontier.png`: score
-against KL, the reward over-optimisation curve (Gao et al. 2022). The best checkpoint is named by the proxy score,
-never by the gold judge (a real user has none); `select_best` makes it the run's `final/`.
+against KL, the reward over-optimisation curve (Gao et al. 2022), beside each checkpoint's collapse signs
+(rlhf.collapse: repeats within a response, distinct-2, length and EOS share against SFT's, KL past the run's limit).
+The best checkpoint is the one with the highest proxy score among those no collapse sign flags — never chosen by
+the gold judge (a real user has none); `select_best` makes it the run's `final/`.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import shutil
 from pathlib import Path
 
 import torch
+import yaml
 
 from rlhf.batching import TruncationReport, encode_prompts, encode_text, pad, response_sequences
+from rlhf.collapse import collapse_reasons, kl_limit, repeat_share
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, load_function, save_config
 from rlhf.data import load_source
 from rlhf.models import (
@@ -114,8 +118,9 @@ class Evaluation:
     def measure(self, model, name: str) -> tuple[dict, dict, list[str]]:
         """Sample `model` on every prompt; returns (metrics, per-sample scores {gold, rm, proxy}, texts).
 
-        Metrics: length, eos_share, distinct1/2, sft_logprob (the SFT model's log-likelihood per token of the
-        samples), kl_to_sft (per sequence, on the model's own samples), rm_score, proxy_score, gold_score.
+        Metrics: length, eos_share, distinct1/2, repeat_share (rlhf.collapse), sft_logprob (the SFT model's
+        log-likelihood per token of the samples), kl_to_sft (per sequence, on the model's own samples), rm_score,
+        proxy_score, gold_score.
         """
         cfg, tok, eos = self.cfg, self.tokenizer, self.tokenizer.eos_token_id
         torch.manual_seed(cfg.seed)  # every model samples with the same random stream
@@ -130,6 +135,7 @@ class Evaluation:
             "eos_share": sum(ended) / len(resp),
             "distinct1": distinct_n(content, 1),
             "distinct2": distinct_n(content, 2),
+            "repeat_share": repeat_share(content, cfg.collapse.max_ngram, cfg.collapse.repeat_times),
             "sft_logprob": float(sum(x.sum() for x in sft_lp) / max(tokens, 1)),
             "kl_to_sft": 0.0,
         }
@@ -257,11 +263,16 @@ def frontier(cfg: EvalConfig, ev: Evaluation, sft: tuple[dict, dict]):
         metrics, scores, texts = ev.measure(ev.load_policy(str(path), f"run_dir ({name})"), name)
         measured[name] = (path, metrics, scores, texts)
         rows.append({"name": name, "step": step, "path": str(path)} | metrics | ev.win_rate(scores, sft[1]))
-    best = max(rows, key=lambda r: r["proxy_score"]) if ev.proxy_models else None
+    max_kl = kl_limit(cfg.collapse, run_kl_config(run_dir))
+    for r in rows:
+        r["collapse"] = collapse_reasons(r, sft_row, cfg.collapse, max_kl)
+    best = select_best(rows) if ev.proxy_models else None
     report = {
         "run_dir": str(run_dir),
-        "selected_by": "proxy_score" if best else None,
+        "selected_by": "proxy_score" if ev.proxy_models else None,  # among the policies with no collapse flag
         "best": {k: best[k] for k in ("name", "step", "kl_to_sft", "proxy_score")} if best else None,
+        "excluded": {r["name"]: r["collapse"] for r in rows if r["collapse"]},
+        "max_kl": max_kl,
         "sft": _rounded(sft_row),
         "rows": [_rounded(r) for r in rows],
     }
@@ -271,9 +282,18 @@ def frontier(cfg: EvalConfig, ev: Evaluation, sft: tuple[dict, dict]):
         gold = f" gold {r['gold_score']:.3f}" if "gold_score" in r else ""
         proxy = f" proxy {r['proxy_score']:+.3f}" if "proxy_score" in r else ""
         rm = f" rm {r['rm_score']:+.3f}" if "rm_score" in r else ""
-        print(f"[frontier] {r['name']:<18} KL {r['kl_to_sft']:7.3f}{rm}{proxy}{gold}", flush=True)
+        flag = "  COLLAPSED" if r["collapse"] else ""
+        print(
+            f"[frontier] {r['name']:<18} KL {r['kl_to_sft']:7.3f}{rm}{proxy}{gold} repeat {r['repeat_share']:.2f} "
+            f"distinct-2 {r['distinct2']:.3f}{flag}",
+            flush=True,
+        )
+    for name, reasons in report["excluded"].items():
+        print(f"[frontier] {name} excluded from selection: {'; '.join(reasons)}", flush=True)
     if best:
         print(f"[frontier] best by proxy score: {best['name']} (KL {best['kl_to_sft']:.3f})", flush=True)
+    elif ev.proxy_models:
+        print("[frontier] every policy of the run is flagged as collapsed: none is selected", flush=True)
     chosen = rows[-1]["name"]
     if cfg.select_best and best is not None:
         chosen = best["name"]
@@ -281,6 +301,21 @@ def frontier(cfg: EvalConfig, ev: Evaluation, sft: tuple[dict, dict]):
     path, metrics, scores, texts = measured[chosen]
     final = run_dir / "final"
     return (final if cfg.select_best and final.is_dir() else path), metrics, scores, texts
+
+
+def select_best(rows: list[dict]) -> dict | None:
+    """The row with the highest proxy score among those with no collapse flag (`row["collapse"]` empty); None when
+    every row is flagged. Ties go to the earlier checkpoint (closer to SFT)."""
+    candidates = [r for r in rows if not r.get("collapse")]
+    return max(candidates, key=lambda r: r["proxy_score"]) if candidates else None
+
+
+def run_kl_config(run_dir: Path) -> dict:
+    """The `kl` section of the PPO run's resolved config.yaml ({} when the run dir has none)."""
+    path = run_dir / "config.yaml"
+    if not path.exists():
+        return {}
+    return (yaml.safe_load(path.read_text()) or {}).get("kl", {}) or {}
 
 
 def promote(run_dir: Path, policy_dir: Path, best: dict) -> Path:
@@ -318,7 +353,7 @@ def plot_frontier(report: dict, path: Path) -> Path | None:
     rows = [report["sft"]] + report["rows"]
     last_step = max([r["step"] for r in rows if r["step"] is not None] + [0])
     steps = [last_step + 1 if r["step"] is None else r["step"] for r in rows]  # final/ after the last checkpoint
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.4), dpi=110)
+    fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), dpi=110)
     for ax, xs, xlabel in (
         (axes[0], [r["kl_to_sft"] for r in rows], "KL to SFT (nats / sequence)"),
         (axes[1], steps, "PPO iteration (SFT at 0, final last)"),
@@ -326,6 +361,9 @@ def plot_frontier(report: dict, path: Path) -> Path | None:
         for key, label in (("rm_score", "RM score (optimised)"), ("proxy_score", "held-out proxy RM")):
             if all(key in r for r in rows):
                 ax.plot(xs, [r[key] for r in rows], marker="o", markersize=3, label=label)
+                flagged = [(x, r[key]) for x, r in zip(xs, rows) if r.get("collapse")]
+                if flagged and key == "proxy_score":
+                    ax.scatter(*zip(*flagged), marker="x", color="red", s=60, zorder=5, label="collapse flag")
         ax.set_xlabel(xlabel)
         ax.set_ylabel("reward-model score")
         if all("gold_score" in r for r in rows):
@@ -333,10 +371,18 @@ def plot_frontier(report: dict, path: Path) -> Path | None:
             gold_ax.plot(xs, [r["gold_score"] for r in rows], color="black", marker="s", markersize=3, label="gold")
             gold_ax.set_ylabel("gold score")
         ax.grid(alpha=0.3)
-    if report["best"]:
-        axes[0].axvline(
-            report["best"]["kl_to_sft"], color="green", linestyle="--", label=f"best: {report['best']['name']}"
-        )
+    sft = report["sft"]
+    ratios = (("distinct2", "distinct-2 / SFT's"), ("length", "length / SFT's"), ("eos_share", "EOS / SFT's"))
+    for key, label in ratios:
+        if sft.get(key):
+            axes[2].plot(steps, [r.get(key, 0.0) / sft[key] for r in rows], marker="o", markersize=3, label=label)
+    axes[2].plot(steps, [r.get("repeat_share", 0.0) for r in rows], marker="o", markersize=3, label="repeat share")
+    for x, r in zip(steps, rows):
+        if r.get("collapse"):
+            axes[2].axvline(x, color="red", alpha=0.25)
+    axes[2].set_xlabel("PPO iteration (SFT at 0, final last; red = flagged)")
+    axes[2].set_title("collapse signs")
+    axes[2].grid(alpha=0.3)
     axes[0].set_title("score against KL (the over-optimisation curve)")
     axes[1].set_title("score over training")
     handles = [h for ax in fig.axes for h in ax.get_legend_handles_labels()[0]]

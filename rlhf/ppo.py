@@ -51,8 +51,10 @@ from rlhf.batching import (
     pad,
     response_sequences,
 )
+from rlhf.collapse import CollapseMonitor, repeat_share
 from rlhf.config import ConfigError, PPOConfig, check_paths, load_function, save_config
 from rlhf.data import load_source
+from rlhf.kl_control import KLBudget, build_kl_controller, penalty_share
 from rlhf.models import (
     TokenValueModel,
     causal_logits,
@@ -64,11 +66,7 @@ from rlhf.models import (
     reward_scores,
 )
 from rlhf.ppo_math import (
-    AdaptiveKLController,
-    FixedKLController,
-    KLBudget,
     KLPenaltyCoef,
-    PIKLController,
     aggregate_ensemble,
     compute_rewards,
     distinct_n,
@@ -360,8 +358,12 @@ class PPOTrainer:
         self.progress = Progress()
         self.ema = EMA(acc.unwrap_model(self.policy), cfg.ema.decay) if cfg.ema.decay else None
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_skips, "ppo")
+        self.collapse = CollapseMonitor(cfg.collapse, cfg.collapse.window)
+        # one registered object for both stop rules: accelerate numbers custom states by position, and a new
+        # position would make checkpoints written before the collapse guard existed unloadable
+        stop_rules = StopRules(self.kl_budget, self.collapse)
         acc.register_for_checkpointing(
-            self.progress, self.kl_ctl, self.score_moments, self.kl_budget, self.guard, self.klpen
+            self.progress, self.kl_ctl, self.score_moments, stop_rules, self.guard, self.klpen
         )
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
@@ -582,6 +584,12 @@ class PPOTrainer:
         content = ro.response_mask & (ro.query_responses[:, ro.prompt_width :] != self.tokenizer.eos_token_id)
         tokens = [r[m].tolist() for r, m in zip(ro.query_responses[:, ro.prompt_width :], content)]
         hacking = {"rollout/distinct1": distinct_n(tokens, 1), "rollout/distinct2": distinct_n(tokens, 2)}
+        c = cfg.collapse
+        hacking["rollout/repeat_share"] = repeat_share(tokens, c.max_ngram, c.repeat_times)
+        # the KL penalty's share of the return's spread (1 at the KL-regularised optimum): the anti-windup's gate
+        hacking["objective/kl_penalty_share"] = min(penalty_share(self.kl_ctl.value, k1, ro.scores), 1e6)
+        # the batch KL's standard error: how much of its iteration-to-iteration movement is sampling noise
+        hacking["objective/kl_stderr"] = k1.std() / math.sqrt(k1.numel()) if k1.numel() > 1 else k1.new_zeros(())
         if len(self.reward_models) > 1:
             hacking["objective/ensemble_std"] = ro.score_std.mean()
         scores = ro.scores
@@ -804,8 +812,10 @@ class PPOTrainer:
         bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
         if self.kl_budget.exceeded:  # resumed from the checkpoint a KL-budget stop wrote: nothing left to train
             acc.print(f"[ppo] the KL budget ({cfg.kl.budget}) was spent at iteration {self.progress.step}")
+        if self.collapse.stopped:
+            acc.print(f"[ppo] the collapse guard stopped this run at iteration {self.progress.step}")
         with GracefulStop() as stop:
-            while self.progress.step < self.total_steps and not self.kl_budget.exceeded:
+            while self.progress.step < self.total_steps and not (self.kl_budget.exceeded or self.collapse.stopped):
                 step = self.progress.step
                 t0 = time.time()
                 ro, timing = self.rollout(step)
@@ -818,9 +828,12 @@ class PPOTrainer:
                 t2 = time.time()
                 # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
                 kl = float(stats["objective/kl"])
-                self.kl_ctl.update(kl, cfg.train.batch_size)
+                self.kl_ctl.update(kl, cfg.train.batch_size, stats["objective/kl_penalty_share"])
                 over_budget = self.kl_budget.update(kl)
                 stats["objective/kl_smoothed"] = self.kl_budget.smoothed
+                signs = [stats[f"rollout/{k}"] for k in ("repeat_share", "distinct2", "response_length", "eos_share")]
+                collapse = self.collapse.update(dict(zip(CollapseMonitor.KEYS, signs)))
+                stats["rollout/collapse_flags"] = len(collapse)
                 self.progress.step += 1
                 self.progress.samples += cfg.train.batch_size
                 tokens = ro.attention_mask.sum().item()
@@ -833,17 +846,24 @@ class PPOTrainer:
                 }
                 bar.update(1, score=float(stats["objective/scores"]), kl=kl)
                 step = self.progress.step
+                collapse_stop = bool(collapse) and cfg.collapse.stop
                 if over_budget:
                     stats["stop/kl_budget"] = 1
-                if step % cfg.logging.every == 0 or step == self.total_steps or over_budget:
+                if collapse_stop:
+                    stats["stop/collapse"] = 1
+                    self.collapse.stopped = True
+                if step % cfg.logging.every == 0 or step == self.total_steps or over_budget or collapse_stop:
                     log_metrics(acc, stats, step)
                     self.log_samples(ro, step)
-                if over_budget:
+                if over_budget or collapse_stop:
                     # a hard stop: the policy as it is now becomes final/ (and a checkpoint, for the frontier)
-                    acc.print(
-                        f"[ppo] stopping at iteration {step}: smoothed KL {self.kl_budget.smoothed:.3f} passed "
-                        f"kl.budget {cfg.kl.budget} (mean of the last {cfg.kl.budget_window} iterations)"
+                    why = (
+                        f"smoothed KL {self.kl_budget.smoothed:.3f} passed kl.budget {cfg.kl.budget} (mean of the "
+                        f"last {cfg.kl.budget_window} iterations)"
+                        if over_budget
+                        else f"collapse signs (last {cfg.collapse.window} iterations' mean): {'; '.join(collapse)}"
                     )
+                    acc.print(f"[ppo] stopping at iteration {step}: {why}")
                     self.save(step)
                     break
                 if self.eval_prompts and (
@@ -932,15 +952,20 @@ class PPOTrainer:
         save_final(acc, final_model(acc, self.policy, cfg.models.policy.lora), path, self.tokenizer, cfg)
 
 
-def build_kl_controller(kl):
-    """The beta schedule: fixed, PI control toward kl.target (default adaptive mode) or Ziegler's proportional."""
-    if not kl.adaptive:
-        return FixedKLController(kl.kl_coef)
-    if kl.controller == "proportional":
-        return AdaptiveKLController(kl.kl_coef, kl.target, kl.horizon)
-    return PIKLController(
-        kl.kl_coef, kl.target, kl.p_gain, kl.i_gain, kl.lookahead, kl.smoothing, kl.min_coef, kl.max_coef
-    )
+class StopRules:
+    """The KL budget and the collapse monitor checkpointed as one state (the budget's keys stay where they were,
+    so checkpoints from before the collapse guard resume with a fresh monitor)."""
+
+    def __init__(self, budget: KLBudget, collapse: CollapseMonitor):
+        self.budget, self.collapse = budget, collapse
+
+    def state_dict(self) -> dict:
+        return self.budget.state_dict() | {"collapse": self.collapse.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.budget.load_state_dict(state_dict)
+        if "collapse" in state_dict:
+            self.collapse.load_state_dict(state_dict["collapse"])
 
 
 def _check_adapter_reference(policy_cfg) -> None:

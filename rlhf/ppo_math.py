@@ -1,7 +1,7 @@
 """Tensor math for InstructGPT-style RLHF: SFT loss, reward-model ranking loss and PPO-ptx.
 
 Every function here is pure: tensors in, tensors out, no config objects, no models, no global state.
-The two KL controllers are the only classes, and they only hold a float.
+The KL controllers live in `rlhf.kl_control`; `KLPenaltyCoef` (L^KLPEN's beta) is the one class here.
 
 Shape conventions:
     B = batch size, T = response length (tokens), V = vocabulary size.
@@ -27,17 +27,11 @@ References:
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
-    "AdaptiveKLController",
-    "FixedKLController",
-    "KLBudget",
-    "PIKLController",
     "aggregate_ensemble",
     "compute_rewards",
     "distinct_n",
@@ -575,161 +569,6 @@ def distinct_n(token_lists: list[list[int]], n: int) -> float:
     """
     grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
     return len(set(grams)) / max(len(grams), 1)
-
-
-# ---------------------------------------------------------------------------------------------
-# KL coefficient controllers
-# ---------------------------------------------------------------------------------------------
-
-
-class FixedKLController:
-    """Constant KL coefficient beta (InstructGPT uses a fixed beta = 0.02)."""
-
-    def __init__(self, kl_coef: float):
-        self.value = float(kl_coef)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        """No-op: the coefficient stays fixed."""
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value}
-
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        self.value = float(state_dict["value"])
-
-
-class AdaptiveKLController:
-    """Adaptive KL coefficient that steers the observed KL towards a target ([Ziegler] sec. 2.2).
-
-        e_t  = clip(KL_t / KL_target - 1, -0.2, 0.2)
-        beta_{t+1} = beta_t * (1 + e_t * n_steps / horizon)
-
-    ``current_kl`` is the observed KL(pi || pi_ref) per sequence (sum over tokens, batch mean),
-    ``n_steps`` the number of episodes (sequences) in the batch that produced it.
-    """
-
-    def __init__(self, init_kl_coef: float, target: float, horizon: float):
-        if target <= 0 or horizon <= 0:
-            raise ValueError(f"target and horizon must be > 0, got target={target}, horizon={horizon}")
-        self.value = float(init_kl_coef)
-        self.target = float(target)
-        self.horizon = float(horizon)
-
-    def update(self, current_kl: float, n_steps: int) -> None:
-        proportional_error = min(max(float(current_kl) / self.target - 1.0, -0.2), 0.2)
-        self.value *= 1.0 + proportional_error * n_steps / self.horizon
-
-    def state_dict(self) -> dict[str, float]:
-        return {"value": self.value, "target": self.target, "horizon": self.horizon}
-
-    def load_state_dict(self, state_dict: dict[str, float]) -> None:
-        self.value = float(state_dict["value"])
-        self.target = float(state_dict.get("target", self.target))
-        self.horizon = float(state_dict.get("horizon", self.horizon))
-
-
-class PIKLController:
-    """Holds the KL near a target: PI control of log(beta) on the KL predicted a few iterations ahead.
-
-        level_t        = a * KL_t + (1 - a) * (level_{t-1} + slope_{t-1})     (a = smoothing; level_0 = KL_0)
-        slope_t        = 0.8 * slope_{t-1} + 0.2 * (level_t - level_{t-1})      (the KL's trend per iteration)
-        e_t            = clip((level_t + lookahead * max(slope_t, 0)) / KL_target - 1, -1, 1)
-        log beta_{t+1} = log beta_t + p_gain * (e_t - e_{t-1}) + i_gain * e_t,     beta in [min_coef, max_coef]
-
-    This is the velocity form of log beta_t = log beta_0 + p_gain * e_t + i_gain * sum_s e_s ([PID-Lagrangian]
-    applied to beta): the integral term moves beta until the KL sits at the target whatever beta_0 was, the
-    proportional term reacts at once to a change of the KL. The policy's KL lags beta (it moves only as fast as
-    the learning rate lets it), so while the policy is still near SFT the error says "raise the KL" and beta
-    falls; acting on the KL predicted `lookahead` iterations ahead stops that fall as soon as the KL is on its
-    way, which is what keeps it from overshooting the target later (the failure of Ziegler's slow controller).
-    Only a rising trend is extrapolated: overshooting the target is the harm (over-optimisation), and a falling KL
-    extrapolated below zero would collapse beta and start the next overshoot.
-    The level and trend are Holt's linear smoothing of the batch KL, whose noise (a batch of a few dozen
-    episodes) the lookahead would otherwise multiply into beta. Working in log(beta) makes the gains scale-free (a
-    step is a factor on beta); the clamp with the incremental form is the anti-windup. Updated once per iteration
-    with the batch-mean KL per sequence; e_{-1} = e_0 and slope_0 = 0, so the first update has no proportional kick.
-    """
-
-    def __init__(
-        self,
-        init_kl_coef: float,
-        target: float,
-        p_gain: float = 1.0,
-        i_gain: float = 0.2,
-        lookahead: float = 10.0,
-        smoothing: float = 0.3,
-        min_coef: float = 1e-4,
-        max_coef: float = 10.0,
-    ):
-        if target <= 0 or init_kl_coef <= 0 or not 0 < min_coef <= max_coef or lookahead < 0 or not 0 < smoothing <= 1:
-            raise ValueError(
-                f"need target > 0, init_kl_coef > 0, lookahead >= 0, 0 < smoothing <= 1 and 0 < min_coef <= "
-                f"max_coef, got target={target}, init_kl_coef={init_kl_coef}, lookahead={lookahead}, "
-                f"smoothing={smoothing}, min_coef={min_coef}, max_coef={max_coef}"
-            )
-        self.value = min(max(float(init_kl_coef), min_coef), max_coef)
-        self.target, self.p_gain, self.i_gain = float(target), float(p_gain), float(i_gain)
-        self.lookahead, self.smoothing = float(lookahead), float(smoothing)
-        self.min_coef, self.max_coef = float(min_coef), float(max_coef)
-        self.prev_error: float | None = None
-        self.level: float | None = None
-        self.slope = 0.0
-
-    def update(self, current_kl: float, n_steps: int = 1) -> None:
-        """One iteration's update from its batch-mean KL per sequence (`n_steps` is unused: one step per call)."""
-        kl = float(current_kl)
-        if self.level is None:
-            self.level = kl
-        else:
-            level = self.smoothing * kl + (1 - self.smoothing) * (self.level + self.slope)
-            self.slope = 0.8 * self.slope + 0.2 * (level - self.level)
-            self.level = level
-        predicted = self.level + self.lookahead * max(self.slope, 0.0)
-        error = min(max(predicted / self.target - 1.0, -1.0), 1.0)
-        prev = error if self.prev_error is None else self.prev_error
-        log_beta = math.log(self.value) + self.p_gain * (error - prev) + self.i_gain * error
-        self.value = min(max(math.exp(log_beta), self.min_coef), self.max_coef)
-        self.prev_error = error
-
-    def state_dict(self) -> dict:
-        return {"value": self.value, "prev_error": self.prev_error, "level": self.level, "slope": self.slope}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.value = float(state_dict["value"])
-        self.prev_error, self.level, self.slope = state_dict["prev_error"], state_dict["level"], state_dict["slope"]
-
-
-class KLBudget:
-    """A hard KL budget: the mean of the last `window` iterations' KL, and whether it has passed `limit`.
-
-        smoothed_t = mean(KL_{t-window+1}, ..., KL_t)        exceeded = limit > 0 and smoothed_t > limit
-
-    The window keeps one noisy batch from ending a run; `limit` 0 never stops.
-    """
-
-    def __init__(self, limit: float, window: int = 5):
-        if limit < 0 or window < 1:
-            raise ValueError(f"need limit >= 0 and window >= 1, got limit={limit}, window={window}")
-        self.limit, self.window = float(limit), int(window)
-        self.history: list[float] = []
-
-    def update(self, current_kl: float) -> bool:
-        self.history = (self.history + [float(current_kl)])[-self.window :]
-        return self.exceeded
-
-    @property
-    def smoothed(self) -> float:
-        return sum(self.history) / len(self.history) if self.history else 0.0
-
-    @property
-    def exceeded(self) -> bool:
-        return self.limit > 0 and self.smoothed > self.limit
-
-    def state_dict(self) -> dict:
-        return {"history": list(self.history)}
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        self.history = [float(x) for x in state_dict["history"]]
 
 
 # ---------------------------------------------------------------------------------------------

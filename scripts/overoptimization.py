@@ -75,15 +75,18 @@ def frontier(name: str) -> dict:
 def summary(name: str, report: dict) -> dict:
     rows = report["rows"]
     peak = max(rows, key=lambda r: r["gold_score"])
-    best = next(r for r in rows if r["name"] == report["best"]["name"])
+    best = next((r for r in rows if report["best"] and r["name"] == report["best"]["name"]), None)
     end = rows[-1]
+    picked = f"{best['gold_score']:.3f} ({best['kl_to_sft']:.1f}, {best['name']})" if best else "none: all flagged"
     return {
         "run": name,
         "sft gold": report["sft"]["gold_score"],
         "peak gold (KL, where)": f"{peak['gold_score']:.3f} ({peak['kl_to_sft']:.1f}, {peak['name']})",
         "end gold (KL)": f"{end['gold_score']:.3f} ({end['kl_to_sft']:.1f})",
-        "best-by-proxy gold (KL, where)": f"{best['gold_score']:.3f} ({best['kl_to_sft']:.1f}, {best['name']})",
+        "best-by-proxy gold (KL, where)": picked,
         "end distinct-2": end["distinct2"],
+        "end repeat share": end["repeat_share"],
+        "flagged": ", ".join(report["excluded"]) or "none",
     }
 
 

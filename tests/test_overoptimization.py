@@ -18,7 +18,7 @@ from rlhf.models import reward_members
 FAST = ["optim.lr=3e-4", "optim.warmup_steps=0", "ptx.ptx_coef=0.0"]
 
 
-def test_pi_controller_holds_the_kl_target_in_a_ppo_run(tiny_world, tiny_sft, tiny_rm, tmp_path):
+def test_default_controller_holds_the_kl_target_in_a_ppo_run(tiny_world, tiny_sft, tiny_rm, tmp_path):
     """Starting 20x below the beta that would hold it, the KL settles at the target: last 20 iterations within 30%."""
     target = 1.5
     extra = FAST + ["train.max_steps=50", "kl.adaptive=true", f"kl.target={target}", "kl.kl_coef=0.01"]
@@ -126,8 +126,9 @@ def test_frontier_over_a_run_dir_and_best_promotion(tiny_world, tiny_sft, tiny_e
     for r in rows:
         for key in ("kl_to_sft", "rm_score", "proxy_score", "gold_score", "length", "eos_share", "distinct2"):
             assert isinstance(r[key], float), (key, r)
+        assert isinstance(r["repeat_share"], float) and isinstance(r["collapse"], list)
     assert report["sft"]["kl_to_sft"] == 0.0
-    best = max(rows, key=lambda r: r["proxy_score"])
+    best = max((r for r in rows if not r["collapse"]), key=lambda r: r["proxy_score"])
     assert report["selected_by"] == "proxy_score" and report["best"]["name"] == best["name"]
     assert (tmp_path / "eval" / "frontier.png").exists()
     # select_best: final/ is the best policy; the last one is kept

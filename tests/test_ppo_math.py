@@ -7,11 +7,8 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
+from rlhf.kl_control import AdaptiveKLController, FixedKLController, KLBudget, PIKLController
 from rlhf.ppo_math import (
-    AdaptiveKLController,
-    FixedKLController,
-    KLBudget,
-    PIKLController,
     aggregate_ensemble,
     compute_rewards,
     distinct_n,
