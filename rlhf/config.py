@@ -334,9 +334,9 @@ class KLConfig:
     max_error: float = 2.0
     """antiwindup: the relative KL error is clipped to [-1, max_error]: a KL predicted at 3x the target raises
     beta 2x as fast as one at 2x."""
-    max_step: float = 0.5
+    max_step: float = 1.0
     """antiwindup: log(beta) moves by at most this per iteration, either way (one noisy batch cannot multiply beta
-    by more than e^0.5 = 1.65, and whatever one iteration does, one iteration can undo)."""
+    by more than e = 2.7, and whatever one iteration does, one iteration can undo)."""
     horizon: int = 10000
     """proportional: controller horizon in episodes."""
     budget: float = 0.0

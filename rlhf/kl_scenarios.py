@@ -192,16 +192,18 @@ def kl_harness_table(
 
 
 def format_table(rows: list[dict]) -> str:
-    """A Markdown table of `kl_harness_table` rows."""
+    """A Markdown table of `kl_harness_table` rows: one line per (scenario, beta_0), one column per controller
+    with the second-half mean / max KL (worst seed) and whether every seed held the target."""
+    controllers = list(dict.fromkeys(r["controller"] for r in rows))
+    cells = {(r["scenario"], r["beta0"], r["controller"]): r for r in rows}
     lines = [
-        f"| controller | scenario | beta_0 | mean KL (target {TARGET:g}) | max KL | above 1.5x | final beta | ok |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| scenario | beta_0 | {' | '.join(controllers)} |",
+        "|---|---|" + "---|" * len(controllers),
     ]
-    for r in rows:
-        lines.append(
-            f"| {r['controller']} | {r['scenario']} | {r['beta0']:g} | {r['mean']:.2f} | {r['max']:.2f} | "
-            f"{r['above_1.5x']:.0%} | {r['final_beta']:.4f} | {'yes' if r['ok'] else '**no**'} |"
-        )
+    for scenario, beta in dict.fromkeys((r["scenario"], r["beta0"]) for r in rows):
+        row = [cells[(scenario, beta, c)] for c in controllers]
+        text = [f"{r['mean']:.1f} / {r['max']:.1f} {'ok' if r['ok'] else '**fail**'}" for r in row]
+        lines.append(f"| {scenario} | {beta:g} | {' | '.join(text)} |")
     return "\n".join(lines)
 
 

@@ -45,11 +45,11 @@ def test_antiwindup_steps_by_hand():
     assert ctl.value == pytest.approx(v)
     ctl.update(16.0, penalty_share=0.0)  # e = 3 clipped to max_error 2; raising is never gated
     assert ctl.value == pytest.approx(v * math.exp(1.0 * (2.0 - -0.5) + 0.2 * 2.0))
-    limited = AntiWindupKLController(0.1, 4.0, lookahead=0.0, smoothing=1.0)  # max_step 0.5 either way
+    limited = AntiWindupKLController(0.1, 4.0, lookahead=0.0, smoothing=1.0)  # max_step 1 either way
     limited.update(4.0)
-    limited.update(16.0)  # + 1.0 * 2 + 0.2 * 2 = 2.4, limited to 0.5
-    assert limited.value == pytest.approx(0.1 * math.exp(0.5))
-    limited.update(0.0, penalty_share=1.0)  # - 1.0 * 3 - 0.2, limited to -0.5: one iteration undoes the last
+    limited.update(16.0)  # + 1.0 * 2 + 0.2 * 2 = 2.4, limited to 1
+    assert limited.value == pytest.approx(0.1 * math.exp(1.0))
+    limited.update(0.0, penalty_share=1.0)  # - 1.0 * 3 - 0.2, limited to -1: one iteration undoes the last
     assert limited.value == pytest.approx(0.1)
 
 
