@@ -6,8 +6,9 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlhf.config import ConfigError, check_paths, load_config
+from rlhf.config import ConfigError, load_config
 from rlhf.data import DataError
+from rlhf.stages import run_stage
 from rlhf.training import EXIT_STOPPED, CheckpointError, NonFiniteError, StoppedBySignal, quiet_hf_progress
 
 STAGE_HELP = {
@@ -95,25 +96,6 @@ def run_plan(args) -> int:
     plan = plan_config(stage, cfg, args.num_processes, args.topology)
     print(format_plan(plan, device_memory, args.tflops))
     return 1 if args.strict and device_memory is not None and plan.total > device_memory else 0
-
-
-def run_stage(stage: str, config: str, overrides: list[str], dry_run: bool = False) -> Path | None:
-    cfg = load_config(stage, config, overrides)
-    if dry_run:
-        print(f"[{stage}] {config}: config OK")
-        return None
-    check_paths(cfg, config)
-    if stage == "sft":
-        from rlhf.sft import train
-    elif stage == "rm":
-        from rlhf.reward import train
-    elif stage == "dpo":
-        from rlhf.dpo import train
-    elif stage == "ppo":
-        from rlhf.ppo import train
-    else:
-        from rlhf.evaluate import run as train
-    return train(cfg, config)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -15,6 +15,7 @@ import yaml
 
 from rlhf.config import ConfigError, check_paths, load_config
 from rlhf.plot import read_metrics, stage_metrics
+from rlhf.stages import run_stage
 
 # (file stem, config class key, what marks it finished)
 STAGES = [("pretrain", "sft"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("eval", "eval")]
@@ -41,8 +42,6 @@ def finished(stage_key: str, cfg) -> bool:
 
 def run_pipeline(config_dir: str, overrides: list[str] | None = None, dry_run: bool = False) -> dict:
     """Run (or validate, with dry_run) every stage; returns {stage: seconds} for the stages that ran."""
-    from rlhf.cli import run_stage
-
     config_dir_path = Path(config_dir)
     if not config_dir_path.is_dir():
         raise ConfigError(f"--config-dir {config_dir} is not a directory")

@@ -41,6 +41,7 @@ from pathlib import Path
 
 import torch
 
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_OBJECTIVES, AdvantageSettings, ObjectiveSettings
 from rlhf.batching import (
     BatchSchedule,
     TruncationReport,
@@ -72,16 +73,11 @@ from rlhf.ppo_math import (
     distinct_n,
     entropy_from_logits,
     explained_variance,
-    gae,
-    group_advantages,
     kl_penalty,
-    klpen_policy_loss,
     lm_loss,
     logprobs_from_logits,
     masked_mean,
     masked_whiten,
-    policy_loss,
-    reinforce_advantages,
     truncate_after_eos,
     value_loss,
 )
@@ -567,17 +563,8 @@ class PPOTrainer:
         )
         rewards = masked_whiten(ro.rewards, mask, shift_mean=False) if cfg.reward.whiten_rewards else ro.rewards
         values = torch.where(mask, ro.values, torch.zeros_like(ro.values))
-        if p.advantage == "gae":
-            advantages, ro.returns = gae(rewards, values, mask, p.gamma, p.lam)
-            ro.advantages = masked_whiten(advantages, mask)
-        elif p.advantage == "reinforce":
-            advantages, ro.returns = reinforce_advantages(rewards, mask, p.gamma, values if self.critic else None)
-            ro.advantages = masked_whiten(advantages, mask)
-        else:  # rloo / grpo: one advantage per response from its group, on every token of it (no whitening)
-            k = cfg.rollout.samples_per_prompt
-            sequence_advantages = group_advantages(rewards.sum(1), k, p.advantage)
-            ro.advantages = torch.where(mask, sequence_advantages[:, None], torch.zeros_like(rewards))
-            ro.returns = torch.zeros_like(rewards)
+        settings = AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, self.critic)
+        ro.advantages, ro.returns = ADVANTAGE_ESTIMATORS[p.advantage](rewards, values, mask, settings)
         k1 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1)
         k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1)
         # what shows reward hacking as it happens: diversity of the batch, and the reward models' disagreement
@@ -658,11 +645,12 @@ class PPOTrainer:
             unused |= {"loss/value_avg", "val/clipfrac_avg"}
         if cfg.kl.placement != "loss":
             unused.add("loss/kl_avg")
-        if p.objective != "klpen":
+        adapts_beta = POLICY_OBJECTIVES[p.objective].adapts_beta
+        if not adapts_beta:
             unused.add("policy/kl_old")
         out = {k: v for k, v in zip(MINIBATCH_STATS, means) if k not in unused}
         out["policy/epochs_done"] = epoch + (0 if stop else 1)
-        if p.objective == "klpen":
+        if adapts_beta:
             # [PPO] sec. 4: d = KL(pi_old || pi) after the update (here: over the last epoch's minibatches) sets beta
             last_epoch = per_minibatch[-n_mini:, MINIBATCH_STATS.index("policy/kl_old")]
             self.klpen.update(float(last_epoch.mean()))
@@ -693,6 +681,7 @@ class PPOTrainer:
         ptx_tokens = max(sum(len(e["input_ids"]) - 1 for e in ptx), 1)
         column = {name: i for i, name in enumerate(MINIBATCH_STATS)}
         max_norm = cfg.optim.max_grad_norm
+        objective = POLICY_OBJECTIVES[p.objective]
 
         def add(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> None:
             cols = torch.tensor([column[name] for name in terms], device=acc.device)
@@ -715,13 +704,10 @@ class PPOTrainer:
                         self.policy_train, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
                     )
                     old_logprobs, advantages = ro.logprobs[idx], ro.advantages[idx]
-                    if p.objective == "klpen":
-                        pg_loss, pg_stats = klpen_policy_loss(
-                            new_logprobs, old_logprobs, advantages, mask, self.klpen.value
-                        )
+                    settings = ObjectiveSettings(p.cliprange, self.klpen.value)
+                    pg_loss, pg_stats = objective.loss(new_logprobs, old_logprobs, advantages, mask, settings)
+                    if objective.adapts_beta:
                         terms["policy/kl_old"] = pg_stats["kl_old"]
-                    else:
-                        pg_loss, pg_stats = policy_loss(new_logprobs, old_logprobs, advantages, mask, p.cliprange)
                     ent = masked_mean(entropy, mask)
                     loss = pg_loss - p.ent_coef * ent
                     if cfg.kl.placement == "loss":  # GRPO: beta * k3 KL(pi || pi_ref), differentiated

@@ -17,9 +17,9 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.cli import run_stage
 from rlhf.kl_scenarios import format_table, kl_harness_table
 from rlhf.pipeline import run_pipeline
+from rlhf.stages import run_stage
 from rlhf.training import quiet_hf_progress
 
 RUN = Path("runs/kl_control")

@@ -19,8 +19,8 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.cli import run_stage
 from rlhf.pipeline import run_pipeline
+from rlhf.stages import run_stage
 from rlhf.training import quiet_hf_progress
 
 RUN = Path("runs/overopt")

@@ -1,0 +1,95 @@
+"""The choices between algorithms, as registries of pure functions looked up by their config name.
+
+    ADVANTAGE_ESTIMATORS[ppo.advantage](rewards, values, mask, settings) -> (advantages [B,R], returns [B,R])
+    POLICY_OBJECTIVES[ppo.objective].loss(logprobs, old_logprobs, advantages, mask, settings) -> (loss, stats)
+
+Adding an estimator or an objective = one function + one registry line + its test (tests/test_algorithms.py
+checks that every name the config accepts has an entry); the trainer does not change. The math itself lives in
+`rlhf.ppo_math` (hand-checked there); an entry only says which of it a choice uses and how it is whitened or
+broadcast. KL controllers have their registry in `rlhf.kl_control` (KL_CONTROLLERS).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from rlhf.ppo_math import (
+    gae,
+    group_advantages,
+    klpen_policy_loss,
+    masked_whiten,
+    policy_loss,
+    reinforce_advantages,
+)
+
+__all__ = ["ADVANTAGE_ESTIMATORS", "POLICY_OBJECTIVES", "AdvantageSettings", "ObjectiveSettings", "PolicyObjective"]
+
+
+@dataclass(frozen=True)
+class AdvantageSettings:
+    """What an advantage estimator may read besides the tensors."""
+
+    gamma: float = 1.0
+    lam: float = 0.95
+    group_size: int = 1  # rollout.samples_per_prompt: a group is that many consecutive rows
+    critic: bool = True  # whether `values` come from a learned value model (else they are zeros)
+
+
+def _gae(rewards: Tensor, values: Tensor, mask: Tensor, s: AdvantageSettings) -> tuple[Tensor, Tensor]:
+    """GAE(gamma, lam) with the value model; advantages whitened over the batch's tokens."""
+    advantages, returns = gae(rewards, values, mask, s.gamma, s.lam)
+    return masked_whiten(advantages, mask), returns
+
+
+def _reinforce(rewards: Tensor, values: Tensor, mask: Tensor, s: AdvantageSettings) -> tuple[Tensor, Tensor]:
+    """Returns-to-go minus the learned value (with a critic) or the batch-mean return; whitened."""
+    advantages, returns = reinforce_advantages(rewards, mask, s.gamma, values if s.critic else None)
+    return masked_whiten(advantages, mask), returns
+
+
+def _group(how: str) -> Callable:
+    def estimator(rewards: Tensor, values: Tensor, mask: Tensor, s: AdvantageSettings) -> tuple[Tensor, Tensor]:
+        # one advantage per response from its group, on every token of it (no whitening); no value target
+        sequence_advantages = group_advantages(rewards.sum(1), s.group_size, how)
+        advantages = torch.where(mask, sequence_advantages[:, None], torch.zeros_like(rewards))
+        return advantages, torch.zeros_like(rewards)
+
+    estimator.__doc__ = f"{how.upper()}: each response's sequence reward against its group's (critic-free)."
+    return estimator
+
+
+ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor, Tensor, AdvantageSettings], tuple[Tensor, Tensor]]] = {
+    "gae": _gae,
+    "reinforce": _reinforce,
+    "rloo": _group("rloo"),
+    "grpo": _group("grpo"),
+}
+
+
+@dataclass(frozen=True)
+class ObjectiveSettings:
+    """What a policy objective may read besides the tensors."""
+
+    cliprange: float = 0.2
+    klpen_coef: float = 1.0  # L^KLPEN's current beta
+
+
+@dataclass(frozen=True)
+class PolicyObjective:
+    """A policy loss and whether its beta adapts between updates from the KL(pi_old || pi) the loss reports
+    (stats["kl_old"], as the PPO paper's L^KLPEN does)."""
+
+    loss: Callable[[Tensor, Tensor, Tensor, Tensor, ObjectiveSettings], tuple[Tensor, dict[str, Tensor]]]
+    adapts_beta: bool = False
+
+
+POLICY_OBJECTIVES: dict[str, PolicyObjective] = {
+    "clip": PolicyObjective(lambda lp, old, adv, mask, s: policy_loss(lp, old, adv, mask, s.cliprange)),
+    "klpen": PolicyObjective(
+        lambda lp, old, adv, mask, s: klpen_policy_loss(lp, old, adv, mask, s.klpen_coef), adapts_beta=True
+    ),
+}

@@ -1,0 +1,56 @@
+"""The algorithm registries: every name the config accepts has an entry, and each entry is the ppo_math it names."""
+
+from __future__ import annotations
+
+import typing
+
+import torch
+from torch.testing import assert_close
+
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_OBJECTIVES, AdvantageSettings, ObjectiveSettings
+from rlhf.config import KLConfig, PPOHyper
+from rlhf.kl_control import KL_CONTROLLERS
+from rlhf.ppo_math import gae, group_advantages, klpen_policy_loss, masked_whiten, policy_loss, reinforce_advantages
+
+
+def literal(cls, field: str) -> set[str]:
+    return set(typing.get_args(typing.get_type_hints(cls)[field]))
+
+
+def test_every_configurable_name_has_a_registry_entry():
+    assert set(ADVANTAGE_ESTIMATORS) == literal(PPOHyper, "advantage")
+    assert set(POLICY_OBJECTIVES) == literal(PPOHyper, "objective")
+    assert set(KL_CONTROLLERS) == literal(KLConfig, "controller")
+
+
+def batch():
+    g = torch.Generator().manual_seed(0)
+    rewards, values = torch.randn(4, 5, generator=g), torch.randn(4, 5, generator=g)
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 1, 1, 0]], dtype=torch.bool)
+    return rewards * mask, values * mask, mask
+
+
+def test_advantage_estimators_are_the_math_they_name():
+    rewards, values, mask = batch()
+    s = AdvantageSettings(gamma=0.9, lam=0.8, group_size=2, critic=True)
+    adv, ret = gae(rewards, values, mask, 0.9, 0.8)
+    assert_close(ADVANTAGE_ESTIMATORS["gae"](rewards, values, mask, s), (masked_whiten(adv, mask), ret))
+    adv, ret = reinforce_advantages(rewards, mask, 0.9, None)
+    no_critic = AdvantageSettings(gamma=0.9, critic=False)
+    assert_close(ADVANTAGE_ESTIMATORS["reinforce"](rewards, values, mask, no_critic), (masked_whiten(adv, mask), ret))
+    for how in ("rloo", "grpo"):
+        adv, ret = ADVANTAGE_ESTIMATORS[how](rewards, values, mask, s)
+        per_response = group_advantages(rewards.sum(1), 2, how)
+        assert_close(adv, torch.where(mask, per_response[:, None], torch.zeros(())))
+        assert_close(ret, torch.zeros_like(rewards))
+
+
+def test_policy_objectives_are_the_losses_they_name():
+    rewards, old, mask = batch()
+    new = old + 0.1 * rewards
+    s = ObjectiveSettings(cliprange=0.2, klpen_coef=0.5)
+    assert_close(POLICY_OBJECTIVES["clip"].loss(new, old, rewards, mask, s), policy_loss(new, old, rewards, mask, 0.2))
+    assert_close(
+        POLICY_OBJECTIVES["klpen"].loss(new, old, rewards, mask, s), klpen_policy_loss(new, old, rewards, mask, 0.5)
+    )
+    assert POLICY_OBJECTIVES["klpen"].adapts_beta and not POLICY_OBJECTIVES["clip"].adapts_beta
