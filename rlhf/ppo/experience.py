@@ -1,0 +1,341 @@
+"""The experience maker: prompts in, a finished `Rollout` out — generate, score, per-token rewards, advantages.
+
+    make(step):  1. sample this process's share of the iteration's episodes (`ResponseGenerator`)
+                 2. score them: old and reference log-probs, values, reward-model / function scores; gather every
+                    process's episodes; missing-EOS penalty, optional normalisation and clipping
+    advantages(ro): 3. r_t = -beta * KL_t (+ the score at the last token), kl.placement: loss leaves the KL out
+                 4. ADVANTAGE_ESTIMATORS[ppo.advantage]; the iteration's statistics (KL, scores, collapse signs)
+
+The learner reads only the `Rollout` this returns.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, AdvantageSettings
+from rlhf.batching import BatchSchedule, TruncationReport, encode_prompts, pad, response_sequences
+from rlhf.collapse import repeat_share
+from rlhf.config import ConfigError, PPOConfig
+from rlhf.data import load_source
+from rlhf.kl_control import penalty_share
+from rlhf.models import reward_scores
+from rlhf.ppo.roles import Roles
+from rlhf.ppo.rollout import (
+    EVAL_STREAM,
+    ROLLOUT_STREAM,
+    HFGenerator,
+    Rollout,
+    response_logprobs,
+    response_values,
+)
+from rlhf.ppo.state import RunningMoments
+from rlhf.ppo_math import (
+    aggregate_ensemble,
+    compute_rewards,
+    distinct_n,
+    explained_variance,
+    kl_penalty,
+    masked_whiten,
+    truncate_after_eos,
+)
+from rlhf.sampling import decode_responses, episode_seed, generate
+from rlhf.training import generation_context, sharded_parameters
+
+
+@dataclass
+class Prompts:
+    """The training prompts (rendered exactly as in SFT and RM) and their schedule; the optional held-out ones."""
+
+    rows: list[dict]
+    ids: list[list[int]]
+    schedule: BatchSchedule
+    report: TruncationReport
+    eval_rows: list[dict] = field(default_factory=list)
+    eval_ids: list[list[int]] = field(default_factory=list)
+
+
+def load_prompts(cfg: PPOConfig, tokenizer) -> Prompts:
+    fmt = cfg.data.format
+    report = TruncationReport()
+    rows = load_source(cfg.data.prompts, "prompts", on_bad_row=fmt.on_bad_row).to_list()
+    ids = encode_prompts(tokenizer, fmt, rows, report)
+    schedule = BatchSchedule(
+        [len(p) for p in ids],
+        cfg.train.batch_size // cfg.rollout.samples_per_prompt,  # prompts per iteration
+        cfg.seed,
+        group_by_length=False,
+        what=cfg.data.prompts.path,
+    )
+    prompts = Prompts(rows, ids, schedule, report)
+    if cfg.data.eval_prompts.path:
+        prompts.eval_rows = load_source(cfg.data.eval_prompts, "prompts", on_bad_row=fmt.on_bad_row).to_list()
+        prompts.eval_ids = encode_prompts(tokenizer, fmt, prompts.eval_rows)
+    return prompts
+
+
+class ExperienceMaker:
+    """Turns an iteration's prompts into a scored `Rollout` with rewards and advantages (see the module doc).
+
+    Reads the KL controller's beta and updates the score normaliser's moments; holds no other state."""
+
+    def __init__(self, cfg: PPOConfig, acc, roles: Roles, prompts: Prompts, kl_ctl, score_moments: RunningMoments):
+        self.cfg, self.accelerator, self.roles, self.prompts = cfg, acc, roles, prompts
+        self.kl_ctl, self.score_moments = kl_ctl, score_moments
+        self.tokenizer = roles.tokenizer
+        self.generator = HFGenerator(acc, roles.policy, roles.tokenizer, cfg.rollout)
+
+    def episode_rows(self, step: int) -> list[int]:
+        """Prompt row of each of iteration `step`'s episodes, in the global order (a pure function of the step);
+        the rollout.samples_per_prompt responses to a prompt are consecutive episodes (a group)."""
+        k = self.cfg.rollout.samples_per_prompt
+        return [row for row in self.prompts.schedule(step) for _ in range(k)]
+
+    @torch.no_grad()
+    def make(self, step: int) -> tuple[Rollout, dict]:
+        """Sample and score this process's share of the iteration's episodes; returns every process's episodes.
+
+        Episode i of the iteration is sampled on process i % num_processes with its own random stream (seeded by
+        run seed, iteration and i) and prompts are left-padded to the widest prompt of the whole iteration, so the
+        gathered rollout is the one a single process would sample (up to float rounding in the forwards).
+        """
+        cfg, acc, tok = self.cfg, self.accelerator, self.tokenizer
+        episodes = self.episode_rows(step)
+        positions = list(range(acc.process_index, len(episodes), acc.num_processes))
+        row_ids = [episodes[i] for i in positions]
+        prompts = [self.prompts.ids[j] for j in row_ids]
+        rows = [self.prompts.rows[j] for j in row_ids]
+        seeds = [episode_seed(cfg.seed, ROLLOUT_STREAM, step, i) for i in positions]
+        t0 = time.time()
+        # 1. sample: one left-padded prompt tensor so every chunk shares the prompt width P
+        P = max(len(self.prompts.ids[j]) for j in episodes)
+        prompt_ids = pad(prompts, tok.pad_token_id, side="left", width=P)
+        prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left", width=P)
+        responses = self.generator.generate(prompts, seeds)
+        responses, response_mask = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
+        ended = (responses == tok.eos_token_id).any(-1)
+        query_responses = torch.cat([prompt_ids.to(acc.device), responses], 1)
+        attention_mask = torch.cat([prompt_mask.to(acc.device), response_mask.long()], 1)
+        t1 = time.time()
+
+        # 2. score: old log-probs, reference log-probs, values, RM scores; micro-batched forwards (through the
+        # wrappers when parameters are sharded: a sharded module's forward gathers them)
+        sharded = sharded_parameters(acc)
+        policy = self.roles.policy if sharded else acc.unwrap_model(self.roles.policy)
+        value_model = (
+            self.roles.value_model if sharded or not self.roles.critic else acc.unwrap_model(self.roles.value_model)
+        )
+        mb = cfg.ppo.micro_batch_size * 4
+        logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
+        for s in range(0, len(prompts), mb):
+            qr, am = query_responses[s : s + mb], attention_mask[s : s + mb]
+            where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
+            # the policy and reference | the critic and reward models: side by side with train.concurrent_models
+            (old, ref), (vals, mb_scores, mb_std) = self.roles.lanes.run(
+                functools.partial(self.rollout_logprobs, policy, qr, am, P),
+                functools.partial(self.rollout_values_and_scores, value_model, qr, am, P, rows[s : s + mb], where),
+            )
+            logprobs.append(old)
+            ref_logprobs.append(ref)
+            values.append(vals if self.roles.critic else torch.zeros_like(old))
+            scores.append(mb_scores)
+            score_std.append(mb_std)
+        raw_scores = torch.cat(scores)
+        ro = Rollout(
+            query_responses,
+            attention_mask,
+            response_mask,
+            P,
+            torch.cat(logprobs),
+            torch.cat(ref_logprobs),
+            torch.cat(values),
+            raw_scores.clone(),
+            raw_scores,
+            torch.cat(score_std),
+            ended,
+        )
+        ro = self.all_episodes(ro)
+        # N+ detail 3: a response cut by the length limit gets a fixed score instead of the RM's
+        if cfg.rollout.missing_eos_penalty is not None:
+            ro.scores = torch.where(ro.ended, ro.scores, torch.full_like(ro.scores, cfg.rollout.missing_eos_penalty))
+        if cfg.reward.normalize:
+            self.score_moments.update(ro.scores)
+            ro.scores = (ro.scores - self.score_moments.mean) / math.sqrt(self.score_moments.var + 1e-8)
+        if cfg.reward.clip:
+            ro.scores = ro.scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+        t2 = time.time()
+        return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
+
+    def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int):
+        """Old (the policy's) and reference log-probs [B,R] of a micro-batch of episodes [B,P+R]."""
+        args = (query_responses, attention_mask, prompt_width, self.cfg.rollout.temperature)
+        with self.accelerator.autocast():
+            old = response_logprobs(policy, *args)
+            if self.roles.reference is None:
+                with self.accelerator.unwrap_model(self.roles.policy).disable_adapter():
+                    return old, response_logprobs(policy, *args)
+            return old, response_logprobs(self.roles.reference, *args)
+
+    def rollout_values_and_scores(self, value_model, query_responses, attention_mask, prompt_width: int, rows, where):
+        """Values [B,R] (None without a critic), scores [B] and the ensemble's std [B] of a micro-batch [B,P+R]."""
+        with self.accelerator.autocast():
+            values = None
+            if self.roles.critic:
+                values = response_values(value_model, query_responses, attention_mask, prompt_width)
+            return values, *self.score(query_responses, attention_mask, prompt_width, rows, where)
+
+    def all_episodes(self, ro: Rollout) -> Rollout:
+        """Every process's episodes on every process, in the iteration's global order (identity on one process).
+
+        Responses are padded to the longest on any process. Holding the whole (small: token ids and per-token
+        floats) rollout everywhere makes advantages, statistics and minibatches those of a single process.
+        """
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return ro
+        world, local = acc.num_processes, ro.query_responses.shape[0]
+        # gathered row r * local + k holds episode r + k * world
+        order = torch.tensor([(i % world) * local + i // world for i in range(world * local)], device=acc.device)
+
+        def everywhere(t: torch.Tensor, pad_value) -> torch.Tensor:
+            dtype = t.dtype
+            t = t.long() if dtype == torch.bool else t  # gloo cannot reduce bool tensors
+            if t.dim() == 2:
+                t = acc.pad_across_processes(t, dim=1, pad_index=pad_value)
+            return acc.gather(t)[order].to(dtype)
+
+        pad_id = self.tokenizer.pad_token_id
+        return Rollout(
+            everywhere(ro.query_responses, pad_id),
+            everywhere(ro.attention_mask, 0),
+            everywhere(ro.response_mask, 0),
+            ro.prompt_width,
+            *(everywhere(t, 0) for t in (ro.logprobs, ro.ref_logprobs, ro.values)),
+            *(everywhere(t, 0) for t in (ro.scores, ro.raw_scores, ro.score_std, ro.ended)),
+        )
+
+    def score(
+        self, query_responses, attention_mask, prompt_width: int, rows: list[dict], where: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Scores [B] of (prompt + response) sequences [B,P+R], and the reward-model ensemble's std [B].
+
+        The reward model's normalised score is read at the last real token (EOS); with an ensemble it is
+        `reward.aggregate` of the members' scores (one member: its score, std 0). With a different RM tokenizer the
+        raw prompt is rendered for the RM exactly as in RM training and the decoded response appended, then
+        re-tokenized (TRL and OpenRLHF refuse this case). `reward.function` scores the raw prompt and the decoded
+        response; with both, the score is model_weight * RM + function_weight * function. `where` names each row
+        for error messages.
+        """
+        zeros = torch.zeros(query_responses.shape[0], device=query_responses.device)
+        scores, score_std = zeros, zeros
+        r = self.cfg.reward
+        if self.roles.reward_models:
+            ids, mask = query_responses, attention_mask
+            if not self.roles.same_tokenizer:
+                rtok = self.roles.reward_tokenizer
+                responses = query_responses[:, prompt_width:]
+                ended = (responses == self.tokenizer.eos_token_id).any(-1).tolist()
+                texts = decode_responses(self.tokenizer, responses)
+                seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
+                ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
+                mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
+            member_scores = torch.stack([reward_scores(rm, ids, mask) for rm in self.roles.reward_models])
+            scores, score_std = aggregate_ensemble(member_scores, r.aggregate, r.std_coef)
+            if self.roles.reward_fn is None:
+                return scores, score_std
+            scores, score_std = r.model_weight * scores, r.model_weight * score_std
+        texts = decode_responses(self.tokenizer, query_responses[:, prompt_width:])
+        values = []
+        for row, text, label in zip(rows, texts, where):
+            try:
+                values.append(float(self.roles.reward_fn(row["prompt"], text)))
+            except Exception as e:  # a user's function: say which row broke it, and that nothing is lost
+                raise ConfigError(
+                    f"reward.function {r.function} failed on {label} (prompt {row['prompt'][:80]!r}, response "
+                    f"{text[:80]!r}): {type(e).__name__}: {e}. The last checkpoint, if any, is intact"
+                ) from e
+        return scores + r.function_weight * torch.tensor(values, device=scores.device), score_std
+
+    def advantages(self, ro: Rollout) -> dict:
+        """3-4. Per-token rewards (KL-penalised unless the KL is a loss term), then the advantages of
+        `ppo.advantage` over the whole iteration; returns its stats."""
+        cfg, p = self.cfg, self.cfg.ppo
+        mask = ro.response_mask
+        beta_in_reward = self.kl_ctl.value if cfg.kl.placement == "reward" else 0.0
+        ro.rewards, non_score_reward, _ = compute_rewards(
+            ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta_in_reward, cfg.kl.estimator
+        )
+        rewards = masked_whiten(ro.rewards, mask, shift_mean=False) if cfg.reward.whiten_rewards else ro.rewards
+        values = torch.where(mask, ro.values, torch.zeros_like(ro.values))
+        settings = AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, self.roles.critic)
+        ro.advantages, ro.returns = ADVANTAGE_ESTIMATORS[p.advantage](rewards, values, mask, settings)
+        k1 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1)
+        k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1)
+        # what shows reward hacking as it happens: diversity of the batch, and the reward models' disagreement
+        content = ro.response_mask & (ro.query_responses[:, ro.prompt_width :] != self.tokenizer.eos_token_id)
+        tokens = [r[m].tolist() for r, m in zip(ro.query_responses[:, ro.prompt_width :], content)]
+        hacking = {"rollout/distinct1": distinct_n(tokens, 1), "rollout/distinct2": distinct_n(tokens, 2)}
+        c = cfg.collapse
+        hacking["rollout/repeat_share"] = repeat_share(tokens, c.max_ngram, c.repeat_times)
+        # the KL penalty's share of the return's spread (1 at the KL-regularised optimum): the anti-windup's gate
+        hacking["objective/kl_penalty_share"] = min(penalty_share(self.kl_ctl.value, k1, ro.scores), 1e6)
+        # the batch KL's standard error: how much of its iteration-to-iteration movement is sampling noise
+        hacking["objective/kl_stderr"] = k1.std() / math.sqrt(k1.numel()) if k1.numel() > 1 else k1.new_zeros(())
+        if len(self.roles.reward_models) > 1:
+            hacking["objective/ensemble_std"] = ro.score_std.mean()
+        scores = ro.scores
+        if self.roles.critic:
+            hacking["val/explained_variance"] = explained_variance(ro.values, ro.returns, mask)
+        return hacking | {
+            "objective/scores": scores.mean(),
+            "objective/scores_std": scores.std() if scores.numel() > 1 else scores.new_zeros(()),
+            "objective/rm_score_raw": ro.raw_scores.mean(),
+            "objective/kl": k1.mean(),
+            "objective/kl_k3": k3.mean(),
+            "objective/non_score_reward": non_score_reward.sum(1).mean(),
+            "objective/rlhf_reward": ro.rewards.sum(1).mean(),
+            "objective/kl_coef": self.kl_ctl.value,
+            "rollout/response_length": mask.sum(1).float().mean(),
+            "rollout/eos_share": ro.ended.float().mean(),
+        }
+
+    @torch.no_grad()
+    def held_out(self) -> dict:
+        """Mean score and EOS share of the policy's samples on the held-out prompts (eval/rm_score, eval/eos_share)."""
+        acc, cfg = self.accelerator, self.cfg
+        # each held-out prompt has its own sampling stream: the training's random state is untouched, and the
+        # samples are the same on any number of processes
+        n = len(self.prompts.eval_ids)
+        positions = list(range(acc.process_index, n, acc.num_processes))
+        counted = [1.0] * len(positions)
+        share = math.ceil(n / acc.num_processes)  # equal chunk counts everywhere: sharded forwards are collective
+        positions, counted = positions + [n - 1] * (share - len(positions)), counted + [0.0] * (share - len(counted))
+        totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # sum of scores, of EOS endings, count
+        gen_batch = cfg.rollout.generation_batch_size
+        with generation_context(acc, self.roles.policy) as (generator_model, synced), acc.autocast():
+            for s in range(0, len(positions), gen_batch):
+                chunk = positions[s : s + gen_batch]
+                prompt_ids, prompt_mask, resp = generate(
+                    generator_model,
+                    self.tokenizer,
+                    [self.prompts.eval_ids[i] for i in chunk],
+                    cfg.rollout.max_new_tokens,
+                    cfg.rollout.temperature,
+                    seeds=[episode_seed(cfg.seed, EVAL_STREAM, i) for i in chunk],
+                    synced=synced,
+                )
+                resp, mask = truncate_after_eos(resp, self.tokenizer.eos_token_id, self.tokenizer.pad_token_id)
+                qr = torch.cat([prompt_ids, resp], 1)
+                am = torch.cat([prompt_mask, mask.long()], 1)
+                where = [f"eval prompt row {i} of {cfg.data.eval_prompts.path}" for i in chunk]
+                scores = self.score(qr, am, prompt_ids.shape[1], [self.prompts.eval_rows[i] for i in chunk], where)[0]
+                ended = (resp == self.tokenizer.eos_token_id).any(-1)
+                weight = torch.tensor(counted[s : s + gen_batch], device=acc.device, dtype=torch.float64)
+                totals += torch.stack([(scores * weight).sum(), (ended * weight).sum(), weight.sum()])
+        score_sum, eos_sum, count = acc.reduce(totals, "sum").tolist()
+        return {"eval/rm_score": score_sum / count, "eval/eos_share": eos_sum / count}

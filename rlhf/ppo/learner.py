@@ -1,0 +1,248 @@
+"""The learner: PPO epochs over one `Rollout` — shuffled minibatches, micro-batches, the losses of the policy and
+the critic, the pretraining-mix gradients, the optimizer steps — reading nothing but the rollout.
+
+Each minibatch: POLICY_OBJECTIVES[ppo.objective] (L^CLIP or L^KLPEN) - ent_coef * H (+ beta * k3 KL with
+kl.placement: loss) on the policy side, vf_coef * L^VF on the critic side, token means over the whole minibatch;
+the gamma_ptx-weighted LM gradients of its pretraining sequences accumulate into the same buffers before the one
+optimizer step (InstructGPT App. C.4). The policy and the critic share no parameter: each side runs its own
+backward, gradient norm and step, side by side with train.concurrent_models.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import functools
+
+import torch
+
+from rlhf.algorithms import POLICY_OBJECTIVES, ObjectiveSettings
+from rlhf.batching import TruncationReport, collate_lm, encode_sft, encode_text
+from rlhf.config import PPOConfig
+from rlhf.data import load_source
+from rlhf.models import causal_logits
+from rlhf.ppo.roles import Roles
+from rlhf.ppo.rollout import Rollout, response_logprobs, response_values
+from rlhf.ppo_math import kl_penalty, lm_loss, masked_mean, value_loss
+from rlhf.training import NonFiniteGuard, clip_grad_norm
+
+# the per-minibatch statistics of the update, in the order minibatch_step returns them
+MINIBATCH_STATS = (
+    "loss/policy_avg",
+    "loss/value_avg",
+    "policy/entropy_avg",
+    "policy/approxkl_avg",
+    "policy/clipfrac_avg",
+    "val/clipfrac_avg",
+    "policy/ratio_avg",
+    "ptx/loss",
+    "policy/grad_norm",
+    "policy/kl_old",
+    "loss/kl_avg",
+)
+
+
+def load_ptx(cfg: PPOConfig, tokenizer) -> list[dict]:
+    """The pretraining mix (PPO-ptx): text, or whole conversations with the loss on every token."""
+    if cfg.ptx.ptx_coef <= 0:
+        return []
+    fmt = cfg.data.format
+    ds = load_source(cfg.ptx.data, cfg.ptx.kind, on_bad_row=fmt.on_bad_row)
+    if cfg.ptx.kind == "text":
+        return encode_text(tokenizer, ds["text"], cfg.ptx.max_length, TruncationReport())
+    ptx_fmt = copy.deepcopy(fmt)  # whole conversations, loss on every token (the prompt is text to model too)
+    ptx_fmt.max_length = cfg.ptx.max_length
+    return encode_sft(tokenizer, ptx_fmt, ds, cfg.ptx.data.path, False, TruncationReport())
+
+
+class Learner:
+    """Runs `update(rollout, step)`: the PPO epochs, their optimizer steps, EMA and the non-finite guard."""
+
+    def __init__(self, cfg: PPOConfig, acc, roles: Roles, ptx_examples: list[dict], state: dict):
+        """`state`: the run's kl_ctl (beta of a KL loss term), klpen (L^KLPEN's beta), ema (or None), guard."""
+        self.cfg, self.accelerator, self.roles, self.ptx_examples = cfg, acc, roles, ptx_examples
+        self.kl_ctl, self.klpen, self.ema = state["kl_ctl"], state["klpen"], state["ema"]
+        self.guard: NonFiniteGuard = state["guard"]
+        self._ptx_cached: tuple[int, list[int]] = (-1, [])  # (epoch, permutation) of the ptx text
+        # ptx sequences per minibatch (all processes), a multiple of the process count so each takes as many
+        world = acc.num_processes
+        per_mini = cfg.ptx.sequences_per_episode * cfg.ppo.mini_batch_size / world
+        self.ptx_per_mini = world * round(per_mini) if ptx_examples else 0
+
+    def ptx_batch(self, step: int, epoch: int, mini: int) -> list[dict]:
+        """Every process's pretraining sequences for one minibatch: a deterministic walk over shuffled epochs."""
+        n_mini = self.cfg.train.batch_size // self.cfg.ppo.mini_batch_size
+        start = ((step * self.cfg.ppo.ppo_epochs + epoch) * n_mini + mini) * self.ptx_per_mini
+        out, n = [], len(self.ptx_examples)
+        for d in range(start, start + self.ptx_per_mini):
+            e, i = divmod(d, n)
+            out.append(self.ptx_examples[self._ptx_perm(e)[i]])
+        return out
+
+    def _ptx_perm(self, epoch: int) -> list[int]:
+        if self._ptx_cached[0] != epoch:
+            g = torch.Generator().manual_seed(self.cfg.seed * 7919 + epoch)
+            self._ptx_cached = (epoch, torch.randperm(len(self.ptx_examples), generator=g).tolist())
+        return self._ptx_cached[1]
+
+    def update(self, ro: Rollout, step: int) -> dict:
+        """5. ppo_epochs over shuffled minibatches of the iteration's episodes; each process takes every
+        num_processes-th episode of a minibatch, so the minibatches are those of one process."""
+        cfg, p = self.cfg, self.cfg.ppo
+        g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
+        n_mini = cfg.train.batch_size // p.mini_batch_size
+        self.roles.policy.train()
+        if self.roles.critic:
+            self.roles.value_model.train()
+        sums: list[torch.Tensor] = []
+        stop = False
+        for epoch in range(p.ppo_epochs):
+            order = torch.randperm(cfg.train.batch_size, generator=g).tolist()
+            for mini in range(n_mini):
+                minibatch = order[mini * p.mini_batch_size : (mini + 1) * p.mini_batch_size]
+                ptx = self.ptx_batch(step, epoch, mini) if self.ptx_per_mini else []
+                mb_stats = self.minibatch_step(ro, minibatch, ptx, step)
+                sums.append(mb_stats)
+                if p.target_approx_kl and mb_stats[MINIBATCH_STATS.index("policy/approxkl_avg")] > p.target_approx_kl:
+                    stop = True  # early stop of the epoch loop on an approx-KL bound (the same on every process)
+                    break
+            if stop:
+                break
+        per_minibatch = torch.stack(sums)
+        means = per_minibatch.mean(0).tolist()  # one host sync for the iteration's statistics
+        unused = set()
+        if not self.ptx_per_mini:
+            unused.add("ptx/loss")
+        if not self.roles.critic:
+            unused |= {"loss/value_avg", "val/clipfrac_avg"}
+        if cfg.kl.placement != "loss":
+            unused.add("loss/kl_avg")
+        adapts_beta = POLICY_OBJECTIVES[p.objective].adapts_beta
+        if not adapts_beta:
+            unused.add("policy/kl_old")
+        out = {k: v for k, v in zip(MINIBATCH_STATS, means) if k not in unused}
+        out["policy/epochs_done"] = epoch + (0 if stop else 1)
+        if adapts_beta:
+            # [PPO] sec. 4: d = KL(pi_old || pi) after the update (here: over the last epoch's minibatches) sets beta
+            last_epoch = per_minibatch[-n_mini:, MINIBATCH_STATS.index("policy/kl_old")]
+            self.klpen.update(float(last_epoch.mean()))
+            out["policy/klpen_coef"] = self.klpen.value
+        return out
+
+    def minibatch_step(self, ro: Rollout, minibatch: list[int], ptx: list[dict], step: int) -> torch.Tensor:
+        """One optimizer step on a minibatch of episodes (indices into the rollout) and its ptx sequences.
+
+        The loss is the token mean over the whole minibatch of the policy objective (-L^CLIP, or -L^KLPEN), plus
+        vf_coef * L^VF with a critic, minus ent_coef * H, plus kl_coef * KL(pi || pi_ref) when the KL is a loss
+        term (kl.placement: loss), plus ptx_coef times the token-mean LM loss of the ptx sequences: gradients of all
+        accumulate over micro-batches into the same buffers before the one step. The policy and the critic share no
+        parameter, so each side runs its own backward (the gradients of the summed loss), side by side with
+        `train.concurrent_models`. Each process takes every num_processes-th episode (and ptx sequence); its
+        micro-batch losses are weighted by their share of the minibatch's tokens times num_processes, so DDP's
+        gradient average is the one-process gradient whatever the micro-batching. Returns the minibatch's
+        statistics [len(MINIBATCH_STATS)], token-weighted over every process.
+        """
+        cfg, acc, p = self.cfg, self.accelerator, self.cfg.ppo
+        P, temperature = ro.prompt_width, cfg.rollout.temperature
+        rank, world = acc.process_index, acc.num_processes
+        mine = minibatch[rank::world]
+        micro = [mine[s : s + p.micro_batch_size] for s in range(0, len(mine), p.micro_batch_size)]
+        ptx_mine = ptx[rank::world]
+        ptx_micro = [ptx_mine[s : s + p.micro_batch_size] for s in range(0, len(ptx_mine), p.micro_batch_size)]
+        tokens = ro.response_mask[minibatch].sum().clamp(min=1)
+        ptx_tokens = max(sum(len(e["input_ids"]) - 1 for e in ptx), 1)
+        column = {name: i for i, name in enumerate(MINIBATCH_STATS)}
+        max_norm = cfg.optim.max_grad_norm
+        objective = POLICY_OBJECTIVES[p.objective]
+
+        def add(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> None:
+            cols = torch.tensor([column[name] for name in terms], device=acc.device)
+            stats.index_add_(0, cols, torch.stack([v.detach().float() for v in terms.values()]) * weight)
+
+        def micro_batch(inds: list[int]):
+            idx = torch.tensor(inds, device=acc.device)
+            mask = ro.response_mask[idx]
+            return idx, ro.query_responses[idx], ro.attention_mask[idx], mask, mask.sum() / tokens
+
+        def policy_side() -> tuple[torch.Tensor, torch.Tensor]:
+            stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
+            n_backward = len(micro) + len(ptx_micro)
+            for k, inds in enumerate(micro, 1):
+                idx, qr, am, mask, share = micro_batch(inds)  # share: of the minibatch's tokens
+                terms: dict[str, torch.Tensor] = {}
+                with self._no_sync(self.roles.policy, k < n_backward), acc.autocast():
+                    # the entropy is differentiated only when in the loss (a softmax backward over the vocabulary)
+                    new_logprobs, entropy = response_logprobs(
+                        self.roles.policy_train, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
+                    )
+                    old_logprobs, advantages = ro.logprobs[idx], ro.advantages[idx]
+                    settings = ObjectiveSettings(p.cliprange, self.klpen.value)
+                    pg_loss, pg_stats = objective.loss(new_logprobs, old_logprobs, advantages, mask, settings)
+                    if objective.adapts_beta:
+                        terms["policy/kl_old"] = pg_stats["kl_old"]
+                    ent = masked_mean(entropy, mask)
+                    loss = pg_loss - p.ent_coef * ent
+                    if cfg.kl.placement == "loss":  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
+                        kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], "k3"), mask)
+                        loss = loss + self.kl_ctl.value * kl_term
+                        terms["loss/kl_avg"] = kl_term
+                    acc.backward(loss * share * world)
+                terms |= {
+                    "loss/policy_avg": pg_loss,
+                    "policy/entropy_avg": ent,
+                    "policy/approxkl_avg": pg_stats["approx_kl"],
+                    "policy/clipfrac_avg": pg_stats["clipfrac"],
+                    "policy/ratio_avg": pg_stats["ratio_mean"],
+                }
+                add(stats, terms, share)
+            for k, examples in enumerate(ptx_micro, len(micro) + 1):
+                batch = {
+                    key: v.to(acc.device) for key, v in collate_lm(examples, self.roles.tokenizer.pad_token_id).items()
+                }
+                with self._no_sync(self.roles.policy, k < n_backward), acc.autocast():
+                    logits = causal_logits(self.roles.policy_train, batch["input_ids"], batch["attention_mask"])
+                    ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / ptx_tokens
+                    # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
+                    acc.backward(cfg.ptx.ptx_coef * ptx_loss * world)
+                stats[column["ptx/loss"]] += ptx_loss.detach().float()
+            return stats, clip_grad_norm(acc, list(self.roles.policy.parameters()), max_norm)
+
+        def value_side() -> tuple[torch.Tensor, torch.Tensor]:
+            stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
+            for k, inds in enumerate(micro, 1):  # the critic's last backward is the last PPO micro-batch's
+                idx, qr, am, mask, share = micro_batch(inds)
+                with self._no_sync(self.roles.value_model, k < len(micro)), acc.autocast():
+                    vpred = response_values(self.roles.value_train, qr, am, P)
+                    vf_loss, vf_stats = value_loss(
+                        vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None
+                    )
+                    acc.backward(p.vf_coef * vf_loss * share * world)
+                add(stats, {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["vf_clipfrac"]}, share)
+            return stats, clip_grad_norm(acc, list(self.roles.value_model.parameters()), max_norm)
+
+        sides = self.roles.lanes.run(policy_side, value_side) if self.roles.critic else [policy_side()]
+        stats = sum(side_stats for side_stats, _ in sides)
+        if world > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
+            stats = acc.reduce(stats, "sum")
+        stats[column["policy/grad_norm"]] = sides[0][1]
+        numbers = {k: stats[column[k]] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm")}
+        steps = [(self.roles.policy_opt, self.roles.policy_sched)]
+        if self.roles.critic:
+            numbers["value/grad_norm"] = sides[1][1]
+            steps.append((self.roles.value_opt, self.roles.value_sched))
+        skip = self.guard.skip(acc, step, numbers)
+
+        def optimizer_step(opt, sched) -> None:
+            if not skip:
+                opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+
+        self.roles.lanes.run(*(functools.partial(optimizer_step, opt, sched) for opt, sched in steps))
+        if self.ema is not None:
+            self.ema.update(acc.unwrap_model(self.roles.policy))
+        return stats
+
+    def _no_sync(self, model, skip: bool) -> contextlib.AbstractContextManager:
+        """DDP: skip a model's gradient all-reduce on all but its last backward of the step (each must sync once)."""
+        return self.accelerator.no_sync(model) if skip else contextlib.nullcontext()

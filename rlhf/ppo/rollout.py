@@ -1,0 +1,106 @@
+"""What flows through a PPO iteration: the `Rollout` batch, the forwards that read log-probs and values off it, and
+the one interface generation sits behind.
+
+Shapes: B episodes, P = prompt width (left-padded), R = response width; sequences are [B, P+R], per-token
+quantities [B, R].
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+
+from rlhf.batching import pad
+from rlhf.models import causal_logits
+from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
+from rlhf.sampling import generate
+from rlhf.training import generation_context
+
+ROLLOUT_STREAM, EVAL_STREAM = 0, 1  # keys of the per-episode sampling seeds
+
+
+def response_logprobs(
+    model, query_responses, attention_mask, prompt_width: int, temperature: float, entropy=False, entropy_grad=True
+):
+    """[B,P+R] -> log-probs [B,R] of the response tokens (and entropies [B,R]) at the sampling temperature."""
+    response_width = query_responses.shape[1] - prompt_width
+    # the logits that predict the response tokens: positions P-1 .. P+R-2 (the LM head skips the rest of the prompt)
+    logits = causal_logits(model, query_responses, attention_mask, last=response_width + 1)[:, :-1]
+    logprobs = logprobs_from_logits(logits, query_responses[:, prompt_width:], temperature)
+    if not entropy:
+        return logprobs
+    with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):
+        return logprobs, entropy_from_logits(logits, temperature)
+
+
+def response_values(value_model, query_responses, attention_mask, prompt_width: int) -> torch.Tensor:
+    """[B,P+R] -> V(s_t) [B,R]: the value of the state before each response token (a TokenValueModel)."""
+    return value_model(query_responses, attention_mask)[:, prompt_width - 1 : -1]
+
+
+@dataclass
+class Rollout:
+    """One iteration's episodes on this process. Tensors are [B, P+R] (sequences) or [B, R] (per token)."""
+
+    query_responses: torch.Tensor
+    attention_mask: torch.Tensor
+    response_mask: torch.Tensor
+    prompt_width: int
+    logprobs: torch.Tensor
+    ref_logprobs: torch.Tensor
+    values: torch.Tensor
+    scores: torch.Tensor
+    raw_scores: torch.Tensor
+    score_std: torch.Tensor
+    ended: torch.Tensor
+    rewards: torch.Tensor | None = None
+    advantages: torch.Tensor | None = None
+    returns: torch.Tensor | None = None
+
+
+class ResponseGenerator(Protocol):
+    """What the experience maker calls to sample responses; one implementation per engine.
+
+    `generate(prompts, seeds)`: token ids of this process's prompts (unpadded lists) and one seed per prompt ->
+    responses [B, R] on the accelerator's device, right-padded with pad ids, each response sampled with its own
+    seed (a response may run past EOS: the caller truncates). The policy's weights must be the ones the learner
+    last stepped: an engine that holds its own copy (vLLM, SGLang) syncs them in `sync_weights`, called after
+    every update. Old log-probs are not taken from the engine: the scoring forward recomputes them under the
+    training numerics, so the PPO ratio starts at exactly 1 (docs/architecture.md).
+    """
+
+    def generate(self, prompts: list[list[int]], seeds: list[int]) -> torch.Tensor: ...
+
+    def sync_weights(self) -> None: ...
+
+
+class HFGenerator:
+    """Hugging Face `generate` on the live policy (KV cache, left-padded prompts, chunks of generation_batch_size),
+    under the same autocast as the scoring forwards; nothing to sync."""
+
+    def __init__(self, accelerator, policy, tokenizer, rollout_cfg):
+        self.accelerator, self.policy, self.tokenizer, self.cfg = accelerator, policy, tokenizer, rollout_cfg
+
+    @torch.no_grad()
+    def generate(self, prompts: list[list[int]], seeds: list[int]) -> torch.Tensor:
+        acc, cfg, chunks = self.accelerator, self.cfg, []
+        with generation_context(acc, self.policy) as (policy, synced), acc.autocast():
+            for s in range(0, len(prompts), cfg.generation_batch_size):
+                _, _, resp = generate(
+                    policy,
+                    self.tokenizer,
+                    prompts[s : s + cfg.generation_batch_size],
+                    cfg.max_new_tokens,
+                    cfg.temperature,
+                    cfg.top_k,
+                    cfg.top_p,
+                    seeds=seeds[s : s + cfg.generation_batch_size],
+                    synced=synced,
+                )
+                chunks.append(resp.tolist())
+        return pad([r for c in chunks for r in c], self.tokenizer.pad_token_id).to(acc.device)
+
+    def sync_weights(self) -> None:
+        """The live policy is the one sampled: nothing to do."""

@@ -1,0 +1,285 @@
+"""The PPO loop: owns the run — set-up, resume, the iterations, KL control and stop rules, logging, evaluation,
+checkpoints and final/. Each iteration is `ExperienceMaker.make` + `.advantages` (rlhf.ppo.experience), then
+`Learner.update` (rlhf.ppo.learner); the models are `Roles` (rlhf.ppo.roles).
+
+Stage 3: PPO against the reward model with a per-token KL penalty to SFT and the pretraining mix (PPO-ptx).
+
+Four roles: the policy (from SFT, trained), the frozen reference (SFT weights: a second copy, or the LoRA policy
+with its adapter disabled), the value model (from the reward model, as InstructGPT does; trained) and the frozen
+reward model (or a reward function, or both). Dropout is off in all of them. One iteration:
+
+  1. rollout   sample rollout.samples_per_prompt responses per prompt from the policy's own distribution (left-
+               padded prompts, KV cache, stop at EOS); each episode from its own seeded random stream
+  2. score     RM score at the EOS token (an ensemble: mean, mean - lambda*std or min of its members) and/or
+               reward.function; old log-probs, reference log-probs, values (one forward each); then every
+               process's episodes are gathered on every process
+  3. rewards   r_t = -beta * KL_t, plus the score at the last response token (missing-EOS penalty optional); with
+               kl.placement: loss the KL leaves the reward and becomes a loss term (GRPO)
+  4. advantages  ppo.advantage: GAE with the value model (default; whitened), REINFORCE with a learned or batch-mean
+               baseline, or the critic-free RLOO / GRPO from each prompt's group (docs/algorithms.md)
+  5. update    ppo_epochs over shuffled minibatches: -L^CLIP (or -L^KLPEN, adaptive beta) + vf_coef * L^VF (with a
+               critic) - ent_coef * H, token means over the minibatch; for each minibatch the gamma_ptx-weighted
+               pretraining LM gradients accumulate into the same buffers before the one optimizer step
+               (InstructGPT App. C.4; not DeepSpeed-Chat's separate step)
+  6. log (with the signs of reward hacking: length, EOS share, distinct-n, ensemble std) / KL controller
+     (fixed beta, PI control toward kl.target, or Ziegler's) / KL budget (a hard stop) / EMA / checkpoint
+
+N processes compute the 1-process iteration: episode i is sampled on process i mod N, the rollout is gathered, and
+each process takes every N-th episode of the same minibatches (docs/scaling.md). SIGTERM/SIGINT end the iteration
+with a checkpoint; NaN/inf rewards, advantages, losses or gradient norms skip the update or stop the run
+(rlhf.training, docs/reliability.md).
+
+Departures from the paper: `value_init: policy` starts a separate value network from the SFT weights rather
+than putting a value head on the policy trunk.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from rlhf.collapse import CollapseMonitor
+from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
+from rlhf.kl_control import KLBudget, build_kl_controller
+from rlhf.ppo.experience import ExperienceMaker, load_prompts
+from rlhf.ppo.learner import Learner, load_ptx
+from rlhf.ppo.roles import Roles, load_roles, roles_for
+from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.state import EMA, RunningMoments, StopRules
+from rlhf.ppo_math import KLPenaltyCoef
+from rlhf.sampling import decode_responses
+from rlhf.training import (
+    GracefulStop,
+    NonFiniteGuard,
+    Progress,
+    ProgressBar,
+    checkpoint_or_stop,
+    drop_metrics_after,
+    final_model,
+    log_metrics,
+    log_text,
+    make_accelerator,
+    publish_final,
+    resume_state,
+    save_checkpoint,
+    save_final,
+    seed_everything,
+    sharded_parameters,
+    split_batch,
+)
+
+
+class PPOTrainer:
+    """Builds the run (roles, data, state) and runs it: `train()`."""
+
+    def __init__(self, cfg: PPOConfig, source: str = "<config>"):
+        check_paths(cfg, source)
+        self.cfg = cfg
+        acc = self.accelerator = make_accelerator(
+            cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu
+        )
+        seed_everything(cfg.seed)
+        self.roles = roles_for(cfg)
+        if cfg.ema.decay and sharded_parameters(acc):
+            raise ConfigError(
+                "ema.decay > 0 with FSDP / DeepSpeed ZeRO-3: each process holds a shard of the policy, so an EMA of "
+                "its parameters would be an EMA of a shard; set ema.decay: 0 or use DDP / ZeRO-1/2"
+            )
+        # every process samples the same number of episodes and takes the same share of each minibatch
+        split_batch(cfg.train.batch_size, 1, acc.num_processes, "train.batch_size")
+        split_batch(cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size, acc.num_processes, "ppo.mini_batch_size")
+        self.prompts = load_prompts(cfg, self.roles.tokenizer)
+        ptx_examples = load_ptx(cfg, self.roles.tokenizer)
+        self.total_steps = cfg.train.max_steps or max(
+            1, math.ceil(cfg.train.epochs * self.prompts.schedule.steps_per_epoch)
+        )
+        load_roles(cfg, acc, self.roles, self.total_steps)
+
+        self.kl_ctl = build_kl_controller(cfg.kl)
+        self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
+        self.klpen = KLPenaltyCoef(cfg.ppo.klpen_coef, cfg.ppo.klpen_target)  # L^KLPEN's beta (objective: klpen)
+        self.score_moments = RunningMoments()
+        self.progress = Progress()
+        self.ema = EMA(acc.unwrap_model(self.roles.policy), cfg.ema.decay) if cfg.ema.decay else None
+        self.guard = NonFiniteGuard(cfg.train.max_nonfinite_skips, "ppo")
+        self.collapse = CollapseMonitor(cfg.collapse, cfg.collapse.window)
+        # one registered object for both stop rules: accelerate numbers custom states by position, and a new
+        # position would make checkpoints written before the collapse guard existed unloadable
+        stop_rules = StopRules(self.kl_budget, self.collapse)
+        acc.register_for_checkpointing(
+            self.progress, self.kl_ctl, self.score_moments, stop_rules, self.guard, self.klpen
+        )
+        if self.ema is not None:
+            acc.register_for_checkpointing(self.ema)
+        self.experience = ExperienceMaker(cfg, acc, self.roles, self.prompts, self.kl_ctl, self.score_moments)
+        state = {"kl_ctl": self.kl_ctl, "klpen": self.klpen, "ema": self.ema, "guard": self.guard}
+        self.learner = Learner(cfg, acc, self.roles, ptx_examples, state)
+
+    # the roles (trainer.policy, trainer.tokenizer, ...) and the steps of an iteration, as one object's surface
+    def __getattr__(self, name: str):
+        roles = self.__dict__.get("roles")
+        if roles is not None and name in Roles.__dataclass_fields__:
+            return getattr(roles, name)
+        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+
+    @property
+    def prompt_rows(self) -> list[dict]:
+        return self.prompts.rows
+
+    def episode_rows(self, step: int) -> list[int]:
+        return self.experience.episode_rows(step)
+
+    def rollout(self, step: int) -> tuple[Rollout, dict]:
+        return self.experience.make(step)
+
+    def score(self, query_responses, attention_mask, prompt_width: int, rows: list[dict], where: list[str]):
+        return self.experience.score(query_responses, attention_mask, prompt_width, rows, where)
+
+    def compute_advantages(self, ro: Rollout) -> dict:
+        return self.experience.advantages(ro)
+
+    def update(self, ro: Rollout, step: int) -> dict:
+        return self.learner.update(ro, step)
+
+    def train(self) -> Path:
+        cfg, acc = self.cfg, self.accelerator
+        out = Path(cfg.output_dir)
+        resume_from = resume_state(acc, cfg.resume, out, "ppo")
+        if resume_from is not None:
+            acc.print(f"[ppo] resumed from {resume_from} at iteration {self.progress.step}")
+            drop_metrics_after(acc, self.progress.step)
+        if acc.is_main_process:
+            save_config(cfg, out / "config.yaml")
+        acc.print(
+            f"[ppo] {len(self.prompts.ids)} prompts, {self.total_steps} iterations of {cfg.train.batch_size} "
+            f"episodes, {cfg.ppo.ppo_epochs} epochs x {cfg.train.batch_size // cfg.ppo.mini_batch_size} "
+            f"minibatches; ptx {cfg.ptx.ptx_coef} x {self.learner.ptx_per_mini} sequences per minibatch"
+        )
+        if self.roles.lanes.concurrent:
+            acc.print(
+                f"[ppo] policy and critic (updates, scoring) side by side on "
+                f"{' + '.join(map(str, self.roles.lanes.shares))} CPU threads (train.concurrent_models: off runs "
+                "them in sequence)"
+            )
+        bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
+        if self.kl_budget.exceeded:  # resumed from the checkpoint a KL-budget stop wrote: nothing left to train
+            acc.print(f"[ppo] the KL budget ({cfg.kl.budget}) was spent at iteration {self.progress.step}")
+        if self.collapse.stopped:
+            acc.print(f"[ppo] the collapse guard stopped this run at iteration {self.progress.step}")
+        with GracefulStop() as stop:
+            while self.progress.step < self.total_steps and not (self.kl_budget.exceeded or self.collapse.stopped):
+                step = self.progress.step
+                t0 = time.time()
+                ro, timing = self.experience.make(step)
+                stats = self.experience.advantages(ro)
+                t1 = time.time()
+                # a NaN/inf reward or advantage (e.g. a broken reward model) must never reach the weights
+                numbers = {"scores": ro.scores, "values": ro.values, "advantages": ro.advantages}
+                if not self.guard.skip(acc, step, numbers):
+                    stats |= self.learner.update(ro, step)
+                    self.experience.generator.sync_weights()
+                t2 = time.time()
+                # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
+                kl = float(stats["objective/kl"])
+                self.kl_ctl.update(kl, cfg.train.batch_size, stats["objective/kl_penalty_share"])
+                over_budget = self.kl_budget.update(kl)
+                stats["objective/kl_smoothed"] = self.kl_budget.smoothed
+                signs = [stats[f"rollout/{k}"] for k in ("repeat_share", "distinct2", "response_length", "eos_share")]
+                collapse = self.collapse.update(dict(zip(CollapseMonitor.KEYS, signs)))
+                stats["rollout/collapse_flags"] = len(collapse)
+                self.progress.step += 1
+                self.progress.samples += cfg.train.batch_size
+                tokens = ro.attention_mask.sum().item()
+                stats |= timing | {
+                    "time/train": t2 - t1,
+                    "time/iteration": t2 - t0,
+                    "tokens_per_s": tokens / (t2 - t0),
+                    "lr": self.roles.policy_sched.get_last_lr()[0],
+                    "episodes": self.progress.samples,
+                }
+                bar.update(1, score=float(stats["objective/scores"]), kl=kl)
+                step = self.progress.step
+                collapse_stop = bool(collapse) and cfg.collapse.stop
+                if over_budget:
+                    stats["stop/kl_budget"] = 1
+                if collapse_stop:
+                    stats["stop/collapse"] = 1
+                    self.collapse.stopped = True
+                if step % cfg.logging.every == 0 or step == self.total_steps or over_budget or collapse_stop:
+                    log_metrics(acc, stats, step)
+                    self.log_samples(ro, step)
+                if over_budget or collapse_stop:
+                    # a hard stop: the policy as it is now becomes final/ (and a checkpoint, for the frontier)
+                    why = (
+                        f"smoothed KL {self.kl_budget.smoothed:.3f} passed kl.budget {cfg.kl.budget} (mean of the "
+                        f"last {cfg.kl.budget_window} iterations)"
+                        if over_budget
+                        else f"collapse signs (last {cfg.collapse.window} iterations' mean): {'; '.join(collapse)}"
+                    )
+                    acc.print(f"[ppo] stopping at iteration {step}: {why}")
+                    self.save(step)
+                    break
+                if self.prompts.eval_ids and (
+                    (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
+                ):
+                    log_metrics(acc, self.evaluate(), step)
+                checkpoint_or_stop(acc, stop, bar, step, self.total_steps, cfg.checkpoint.every, self.save)
+        bar.close()
+        final = publish_final(acc, out, self.write_final, {"policy": self.roles.policy})
+        acc.end_training()
+        return final
+
+    def save(self, step: int) -> Path:
+        """checkpoint-<step>: the policy and value model in HF form plus the whole training state."""
+        models = {"policy": self.roles.policy} | ({"value": self.roles.value_model} if self.roles.critic else {})
+        cfg = self.cfg
+        return save_checkpoint(
+            self.accelerator, cfg.output_dir, step, models, self.roles.tokenizer, cfg, cfg.checkpoint.keep_last
+        )
+
+    def log_samples(self, ro: Rollout, step: int) -> None:
+        n = min(self.cfg.logging.num_samples, ro.query_responses.shape[0])
+        if not n:
+            return
+        prompts = self.roles.tokenizer.batch_decode(
+            ro.query_responses[:n, : ro.prompt_width], skip_special_tokens=True
+        )
+        responses = decode_responses(self.roles.tokenizer, ro.query_responses[:n, ro.prompt_width :])
+        log_text(
+            self.accelerator,
+            self.cfg.output_dir,
+            step,
+            [
+                {"prompt": p, "response": r, "score": round(float(s), 4)}
+                for p, r, s in zip(prompts, responses, ro.raw_scores[:n])
+            ],
+        )
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """The held-out scores of the policy, with the EMA weights swapped in when there are any."""
+        policy = self.accelerator.unwrap_model(self.roles.policy)
+        backup = None
+        if self.ema is not None:
+            backup = {n: p.detach().clone() for n, p in policy.named_parameters() if n in self.ema.shadow}
+            self.ema.copy_to(policy)
+        result = self.experience.held_out()
+        if backup is not None:
+            for n, p in policy.named_parameters():
+                if n in backup:
+                    p.data.copy_(backup[n])
+        return result
+
+    def write_final(self, path: Path) -> None:
+        acc, cfg = self.accelerator, self.cfg
+        if self.ema is not None:
+            self.ema.copy_to(acc.unwrap_model(self.roles.policy))
+        save_final(acc, final_model(acc, self.roles.policy, cfg.models.policy.lora), path, self.roles.tokenizer, cfg)
+
+
+def train(cfg: PPOConfig, source: str = "<config>") -> Path:
+    """Run PPO(-ptx) to completion; returns `<output_dir>/final` (the policy, EMA weights if enabled)."""
+    return PPOTrainer(cfg, source).train()
