@@ -371,12 +371,22 @@ def plot_frontier(report: dict, path: Path) -> Path | None:
             gold_ax.plot(xs, [r["gold_score"] for r in rows], color="black", marker="s", markersize=3, label="gold")
             gold_ax.set_ylabel("gold score")
         ax.grid(alpha=0.3)
+    if report["best"]:
+        axes[0].axvline(
+            report["best"]["kl_to_sft"], color="green", linestyle="--", label=f"best: {report['best']['name']}"
+        )
     sft = report["sft"]
-    ratios = (("distinct2", "distinct-2 / SFT's"), ("length", "length / SFT's"), ("eos_share", "EOS / SFT's"))
-    for key, label in ratios:
+    ratios = (
+        ("distinct2", "distinct-2 / SFT's", "tab:purple"),
+        ("length", "length / SFT's", "tab:brown"),
+        ("eos_share", "EOS / SFT's", "tab:olive"),
+    )
+    for key, label, color in ratios:
         if sft.get(key):
-            axes[2].plot(steps, [r.get(key, 0.0) / sft[key] for r in rows], marker="o", markersize=3, label=label)
-    axes[2].plot(steps, [r.get("repeat_share", 0.0) for r in rows], marker="o", markersize=3, label="repeat share")
+            ys = [r.get(key, 0.0) / sft[key] for r in rows]
+            axes[2].plot(steps, ys, marker="o", markersize=3, color=color, label=label)
+    repeats = [r.get("repeat_share", 0.0) for r in rows]
+    axes[2].plot(steps, repeats, marker="o", markersize=3, color="tab:red", label="repeat share")
     for x, r in zip(steps, rows):
         if r.get("collapse"):
             axes[2].axvline(x, color="red", alpha=0.25)
@@ -388,8 +398,8 @@ def plot_frontier(report: dict, path: Path) -> Path | None:
     handles = [h for ax in fig.axes for h in ax.get_legend_handles_labels()[0]]
     labels = [lab for ax in fig.axes for lab in ax.get_legend_handles_labels()[1]]
     unique = dict(zip(labels, handles))
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=4, fontsize=8, frameon=False)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=5, fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
     fig.savefig(path)
     plt.close(fig)
     return path
