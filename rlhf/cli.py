@@ -6,10 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
+from rlhf.checkpoints import CheckpointError
 from rlhf.config import ConfigError, load_config
 from rlhf.data import DataError
+from rlhf.guards import EXIT_STOPPED, NonFiniteError, StoppedBySignal
+from rlhf.runtime import quiet_hf_progress
 from rlhf.stages import run_stage
-from rlhf.training import EXIT_STOPPED, CheckpointError, NonFiniteError, StoppedBySignal, quiet_hf_progress
 
 STAGE_HELP = {
     "sft": "stage 1: supervised fine-tuning (or pretraining with data.kind: text)",

@@ -25,19 +25,13 @@ from pathlib import Path
 import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, pad
+from rlhf.checkpoints import final_model, save_final
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
+from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
 from rlhf.reward import load_ranked
-from rlhf.training import (
-    SupervisedTask,
-    final_model,
-    fit,
-    make_accelerator,
-    prepare_frozen,
-    save_final,
-    seed_everything,
-)
+from rlhf.runtime import make_accelerator, prepare_frozen, seed_everything
 
 # a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
 Group = list[tuple[list[int], list[int]]]

@@ -25,6 +25,7 @@ import torch
 import yaml
 
 from rlhf.batching import TruncationReport, encode_prompts, encode_text, pad, response_sequences
+from rlhf.checkpoints import checkpoint_dirs
 from rlhf.collapse import collapse_reasons, kl_limit, repeat_share
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, load_function, save_config
 from rlhf.data import load_source
@@ -39,9 +40,10 @@ from rlhf.models import (
 )
 from rlhf.ppo_math import distinct_n, logprobs_from_logits, truncate_after_eos
 from rlhf.reward import score_sequences
+from rlhf.runtime import seed_everything
 from rlhf.sampling import decode_responses, generate
 from rlhf.sft import summed_lm_loss
-from rlhf.training import ProgressBar, checkpoint_dirs, seed_everything, write_json
+from rlhf.tracking import ProgressBar, write_json
 
 
 def sample(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, desc: str) -> list[list[int]]:

@@ -5,7 +5,7 @@ instantiating the architecture on the `meta` device, which allocates nothing) an
 (docs/scaling.md, "Before you rent a GPU") are:
 
 - weights   = params x bytes(model.dtype); a frozen role holds only this. Sharded (/N) under fsdp and zero3 for
-              every role, the frozen reference and reward models included (rlhf.training.prepare_frozen); unsharded
+              every role, the frozen reference and reward models included (rlhf.runtime.prepare_frozen); unsharded
               (ddp) under bf16/fp16 autocast its Linear weights take 2 B (rlhf.models.half_precision_linears).
 - grads     = trainable x bytes(dtype) (DeepSpeed ZeRO with mixed precision: 2 B); /N under zero2, zero3, fsdp.
 - optimizer = AdamW m and v: trainable x 2 x bytes(dtype) (torch keeps them in the parameter's dtype); under
@@ -310,7 +310,7 @@ def role_static(
     note: str = "",
 ) -> RoleEstimate:
     """Weights, gradients and optimizer state of a role; trainable == 0 means frozen (weights only, sharded like
-    the trained roles under fsdp / zero3: rlhf.training.prepare_frozen)."""
+    the trained roles under fsdp / zero3: rlhf.runtime.prepare_frozen)."""
     dw, dg, do = shard_divisors(topology, num_processes)
     if trainable == 0:
         return RoleEstimate(role, params, 0, weights=math.ceil(params * prec.weight / dw), note=note)
@@ -337,7 +337,7 @@ def frozen_role(
 ) -> RoleEstimate:
     """A frozen role's weights: its loaded dtype (a ZeRO-3 inference engine casts to the training's half
     precision); unsharded under bf16/fp16 autocast its fp32 Linear weights are kept in 2 bytes
-    (rlhf.training.prepare_frozen), the rest (embeddings, norms, a scalar head) in the loaded dtype."""
+    (rlhf.runtime.prepare_frozen), the rest (embeddings, norms, a scalar head) in the loaded dtype."""
     prec = precision(dtype, mixed_precision, "zero3" if topology == "zero3" else "ddp")
     est = role_static(role, params, 0, prec, topology, num_processes, note=note)
     if topology == "ddp" and mixed_precision in ("bf16", "fp16") and prec.weight == 4 and linear_params:

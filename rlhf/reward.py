@@ -25,20 +25,14 @@ from pathlib import Path
 import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
+from rlhf.checkpoints import final_model, publish_final, save_final
 from rlhf.config import FormatConfig, RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
+from rlhf.fit import SupervisedTask, fit
 from rlhf.models import ENSEMBLE_FILE, TokenValueModel, load_reward_model, load_tokenizer, reward_scores
 from rlhf.ppo_math import ranking_loss
-from rlhf.training import (
-    SupervisedTask,
-    final_model,
-    fit,
-    make_accelerator,
-    publish_final,
-    save_final,
-    seed_everything,
-    write_json,
-)
+from rlhf.runtime import make_accelerator, seed_everything
+from rlhf.tracking import write_json
 
 
 def load_ranked(tokenizer, fmt: FormatConfig, source: TextSource, report: TruncationReport) -> list[list[tuple]]:

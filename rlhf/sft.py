@@ -15,12 +15,15 @@ from pathlib import Path
 import torch
 
 from rlhf.batching import BatchSchedule, TruncationReport, collate_lm, encode_prompts, encode_sft, encode_text
+from rlhf.checkpoints import final_model, save_final
 from rlhf.config import SFTConfig, TextSource, check_paths
 from rlhf.data import load_source
+from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.ppo_math import lm_loss
+from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.sampling import decode_responses, generate
-from rlhf.training import SupervisedTask, final_model, fit, log_text, make_accelerator, save_final, seed_everything
+from rlhf.tracking import log_text
 
 
 def load_lm_examples(tokenizer, source: TextSource, kind: str, cfg: SFTConfig, report: TruncationReport) -> list:

@@ -5,7 +5,7 @@ import time
 
 from rlhf.pipeline import run_pipeline, summarize
 from rlhf.plot import plot_run
-from rlhf.training import quiet_hf_progress
+from rlhf.runtime import quiet_hf_progress
 
 RECIPE, RUN = "configs/tiny", "runs/tiny"
 

@@ -19,8 +19,8 @@ from pathlib import Path
 
 from rlhf.kl_scenarios import format_table, kl_harness_table
 from rlhf.pipeline import run_pipeline
+from rlhf.runtime import quiet_hf_progress
 from rlhf.stages import run_stage
-from rlhf.training import quiet_hf_progress
 
 RUN = Path("runs/kl_control")
 ITERATIONS = int(os.environ.get("ITERATIONS", "120"))

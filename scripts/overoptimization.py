@@ -20,8 +20,8 @@ import time
 from pathlib import Path
 
 from rlhf.pipeline import run_pipeline
+from rlhf.runtime import quiet_hf_progress
 from rlhf.stages import run_stage
-from rlhf.training import quiet_hf_progress
 
 RUN = Path("runs/overopt")
 ITERATIONS = int(os.environ.get("ITERATIONS", "300"))

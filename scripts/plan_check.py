@@ -1,7 +1,7 @@
 """Check `rlhf plan`'s memory estimate against measurement on CPU.
 
 For each case a fresh subprocess builds the models with the stages' own code (rlhf.models.load_causal_lm,
-rlhf.training.build_optimizer, rlhf.sft.sft_loss; PPO: rlhf.ppo.PPOTrainer and one rollout + update), runs a few
+rlhf.runtime.build_optimizer, rlhf.sft.sft_loss; PPO: rlhf.ppo.PPOTrainer and one rollout + update), runs a few
 optimizer steps on micro-batches of exactly the planned length, and reports its peak resident memory above the
 resident memory just before the models were built:
 
@@ -100,8 +100,8 @@ def measure_sft(case: dict) -> dict:
 
     from rlhf.config import load_config
     from rlhf.models import load_causal_lm, load_tokenizer
+    from rlhf.runtime import build_optimizer
     from rlhf.sft import sft_loss
-    from rlhf.training import build_optimizer
 
     cfg = load_config("sft", case["config"], case["overrides"])
     tokenizer = load_tokenizer(cfg.model)

@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from rlhf import dpo, ppo, reward, sft
 from rlhf.config import ConfigError
-from rlhf.training import clip_grad_norm, compiled_for_training
+from rlhf.runtime import clip_grad_norm, compiled_for_training
 
 
 def _with_grads() -> list[torch.nn.Parameter]:

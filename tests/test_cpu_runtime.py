@@ -12,8 +12,8 @@ import pytest
 import torch
 from conftest import ppo_config, read_metrics
 
-from rlhf import ppo, training
-from rlhf.training import ModelLanes, concurrent_models, keep_freed_memory
+from rlhf import ppo, runtime
+from rlhf.runtime import ModelLanes, concurrent_models, keep_freed_memory
 
 
 def test_lanes_run_each_task_in_its_own_thread_with_a_share_of_the_cores():
@@ -176,8 +176,8 @@ def test_cpu_runs_keep_freed_memory_unless_the_environment_says_otherwise(monkey
 
 def test_a_cpu_accelerator_sets_the_allocator(monkeypatch, tmp_path):
     seen = []
-    monkeypatch.setattr(training, "keep_freed_memory", lambda: seen.append(True) or {})
-    training.make_accelerator("no", tmp_path, tensorboard=False, cpu=True)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: seen.append(True) or {})
+    runtime.make_accelerator("no", tmp_path, tensorboard=False, cpu=True)
     assert seen == [True]
 
 

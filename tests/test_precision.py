@@ -15,7 +15,7 @@ import torch
 from conftest import SMALL_LLAMA, load_stage, ppo_config, read_metrics, sft_overrides
 
 from rlhf import ppo, sft
-from rlhf.training import fast_bf16, make_accelerator
+from rlhf.runtime import fast_bf16, make_accelerator
 
 
 def test_auto_precision_follows_the_hardware(tmp_path, monkeypatch):

@@ -28,15 +28,11 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from rlhf import ppo, sft
+from rlhf import algorithms, ppo, sft
+from rlhf.checkpoints import CheckpointError, checkpoint_problem
 from rlhf.config import ConfigError, save_config
-from rlhf.training import (
-    EXIT_STOPPED,
-    CheckpointError,
-    GracefulStop,
-    NonFiniteError,
-    checkpoint_problem,
-)
+from rlhf.guards import EXIT_STOPPED, GracefulStop, NonFiniteError
+from rlhf.ppo import experience
 
 # --------------------------------------------------------------------------------------------------
 # Role checks: a model in the wrong role is refused before anything trains
@@ -201,34 +197,34 @@ def test_exploding_sft_stops_cleanly_without_non_finite_files(tiny_world, tiny_b
 
 
 def test_ppo_nan_loss_stops_naming_the_step_and_quantity(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
-    real = ppo.policy_loss
+    real = algorithms.policy_loss  # what POLICY_OBJECTIVES["clip"] calls
 
     def nan_loss(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         return loss * float("nan"), stats
 
-    monkeypatch.setattr(ppo, "policy_loss", nan_loss)
+    monkeypatch.setattr(algorithms, "policy_loss", nan_loss)
     with pytest.raises(NonFiniteError, match=r"\[ppo\] step 1: non-finite loss/policy_avg = nan"):
         ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=3"]))
     assert not (tmp_path / "final").exists()
 
 
 def test_ppo_skips_a_non_finite_step_within_its_budget(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
-    real, calls = ppo.policy_loss, []
+    real, calls = algorithms.policy_loss, []
 
     def nan_once(*args, **kwargs):
         loss, stats = real(*args, **kwargs)
         calls.append(1)
         return (loss * float("nan") if len(calls) == 1 else loss), stats
 
-    monkeypatch.setattr(ppo, "policy_loss", nan_once)
+    monkeypatch.setattr(algorithms, "policy_loss", nan_once)
     extra = ["train.max_steps=2", "train.max_nonfinite_skips=1"]
     final = ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, extra))
     assert all_tensors_finite(final)
 
 
 def test_nan_rewards_never_reach_the_weights(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
-    monkeypatch.setattr(ppo, "aggregate_ensemble", lambda s, *a: (s.mean(0) * float("nan"), s.std(0)))
+    monkeypatch.setattr(experience, "aggregate_ensemble", lambda s, *a: (s.mean(0) * float("nan"), s.std(0)))
     with pytest.raises(NonFiniteError, match=r"step 1: non-finite scores \(\d+ of 16 values NaN/inf\)"):
         ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=2"]))
 

@@ -44,8 +44,8 @@ from rlhf.ppo_math import (
     masked_whiten,
     truncate_after_eos,
 )
+from rlhf.runtime import generation_context, sharded_parameters
 from rlhf.sampling import decode_responses, episode_seed, generate
-from rlhf.training import generation_context, sharded_parameters
 
 
 @dataclass

@@ -20,11 +20,12 @@ from rlhf.algorithms import POLICY_OBJECTIVES, ObjectiveSettings
 from rlhf.batching import TruncationReport, collate_lm, encode_sft, encode_text
 from rlhf.config import PPOConfig
 from rlhf.data import load_source
+from rlhf.guards import NonFiniteGuard
 from rlhf.models import causal_logits
 from rlhf.ppo.roles import Roles
 from rlhf.ppo.rollout import Rollout, response_logprobs, response_values
 from rlhf.ppo_math import kl_penalty, lm_loss, masked_mean, value_loss
-from rlhf.training import NonFiniteGuard, clip_grad_norm
+from rlhf.runtime import clip_grad_norm
 
 # the per-minibatch statistics of the update, in the order minibatch_step returns them
 MINIBATCH_STATS = (

@@ -18,7 +18,7 @@ from rlhf.models import (
     load_tokenizer,
     reward_members,
 )
-from rlhf.training import (
+from rlhf.runtime import (
     ModelLanes,
     build_optimizer,
     build_scheduler,

@@ -15,8 +15,8 @@ import torch
 from rlhf.batching import pad
 from rlhf.models import causal_logits
 from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
+from rlhf.runtime import generation_context
 from rlhf.sampling import generate
-from rlhf.training import generation_context
 
 ROLLOUT_STREAM, EVAL_STREAM = 0, 1  # keys of the per-episode sampling seeds
 

@@ -27,7 +27,7 @@ reward model (or a reward function, or both). Dropout is off in all of them. One
 N processes compute the 1-process iteration: episode i is sampled on process i mod N, the rollout is gathered, and
 each process takes every N-th episode of the same minibatches (docs/scaling.md). SIGTERM/SIGINT end the iteration
 with a checkpoint; NaN/inf rewards, advantages, losses or gradient norms skip the update or stop the run
-(rlhf.training, docs/reliability.md).
+(rlhf.guards, docs/reliability.md).
 
 Departures from the paper: `value_init: policy` starts a separate value network from the SFT weights rather
 than putting a value head on the policy trunk.
@@ -41,8 +41,10 @@ from pathlib import Path
 
 import torch
 
+from rlhf.checkpoints import Progress, final_model, publish_final, resume_state, save_checkpoint, save_final
 from rlhf.collapse import CollapseMonitor
 from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
+from rlhf.guards import GracefulStop, NonFiniteGuard, checkpoint_or_stop
 from rlhf.kl_control import KLBudget, build_kl_controller
 from rlhf.ppo.experience import ExperienceMaker, load_prompts
 from rlhf.ppo.learner import Learner, load_ptx
@@ -50,26 +52,9 @@ from rlhf.ppo.roles import Roles, load_roles, roles_for
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.state import EMA, RunningMoments, StopRules
 from rlhf.ppo_math import KLPenaltyCoef
+from rlhf.runtime import make_accelerator, seed_everything, sharded_parameters, split_batch
 from rlhf.sampling import decode_responses
-from rlhf.training import (
-    GracefulStop,
-    NonFiniteGuard,
-    Progress,
-    ProgressBar,
-    checkpoint_or_stop,
-    drop_metrics_after,
-    final_model,
-    log_metrics,
-    log_text,
-    make_accelerator,
-    publish_final,
-    resume_state,
-    save_checkpoint,
-    save_final,
-    seed_everything,
-    sharded_parameters,
-    split_batch,
-)
+from rlhf.tracking import ProgressBar, drop_metrics_after, log_metrics, log_text
 
 
 class PPOTrainer:
