@@ -2,6 +2,7 @@
 
     ADVANTAGE_ESTIMATORS[ppo.advantage](rewards, values, mask, settings) -> (advantages [B,R], returns [B,R])
     POLICY_OBJECTIVES[ppo.objective].loss(logprobs, old_logprobs, advantages, mask, settings) -> (loss, stats)
+    KL_PLACEMENTS[kl.placement]: where the KL-to-reference penalty acts (the reward, or a loss term)
 
 Adding an estimator or an objective = one function + one registry line + its test (tests/test_algorithms.py
 checks that every name the config accepts has an entry); the trainer does not change. The math itself lives in
@@ -26,7 +27,15 @@ from rlhf.ppo_math import (
     reinforce_advantages,
 )
 
-__all__ = ["ADVANTAGE_ESTIMATORS", "POLICY_OBJECTIVES", "AdvantageSettings", "ObjectiveSettings", "PolicyObjective"]
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "KL_PLACEMENTS",
+    "POLICY_OBJECTIVES",
+    "AdvantageSettings",
+    "KLPlacement",
+    "ObjectiveSettings",
+    "PolicyObjective",
+]
 
 
 @dataclass(frozen=True)
@@ -92,4 +101,20 @@ POLICY_OBJECTIVES: dict[str, PolicyObjective] = {
     "klpen": PolicyObjective(
         lambda lp, old, adv, mask, s: klpen_policy_loss(lp, old, adv, mask, s.klpen_coef), adapts_beta=True
     ),
+}
+
+
+@dataclass(frozen=True)
+class KLPlacement:
+    """Where beta * KL(pi || pi_ref) acts: `in_reward` = -beta * KL_t (kl.estimator) is part of each token's
+    reward (InstructGPT); `loss_estimator` = beta * the token-mean of that estimator, differentiated, is a loss
+    term (GRPO)."""
+
+    in_reward: bool
+    loss_estimator: str | None = None
+
+
+KL_PLACEMENTS: dict[str, KLPlacement] = {
+    "reward": KLPlacement(in_reward=True),
+    "loss": KLPlacement(in_reward=False, loss_estimator="k3"),
 }

@@ -7,7 +7,13 @@ import typing
 import torch
 from torch.testing import assert_close
 
-from rlhf.algorithms import ADVANTAGE_ESTIMATORS, POLICY_OBJECTIVES, AdvantageSettings, ObjectiveSettings
+from rlhf.algorithms import (
+    ADVANTAGE_ESTIMATORS,
+    KL_PLACEMENTS,
+    POLICY_OBJECTIVES,
+    AdvantageSettings,
+    ObjectiveSettings,
+)
 from rlhf.config import KLConfig, PPOHyper
 from rlhf.kl_control import KL_CONTROLLERS
 from rlhf.ppo_math import gae, group_advantages, klpen_policy_loss, masked_whiten, policy_loss, reinforce_advantages
@@ -21,6 +27,8 @@ def test_every_configurable_name_has_a_registry_entry():
     assert set(ADVANTAGE_ESTIMATORS) == literal(PPOHyper, "advantage")
     assert set(POLICY_OBJECTIVES) == literal(PPOHyper, "objective")
     assert set(KL_CONTROLLERS) == literal(KLConfig, "controller")
+    assert set(KL_PLACEMENTS) == literal(KLConfig, "placement")
+    assert KL_PLACEMENTS["reward"].in_reward and KL_PLACEMENTS["loss"].loss_estimator == "k3"
 
 
 def batch():

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from rlhf.algorithms import ADVANTAGE_ESTIMATORS, AdvantageSettings
+from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_PLACEMENTS, AdvantageSettings
 from rlhf.batching import BatchSchedule, TruncationReport, encode_prompts, pad, response_sequences
 from rlhf.collapse import repeat_share
 from rlhf.config import ConfigError, PPOConfig
@@ -266,7 +266,7 @@ class ExperienceMaker:
         `ppo.advantage` over the whole iteration; returns its stats."""
         cfg, p = self.cfg, self.cfg.ppo
         mask = ro.response_mask
-        beta_in_reward = self.kl_ctl.value if cfg.kl.placement == "reward" else 0.0
+        beta_in_reward = self.kl_ctl.value if KL_PLACEMENTS[cfg.kl.placement].in_reward else 0.0
         ro.rewards, non_score_reward, _ = compute_rewards(
             ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta_in_reward, cfg.kl.estimator
         )

@@ -16,7 +16,7 @@ import functools
 
 import torch
 
-from rlhf.algorithms import POLICY_OBJECTIVES, ObjectiveSettings
+from rlhf.algorithms import KL_PLACEMENTS, POLICY_OBJECTIVES, ObjectiveSettings
 from rlhf.batching import TruncationReport, collate_lm, encode_sft, encode_text
 from rlhf.config import PPOConfig
 from rlhf.data import load_source
@@ -116,7 +116,7 @@ class Learner:
             unused.add("ptx/loss")
         if not self.roles.critic:
             unused |= {"loss/value_avg", "val/clipfrac_avg"}
-        if cfg.kl.placement != "loss":
+        if not KL_PLACEMENTS[cfg.kl.placement].loss_estimator:
             unused.add("loss/kl_avg")
         adapts_beta = POLICY_OBJECTIVES[p.objective].adapts_beta
         if not adapts_beta:
@@ -155,6 +155,7 @@ class Learner:
         column = {name: i for i, name in enumerate(MINIBATCH_STATS)}
         max_norm = cfg.optim.max_grad_norm
         objective = POLICY_OBJECTIVES[p.objective]
+        kl_loss = KL_PLACEMENTS[cfg.kl.placement].loss_estimator
 
         def add(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> None:
             cols = torch.tensor([column[name] for name in terms], device=acc.device)
@@ -183,8 +184,8 @@ class Learner:
                         terms["policy/kl_old"] = pg_stats["kl_old"]
                     ent = masked_mean(entropy, mask)
                     loss = pg_loss - p.ent_coef * ent
-                    if cfg.kl.placement == "loss":  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
-                        kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], "k3"), mask)
+                    if kl_loss:  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
+                        kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], kl_loss), mask)
                         loss = loss + self.kl_ctl.value * kl_term
                         terms["loss/kl_avg"] = kl_term
                     acc.backward(loss * share * world)
