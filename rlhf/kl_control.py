@@ -204,13 +204,13 @@ class AntiWindupKLController(PIKLController):
       raises it by up to i_gain * max_error, so a KL predicted at 3x the target climbs twice as fast as the fall
       that preceded it; the lookahead on the smoothed trend makes that happen as soon as the trend turns up.
     - **A trend shrunk by its noise**: extrapolating max(slope, 0) of a noisy KL is biased upward (it holds the
-      KL ~15% under the target at 30% batch noise); a trend well above the slope's noise level passes whole.
+      KL ~12% under the target at 30% batch noise); a trend well above the slope's noise level passes whole.
     - **A symmetric step limit**: one batch cannot move beta by more than a factor e^max_step, either way, so a
       single outlier batch (a batch of 16 episodes at 2.8x the target raised beta 11x in one step in a tiny run,
       and the KL then sat at half the target for 20 iterations) is undone as fast as it was done.
     - **Only the integral is gated**: the proportional term cannot wind up (its sum telescopes to
       p_gain * (e_t - e_0)), and gating or clipping it one way would turn zero-mean batch noise into a bias
-      toward a high beta (measured in `rlhf.kl_scenarios`' noisy scenario: the KL held 30% under the target).
+      toward a high beta (measured at 50% batch noise in `rlhf.kl_scenarios`: the KL held 30% under the target).
 
     Without rho (``penalty_share=None``) there is no conditional integration.
     """
