@@ -21,8 +21,9 @@ reward model (or a reward function, or both). Dropout is off in all of them. One
                critic) - ent_coef * H, token means over the minibatch; for each minibatch the gamma_ptx-weighted
                pretraining LM gradients accumulate into the same buffers before the one optimizer step
                (InstructGPT App. C.4; not DeepSpeed-Chat's separate step)
-  6. log (with the signs of reward hacking: length, EOS share, distinct-n, ensemble std) / KL controller
-     (fixed beta, PI control toward kl.target, or Ziegler's) / KL budget (a hard stop) / EMA / checkpoint
+  6. log (with the signs of reward hacking: length, EOS share, distinct-n, repeats, ensemble std) / KL controller
+     (fixed beta, or rlhf.kl_control's toward kl.target) / KL budget and collapse guard (hard stops) / EMA /
+     checkpoint
 
 N processes compute the 1-process iteration: episode i is sampled on process i mod N, the rollout is gathered, and
 each process takes every N-th episode of the same minibatches (docs/scaling.md). SIGTERM/SIGINT end the iteration
