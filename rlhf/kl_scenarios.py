@@ -36,25 +36,27 @@ TARGET = 6.0
 INIT_BETAS = (0.001, 0.05, 1.0)
 
 
+# the share a trainer measures is below the theory's beta * lambda: with one sample per prompt, std(score) also
+# holds the spread between prompts, which no policy change removes (measured 0.1-0.4 near the target in tiny runs)
+SHARE_SCALE = 0.3
+SIGMA = 0.05 * math.sqrt(2 * TARGET)  # beta = 0.05 holds the target before any exploit appears
+
+
 @dataclass(frozen=True)
 class KLScenario:
     """Simulated dynamics: `sigma(t, kl)` the reward's exploitable spread at iteration t for a policy at KL `kl`,
-    `mobility(t)` the most nats per iteration the policy's KL can move."""
+    `mobility(t)` the most nats per iteration the policy's KL can move (by default a constant spread SIGMA and 1 nat
+    per iteration)."""
 
     name: str
     description: str
-    sigma: Callable[[int, float], float]
-    mobility: Callable[[int], float]
+    sigma: Callable[[int, float], float] = lambda t, kl: SIGMA  # noqa: E731
+    mobility: Callable[[int], float] = lambda t: 1.0  # noqa: E731
     tau: float = 10.0
     noise: float = 0.1
     steps: int = 150
     delay: int = 0  # the policy responds to the beta of this many iterations ago (rollout, then update)
 
-
-# the share a trainer measures is below the theory's beta * lambda: with one sample per prompt, std(score) also
-# holds the spread between prompts, which no policy change removes (measured 0.1-0.4 near the target in tiny runs)
-SHARE_SCALE = 0.3
-SIGMA = 0.05 * math.sqrt(2 * TARGET)  # beta = 0.05 holds the target before any exploit appears
 
 SCENARIOS = {
     s.name: s
@@ -62,13 +64,11 @@ SCENARIOS = {
         KLScenario(
             "slow_start",
             "barely moves (0.02 nats/it) for 60 iterations, then takes off (1.5 nats/it)",
-            sigma=lambda t, kl: SIGMA,
             mobility=lambda t: 0.02 if t < 60 else 1.5,
         ),
         KLScenario(
             "fast_start",
             "moves fast from the first iteration (tau 2, up to 4 nats/it)",
-            sigma=lambda t, kl: SIGMA,
             mobility=lambda t: 4.0,
             tau=2.0,
         ),
@@ -88,23 +88,17 @@ SCENARIOS = {
         KLScenario(
             "lagged",
             "responds to beta 3 iterations late and slowly (tau 20): invites a limit cycle",
-            sigma=lambda t, kl: SIGMA,
-            mobility=lambda t: 1.0,
             tau=20.0,
             delay=3,
         ),
         KLScenario(
             "noisy",
             "30% relative noise on the KL and the share the controller sees (a batch of ~16 episodes)",
-            sigma=lambda t, kl: SIGMA,
-            mobility=lambda t: 1.0,
             noise=0.3,
         ),
         KLScenario(
             "very_noisy",
             "50% relative noise (a batch of ~4-8 episodes): a stress row, beyond what any controller here holds",
-            sigma=lambda t, kl: SIGMA,
-            mobility=lambda t: 1.0,
             noise=0.5,
         ),
     )
@@ -116,11 +110,14 @@ def simulate(controller, scenario: KLScenario, seed: int = 0, share_scale: float
     measured penalty share as a fraction of the theory's (1 = a policy that reaches the KL-regularised optimum)."""
     rng = random.Random(seed)
     kl, kls, betas = 0.0, [], []
+
+    def noisy(x: float) -> float:  # what a batch of episodes measures
+        return max(0.0, x * (1 + scenario.noise * rng.gauss(0, 1)))
+
     for t in range(scenario.steps):
         sigma = scenario.sigma(t, kl)
         beta = controller.value
         share = share_scale * beta * math.sqrt(2 * kl) / sigma
-        noisy = lambda x: max(0.0, x * (1 + scenario.noise * rng.gauss(0, 1)))  # noqa: E731
         controller.update(noisy(kl), 64, noisy(share))
         betas.append(controller.value)
         optimum = sigma**2 / (2 * betas[max(0, len(betas) - 1 - scenario.delay)] ** 2)

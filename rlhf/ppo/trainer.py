@@ -127,9 +127,6 @@ class PPOTrainer:
     def compute_advantages(self, ro: Rollout) -> dict:
         return self.experience.advantages(ro)
 
-    def update(self, ro: Rollout, step: int) -> dict:
-        return self.learner.update(ro, step)
-
     def train(self) -> Path:
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
