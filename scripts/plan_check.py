@@ -142,7 +142,7 @@ def measure_ppo(case: dict) -> dict:
     arg = 0 if "step" in inspect.signature(trainer.rollout).parameters else trainer.batch_rows(0)
     ro, _ = trainer.rollout(arg)
     trainer.compute_advantages(ro)
-    trainer.update(ro, 0)
+    trainer.learner.update(ro, 0)
     peak = _hwm() if reset else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
     P = ro.prompt_width
     R = ro.query_responses.shape[1] - P
