@@ -7,7 +7,9 @@
 Adding an estimator or an objective = one function + one registry line + its test (tests/test_algorithms.py
 checks that every name the config accepts has an entry); the trainer does not change. The math itself lives in
 `rlhf.ppo_math` (hand-checked there); an entry only says which of it a choice uses and how it is whitened or
-broadcast. KL controllers have their registry in `rlhf.kl_control` (KL_CONTROLLERS).
+broadcast. Three registries sit next to the math they choose between, in `rlhf.ppo_math`: KL_ESTIMATORS
+(kl.estimator: k1, k2, k3), GROUP_BASELINES (rloo, grpo) and ENSEMBLE_AGGREGATES (reward.aggregate). KL
+controllers have theirs in `rlhf.kl_control` (KL_CONTROLLERS).
 """
 
 from __future__ import annotations

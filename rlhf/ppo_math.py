@@ -27,11 +27,16 @@ References:
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 __all__ = [
+    "ENSEMBLE_AGGREGATES",
+    "GROUP_BASELINES",
+    "KL_ESTIMATORS",
     "aggregate_ensemble",
     "compute_rewards",
     "distinct_n",
@@ -51,8 +56,6 @@ __all__ = [
     "truncate_after_eos",
     "value_loss",
 ]
-
-_KL_ESTIMATORS = ("k1", "k2", "k3")
 
 
 def _float_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -190,6 +193,24 @@ def masked_whiten(values: Tensor, mask: Tensor, shift_mean: bool = True, eps: fl
 # ---------------------------------------------------------------------------------------------
 
 
+def _kl_k1(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    return logprobs - ref_logprobs
+
+
+def _kl_k2(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    return 0.5 * (ref_logprobs - logprobs) ** 2
+
+
+def _kl_k3(logprobs: Tensor, ref_logprobs: Tensor) -> Tensor:
+    log_ratio = ref_logprobs - logprobs
+    # expm1 keeps precision when r is close to 1, which is the common case.
+    return torch.expm1(log_ratio) - log_ratio
+
+
+# The per-token KL estimators by name: (logprobs [B, T], ref_logprobs [B, T]) -> [B, T].
+KL_ESTIMATORS: dict[str, Callable[[Tensor, Tensor], Tensor]] = {"k1": _kl_k1, "k2": _kl_k2, "k3": _kl_k3}
+
+
 def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") -> Tensor:
     """Per-token estimate of KL(pi || pi_ref) from log-probs of tokens sampled from pi.
 
@@ -198,17 +219,16 @@ def kl_penalty(logprobs: Tensor, ref_logprobs: Tensor, estimator: str = "k1") ->
                                                    [Ziegler], [N+] use this one in the reward)
         k2 = 0.5 * (log r)^2                       biased, always >= 0
         k3 = (r - 1) - log r                       unbiased, always >= 0, lower variance
-    Raises ValueError for any other ``estimator``.
+    Raises ValueError for an ``estimator`` not in KL_ESTIMATORS.
     """
-    if estimator == "k1":
-        return logprobs - ref_logprobs
-    log_ratio = ref_logprobs - logprobs
-    if estimator == "k2":
-        return 0.5 * log_ratio**2
-    if estimator == "k3":
-        # expm1 keeps precision when r is close to 1, which is the common case.
-        return torch.expm1(log_ratio) - log_ratio
-    raise ValueError(f"unknown KL estimator {estimator!r}; expected one of {_KL_ESTIMATORS}")
+    return _lookup(KL_ESTIMATORS, estimator, "KL estimator")(logprobs, ref_logprobs)
+
+
+def _lookup(registry: dict[str, Callable], name: str, what: str) -> Callable:
+    """registry[name], or a ValueError naming the choices."""
+    if name not in registry:
+        raise ValueError(f"unknown {what} {name!r}; expected one of {tuple(registry)}")
+    return registry[name]
 
 
 def compute_rewards(
@@ -315,6 +335,13 @@ def reinforce_advantages(
     return advantages, returns
 
 
+# Group baselines by name: (rewards [G, k], eps) -> advantages [G, k].
+GROUP_BASELINES: dict[str, Callable[[Tensor, float], Tensor]] = {
+    "rloo": lambda r, eps: (r - r.mean(-1, keepdim=True)) * r.shape[-1] / (r.shape[-1] - 1),
+    "grpo": lambda r, eps: (r - r.mean(-1, keepdim=True)) / (r.std(-1, keepdim=True) + eps),
+}
+
+
 def group_advantages(sequence_rewards: Tensor, group_size: int, how: str = "rloo", eps: float = 1e-6) -> Tensor:
     """Critic-free sequence advantages from k samples per prompt (groups are consecutive rows).
 
@@ -325,17 +352,13 @@ def group_advantages(sequence_rewards: Tensor, group_size: int, how: str = "rloo
 
     Needs k >= 2 (a single sample has no baseline from its group).
     """
+    baseline = _lookup(GROUP_BASELINES, how, "group advantage")
     if group_size < 2 or sequence_rewards.numel() % group_size:
         raise ValueError(
             f"need groups of >= 2 samples dividing the batch, got k={group_size}, B={sequence_rewards.numel()}"
         )
     r = sequence_rewards.reshape(-1, group_size).to(_float_dtype(sequence_rewards.dtype))
-    mean = r.mean(-1, keepdim=True)
-    if how == "rloo":
-        return ((r - mean) * group_size / (group_size - 1)).reshape(-1)
-    if how == "grpo":
-        return ((r - mean) / (r.std(-1, keepdim=True) + eps)).reshape(-1)
-    raise ValueError(f"unknown group advantage {how!r}; expected 'rloo' or 'grpo'")
+    return baseline(r, eps).reshape(-1)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -575,7 +598,12 @@ def distinct_n(token_lists: list[list[int]], n: int) -> float:
 # Reward-model ensembles
 # ---------------------------------------------------------------------------------------------
 
-AGGREGATES = ("mean", "mean_minus_std", "min")
+# Ensemble aggregates by name: (scores [M, B], mean [B], std [B], std_coef) -> reward [B].
+ENSEMBLE_AGGREGATES: dict[str, Callable[[Tensor, Tensor, Tensor, float], Tensor]] = {
+    "mean": lambda scores, mean, std, std_coef: mean,
+    "mean_minus_std": lambda scores, mean, std, std_coef: mean - std_coef * std,
+    "min": lambda scores, mean, std, std_coef: scores.min(0).values,
+}
 
 
 def aggregate_ensemble(scores: Tensor, how: str = "mean", std_coef: float = 1.0) -> tuple[Tensor, Tensor]:
@@ -590,17 +618,12 @@ def aggregate_ensemble(scores: Tensor, how: str = "mean", std_coef: float = 1.0)
 
     The std is the members' disagreement: it grows where the policy leaves the data the members agree on.
     """
+    aggregate = _lookup(ENSEMBLE_AGGREGATES, how, "ensemble aggregate")
     if scores.ndim != 2 or scores.shape[0] < 1:
         raise ValueError(f"scores must be [M, B] with M >= 1, got {tuple(scores.shape)}")
     mean = scores.mean(0)
     std = scores.std(0, unbiased=False)
-    if how == "mean":
-        return mean, std
-    if how == "mean_minus_std":
-        return mean - std_coef * std, std
-    if how == "min":
-        return scores.min(0).values, std
-    raise ValueError(f"unknown ensemble aggregate {how!r}; expected one of {AGGREGATES}")
+    return aggregate(scores, mean, std, std_coef), std
 
 
 # ---------------------------------------------------------------------------------------------

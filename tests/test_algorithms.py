@@ -14,9 +14,19 @@ from rlhf.algorithms import (
     AdvantageSettings,
     ObjectiveSettings,
 )
-from rlhf.config import KLConfig, PPOHyper
+from rlhf.config import KLConfig, PPOHyper, RewardShaping
 from rlhf.kl_control import KL_CONTROLLERS
-from rlhf.ppo_math import gae, group_advantages, klpen_policy_loss, masked_whiten, policy_loss, reinforce_advantages
+from rlhf.ppo_math import (
+    ENSEMBLE_AGGREGATES,
+    GROUP_BASELINES,
+    KL_ESTIMATORS,
+    gae,
+    group_advantages,
+    klpen_policy_loss,
+    masked_whiten,
+    policy_loss,
+    reinforce_advantages,
+)
 
 
 def literal(cls, field: str) -> set[str]:
@@ -29,6 +39,11 @@ def test_every_configurable_name_has_a_registry_entry():
     assert set(KL_CONTROLLERS) == literal(KLConfig, "controller")
     assert set(KL_PLACEMENTS) == literal(KLConfig, "placement")
     assert KL_PLACEMENTS["reward"].in_reward and KL_PLACEMENTS["loss"].loss_estimator == "k3"
+    # the ppo_math registries: the config may offer fewer names than the math has (k2 is not offered)
+    assert literal(KLConfig, "estimator") <= set(KL_ESTIMATORS)
+    assert {p.loss_estimator for p in KL_PLACEMENTS.values()} - {None} <= set(KL_ESTIMATORS)
+    assert set(ENSEMBLE_AGGREGATES) == literal(RewardShaping, "aggregate")
+    assert {"rloo", "grpo"} <= set(GROUP_BASELINES) <= literal(PPOHyper, "advantage")
 
 
 def batch():

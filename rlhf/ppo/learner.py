@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import functools
+from dataclasses import dataclass
 
 import torch
 
@@ -41,6 +42,40 @@ MINIBATCH_STATS = (
     "policy/kl_old",
     "loss/kl_avg",
 )
+COLUMN = {name: i for i, name in enumerate(MINIBATCH_STATS)}
+
+
+def add_stats(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> None:
+    """stats[column of name] += weight * value, for each term (stats: [len(MINIBATCH_STATS)])."""
+    cols = torch.tensor([COLUMN[name] for name in terms], device=stats.device)
+    stats.index_add_(0, cols, torch.stack([v.detach().float() for v in terms.values()]) * weight)
+
+
+@dataclass(frozen=True)
+class MinibatchPlan:
+    """This process's part of a minibatch: its episodes (every num_processes-th) and ptx sequences, in
+    micro-batches, and the token counts of the whole minibatch that its losses are shares of."""
+
+    micro: list[list[int]]  # rollout row indices, per PPO micro-batch
+    ptx_micro: list[list[dict]]  # pretraining sequences, per ptx micro-batch
+    tokens: torch.Tensor  # response tokens of the whole minibatch (all processes), >= 1
+    ptx_tokens: int  # predicted ptx tokens of the whole minibatch (all processes), >= 1
+
+    @classmethod
+    def of(cls, ro: Rollout, minibatch: list[int], ptx: list[dict], rank: int, world: int, size: int):
+        mine, ptx_mine = minibatch[rank::world], ptx[rank::world]
+        return cls(
+            micro=[mine[s : s + size] for s in range(0, len(mine), size)],
+            ptx_micro=[ptx_mine[s : s + size] for s in range(0, len(ptx_mine), size)],
+            tokens=ro.response_mask[minibatch].sum().clamp(min=1),
+            ptx_tokens=max(sum(len(e["input_ids"]) - 1 for e in ptx), 1),
+        )
+
+    def micro_batch(self, ro: Rollout, inds: list[int], device):
+        """-> (idx [b], query_responses [b, P+R], attention_mask [b, P+R], response_mask [b, R], share of tokens)."""
+        idx = torch.tensor(inds, device=device)
+        mask = ro.response_mask[idx]
+        return idx, ro.query_responses[idx], ro.attention_mask[idx], mask, mask.sum() / self.tokens
 
 
 def load_ptx(cfg: PPOConfig, tokenizer) -> list[dict]:
@@ -104,7 +139,7 @@ class Learner:
                 ptx = self.ptx_batch(step, epoch, mini) if self.ptx_per_mini else []
                 mb_stats = self.minibatch_step(ro, minibatch, ptx, step)
                 sums.append(mb_stats)
-                if p.target_approx_kl and mb_stats[MINIBATCH_STATS.index("policy/approxkl_avg")] > p.target_approx_kl:
+                if p.target_approx_kl and mb_stats[COLUMN["policy/approxkl_avg"]] > p.target_approx_kl:
                     stop = True  # early stop of the epoch loop on an approx-KL bound (the same on every process)
                     break
             if stop:
@@ -125,7 +160,7 @@ class Learner:
         out["policy/epochs_done"] = epoch + (0 if stop else 1)
         if adapts_beta:
             # [PPO] sec. 4: d = KL(pi_old || pi) after the update (here: over the last epoch's minibatches) sets beta
-            last_epoch = per_minibatch[-n_mini:, MINIBATCH_STATS.index("policy/kl_old")]
+            last_epoch = per_minibatch[-n_mini:, COLUMN["policy/kl_old"]]
             self.klpen.update(float(last_epoch.mean()))
             out["policy/klpen_coef"] = self.klpen.value
         return out
@@ -143,96 +178,106 @@ class Learner:
         gradient average is the one-process gradient whatever the micro-batching. Returns the minibatch's
         statistics [len(MINIBATCH_STATS)], token-weighted over every process.
         """
-        cfg, acc, p = self.cfg, self.accelerator, self.cfg.ppo
-        P, temperature = ro.prompt_width, cfg.rollout.temperature
-        rank, world = acc.process_index, acc.num_processes
-        mine = minibatch[rank::world]
-        micro = [mine[s : s + p.micro_batch_size] for s in range(0, len(mine), p.micro_batch_size)]
-        ptx_mine = ptx[rank::world]
-        ptx_micro = [ptx_mine[s : s + p.micro_batch_size] for s in range(0, len(ptx_mine), p.micro_batch_size)]
-        tokens = ro.response_mask[minibatch].sum().clamp(min=1)
-        ptx_tokens = max(sum(len(e["input_ids"]) - 1 for e in ptx), 1)
-        column = {name: i for i, name in enumerate(MINIBATCH_STATS)}
-        max_norm = cfg.optim.max_grad_norm
-        objective = POLICY_OBJECTIVES[p.objective]
-        kl_loss = KL_PLACEMENTS[cfg.kl.placement].loss_estimator
-
-        def add(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> None:
-            cols = torch.tensor([column[name] for name in terms], device=acc.device)
-            stats.index_add_(0, cols, torch.stack([v.detach().float() for v in terms.values()]) * weight)
-
-        def micro_batch(inds: list[int]):
-            idx = torch.tensor(inds, device=acc.device)
-            mask = ro.response_mask[idx]
-            return idx, ro.query_responses[idx], ro.attention_mask[idx], mask, mask.sum() / tokens
-
-        def policy_side() -> tuple[torch.Tensor, torch.Tensor]:
-            stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
-            n_backward = len(micro) + len(ptx_micro)
-            for k, inds in enumerate(micro, 1):
-                idx, qr, am, mask, share = micro_batch(inds)  # share: of the minibatch's tokens
-                terms: dict[str, torch.Tensor] = {}
-                with self._no_sync(self.roles.policy, k < n_backward), acc.autocast():
-                    # the entropy is differentiated only when in the loss (a softmax backward over the vocabulary)
-                    new_logprobs, entropy = response_logprobs(
-                        self.roles.policy_train, qr, am, P, temperature, entropy=True, entropy_grad=p.ent_coef != 0
-                    )
-                    old_logprobs, advantages = ro.logprobs[idx], ro.advantages[idx]
-                    settings = ObjectiveSettings(p.cliprange, self.klpen.value)
-                    pg_loss, pg_stats = objective.loss(new_logprobs, old_logprobs, advantages, mask, settings)
-                    if objective.adapts_beta:
-                        terms["policy/kl_old"] = pg_stats["kl_old"]
-                    ent = masked_mean(entropy, mask)
-                    loss = pg_loss - p.ent_coef * ent
-                    if kl_loss:  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
-                        kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], kl_loss), mask)
-                        loss = loss + self.kl_ctl.value * kl_term
-                        terms["loss/kl_avg"] = kl_term
-                    acc.backward(loss * share * world)
-                terms |= {
-                    "loss/policy_avg": pg_loss,
-                    "policy/entropy_avg": ent,
-                    "policy/approxkl_avg": pg_stats["approx_kl"],
-                    "policy/clipfrac_avg": pg_stats["clipfrac"],
-                    "policy/ratio_avg": pg_stats["ratio_mean"],
-                }
-                add(stats, terms, share)
-            for k, examples in enumerate(ptx_micro, len(micro) + 1):
-                batch = {
-                    key: v.to(acc.device) for key, v in collate_lm(examples, self.roles.tokenizer.pad_token_id).items()
-                }
-                with self._no_sync(self.roles.policy, k < n_backward), acc.autocast():
-                    logits = causal_logits(self.roles.policy_train, batch["input_ids"], batch["attention_mask"])
-                    ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / ptx_tokens
-                    # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
-                    acc.backward(cfg.ptx.ptx_coef * ptx_loss * world)
-                stats[column["ptx/loss"]] += ptx_loss.detach().float()
-            return stats, clip_grad_norm(acc, list(self.roles.policy.parameters()), max_norm)
-
-        def value_side() -> tuple[torch.Tensor, torch.Tensor]:
-            stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
-            for k, inds in enumerate(micro, 1):  # the critic's last backward is the last PPO micro-batch's
-                idx, qr, am, mask, share = micro_batch(inds)
-                with self._no_sync(self.roles.value_model, k < len(micro)), acc.autocast():
-                    vpred = response_values(self.roles.value_train, qr, am, P)
-                    vf_loss, vf_stats = value_loss(
-                        vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None
-                    )
-                    acc.backward(p.vf_coef * vf_loss * share * world)
-                add(stats, {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["vf_clipfrac"]}, share)
-            return stats, clip_grad_norm(acc, list(self.roles.value_model.parameters()), max_norm)
-
-        sides = self.roles.lanes.run(policy_side, value_side) if self.roles.critic else [policy_side()]
+        acc = self.accelerator
+        plan = MinibatchPlan.of(
+            ro, minibatch, ptx, acc.process_index, acc.num_processes, self.cfg.ppo.micro_batch_size
+        )
+        if self.roles.critic:
+            sides = self.roles.lanes.run(lambda: self._policy_side(ro, plan), lambda: self._value_side(ro, plan))
+        else:
+            sides = [self._policy_side(ro, plan)]
         stats = sum(side_stats for side_stats, _ in sides)
-        if world > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
+        if acc.num_processes > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
             stats = acc.reduce(stats, "sum")
-        stats[column["policy/grad_norm"]] = sides[0][1]
-        numbers = {k: stats[column[k]] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm")}
-        steps = [(self.roles.policy_opt, self.roles.policy_sched)]
+        stats[COLUMN["policy/grad_norm"]] = sides[0][1]
+        numbers = {k: stats[COLUMN[k]] for k in ("loss/policy_avg", "loss/value_avg", "ptx/loss", "policy/grad_norm")}
         if self.roles.critic:
             numbers["value/grad_norm"] = sides[1][1]
+        self._optimizer_steps(skip=self.guard.skip(acc, step, numbers))
+        return stats
+
+    def _policy_side(self, ro: Rollout, plan: MinibatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The policy's backwards (PPO micro-batches, then ptx ones) -> (statistics, clipped gradient norm)."""
+        stats = torch.zeros(len(MINIBATCH_STATS), device=self.accelerator.device)
+        n_backward = len(plan.micro) + len(plan.ptx_micro)
+        for k, inds in enumerate(plan.micro, 1):
+            micro_batch = plan.micro_batch(ro, inds, self.accelerator.device)
+            with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
+                terms = self._policy_micro_batch(ro, micro_batch)
+            add_stats(stats, terms, micro_batch[-1])
+        for k, examples in enumerate(plan.ptx_micro, len(plan.micro) + 1):
+            with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
+                ptx_loss = self._ptx_micro_batch(plan, examples)
+            stats[COLUMN["ptx/loss"]] += ptx_loss.detach().float()
+        return stats, clip_grad_norm(
+            self.accelerator, list(self.roles.policy.parameters()), self.cfg.optim.max_grad_norm
+        )
+
+    def _policy_micro_batch(self, ro: Rollout, micro_batch: tuple) -> dict[str, torch.Tensor]:
+        """Backward of one micro-batch's policy loss (`MinibatchPlan.micro_batch`) -> its statistics."""
+        p, world = self.cfg.ppo, self.accelerator.num_processes
+        objective = POLICY_OBJECTIVES[p.objective]
+        kl_loss = KL_PLACEMENTS[self.cfg.kl.placement].loss_estimator
+        idx, qr, am, mask, share = micro_batch  # share: of the minibatch's tokens
+        terms: dict[str, torch.Tensor] = {}
+        # the entropy is differentiated only when in the loss (a softmax backward over the vocabulary)
+        new_logprobs, entropy = response_logprobs(
+            self.roles.policy_train,
+            qr,
+            am,
+            ro.prompt_width,
+            self.cfg.rollout.temperature,
+            entropy=True,
+            entropy_grad=p.ent_coef != 0,
+        )
+        settings = ObjectiveSettings(p.cliprange, self.klpen.value)
+        pg_loss, pg_stats = objective.loss(new_logprobs, ro.logprobs[idx], ro.advantages[idx], mask, settings)
+        if objective.adapts_beta:
+            terms["policy/kl_old"] = pg_stats["kl_old"]
+        ent = masked_mean(entropy, mask)
+        loss = pg_loss - p.ent_coef * ent
+        if kl_loss:  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
+            kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], kl_loss), mask)
+            loss = loss + self.kl_ctl.value * kl_term
+            terms["loss/kl_avg"] = kl_term
+        self.accelerator.backward(loss * share * world)
+        terms |= {
+            "loss/policy_avg": pg_loss,
+            "policy/entropy_avg": ent,
+            "policy/approxkl_avg": pg_stats["approx_kl"],
+            "policy/clipfrac_avg": pg_stats["clipfrac"],
+            "policy/ratio_avg": pg_stats["ratio_mean"],
+        }
+        return terms
+
+    def _ptx_micro_batch(self, plan: MinibatchPlan, examples: list[dict]) -> torch.Tensor:
+        """Backward of gamma_ptx * the pretraining sequences' LM loss (a share of the minibatch's ptx tokens)."""
+        acc = self.accelerator
+        batch = {key: v.to(acc.device) for key, v in collate_lm(examples, self.roles.tokenizer.pad_token_id).items()}
+        logits = causal_logits(self.roles.policy_train, batch["input_ids"], batch["attention_mask"])
+        ptx_loss = lm_loss(logits, batch["labels"], reduction="sum") / plan.ptx_tokens
+        # gradients of gamma_ptx * E[-log pi(x)] accumulate into the PPO minibatch's buffers
+        acc.backward(self.cfg.ptx.ptx_coef * ptx_loss * acc.num_processes)
+        return ptx_loss
+
+    def _value_side(self, ro: Rollout, plan: MinibatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+        """The critic's backwards (one per PPO micro-batch) -> (statistics, clipped gradient norm)."""
+        acc, p = self.accelerator, self.cfg.ppo
+        stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
+        for k, inds in enumerate(plan.micro, 1):  # the critic's last backward is the last PPO micro-batch's
+            idx, qr, am, mask, share = plan.micro_batch(ro, inds, acc.device)
+            with self._no_sync(self.roles.value_model, k < len(plan.micro)), acc.autocast():
+                vpred = response_values(self.roles.value_train, qr, am, ro.prompt_width)
+                vf_loss, vf_stats = value_loss(vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None)
+                acc.backward(p.vf_coef * vf_loss * share * acc.num_processes)
+            add_stats(stats, {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["vf_clipfrac"]}, share)
+        return stats, clip_grad_norm(acc, list(self.roles.value_model.parameters()), self.cfg.optim.max_grad_norm)
+
+    def _optimizer_steps(self, skip: bool) -> None:
+        """Step (unless the non-finite guard skips the update) and schedule each side, then the policy's EMA."""
+        steps = [(self.roles.policy_opt, self.roles.policy_sched)]
+        if self.roles.critic:
             steps.append((self.roles.value_opt, self.roles.value_sched))
-        skip = self.guard.skip(acc, step, numbers)
 
         def optimizer_step(opt, sched) -> None:
             if not skip:
@@ -242,8 +287,7 @@ class Learner:
 
         self.roles.lanes.run(*(functools.partial(optimizer_step, opt, sched) for opt, sched in steps))
         if self.ema is not None:
-            self.ema.update(acc.unwrap_model(self.roles.policy))
-        return stats
+            self.ema.update(self.accelerator.unwrap_model(self.roles.policy))
 
     def _no_sync(self, model, skip: bool) -> contextlib.AbstractContextManager:
         """DDP: skip a model's gradient all-reduce on all but its last backward of the step (each must sync once)."""

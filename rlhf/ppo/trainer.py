@@ -128,8 +128,37 @@ class PPOTrainer:
         return self.experience.advantages(ro)
 
     def train(self) -> Path:
+        """The run: resume, then iterations until the last (or a hard stop / a signal), checkpoints, final/."""
         cfg, acc = self.cfg, self.accelerator
         out = Path(cfg.output_dir)
+        self._start(out)
+        bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
+        with GracefulStop() as stop:
+            while self.progress.step < self.total_steps and not (self.kl_budget.exceeded or self.collapse.stopped):
+                ro, stats, stop_reason = self.iteration(self.progress.step)
+                bar.update(1, score=float(stats["objective/scores"]), kl=float(stats["objective/kl"]))
+                step = self.progress.step
+                if step % cfg.logging.every == 0 or step == self.total_steps or stop_reason:
+                    log_metrics(acc, stats, step)
+                    self.log_samples(ro, step)
+                if stop_reason:
+                    # a hard stop: the policy as it is now becomes final/ (and a checkpoint, for the frontier)
+                    acc.print(f"[ppo] stopping at iteration {step}: {stop_reason}")
+                    self.save(step)
+                    break
+                if self.prompts.eval_ids and (
+                    (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
+                ):
+                    log_metrics(acc, self.evaluate(), step)
+                checkpoint_or_stop(acc, stop, bar, step, self.total_steps, cfg.checkpoint.every, self.save)
+        bar.close()
+        final = publish_final(acc, out, self.write_final, {"policy": self.roles.policy})
+        acc.end_training()
+        return final
+
+    def _start(self, out: Path) -> None:
+        """Resume (dropping metrics past the checkpoint), write config.yaml, and say what the run will do."""
+        cfg, acc = self.cfg, self.accelerator
         resume_from = resume_state(acc, cfg.resume, out, "ppo")
         if resume_from is not None:
             acc.print(f"[ppo] resumed from {resume_from} at iteration {self.progress.step}")
@@ -147,73 +176,64 @@ class PPOTrainer:
                 f"{' + '.join(map(str, self.roles.lanes.shares))} CPU threads (train.concurrent_models: off runs "
                 "them in sequence)"
             )
-        bar = ProgressBar(self.total_steps, "ppo", cfg.logging.progress, self.progress.step, acc.is_main_process)
         if self.kl_budget.exceeded:  # resumed from the checkpoint a KL-budget stop wrote: nothing left to train
             acc.print(f"[ppo] the KL budget ({cfg.kl.budget}) was spent at iteration {self.progress.step}")
         if self.collapse.stopped:
             acc.print(f"[ppo] the collapse guard stopped this run at iteration {self.progress.step}")
-        with GracefulStop() as stop:
-            while self.progress.step < self.total_steps and not (self.kl_budget.exceeded or self.collapse.stopped):
-                step = self.progress.step
-                t0 = time.time()
-                ro, timing = self.experience.make(step)
-                stats = self.experience.advantages(ro)
-                t1 = time.time()
-                # a NaN/inf reward or advantage (e.g. a broken reward model) must never reach the weights
-                numbers = {"scores": ro.scores, "values": ro.values, "advantages": ro.advantages}
-                if not self.guard.skip(acc, step, numbers):
-                    stats |= self.learner.update(ro, step)
-                    self.experience.generator.sync_weights()
-                t2 = time.time()
-                # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
-                kl = float(stats["objective/kl"])
-                self.kl_ctl.update(kl, cfg.train.batch_size, stats["objective/kl_penalty_share"])
-                over_budget = self.kl_budget.update(kl)
-                stats["objective/kl_smoothed"] = self.kl_budget.smoothed
-                signs = [stats[f"rollout/{k}"] for k in ("repeat_share", "distinct2", "response_length", "eos_share")]
-                collapse = self.collapse.update(dict(zip(CollapseMonitor.KEYS, signs)))
-                stats["rollout/collapse_flags"] = len(collapse)
-                self.progress.step += 1
-                self.progress.samples += cfg.train.batch_size
-                tokens = ro.attention_mask.sum().item()
-                stats |= timing | {
-                    "time/train": t2 - t1,
-                    "time/iteration": t2 - t0,
-                    "tokens_per_s": tokens / (t2 - t0),
-                    "lr": self.roles.policy_sched.get_last_lr()[0],
-                    "episodes": self.progress.samples,
-                }
-                bar.update(1, score=float(stats["objective/scores"]), kl=kl)
-                step = self.progress.step
-                collapse_stop = bool(collapse) and cfg.collapse.stop
-                if over_budget:
-                    stats["stop/kl_budget"] = 1
-                if collapse_stop:
-                    stats["stop/collapse"] = 1
-                    self.collapse.stopped = True
-                if step % cfg.logging.every == 0 or step == self.total_steps or over_budget or collapse_stop:
-                    log_metrics(acc, stats, step)
-                    self.log_samples(ro, step)
-                if over_budget or collapse_stop:
-                    # a hard stop: the policy as it is now becomes final/ (and a checkpoint, for the frontier)
-                    why = (
-                        f"smoothed KL {self.kl_budget.smoothed:.3f} passed kl.budget {cfg.kl.budget} (mean of the "
-                        f"last {cfg.kl.budget_window} iterations)"
-                        if over_budget
-                        else f"collapse signs (last {cfg.collapse.window} iterations' mean): {'; '.join(collapse)}"
-                    )
-                    acc.print(f"[ppo] stopping at iteration {step}: {why}")
-                    self.save(step)
-                    break
-                if self.prompts.eval_ids and (
-                    (cfg.train.eval_every and step % cfg.train.eval_every == 0) or step == self.total_steps
-                ):
-                    log_metrics(acc, self.evaluate(), step)
-                checkpoint_or_stop(acc, stop, bar, step, self.total_steps, cfg.checkpoint.every, self.save)
-        bar.close()
-        final = publish_final(acc, out, self.write_final, {"policy": self.roles.policy})
-        acc.end_training()
-        return final
+
+    def iteration(self, step: int) -> tuple[Rollout, dict, str | None]:
+        """One PPO iteration: experience, the learner's update, then the monitors that read its KL and rollout.
+        -> (the rollout, the iteration's statistics, why the run must stop now or None)."""
+        cfg, acc = self.cfg, self.accelerator
+        t0 = time.time()
+        ro, timing = self.experience.make(step)
+        stats = self.experience.advantages(ro)
+        t1 = time.time()
+        # a NaN/inf reward or advantage (e.g. a broken reward model) must never reach the weights
+        numbers = {"scores": ro.scores, "values": ro.values, "advantages": ro.advantages}
+        if not self.guard.skip(acc, step, numbers):
+            stats |= self.learner.update(ro, step)
+            self.experience.generator.sync_weights()
+        t2 = time.time()
+        stop_reason = self._observe(stats)
+        self.progress.step += 1
+        self.progress.samples += cfg.train.batch_size
+        tokens = ro.attention_mask.sum().item()
+        stats |= timing | {
+            "time/train": t2 - t1,
+            "time/iteration": t2 - t0,
+            "tokens_per_s": tokens / (t2 - t0),
+            "lr": self.roles.policy_sched.get_last_lr()[0],
+            "episodes": self.progress.samples,
+        }
+        return ro, stats, stop_reason
+
+    def _observe(self, stats: dict) -> str | None:
+        """Feed the KL controller, the KL budget and the collapse monitor this iteration's statistics (adding
+        theirs to `stats`) -> why the run must stop now (the KL budget spent, collapse with collapse.stop), or None."""
+        cfg = self.cfg
+        # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
+        kl = float(stats["objective/kl"])
+        self.kl_ctl.update(kl, cfg.train.batch_size, stats["objective/kl_penalty_share"])
+        over_budget = self.kl_budget.update(kl)
+        stats["objective/kl_smoothed"] = self.kl_budget.smoothed
+        signs = [stats[f"rollout/{k}"] for k in ("repeat_share", "distinct2", "response_length", "eos_share")]
+        collapse = self.collapse.update(dict(zip(CollapseMonitor.KEYS, signs)))
+        stats["rollout/collapse_flags"] = len(collapse)
+        collapse_stop = bool(collapse) and cfg.collapse.stop
+        if over_budget:
+            stats["stop/kl_budget"] = 1
+        if collapse_stop:
+            stats["stop/collapse"] = 1
+            self.collapse.stopped = True
+        if over_budget:
+            return (
+                f"smoothed KL {self.kl_budget.smoothed:.3f} passed kl.budget {cfg.kl.budget} (mean of the "
+                f"last {cfg.kl.budget_window} iterations)"
+            )
+        if collapse_stop:
+            return f"collapse signs (last {cfg.collapse.window} iterations' mean): {'; '.join(collapse)}"
+        return None
 
     def save(self, step: int) -> Path:
         """checkpoint-<step>: the policy and value model in HF form plus the whole training state."""
