@@ -185,6 +185,9 @@ class SFTData:
     """Held-out rows for eval loss / perplexity (empty path = no eval)."""
     mask_prompt: bool = True
     """Loss on completion tokens only (False puts the prompt tokens back in)."""
+    packing: bool = False
+    """Pack each micro-batch's rows into sequences of up to format.max_length tokens (best-fit decreasing, no
+    attention across rows, the same token-mean loss); batches then mix lengths instead of grouping them."""
     pretrain_mix: TextSource = field(default_factory=TextSource)
     """Pretraining text mixed into SFT batches (empty path = none)."""
     pretrain_mix_ratio: float = 0.0

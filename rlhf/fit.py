@@ -23,8 +23,10 @@ class SupervisedTask:
     """What a supervised stage plugs into `fit`: its batches, its loss and its evaluation.
 
     `global_batch(step)` returns the rows of that optimizer step (a pure function of step, so resume is exact);
-    `loss(model, batch)` returns (loss summed over units, units, stats summed over units) where a unit is a
-    token (SFT) or a prompt group (RM); the step's loss is the sum over micro-batches divided by all units.
+    a process's share of them becomes micro-batches of `train.micro_batch_size` rows through `collate`, or through
+    `micro_batches(rows) -> [batch]` when the task forms its own (packing); `loss(model, batch)` returns (loss
+    summed over units, units, stats summed over units) where a unit is a token (SFT) or a prompt group (RM); the
+    step's loss is the sum over micro-batches divided by all units.
     """
 
     name: str
@@ -35,6 +37,7 @@ class SupervisedTask:
     loss: Any
     evaluate: Any
     write_final: Any
+    micro_batches: Any = None
 
 
 def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -> Path:
@@ -66,10 +69,11 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
             model.train()
             rows = task.global_batch(progress.step)
             mine = rows[accelerator.process_index :: accelerator.num_processes]
-            batches = [
-                task.collate(mine[s : s + cfg.train.micro_batch_size])
-                for s in range(0, len(mine), cfg.train.micro_batch_size)
-            ]
+            if task.micro_batches is not None:
+                batches = task.micro_batches(mine)
+            else:
+                size = cfg.train.micro_batch_size
+                batches = [task.collate(mine[s : s + size]) for s in range(0, len(mine), size)]
             # the step's loss is a mean over every process's units (tokens, prompt groups); DDP averages gradients
             # over processes, so each process divides by the global count / processes: the 1-process gradient
             total_units = sum(float(task.units(b)) for b in batches)

@@ -360,15 +360,24 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
 
 
 def causal_logits(
-    model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor, last: int = 0
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    last: int = 0,
+    position_ids: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """[B,T] ids -> [B,T,V] logits, with padding-aware positions; `last` > 0: only the last `last` positions
-    [B,last,V] (the LM head skips the prompt: for a 150k vocabulary that is most of a forward's logits memory)."""
+    [B,last,V] (the LM head skips the prompt: for a 150k vocabulary that is most of a forward's logits memory).
+    Packed rows (`rlhf.packing`): `position_ids` [B,T] restarting at each row and no attention mask."""
     kwargs = {"logits_to_keep": last} if last and _keeps_logits(model) else {}
+    if position_ids is not None:
+        attention_mask = None  # transformers derives the block-diagonal mask from the position restarts
+    else:
+        position_ids = position_ids_from_mask(attention_mask)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids,
         use_cache=False,
         **kwargs,
     )

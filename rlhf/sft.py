@@ -1,14 +1,16 @@
 """Stage 1: supervised fine-tuning on demonstrations (and, with `data.kind: text`, plain LM pretraining).
 
 Next-token cross-entropy on completion tokens only (prompt and padding masked; `data.mask_prompt: false` puts
-the prompt back). Batches are length-grouped and padded per micro-batch, never to a global maximum; no packing,
-so attention never crosses examples. Optional pretraining text mixed into every batch at a fixed share
+the prompt back). Batches are length-grouped and padded per micro-batch, never to a global maximum; with
+`data.packing` they mix lengths and each micro-batch's rows are packed (`rlhf.packing`), attention never crossing
+rows either way. Optional pretraining text mixed into every batch at a fixed share
 (InstructGPT's RL initial policy: 10%). Writes `<output_dir>/final/` in Hugging Face form with its tokenizer.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 from pathlib import Path
 
@@ -20,6 +22,7 @@ from rlhf.config import SFTConfig, TextSource, check_paths
 from rlhf.data import load_source
 from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
+from rlhf.packing import check_rows_independent, packed_micro_batches
 from rlhf.ppo_math import lm_loss
 from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.sampling import decode_responses, generate
@@ -40,7 +43,7 @@ def token_units(batch: dict) -> torch.Tensor:
 
 
 def sft_loss(model, batch: dict) -> tuple[torch.Tensor, dict]:
-    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
+    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"], position_ids=batch.get("position_ids"))
     loss_sum = lm_loss(logits, batch["labels"], reduction="sum")
     return loss_sum, {"loss": loss_sum.detach()}
 
@@ -93,15 +96,22 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
         else []
     )
     mix_per_batch = round(cfg.data.pretrain_mix_ratio * cfg.train.batch_size)
+    # packing fills sequences best from rows of mixed lengths; unpacked, rows of like length pad least
+    by_length = not cfg.data.packing
     schedule = BatchSchedule(
         [len(e["input_ids"]) for e in train_examples],
         cfg.train.batch_size - mix_per_batch,
         cfg.seed,
+        group_by_length=by_length,
         what=cfg.data.train.path,
     )
     mix_schedule = (
         BatchSchedule(
-            [len(e["input_ids"]) for e in mix_examples], mix_per_batch, cfg.seed + 1, what=cfg.data.pretrain_mix.path
+            [len(e["input_ids"]) for e in mix_examples],
+            mix_per_batch,
+            cfg.seed + 1,
+            group_by_length=by_length,
+            what=cfg.data.pretrain_mix.path,
         )
         if mix_per_batch
         else None
@@ -151,6 +161,15 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
         save_final(accelerator, final_model(accelerator, model, cfg.model.lora), path, tokenizer, cfg)
 
     model = load_causal_lm(cfg.model, tokenizer)
+    micro_batches = None
+    if cfg.data.packing:
+        check_rows_independent(model, len(tokenizer), next(model.parameters()).device)
+        micro_batches = functools.partial(
+            packed_micro_batches,
+            max_length=fmt.max_length,
+            micro_batch_size=cfg.train.micro_batch_size,
+            pad_token_id=tokenizer.pad_token_id,
+        )
     task = SupervisedTask(
         name="sft" if cfg.data.kind == "sft" else "pretrain",
         total_steps=total_steps,
@@ -160,5 +179,6 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
         loss=sft_loss,
         evaluate=evaluate,
         write_final=write_final,
+        micro_batches=micro_batches,
     )
     return fit(cfg, accelerator, model, tokenizer, task)

@@ -290,11 +290,15 @@ def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
     return reward.train(rm_config(tiny_world, tiny_sft, tmp_path_factory.mktemp("rm")))
 
 
-def sft_run_configs(tiny_world, tiny_base, tmp_path: Path, names: tuple[str, ...], steps: int) -> dict[str, Path]:
+def sft_run_configs(
+    tiny_world, tiny_base, tmp_path: Path, names: tuple[str, ...], steps: int, packing: bool = False
+) -> dict[str, Path]:
     """One saved SFT YAML per name (output_dir tmp_path/<name>), batch 16 in micro-batches of 8: for subprocesses."""
     from rlhf.config import save_config
 
-    base = sft_overrides(tiny_world, tmp_path, tiny_base, train__max_steps=steps, logging__every=1)
+    base = sft_overrides(
+        tiny_world, tmp_path, tiny_base, train__max_steps=steps, logging__every=1, data__packing=packing
+    )
     base |= {"train.batch_size": 16, "train.micro_batch_size": 8, "logging.progress": "off"}
     configs = {}
     for name in names:

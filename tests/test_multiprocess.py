@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from conftest import (
     CONFIGS,
     load_safetensors_dir,
@@ -166,10 +167,12 @@ def test_two_process_rm_and_ppo_resume(tiny_world, tiny_sft, tiny_rm, tmp_path):
     assert all(a[k].equal(b[k]) for k in a)
 
 
-def test_two_processes_match_one_process_for_sft(tiny_world, tiny_base, tmp_path):
+@pytest.mark.parametrize("packing", [False, True])
+def test_two_processes_match_one_process_for_sft(tiny_world, tiny_base, tmp_path, packing):
     """The same global batch split over 2 processes computes the 1-process step: weights agree to float rounding
-    (measured 6e-8 after 4 steps; the tolerance here is 1e-5). Not bit-exact: summation order differs."""
-    configs = sft_run_configs(tiny_world, tiny_base, tmp_path, ("one", "two"), steps=4)
+    (measured 6e-8 after 4 steps; the tolerance here is 1e-5). Not bit-exact: summation order differs. Packed, each
+    process packs its own rows: the same token-mean loss."""
+    configs = sft_run_configs(tiny_world, tiny_base, tmp_path, ("one", "two"), steps=4, packing=packing)
     cmd, env = torchrun_command()
     one = subprocess.run([sys.executable, "-m", "rlhf", "sft", "--config", str(configs["one"])], env=env)
     assert one.returncode == 0

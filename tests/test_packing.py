@@ -1,0 +1,159 @@
+"""Packing (data.packing): best-fit bins, packed rows computing exactly what they compute alone, the same loss and
+token count as unpacked, prompt masks per row, a guard against models whose attention would let rows mix, and
+exact resume of a packed run."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+from conftest import assert_resume_bit_identical, load_stage, metric_series, read_metrics, sft_overrides
+from datasets import Dataset
+
+from rlhf import packing, sft
+from rlhf.batching import TruncationReport, collate_lm, encode_sft
+from rlhf.config import FormatConfig
+from rlhf.models import causal_logits
+from rlhf.packing import best_fit_decreasing, check_rows_independent, collate_packed, packed_micro_batches
+
+WORDS = "the cat dog is happy sad in park all day a short long line about tell me write".split()
+
+
+def mixed_rows(tokenizer, n: int = 7, seed: int = 0) -> list[dict]:
+    """SFT examples of mixed lengths (prompt-masked)."""
+    rng = random.Random(seed)
+    rows = [
+        {
+            "prompt": " ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))),
+            "completion": " ".join(rng.choice(WORDS) for _ in range(rng.randint(1, 12))),
+        }
+        for _ in range(n)
+    ]
+    fmt = FormatConfig(max_length=40, max_prompt_length=16)
+    examples = encode_sft(tokenizer, fmt, Dataset.from_list(rows), "rows", True, TruncationReport())
+    assert len({len(e["input_ids"]) for e in examples}) > 3
+    return examples
+
+
+def test_best_fit_decreasing_by_hand():
+    # longest first: 9 -> new bin (room 1); 8 -> new (2); 7 -> new (3); 5 -> new (5); 3 -> the bin with room 3;
+    # 2 -> the bin with room 2
+    assert best_fit_decreasing([5, 9, 3, 7, 2, 8], 10) == [[1], [5, 4], [3, 2], [0]]
+    assert best_fit_decreasing([12, 3], 10) == [[0], [1]]  # too long for any bin: one of its own
+    assert best_fit_decreasing([], 10) == []
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_best_fit_decreasing_places_every_row_once_within_capacity(seed):
+    rng = random.Random(seed)
+    capacity = rng.randint(8, 64)
+    lengths = [rng.randint(1, capacity) for _ in range(rng.randint(1, 60))]
+    bins = best_fit_decreasing(lengths, capacity)
+    assert sorted(i for b in bins for i in b) == list(range(len(lengths)))
+    assert all(sum(lengths[i] for i in b) <= capacity for b in bins)
+    # a bin is opened only when the row fits no open bin, so no two bins could have been one
+    loads = [sum(lengths[i] for i in b) for b in bins]
+    assert all(a + b > capacity for j, a in enumerate(loads) for b in loads[j + 1 :])
+    assert bins == best_fit_decreasing(lengths, capacity)  # deterministic
+
+
+def test_packed_rows_give_the_unpacked_logits_loss_and_token_count(tokenizer, tiny_lm):
+    examples = mixed_rows(tokenizer)
+    padded = collate_lm(examples, tokenizer.pad_token_id)
+    sequences = [examples[:3], examples[3:5], examples[5:]]
+    packed = collate_packed(sequences, tokenizer.pad_token_id)
+    with torch.no_grad():
+        alone = causal_logits(tiny_lm, padded["input_ids"], padded["attention_mask"])
+        together = causal_logits(
+            tiny_lm, packed["input_ids"], packed["attention_mask"], position_ids=packed["position_ids"]
+        )
+    i = 0
+    for s, rows in enumerate(sequences):
+        start = 0
+        for e in rows:
+            n = len(e["input_ids"])
+            torch.testing.assert_close(together[s, start : start + n], alone[i, :n], rtol=1e-5, atol=1e-5)
+            start, i = start + n, i + 1
+    with torch.no_grad():
+        loss_padded, _ = sft.sft_loss(tiny_lm, padded)
+        loss_packed, _ = sft.sft_loss(tiny_lm, packed)
+    assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-5)
+    assert int(sft.token_units(packed)) == int(sft.token_units(padded))
+
+
+def test_packed_labels_keep_each_rows_prompt_mask(tokenizer):
+    examples = mixed_rows(tokenizer)
+    packed = collate_packed([examples], tokenizer.pad_token_id)
+    labels, start = packed["labels"][0].tolist(), 0
+    for e in examples:
+        n = len(e["input_ids"])
+        # the row's own labels (prompt -100, completion = its ids), its first token never a target
+        assert labels[start : start + n] == [-100] + e["labels"][1:]
+        assert packed["position_ids"][0, start : start + n].tolist() == list(range(n))
+        start += n
+
+
+def test_no_packed_row_attends_to_another(tokenizer, tiny_lm):
+    examples = mixed_rows(tokenizer)
+    packed = collate_packed([examples], tokenizer.pad_token_id)
+    changed = packed["input_ids"].clone()
+    n0 = len(examples[0]["input_ids"])
+    changed[0, :n0] = torch.randint(3, len(tokenizer), (n0,), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        before = causal_logits(tiny_lm, packed["input_ids"], None, position_ids=packed["position_ids"])
+        after = causal_logits(tiny_lm, changed, None, position_ids=packed["position_ids"])
+    assert not torch.allclose(before[0, :n0], after[0, :n0])  # the perturbed row moved
+    torch.testing.assert_close(before[0, n0:], after[0, n0:], rtol=0, atol=1e-6)  # no other row did
+
+
+def test_micro_batches_hold_at_most_max_length_tokens_per_sequence(tokenizer):
+    examples = mixed_rows(tokenizer, n=30)
+    batches = packed_micro_batches(examples, max_length=40, micro_batch_size=2, pad_token_id=tokenizer.pad_token_id)
+    assert all(b["input_ids"].shape[0] <= 2 and b["input_ids"].shape[1] <= 40 for b in batches)
+    assert sum(int(b["attention_mask"].sum()) for b in batches) == sum(len(e["input_ids"]) for e in examples)
+    assert sum(b["input_ids"].numel() for b in batches) < sum(len(e["input_ids"]) for e in examples) * 1.5
+
+
+def test_a_model_whose_rows_would_mix_is_refused(tiny_lm, monkeypatch):
+    assert check_rows_independent(tiny_lm, tiny_lm.config.vocab_size, "cpu") < 1e-4
+
+    def leaking(model, ids, attention_mask, last=0, position_ids=None):  # ignores the restarts: plain causal mask
+        return causal_logits(model, ids, torch.ones_like(ids))
+
+    monkeypatch.setattr(packing, "causal_logits", leaking)
+    with pytest.raises(RuntimeError, match="data.packing"):
+        check_rows_independent(tiny_lm, tiny_lm.config.vocab_size, "cpu")
+
+
+def test_packed_sft_run_resumes_bit_identical(tiny_world, tiny_base, tmp_path):
+    base = sft_overrides(tiny_world, tmp_path, tiny_base, data__packing=True, data__pretrain_mix_ratio=0.25)
+    assert_resume_bit_identical("sft", "sft.yaml", sft.train, base, tmp_path)
+
+
+def test_packed_and_unpacked_runs_take_the_same_first_step(tiny_world, tiny_base, tmp_path, monkeypatch):
+    """Same rows (length grouping off on both), one step: the token-mean loss and the weights agree to rounding."""
+    from conftest import load_safetensors_dir
+
+    from rlhf import batching
+
+    monkeypatch.setattr(batching.BatchSchedule, "__init__", _ungrouped_schedule_init)
+    finals = {}
+    for packed in (False, True):
+        out = tmp_path / str(packed)
+        cfg = load_stage(
+            "sft",
+            "sft.yaml",
+            sft_overrides(tiny_world, out, tiny_base, data__packing=packed, train__max_steps=1, logging__every=1),
+        )
+        finals[packed] = load_safetensors_dir(sft.train(cfg))
+        finals[f"loss{packed}"] = metric_series(read_metrics(out), "train/loss")[0][1]
+    assert finals["lossTrue"] == pytest.approx(finals["lossFalse"], rel=1e-5)
+    assert max((finals[True][k] - finals[False][k]).abs().max().item() for k in finals[True]) < 1e-5
+
+
+_original_init = __import__("rlhf.batching", fromlist=["BatchSchedule"]).BatchSchedule.__init__
+
+
+def _ungrouped_schedule_init(self, lengths, batch_size, seed, group_by_length=True, what=""):
+    _original_init(self, lengths, batch_size, seed, group_by_length=False, what=what)
