@@ -245,6 +245,9 @@ class RMData:
     """Use at most this many reference rows for the normalisation."""
     format: FormatConfig = field(default_factory=FormatConfig)
     """Prompt rendering and truncation (must match the PPO stage)."""
+    packing: bool = False
+    """Pack each micro-batch's responses into sequences of up to format.max_length tokens (best fit, no attention
+    across responses, each score read at its response's last token): no padding to a list's longest response."""
 
 
 @dataclass

@@ -117,6 +117,7 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, task: SupervisedTask) -
                 row = {f"train/{k}": v / n for k, v in window.items()}
                 row |= {
                     "lr": scheduler.get_last_lr()[0],
+                    "tokens": tokens_seen * accelerator.num_processes,  # real (unpadded) tokens since the last row
                     "tokens_per_s": tokens_seen * accelerator.num_processes / elapsed,
                     "samples": progress.samples,
                 }

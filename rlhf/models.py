@@ -412,17 +412,27 @@ def _score_head(model: nn.Module) -> nn.Module:
     return base.score
 
 
-def token_values(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+def token_values(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
     """Scalar head applied at every position: [B,T] ids -> [B,T] values (the PPO critic, the reward model).
 
     A trained scalar-head model is a TokenValueModel (possibly inside a DDP wrapper): it is called, so the forward
-    goes through the wrapper; a frozen Hugging Face model is run as backbone + head."""
+    goes through the wrapper; a frozen Hugging Face model is run as backbone + head. Packed rows (`rlhf.packing`):
+    `position_ids` [B,T] restarting at each row and no attention mask."""
     if isinstance(wrapped_module(model), TokenValueModel):
-        return model(input_ids, attention_mask)
+        return model(input_ids, attention_mask, position_ids)
+    if position_ids is not None:
+        attention_mask = None  # transformers derives the block-diagonal mask from the position restarts
+    else:
+        position_ids = position_ids_from_mask(attention_mask)
     hidden = _backbone(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
-        position_ids=position_ids_from_mask(attention_mask),
+        position_ids=position_ids,
         use_cache=False,
     ).last_hidden_state
     head = _score_head(model)
@@ -451,8 +461,10 @@ class TokenValueModel(nn.Module):
     def config(self):
         return self.model.config
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        return token_values(self.model, input_ids, attention_mask)
+    def forward(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return token_values(self.model, input_ids, attention_mask, position_ids)
 
     def save_pretrained(self, path: str, state_dict: dict | None = None, **kwargs) -> None:
         if state_dict is not None:

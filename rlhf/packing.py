@@ -20,7 +20,7 @@ import torch
 from rlhf.batching import pad
 from rlhf.models import causal_logits
 
-__all__ = ["best_fit_decreasing", "check_rows_independent", "collate_packed", "packed_micro_batches"]
+__all__ = ["best_fit_decreasing", "check_rows_independent", "collate_packed", "pack_rows", "packed_micro_batches"]
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -63,6 +63,23 @@ def collate_packed(sequences: list[list[dict]], pad_token_id: int) -> dict[str, 
     }
 
 
+def pack_rows(rows: list[list[int]], max_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Token rows (no labels: a scalar per row, as a reward model reads) -> {input_ids, position_ids,
+    attention_mask} [S, W] packed by best fit, and last_index [N]: the flat position (s * W + t) of each row's last
+    token, in the rows' order."""
+    bins = best_fit_decreasing([len(r) for r in rows], max_length)
+    batch = collate_packed([[{"input_ids": rows[i], "labels": rows[i]} for i in b] for b in bins], pad_token_id)
+    del batch["labels"]
+    width, last_index = batch["input_ids"].shape[1], [0] * len(rows)
+    for s, b in enumerate(bins):
+        end = s * width
+        for i in b:
+            end += len(rows[i])
+            last_index[i] = end - 1
+    batch["last_index"] = torch.tensor(last_index, dtype=torch.long)
+    return batch
+
+
 def packed_micro_batches(rows: list[dict], max_length: int, micro_batch_size: int, pad_token_id: int) -> list[dict]:
     """One process's rows of a step -> packed micro-batches of `micro_batch_size` sequences of <= max_length
     tokens each (the memory bound of an unpacked micro-batch of full-length rows)."""
@@ -75,26 +92,33 @@ def packed_micro_batches(rows: list[dict], max_length: int, micro_batch_size: in
 
 
 @torch.no_grad()
-def check_rows_independent(model, vocab_size: int, device, lengths: tuple[int, int, int] = (7, 5, 6)) -> float:
-    """Packed rows must not see each other on this model (its attention kernel and mask code): the logits of the
+def check_rows_independent(
+    model, vocab_size: int, device, forward=None, lengths: tuple[int, int, int] = (7, 5, 6)
+) -> float:
+    """Packed rows must not see each other on this model (its attention kernel and mask code): the outputs of the
     middle row of a packed sequence, next to two different neighbours, against the same row alone.
 
-    Returns the largest absolute logit difference relative to the logits' scale; raises RuntimeError when a row
-    is seen to attend across its boundary (differences well above the kernel's numerical noise)."""
+    `forward(ids [B,T], attention_mask [B,T] | None, position_ids [B,T] | None)` -> per-position outputs [B,T,...]
+    (default: the LM's logits; a reward model passes its values). Returns the largest absolute difference relative
+    to the outputs' scale; raises RuntimeError when a row is seen to attend across its boundary (differences well
+    above the kernel's numerical noise)."""
+    if forward is None:
+
+        def forward(ids, attention_mask, position_ids):
+            return causal_logits(model, ids, attention_mask, position_ids=position_ids)
+
     g = torch.Generator().manual_seed(0)
     rows = [torch.randint(3, vocab_size, (n,), generator=g) for n in lengths]
     other = torch.randint(3, vocab_size, (lengths[0],), generator=g)
     was_training = model.training
     model.eval()
     try:
-        alone = causal_logits(
-            model, rows[1][None].to(device), torch.ones(1, lengths[1], dtype=torch.long, device=device)
-        )
+        alone = forward(rows[1][None].to(device), torch.ones(1, lengths[1], dtype=torch.long, device=device), None)
         diffs = []
         for first in (rows[0], other):
             ids = torch.cat([first, rows[1], rows[2]])[None].to(device)
             positions = torch.cat([torch.arange(n) for n in lengths])[None].to(device)
-            packed = causal_logits(model, ids, None, position_ids=positions)
+            packed = forward(ids, None, positions)
             middle = packed[:, lengths[0] : lengths[0] + lengths[1]]
             diffs.append(float((middle.float() - alone.float()).abs().max()))
     finally:

@@ -3,6 +3,8 @@
 For a prompt with K ranked responses, each response is forwarded once and all C(K,2) pairs form one loss term
 `-1/C(K,2) Σ log σ(r_w - r_l)` (InstructGPT §3.5: fewer forwards, and no overfitting from reusing a comparison
 as separate batch elements). Pairwise rows are K = 2. Identical responses (ties) are dropped by the loader.
+With `data.packing` a micro-batch's responses are packed into sequences of up to max_length tokens
+(`rlhf.packing`), each score read at its response's last token, instead of padded to the longest response.
 After training the scores are shifted so the reference completions (SFT demonstrations) score mean 0; the shift
 is stored as `reward_offset` in the saved config.json (stock HF decoder classification heads have no bias
 parameter to hold it), and `rlhf.models.reward_scores` applies it.
@@ -29,7 +31,15 @@ from rlhf.checkpoints import final_model, publish_final, save_final
 from rlhf.config import FormatConfig, RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
 from rlhf.fit import SupervisedTask, fit
-from rlhf.models import ENSEMBLE_FILE, TokenValueModel, load_reward_model, load_tokenizer, reward_scores
+from rlhf.models import (
+    ENSEMBLE_FILE,
+    TokenValueModel,
+    load_reward_model,
+    load_tokenizer,
+    reward_scores,
+    token_values,
+)
+from rlhf.packing import check_rows_independent, pack_rows
 from rlhf.ppo_math import ranking_loss
 from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.tracking import write_json
@@ -56,8 +66,11 @@ def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: Truncation
     return [[p + c for p, c in group] for group in load_ranked(tokenizer, cfg.data.format, source, report)]
 
 
-def collate_groups(groups: list[list[list[int]]], pad_token_id: int, margin_coef: float) -> dict[str, torch.Tensor]:
-    """Flatten groups into one right-padded batch; every pair (i better than j) of each group is listed."""
+def collate_groups(
+    groups: list[list[list[int]]], pad_token_id: int, margin_coef: float, pack_length: int = 0
+) -> dict[str, torch.Tensor]:
+    """Flatten groups into one right-padded batch (or, with pack_length, into sequences of up to that many tokens
+    packed by best fit: `rlhf.packing.pack_rows`); every pair (i better than j) of each group is listed."""
     seqs, pair_index, group_index, margin = [], [], [], []
     for g, group in enumerate(groups):
         base = len(seqs)
@@ -67,9 +80,12 @@ def collate_groups(groups: list[list[list[int]]], pad_token_id: int, margin_coef
                 pair_index.append((base + i, base + j))
                 group_index.append(g)
                 margin.append(margin_coef * (j - i))
-    return {
-        "input_ids": pad(seqs, pad_token_id),
-        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+    tokens = (
+        pack_rows(seqs, pack_length, pad_token_id)
+        if pack_length
+        else {"input_ids": pad(seqs, pad_token_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
+    )
+    return tokens | {
         "pair_index": torch.tensor(pair_index, dtype=torch.long),
         "group_index": torch.tensor(group_index, dtype=torch.long),
         "seq_group": torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long),
@@ -77,10 +93,18 @@ def collate_groups(groups: list[list[list[int]]], pad_token_id: int, margin_coef
     }
 
 
+def sequence_scores(model, batch: dict) -> torch.Tensor:
+    """[N] raw scores of a batch's sequences (padded, or packed: read at each row's last token)."""
+    if "position_ids" in batch:
+        values = token_values(model, batch["input_ids"], None, batch["position_ids"])
+        return values.reshape(-1)[batch["last_index"]]
+    return reward_scores(model, batch["input_ids"], batch["attention_mask"], normalized=False)
+
+
 def group_loss(model, batch: dict, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Loss summed over the batch's groups, and stats summed over groups (accuracy/margin weighted by groups)."""
     num_groups = int(batch["seq_group"].max()) + 1
-    scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalized=False)
+    scores = sequence_scores(model, batch)
     margin = batch["margin"] if bool((batch["margin"] != 0).any()) else None
     loss, stats = ranking_loss(scores, batch["pair_index"], batch["group_index"], num_groups, margin)
     loss_sum = loss * num_groups
@@ -210,8 +234,13 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
         rng = random.Random(bootstrap_seed)
         train_groups = [train_groups[rng.randrange(len(train_groups))] for _ in train_groups]
     eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
+    # packing fills sequences best from responses of mixed lengths; unpacked, lists of like length pad least
     schedule = BatchSchedule(
-        [sum(len(s) for s in g) for g in train_groups], cfg.train.batch_size, cfg.seed, what=cfg.data.train.path
+        [sum(len(s) for s in g) for g in train_groups],
+        cfg.train.batch_size,
+        cfg.seed,
+        group_by_length=not cfg.data.packing,
+        what=cfg.data.train.path,
     )
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
     k_mean = sum(len(g) for g in train_groups) / len(train_groups)
@@ -256,11 +285,16 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     model = TokenValueModel(
         load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
     )
+    pack_length = cfg.data.format.max_length if cfg.data.packing else 0
+    if pack_length:
+        check_rows_independent(
+            model, len(tokenizer), next(model.parameters()).device, lambda ids, am, pos: model(ids, am, pos)[..., None]
+        )
     task = SupervisedTask(
         name="rm",
         total_steps=total_steps,
         global_batch=global_batch,
-        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef),
+        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef, pack_length),
         units=lambda batch: int(batch["seq_group"].max()) + 1,
         loss=lambda model, batch: group_loss(model, batch, cfg.loss.center_coef),
         evaluate=evaluate,

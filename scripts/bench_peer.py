@@ -16,14 +16,18 @@ Workloads:
   sft   8 sequences x L tokens per step, loss on completions
   rm    8 pairs x L tokens per step
   rmk4  8 prompts x 4 ranked responses x L tokens (rlhf: K-way loss; TRL: the 6 pairs per prompt, 48 pairs)
+  sftvar, rmvar, rmk4var   the same with variable lengths (scripts/peer/world.py VAR_LENGTHS: log-normal, a mean
+        of ~50 of at most L = 128 tokens): 32 rows (prompts) per step in micro-batches of 8, throughput in real
+        (unpadded) tokens/s; SFT also runs each side packed (rlhf data.packing=true; TRL packing=True, its
+        best-fit-decreasing padding-free packing, 8 packed sequences x 2 accumulation steps)
 The first step / iteration of every run is warm-up and is not measured.
 Precision (--precision, or per side --rlhf-precision / --trl-precision): no = fp32 (default); bf16 = bf16 autocast
 with fp32 master weights (rlhf: train.mixed_precision=bf16; TRL: bf16=True; see scripts/peer/trl_worker.py for
 what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
-        [--workloads ppo,sft,rm,rmk4] [--reps 3] [--steps N] [--quick] [--threads N] [--compile] [--rlhf-set K=V]
-        [--attn IMPL] [--device cpu|cuda] [--peer-python PATH] [--write-doc]
+        [--workloads ppo,sft,rm,rmk4,sftvar,rmvar,rmk4var] [--reps 3] [--steps N] [--quick] [--threads N]
+        [--compile] [--rlhf-set K=V] [--attn IMPL] [--device cpu|cuda] [--peer-python PATH] [--write-doc]
 
 --device cuda runs both sides on the GPU (rlhf train.cpu=false, TRL use_cpu=False) and adds each run's peak GPU
 memory (torch.cuda.max_memory_allocated) to the table; the compute floor then uses the GPU's measured GEMM rate.
@@ -49,7 +53,17 @@ PEER = ROOT / ".venv-peer"
 PEER_PY = PEER / "bin" / "python"
 RLHF_PY = Path(sys.executable)
 TRL_VERSION = "1.12.0"
-WORKLOADS = ("ppo", "sft", "rm", "rmk4")
+WORKLOADS = ("ppo", "sft", "rm", "rmk4", "sftvar", "rmvar", "rmk4var")
+# variable-length workloads (scripts/peer/world.py VAR_LENGTHS: log-normal lengths, ~50 of at most 128 tokens for the
+# tiny size): 32 rows per step in micro-batches of 8 on both sides; throughput = real (unpadded) tokens per second.
+# Each side also runs in its best configuration for the workload where it has one (SFT: packing).
+VARLEN = {"sftvar", "rmvar", "rmk4var"}
+# (TRL's RewardTrainer has no packing: its default is its best)
+BEST = {
+    "sftvar": {"rlhf": "packed: data.packing=true", "trl": "packed: packing=True, bfd, padding-free"},
+    "rmvar": {"rlhf": "packed: data.packing=true"},
+    "rmk4var": {"rlhf": "packed: data.packing=true"},
+}
 SIDES = ("rlhf", "trl")
 # sequence length L, PPO prompt P and new tokens R per size (scripts/peer/world.py builds these; model.json has them)
 SIZES = {"tiny": dict(L=128, P=32, R=32), "small": dict(L=256, P=64, R=192)}
@@ -137,11 +151,22 @@ class Setup:
     peer_py: Path
 
 
-def run_worker(side: str, workload: str, steps: int, rep: int, precision: str, setup: Setup) -> dict:
+def variants(workload: str, sides: list[str]) -> list[tuple[str, bool]]:
+    """(side, best) pairs a workload runs: each side as it comes, and in its best configuration where BEST has one."""
+    return [(side, best) for side in sides for best in (False, True) if not best or side in BEST.get(workload, {})]
+
+
+def variant_label(side: str, best: bool, workload: str) -> str:
+    return f"{side} {BEST[workload][side].split(':')[0]}" if best else side
+
+
+def run_worker(
+    side: str, workload: str, steps: int, rep: int, precision: str, setup: Setup, best: bool = False
+) -> dict:
     """One fresh process; its own peak RSS from os.wait4 (RUSAGE of that child alone)."""
     size, attn = setup.size, setup.attn
     python, script = (RLHF_PY, "rlhf_worker.py") if side == "rlhf" else (setup.peer_py, "trl_worker.py")
-    name = f"{size}-{precision}-{workload}-{side}-{rep}"
+    name = f"{size}-{precision}-{workload}-{side}{'-best' if best else ''}-{rep}"
     out = OUT / "runs" / name
     result = OUT / "runs" / f"{name}.json"
     result.unlink(missing_ok=True)
@@ -150,9 +175,11 @@ def run_worker(side: str, workload: str, steps: int, rep: int, precision: str, s
     cmd += ["--out", out, "--steps", str(steps), "--result", result, "--precision", precision]
     cmd += ["--device", setup.device]
     if side == "rlhf":
-        cmd += [a for kv in setup.sets for a in ("--set", kv)]
+        cmd += [a for kv in setup.sets + (["data.packing=true"] if best else []) for a in ("--set", kv)]
     elif setup.compile and workload != "ppo":
         cmd += ["--compile"]
+    if side == "trl" and best:
+        cmd += ["--best"]
     if attn:
         cmd += ["--attn", attn]
     t0 = time.time()
@@ -197,6 +224,8 @@ def measure(data: dict, workload: str, seq_len: int) -> dict:
         for k in ("time/generate", "time/score", "time/train"):
             vals = data[k][1:]
             fig[k] = sum(vals) / len(vals)
+    elif workload in VARLEN:  # the real tokens of steps 2..N over their time
+        fig["throughput"] = sum(data["tokens"][1 : len(ends)]) / sum(durations)
     else:
         fig["throughput"] = SEQUENCES[workload] * seq_len / step_s
     return fig
@@ -292,7 +321,8 @@ def fmt(x: float) -> str:
 
 
 def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str], size: str) -> list[str]:
-    unit = {"ppo": "episodes/s", "sft": "tokens/s", "rm": "tokens/s", "rmk4": "unique tokens/s"}[workload]
+    units = {"ppo": "episodes/s", "sft": "tokens/s", "rm": "tokens/s", "rmk4": "unique tokens/s"}
+    unit = units.get(workload, "real unique tokens/s" if workload == "rmk4var" else "real tokens/s")
     step = "s/iteration" if workload == "ppo" else "s/step"
     labels = {side: "bf16" if p == "bf16" else "fp32" for side, p in precision.items()}
     same = len(set(labels.values())) == 1
@@ -304,10 +334,11 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
         + (" generate / score / train s (median) |" if workload == "ppo" else ""),
         "|---|---|---|---|" + ("---|" if gpu else "") + ("---|" if workload == "ppo" else ""),
     ]
-    for side, runs in figs.items():
+    for name, runs in figs.items():
+        side = name.split()[0]
         lo, med, hi = spread([f["throughput"] for f in runs])
         step_s = statistics.median(f["step_s"] for f in runs)
-        row = f"| {side} ({labels[side]}) | {fmt(lo)} / **{fmt(med)}** / {fmt(hi)} | {fmt(step_s)} | "
+        row = f"| {name} ({labels[side]}) | {fmt(lo)} / **{fmt(med)}** / {fmt(hi)} | {fmt(step_s)} | "
         row += f"{statistics.median(f['rss'] for f in runs):,.0f} |"
         if gpu:
             row += f" {statistics.median(f.get('gpu', float('nan')) for f in runs):,.0f} |"
@@ -315,16 +346,16 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
             parts = [statistics.median(f[k] for f in runs) for k in ("time/generate", "time/score", "time/train")]
             row += " " + " / ".join(f"{p:.3g}" for p in parts) + " |"
         lines.append(row)
-    if len(figs) == 2:
-        ratio = statistics.median(f["throughput"] for f in figs["rlhf"]) / statistics.median(
-            f["throughput"] for f in figs["trl"]
+    for ours, theirs in [(a, b) for a in figs if a.startswith("rlhf") for b in figs if b.startswith("trl")]:
+        ratio = statistics.median(f["throughput"] for f in figs[ours]) / statistics.median(
+            f["throughput"] for f in figs[theirs]
         )
         # the runs alternate, so run i of each side ran back to back: their ratio is the least touched by the
         # machine's drift over the minutes of a whole table
-        pairs = sorted(r["throughput"] / t["throughput"] for r, t in zip(figs["rlhf"], figs["trl"]))
+        pairs = sorted(r["throughput"] / t["throughput"] for r, t in zip(figs[ours], figs[theirs]))
         lines.append(
-            f"\nrlhf / TRL throughput (ratio of medians): **{ratio:.2f}x**; run by run (each rlhf run against the TRL "
-            f"run next to it): {' / '.join(f'{x:.2f}' for x in pairs)}x"
+            f"\n{ours} / {theirs} throughput (ratio of medians): **{ratio:.2f}x**; run by run (each rlhf run against "
+            f"the TRL run next to it): {' / '.join(f'{x:.2f}' for x in pairs)}x"
         )
     return lines
 
@@ -354,7 +385,7 @@ def main() -> None:
     ap.add_argument("--rlhf-precision", choices=sorted(PRECISION), help="rlhf's precision (default: --precision)")
     ap.add_argument("--trl-precision", choices=sorted(PRECISION), help="TRL's precision (default: --precision)")
     ap.add_argument("--sides", default=",".join(SIDES), help="comma list of rlhf,trl (default both)")
-    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of ppo,sft,rm,rmk4")
+    ap.add_argument("--workloads", default=",".join(WORKLOADS), help="comma list of " + ",".join(WORKLOADS))
     ap.add_argument("--reps", type=int, default=3, help="runs per side and workload (alternating)")
     ap.add_argument("--steps", type=int, default=0, help="measured steps per run (ppo 5, others 10; --quick 2)")
     ap.add_argument("--quick", action="store_true", help="1 rep, 2 measured steps unless --steps: a smoke test")
@@ -444,20 +475,22 @@ def main() -> None:
     rates: dict[str, float] = {}
     for w in workloads:
         measured = args.steps or (2 if args.quick else 5 if w == "ppo" else 10)
-        figs: dict[str, list[dict]] = {side: [] for side in sides}
+        runs = variants(w, sides)
+        figs: dict[str, list[dict]] = {variant_label(side, best, w): [] for side, best in runs}
         for rep in range(reps):
-            for side in sides:
-                log(f"{w}: {side} ({PRECISION[precision[side]]}) run {rep + 1}/{reps}: 1 warm-up, {measured} measured")
-                data = run_worker(side, w, measured + 1, rep, precision[side], setup)
+            for side, best in runs:
+                name = variant_label(side, best, w)
+                log(f"{w}: {name} ({PRECISION[precision[side]]}) run {rep + 1}/{reps}: 1 warm-up, {measured} measured")
+                data = run_worker(side, w, measured + 1, rep, precision[side], setup, best)
                 fig = measure(data, w, size["L"])
-                figs[side].append(fig)
+                figs[name].append(fig)
                 first = f", first step {fig['first_s']:.1f} s" if "first_s" in fig else ""
                 log(
-                    f"{w}: {side}: {fmt(fig['throughput'])} per s, {fig['step_s']:.3f} s/step, "
+                    f"{w}: {name}: {fmt(fig['throughput'])} per s, {fig['step_s']:.3f} s/step, "
                     f"{fig['rss']:.0f} MiB{first}"
                 )
         lines = table(w, figs, precision, args.size)
-        if "rlhf" in precision:
+        if "rlhf" in precision and w not in VARLEN:  # the floor of a fixed-length step
             if precision["rlhf"] not in rates:
                 rates[precision["rlhf"]] = gemm_rate(precision["rlhf"], args.threads, shape, args.device)
             rate = rates[precision["rlhf"]]

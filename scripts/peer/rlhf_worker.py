@@ -73,15 +73,18 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
     supervised += ["train.micro_batch_size=8", "optim.lr=1e-5", "optim.warmup_steps=0"]
     supervised += [f"data.{f}" for f in fmt] + [f"data.format.max_length={seq_len}"]
     supervised += [f"data.format.max_prompt_length={prompt_len}"]
-    if workload == "sft":
+    var = workload.endswith("var")
+    if var:  # variable lengths: 32 rows per step in micro-batches of 8 (8 packed sequences with data.packing)
+        supervised = [s for s in supervised if not s.startswith("train.batch_size")] + ["train.batch_size=32"]
+    if workload.startswith("sft"):
         return "sft", common + supervised + [
             "data.kind=sft",
-            f"data.train.path={data / 'sft.jsonl'}",
+            f"data.train.path={data / ('sft_var.jsonl' if var else 'sft.jsonl')}",
             "data.eval.path=",
             "data.mask_prompt=true",
             "data.pretrain_mix_ratio=0.0",
         ]
-    train = {"rm": "pairs.jsonl", "rmk4": "ranked4.jsonl"}[workload]
+    train = {"rm": "pairs", "rmk4": "ranked4", "rmvar": "pairs_var", "rmk4var": "ranked4_var"}[workload] + ".jsonl"
     return "rm", common + supervised + [
         f"data.train.path={data / train}",
         "data.eval.path=",
@@ -92,7 +95,7 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4"], required=True)
+    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4", "sftvar", "rmvar", "rmk4var"], required=True)
     ap.add_argument("--world", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
@@ -140,6 +143,8 @@ def main() -> None:
     }
     if state.device.type == "cuda":  # what the tensors took at their peak (the caching allocator's reserve aside)
         result["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    if stage != "ppo":  # the real (unpadded) tokens of each step
+        result["tokens"] = [r["tokens"] for r in rows]
     if stage == "ppo":
         for k in ("time/generate", "time/score", "time/train", "time/iteration"):
             result[k] = [r[k] for r in rows]

@@ -150,11 +150,41 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, at
     return split | {"eos_tokens": eos} | precision_used(trainer, policy)
 
 
+class TokenCounter:
+    """Wraps a data collator: the real (unpadded) tokens of every micro-batch it builds, in order."""
+
+    def __init__(self, collate):
+        self.collate, self.tokens = collate, []
+
+    def __call__(self, examples):
+        batch = self.collate(examples)
+        if "attention_mask" in batch:
+            self.tokens.append(int(batch["attention_mask"].sum()))
+        elif "input_ids" in batch:  # padding-free: one row of every example back to back, no padding
+            self.tokens.append(int(batch["input_ids"].numel()))
+        else:  # reward pairs: chosen and rejected
+            self.tokens.append(sum(int(batch[k].sum()) for k in batch if k.endswith("attention_mask")))
+        return batch
+
+
 def run_supervised(
-    workload: str, world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, compile: bool, attn: dict
+    workload: str,
+    world: Path,
+    out: Path,
+    steps: int,
+    clock: StepClock,
+    bf16: bool,
+    compile: bool,
+    attn: dict,
+    best: bool,
 ) -> dict:
-    files = {"sft": "sft_trl.jsonl", "rm": "pairs_trl.jsonl", "rmk4": "ranked4_trl.jsonl"}
-    ds = load_dataset("json", data_files=str(world / "data" / files[workload]), split="train")
+    """SFT / reward training. Variable-length workloads (*var): 32 rows per step in micro-batches of 8 (TRL's
+    default collation, padding to each micro-batch's longest row); `best`: SFT packed (TRL's best-fit-decreasing
+    packing, padding-free) in micro-batches of 8 packed sequences and 2 accumulation steps (~40 rows)."""
+    var = workload.endswith("var")
+    files = {"sft": "sft_trl", "rm": "pairs_trl", "rmk4": "ranked4_trl"}
+    files |= {"sftvar": "sft_var_trl", "rmvar": "pairs_var_trl", "rmk4var": "ranked4_var_trl"}
+    ds = load_dataset("json", data_files=str(world / "data" / (files[workload] + ".jsonl")), split="train")
     tok = AutoTokenizer.from_pretrained(world / "lm")
     common = COMMON | dict(
         output_dir=str(out),
@@ -165,11 +195,14 @@ def run_supervised(
         bf16=bf16,
         torch_compile=compile,  # Trainer: accelerate's dynamo plugin compiles the prepared model (inductor)
     )
-    if workload == "sft":
+    if var:
+        common["gradient_accumulation_steps"] = 2 if best and workload == "sftvar" else 4
+    if workload.startswith("sft"):
         from trl import SFTConfig, SFTTrainer
 
         model = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
-        args = SFTConfig(per_device_train_batch_size=8, packing=False, padding_free=False, **common)
+        packing = dict(packing=True, packing_strategy="bfd") if best else dict(packing=False, padding_free=False)
+        args = SFTConfig(per_device_train_batch_size=8, **packing, **common)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
     else:
         from trl import RewardConfig, RewardTrainer
@@ -179,18 +212,25 @@ def run_supervised(
             world / "lm", num_labels=1, dtype=torch.float32, **attn
         )
         model.config.pad_token_id = tok.pad_token_id
-        pairs = 8 if workload == "rm" else 48  # rmk4: the 6 pairs of each of 8 prompts
+        pairs = {"rm": 8, "rmk4": 48, "rmvar": 8, "rmk4var": 48}[workload]  # rmk4: the 6 pairs of each of 8 prompts
         args = RewardConfig(per_device_train_batch_size=pairs, **common)
         trainer = RewardTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
+    counter = TokenCounter(trainer.data_collator)
+    trainer.data_collator = counter
     sample = trainer.train_dataset[0]
     lengths = {k: len(sample[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in sample}
     trainer.train()
-    return {"tokenized_lengths": lengths} | precision_used(trainer, model)
+    accumulate = args.gradient_accumulation_steps
+    tokens = [sum(counter.tokens[i : i + accumulate]) for i in range(0, len(counter.tokens), accumulate)]
+    if workload == "rmk4var":  # unique tokens: each response of a 4-way list is in 3 of its 6 pairs
+        tokens = [t / 3 for t in tokens]
+    return {"tokenized_lengths": lengths, "tokens": tokens[: len(clock.ends)]} | precision_used(trainer, model)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4"], required=True)
+    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4", "sftvar", "rmvar", "rmk4var"], required=True)
+    ap.add_argument("--best", action="store_true", help="TRL's fastest configuration for the workload (SFT: packing)")
     ap.add_argument("--world", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")
@@ -212,7 +252,7 @@ def main() -> None:
             raise SystemExit("TRL 1.12's PPOTrainer builds its own Accelerator without a dynamo plugin: no compile")
         extra = run_ppo(world, out, args.steps, clock, bf16, attn)
     else:
-        extra = run_supervised(args.workload, world, out, args.steps, clock, bf16, args.compile, attn)
+        extra = run_supervised(args.workload, world, out, args.steps, clock, bf16, args.compile, attn, args.best)
     result = {
         "side": "trl",
         "workload": args.workload,

@@ -9,11 +9,17 @@ exact on both sides. Two sizes (SIZES below), the same 568-word vocabulary:
          a completion/response 191 words + EOS, a whole sequence 256 tokens; PPO samples 192 new tokens
 The shape is written to <out>/model.json, which both workers read (lengths included).
 
+Variable-length workloads (sftvar, rmvar, rmk4var; `*_var*.jsonl`): the same vocabulary, with each prompt's and each
+completion's length drawn from a log-normal (VAR_LENGTHS: median a half of the prompt width and a quarter of the
+completion width, sigma 0.7), clipped to [4, prompt_len] and [2, completion width]: for the tiny size a mean
+sequence of ~50 of at most 128 tokens, the long tail of real chat and instruction data.
+
     python scripts/peer/world.py --out runs/bench-peer/world [--size tiny|small]
 """
 
 import argparse
 import json
+import math
 import random
 from pathlib import Path
 
@@ -112,6 +118,46 @@ def build_data(out: Path, words: list[str], seed: int, rows: int, prompt_len: in
     write_jsonl(data / "ranked4_trl.jsonl", k4)
 
 
+# log-normal length draws: (median as a share of the width, sigma, shortest)
+VAR_LENGTHS = {"prompt": (0.5, 0.7, 4), "completion": (0.25, 0.7, 2)}
+
+
+def var_length(rng: random.Random, kind: str, width: int) -> int:
+    share, sigma, shortest = VAR_LENGTHS[kind]
+    return max(shortest, min(width, round(rng.lognormvariate(math.log(share * width), sigma))))
+
+
+def build_var_data(out: Path, words: list[str], seed: int, rows: int, prompt_len: int, seq_len: int) -> None:
+    """The variable-length files, in both sides' layouts as build_data's (TRL's completions lead with a space)."""
+    rng = random.Random(seed + 1)
+    width = seq_len - prompt_len - 1  # + EOS
+
+    def text(kind: str, w: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(var_length(rng, kind, w)))
+
+    data = out / "data"
+    sft = [{"prompt": text("prompt", prompt_len), "completion": text("completion", width)} for _ in range(rows)]
+    write_jsonl(data / "sft_var.jsonl", sft)
+    write_jsonl(
+        data / "sft_var_trl.jsonl", [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in sft]
+    )
+    ranked = [{"prompt": r["prompt"], "ranked": [text("completion", width) for _ in range(4)]} for r in sft]
+    pairs = [{"prompt": r["prompt"], "chosen": r["ranked"][0], "rejected": r["ranked"][1]} for r in ranked]
+    write_jsonl(data / "pairs_var.jsonl", pairs)
+    write_jsonl(data / "ranked4_var.jsonl", ranked)
+    write_jsonl(
+        data / "pairs_var_trl.jsonl",
+        [{"prompt": p["prompt"], "chosen": " " + p["chosen"], "rejected": " " + p["rejected"]} for p in pairs],
+    )
+    k4 = [
+        {"prompt": r["prompt"], "chosen": " " + r["ranked"][i], "rejected": " " + r["ranked"][j]}
+        for r in ranked
+        for i in range(4)
+        for j in range(i + 1, 4)
+    ]
+    write_jsonl(data / "ranked4_var_trl.jsonl", k4)
+
+
 def check(out: Path, prompt_len: int, seq_len: int) -> None:
     from transformers import AutoTokenizer
 
@@ -135,6 +181,7 @@ def main() -> None:
     tok, words = build_tokenizer(out)
     build_models(out, tok, args.seed, {"size": args.size, **size})
     build_data(out, words, args.seed, args.rows, size["prompt_len"], size["seq_len"])
+    build_var_data(out, words, args.seed, args.rows, size["prompt_len"], size["seq_len"])
     check(out, size["prompt_len"], size["seq_len"])
     print(json.loads((out / "model.json").read_text()))
 
