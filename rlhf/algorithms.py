@@ -1,6 +1,7 @@
 """The choices between algorithms, as registries of pure functions looked up by their config name.
 
     ADVANTAGE_ESTIMATORS[ppo.advantage](rewards, values, mask, settings) -> (advantages [B,R], returns [B,R])
+    ADVANTAGE_NEEDS[ppo.advantage]: whether it needs a value model, and how many samples per prompt
     POLICY_OBJECTIVES[ppo.objective].loss(logprobs, old_logprobs, advantages, mask, settings) -> (loss, stats)
     KL_PLACEMENTS[kl.placement]: where the KL-to-reference penalty acts (the reward, or a loss term)
 
@@ -31,9 +32,11 @@ from rlhf.ppo_math import (
 
 __all__ = [
     "ADVANTAGE_ESTIMATORS",
+    "ADVANTAGE_NEEDS",
     "KL_PLACEMENTS",
     "POLICY_OBJECTIVES",
     "AdvantageSettings",
+    "EstimatorNeeds",
     "KLPlacement",
     "ObjectiveSettings",
     "PolicyObjective",
@@ -78,6 +81,22 @@ ADVANTAGE_ESTIMATORS: dict[str, Callable[[Tensor, Tensor, Tensor, AdvantageSetti
     "reinforce": _reinforce,
     "rloo": _group("rloo"),
     "grpo": _group("grpo"),
+}
+
+
+@dataclass(frozen=True)
+class EstimatorNeeds:
+    """What an advantage estimator needs of the run, read by the config's validation and the roles' set-up."""
+
+    critic: bool | None  # a learned value model: True, False, or None when ppo.baseline decides (value -> True)
+    group_size: int = 1  # rollout.samples_per_prompt it needs at least (a group baseline needs 2)
+
+
+ADVANTAGE_NEEDS: dict[str, EstimatorNeeds] = {
+    "gae": EstimatorNeeds(critic=True),
+    "reinforce": EstimatorNeeds(critic=None),
+    "rloo": EstimatorNeeds(critic=False, group_size=2),
+    "grpo": EstimatorNeeds(critic=False, group_size=2),
 }
 
 

@@ -599,7 +599,10 @@ class PPOConfig:
 
     def uses_critic(self) -> bool:
         """Whether the advantage estimator needs a value model (GAE, REINFORCE with a learned baseline)."""
-        return self.ppo.advantage == "gae" or (self.ppo.advantage == "reinforce" and self.ppo.baseline == "value")
+        from rlhf.algorithms import ADVANTAGE_NEEDS  # torch-free config module: the registry loads on use
+
+        critic = ADVANTAGE_NEEDS[self.ppo.advantage].critic
+        return self.ppo.baseline == "value" if critic is None else critic
 
     def _validate_lineage(self) -> None:
         p, k, r = self.ppo, self.rollout.samples_per_prompt, self.reward
@@ -609,7 +612,9 @@ class PPOConfig:
                 f"train.batch_size ({self.train.batch_size}) counts responses: it must be a multiple of "
                 f"rollout.samples_per_prompt ({k})"
             )
-        if p.advantage in ("rloo", "grpo") and k < 2:
+        from rlhf.algorithms import ADVANTAGE_NEEDS
+
+        if k < ADVANTAGE_NEEDS[p.advantage].group_size:
             raise ConfigError(
                 f"ppo.advantage: {p.advantage} compares the responses to the same prompt: set "
                 "rollout.samples_per_prompt >= 2 (RLOO used 2-4, GRPO 64 on maths)"

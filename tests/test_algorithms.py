@@ -9,6 +9,7 @@ from torch.testing import assert_close
 
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_NEEDS,
     KL_PLACEMENTS,
     POLICY_OBJECTIVES,
     AdvantageSettings,
@@ -34,7 +35,7 @@ def literal(cls, field: str) -> set[str]:
 
 
 def test_every_configurable_name_has_a_registry_entry():
-    assert set(ADVANTAGE_ESTIMATORS) == literal(PPOHyper, "advantage")
+    assert set(ADVANTAGE_ESTIMATORS) == literal(PPOHyper, "advantage") == set(ADVANTAGE_NEEDS)
     assert set(POLICY_OBJECTIVES) == literal(PPOHyper, "objective")
     assert set(KL_CONTROLLERS) == literal(KLConfig, "controller")
     assert set(KL_PLACEMENTS) == literal(KLConfig, "placement")

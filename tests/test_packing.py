@@ -224,3 +224,69 @@ def test_packed_rm_run_resumes_bit_identical(tiny_world, tiny_sft, tmp_path):
         tiny_world, tmp_path, tiny_sft, data__eval__max_rows=16, data__reference_max_rows=16, data__packing=True
     )
     assert_resume_bit_identical("rm", "rm.yaml", reward.train, base, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# PPO: forwards cut to the columns a micro-batch's episodes use
+# --------------------------------------------------------------------------------------------------
+
+
+def small_rollout(tokenizer) -> Rollout:  # noqa: F821
+    """4 episodes, prompts left-padded to 6 (widths 3, 5, 2, 4), responses right-padded to 7 (lengths 2, 5, 1, 3)."""
+    from rlhf.batching import pad
+    from rlhf.ppo.rollout import Rollout
+
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (3, 5, 2, 4)]
+    responses = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (2, 5, 1, 3)]
+    pad_id = tokenizer.pad_token_id
+    query_responses = torch.cat([pad(prompts, pad_id, side="left", width=6), pad(responses, pad_id, width=7)], 1)
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left", width=6)
+    response_mask = pad([[1] * len(r) for r in responses], 0, width=7).bool()
+    per_token = torch.randn(4, 7, generator=g)
+    return Rollout(
+        query_responses,
+        torch.cat([prompt_mask, response_mask.long()], 1),
+        response_mask,
+        6,
+        per_token,
+        per_token + 1,
+        per_token + 2,
+        torch.arange(4.0),
+        torch.arange(4.0),
+        torch.zeros(4),
+        torch.ones(4, dtype=torch.bool),
+        advantages=per_token + 3,
+        returns=per_token + 4,
+    )
+
+
+def test_rollout_select_cuts_the_padding_every_row_has(tokenizer):
+    from rlhf.ppo.rollout import real_columns
+
+    ro = small_rollout(tokenizer)
+    assert real_columns(ro.attention_mask, ro.response_mask, 6) == (1, 5)  # widest prompt 5, longest response 5
+    mb = ro.select(torch.tensor([0, 2]))  # prompts 3 and 2 wide, responses 2 and 1 long
+    assert mb.prompt_width == 3 and mb.query_responses.shape == (2, 3 + 2)
+    assert mb.response_mask.shape == mb.logprobs.shape == mb.advantages.shape == (2, 2)
+    torch.testing.assert_close(mb.logprobs, ro.logprobs[[0, 2], :2])
+    torch.testing.assert_close(mb.returns, ro.returns[[0, 2], :2])
+    assert mb.query_responses[:, 3:].tolist() == ro.query_responses[[0, 2], 6:8].tolist()
+    assert int(mb.attention_mask.sum()) == int(ro.attention_mask[[0, 2]].sum())  # no real token lost
+
+
+def test_log_probs_and_values_of_a_cut_micro_batch_are_the_full_ones(tokenizer, tiny_lm, tiny_value_model):
+    from rlhf.ppo.rollout import response_logprobs, response_values
+
+    ro = small_rollout(tokenizer)
+    idx = torch.tensor([0, 3])
+    mb = ro.select(idx)
+    with torch.no_grad():
+        full = response_logprobs(tiny_lm, ro.query_responses[idx], ro.attention_mask[idx], 6, 1.0)
+        cut = response_logprobs(tiny_lm, mb.query_responses, mb.attention_mask, mb.prompt_width, 1.0)
+        full_v = response_values(tiny_value_model, ro.query_responses[idx], ro.attention_mask[idx], 6)
+        cut_v = response_values(tiny_value_model, mb.query_responses, mb.attention_mask, mb.prompt_width)
+    mask = mb.response_mask
+    width = mask.shape[1]
+    torch.testing.assert_close(cut[mask], full[:, :width][mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(cut_v[mask], full_v[:, :width][mask], rtol=1e-5, atol=1e-5)

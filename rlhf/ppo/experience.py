@@ -17,6 +17,7 @@ import time
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_PLACEMENTS, AdvantageSettings
 from rlhf.batching import BatchSchedule, TruncationReport, encode_prompts, pad, response_sequences
@@ -31,6 +32,7 @@ from rlhf.ppo.rollout import (
     ROLLOUT_STREAM,
     HFGenerator,
     Rollout,
+    real_columns,
     response_logprobs,
     response_values,
 )
@@ -132,17 +134,22 @@ class ExperienceMaker:
         )
         mb = cfg.ppo.micro_batch_size * 4
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
+        R = responses.shape[1]
         for s in range(0, len(prompts), mb):
-            qr, am = query_responses[s : s + mb], attention_mask[s : s + mb]
+            # the forwards skip the columns every episode of the micro-batch pads; their outputs are padded back
+            first, end = real_columns(attention_mask[s : s + mb], response_mask[s : s + mb], P)
+            qr, am = query_responses[s : s + mb, first : P + end], attention_mask[s : s + mb, first : P + end]
             where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
             # the policy and reference | the critic and reward models: side by side with train.concurrent_models
             (old, ref), (vals, mb_scores, mb_std) = self.roles.lanes.run(
-                functools.partial(self.rollout_logprobs, policy, qr, am, P),
-                functools.partial(self.rollout_values_and_scores, value_model, qr, am, P, rows[s : s + mb], where),
+                functools.partial(self.rollout_logprobs, policy, qr, am, P - first),
+                functools.partial(
+                    self.rollout_values_and_scores, value_model, qr, am, P - first, rows[s : s + mb], where
+                ),
             )
-            logprobs.append(old)
-            ref_logprobs.append(ref)
-            values.append(vals if self.roles.critic else torch.zeros_like(old))
+            logprobs.append(F.pad(old, (0, R - end)))
+            ref_logprobs.append(F.pad(ref, (0, R - end)))
+            values.append(F.pad(vals, (0, R - end)) if self.roles.critic else torch.zeros_like(logprobs[-1]))
             scores.append(mb_scores)
             score_std.append(mb_std)
         raw_scores = torch.cat(scores)

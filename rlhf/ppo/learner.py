@@ -54,7 +54,9 @@ def add_stats(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> No
 @dataclass(frozen=True)
 class MinibatchPlan:
     """This process's part of a minibatch: its episodes (every num_processes-th) and ptx sequences, in
-    micro-batches, and the token counts of the whole minibatch that its losses are shares of."""
+    micro-batches, and the token counts of the whole minibatch that its losses are shares of. Episodes of like
+    response length share a micro-batch (the minibatch's gradient is the sum over its micro-batches whatever their
+    make-up), so each micro-batch's forward is cut to its own longest response."""
 
     micro: list[list[int]]  # rollout row indices, per PPO micro-batch
     ptx_micro: list[list[dict]]  # pretraining sequences, per ptx micro-batch
@@ -64,6 +66,9 @@ class MinibatchPlan:
     @classmethod
     def of(cls, ro: Rollout, minibatch: list[int], ptx: list[dict], rank: int, world: int, size: int):
         mine, ptx_mine = minibatch[rank::world], ptx[rank::world]
+        if size < len(mine):  # one host sync: the lengths of this process's episodes
+            lengths = ro.response_mask[mine].sum(1).tolist()
+            mine = [i for _, i in sorted(zip(lengths, mine))]
         return cls(
             micro=[mine[s : s + size] for s in range(0, len(mine), size)],
             ptx_micro=[ptx_mine[s : s + size] for s in range(0, len(ptx_mine), size)],
@@ -71,11 +76,11 @@ class MinibatchPlan:
             ptx_tokens=max(sum(len(e["input_ids"]) - 1 for e in ptx), 1),
         )
 
-    def micro_batch(self, ro: Rollout, inds: list[int], device):
-        """-> (idx [b], query_responses [b, P+R], attention_mask [b, P+R], response_mask [b, R], share of tokens)."""
-        idx = torch.tensor(inds, device=device)
-        mask = ro.response_mask[idx]
-        return idx, ro.query_responses[idx], ro.attention_mask[idx], mask, mask.sum() / self.tokens
+    def micro_batch(self, ro: Rollout, inds: list[int], device) -> tuple[Rollout, torch.Tensor]:
+        """-> (the micro-batch's episodes, cut to their real columns: `Rollout.select`; its share of the
+        minibatch's response tokens)."""
+        mb = ro.select(torch.tensor(inds, device=device))
+        return mb, mb.response_mask.sum() / self.tokens
 
 
 def load_ptx(cfg: PPOConfig, tokenizer) -> list[dict]:
@@ -201,10 +206,10 @@ class Learner:
         stats = torch.zeros(len(MINIBATCH_STATS), device=self.accelerator.device)
         n_backward = len(plan.micro) + len(plan.ptx_micro)
         for k, inds in enumerate(plan.micro, 1):
-            micro_batch = plan.micro_batch(ro, inds, self.accelerator.device)
+            mb, share = plan.micro_batch(ro, inds, self.accelerator.device)
             with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
-                terms = self._policy_micro_batch(ro, micro_batch)
-            add_stats(stats, terms, micro_batch[-1])
+                terms = self._policy_micro_batch(mb, share)
+            add_stats(stats, terms, share)
         for k, examples in enumerate(plan.ptx_micro, len(plan.micro) + 1):
             with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
                 ptx_loss = self._ptx_micro_batch(plan, examples)
@@ -213,31 +218,32 @@ class Learner:
             self.accelerator, list(self.roles.policy.parameters()), self.cfg.optim.max_grad_norm
         )
 
-    def _policy_micro_batch(self, ro: Rollout, micro_batch: tuple) -> dict[str, torch.Tensor]:
-        """Backward of one micro-batch's policy loss (`MinibatchPlan.micro_batch`) -> its statistics."""
+    def _policy_micro_batch(self, mb: Rollout, share: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Backward of one micro-batch's policy loss (episodes `mb`, `share` of the minibatch's tokens) -> its
+        statistics."""
         p, world = self.cfg.ppo, self.accelerator.num_processes
         objective = POLICY_OBJECTIVES[p.objective]
         kl_loss = KL_PLACEMENTS[self.cfg.kl.placement].loss_estimator
-        idx, qr, am, mask, share = micro_batch  # share: of the minibatch's tokens
+        mask = mb.response_mask
         terms: dict[str, torch.Tensor] = {}
         # the entropy is differentiated only when in the loss (a softmax backward over the vocabulary)
         new_logprobs, entropy = response_logprobs(
             self.roles.policy_train,
-            qr,
-            am,
-            ro.prompt_width,
+            mb.query_responses,
+            mb.attention_mask,
+            mb.prompt_width,
             self.cfg.rollout.temperature,
             entropy=True,
             entropy_grad=p.ent_coef != 0,
         )
         settings = ObjectiveSettings(p.cliprange, self.klpen.value)
-        pg_loss, pg_stats = objective.loss(new_logprobs, ro.logprobs[idx], ro.advantages[idx], mask, settings)
+        pg_loss, pg_stats = objective.loss(new_logprobs, mb.logprobs, mb.advantages, mask, settings)
         if objective.adapts_beta:
             terms["policy/kl_old"] = pg_stats["kl_old"]
         ent = masked_mean(entropy, mask)
         loss = pg_loss - p.ent_coef * ent
         if kl_loss:  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
-            kl_term = masked_mean(kl_penalty(new_logprobs, ro.ref_logprobs[idx], kl_loss), mask)
+            kl_term = masked_mean(kl_penalty(new_logprobs, mb.ref_logprobs, kl_loss), mask)
             loss = loss + self.kl_ctl.value * kl_term
             terms["loss/kl_avg"] = kl_term
         self.accelerator.backward(loss * share * world)
@@ -265,10 +271,12 @@ class Learner:
         acc, p = self.accelerator, self.cfg.ppo
         stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
         for k, inds in enumerate(plan.micro, 1):  # the critic's last backward is the last PPO micro-batch's
-            idx, qr, am, mask, share = plan.micro_batch(ro, inds, acc.device)
+            mb, share = plan.micro_batch(ro, inds, acc.device)
             with self._no_sync(self.roles.value_model, k < len(plan.micro)), acc.autocast():
-                vpred = response_values(self.roles.value_train, qr, am, ro.prompt_width)
-                vf_loss, vf_stats = value_loss(vpred, ro.values[idx], ro.returns[idx], mask, p.cliprange_value or None)
+                vpred = response_values(self.roles.value_train, mb.query_responses, mb.attention_mask, mb.prompt_width)
+                vf_loss, vf_stats = value_loss(
+                    vpred, mb.values, mb.returns, mb.response_mask, p.cliprange_value or None
+                )
                 acc.backward(p.vf_coef * vf_loss * share * acc.num_processes)
             add_stats(stats, {"loss/value_avg": vf_loss, "val/clipfrac_avg": vf_stats["vf_clipfrac"]}, share)
         return stats, clip_grad_norm(acc, list(self.roles.value_model.parameters()), self.cfg.optim.max_grad_norm)
