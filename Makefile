@@ -6,7 +6,7 @@ CONFIG  ?=
 RECIPE  ?= configs/tiny
 STAMP   := $(VENV)/.installed
 
-.PHONY: install test test-fast lint format demo world pretrain sft rm dpo ppo eval pipeline plot bench bench-peer overopt kl-control algorithms clean
+.PHONY: install test test-fast lint format demo world pretrain sft rm dpo ppo eval pipeline plot bench bench-peer overopt kl-control algorithms config-docs clean
 
 $(STAMP): pyproject.toml
 	test -d $(VENV) || $(PY) -m venv $(VENV)
@@ -60,6 +60,10 @@ pipeline: install
 
 plot: install
 	$(BIN)/rlhf plot runs/tiny
+
+# docs/config.md from the config dataclasses' field docstrings (tests/test_config_docs.py fails when it is stale)
+config-docs: install
+	$(BIN)/python -m rlhf.config_docs > docs/config.md
 
 bench: install
 	$(BIN)/python scripts/bench.py

@@ -34,6 +34,11 @@ def _stage_parser(sub, name: str) -> None:
         help="override a config key, e.g. --set optim.lr=1e-4 (repeatable)",
     )
     p.add_argument("--dry-run", action="store_true", help="validate the config (types, values, local paths) and exit")
+    p.add_argument(
+        "--print-config",
+        action="store_true",
+        help="print the resolved config (file + --set overrides + every default) as YAML and exit",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -105,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     quiet_hf_progress()
     try:
         if args.command in STAGE_HELP:
-            run_stage(args.command, args.config, args.overrides, args.dry_run)
+            run_stage(args.command, args.config, args.overrides, args.dry_run, args.print_config)
         elif args.command == "pipeline":
             from rlhf.pipeline import run_pipeline
 

@@ -29,6 +29,7 @@ from rlhf.checkpoints import final_model, save_final
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
 from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
+from rlhf.packing import check_rows_independent, pack_rows
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
 from rlhf.reward import load_ranked
 from rlhf.runtime import make_accelerator, prepare_frozen, seed_everything
@@ -42,28 +43,39 @@ def load_groups(tokenizer, cfg: DPOConfig, source: TextSource, report: Truncatio
     return load_ranked(tokenizer, cfg.data.format, source, report)
 
 
-def collate_groups(groups: list[Group], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate_groups(groups: list[Group], pad_token_id: int, pack_length: int = 0) -> dict[str, torch.Tensor]:
     """Every response of every group in one right-padded batch, plus every (better, worse) pair of each group.
 
     input_ids/attention_mask/response_mask [N, T] (response_mask: 1 on response tokens), pair_index [P, 2] rows
-    of (chosen, rejected), group_index [P] the prompt of each pair."""
-    seqs, masks, pair_index, group_index = [], [], [], []
+    of (chosen, rejected), group_index [P] the prompt of each pair. With pack_length the N sequences are packed
+    into sequences of up to that many tokens instead (`rlhf.packing.pack_rows`: [S, W] with position_ids and
+    row_index)."""
+    seqs, prompt_lengths, pair_index, group_index = [], [], [], []
     for g, group in enumerate(groups):
         base = len(seqs)
         for prompt, response in group:
             seqs.append(prompt + response)
-            masks.append([0] * len(prompt) + [1] * len(response))
+            prompt_lengths.append(len(prompt))
         for i in range(len(group)):
             for j in range(i + 1, len(group)):
                 pair_index.append((base + i, base + j))
                 group_index.append(g)
+    pairs = {
+        "pair_index": torch.tensor(pair_index, dtype=torch.long),
+        "group_index": torch.tensor(group_index, dtype=torch.long),
+    }
+    if pack_length:
+        packed = pack_rows(seqs, pack_length, pad_token_id)
+        # a token is a response token when its position in its row is past that row's prompt
+        starts = torch.tensor(prompt_lengths)[packed["row_index"].clamp(min=0)]
+        response_mask = (packed["row_index"] >= 0) & (packed["position_ids"] >= starts)
+        return packed | {"response_mask": response_mask.long(), "num_sequences": torch.tensor(len(seqs))} | pairs
+    masks = [[0] * n + [1] * (len(s) - n) for s, n in zip(seqs, prompt_lengths)]
     return {
         "input_ids": pad(seqs, pad_token_id),
         "attention_mask": pad([[1] * len(s) for s in seqs], 0),
         "response_mask": pad(masks, 0),
-        "pair_index": torch.tensor(pair_index, dtype=torch.long),
-        "group_index": torch.tensor(group_index, dtype=torch.long),
-    }
+    } | pairs
 
 
 def num_groups(batch: dict) -> int:
@@ -71,10 +83,18 @@ def num_groups(batch: dict) -> int:
 
 
 def sequence_logps(model, batch: dict) -> torch.Tensor:
-    """[N] log π(response | prompt): per-token log-probs summed over response tokens (prompt, padding masked)."""
-    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"])
+    """[N] log π(response | prompt): per-token log-probs summed over response tokens (prompt, padding masked);
+    packed batches sum each row's tokens through `row_index` (a row's first token, a prompt token, is never a
+    response token, so no row is predicted from another)."""
+    position_ids = batch.get("position_ids")
+    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"], position_ids=position_ids)
     token_logps = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])  # logits at t predict token t+1
-    return masked_sum(token_logps, batch["response_mask"][:, 1:], dim=-1)
+    if position_ids is None:
+        return masked_sum(token_logps, batch["response_mask"][:, 1:], dim=-1)
+    mask = batch["response_mask"][:, 1:].bool()
+    rows = batch["row_index"][:, 1:][mask]
+    n = int(batch["num_sequences"])
+    return torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps[mask])
 
 
 def per_group_sum(values: torch.Tensor, group_index: torch.Tensor, groups: int) -> torch.Tensor:
@@ -160,6 +180,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
         [sum(len(p) + len(c) for p, c in g) for g in train_groups],
         cfg.train.batch_size,
         cfg.seed,
+        group_by_length=not cfg.data.packing,  # packing fills best from mixed lengths
         what=cfg.data.train.path,
     )
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
@@ -171,6 +192,9 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
 
     # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)
+    pack_length = cfg.data.format.max_length if cfg.data.packing else 0
+    if pack_length:
+        check_rows_independent(model, len(tokenizer), next(model.parameters()).device)
     if cfg.reference == "copy":
         ref_cfg = copy.deepcopy(cfg.model)
         ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
@@ -210,7 +234,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
         name="dpo",
         total_steps=total_steps,
         global_batch=global_batch,
-        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id),
+        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, pack_length),
         units=num_groups,
         loss=lambda policy, batch: preference_loss(policy, ref_logps_fn, batch, cfg.beta, cfg.loss.label_smoothing),
         evaluate=evaluate,

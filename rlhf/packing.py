@@ -64,19 +64,22 @@ def collate_packed(sequences: list[list[dict]], pad_token_id: int) -> dict[str, 
 
 
 def pack_rows(rows: list[list[int]], max_length: int, pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Token rows (no labels: a scalar per row, as a reward model reads) -> {input_ids, position_ids,
-    attention_mask} [S, W] packed by best fit, and last_index [N]: the flat position (s * W + t) of each row's last
-    token, in the rows' order."""
+    """Token rows (no labels: a scalar per row, as a reward model or DPO reads) -> {input_ids, position_ids,
+    attention_mask, row_index} [S, W] packed by best fit (row_index: which row each token is of, -1 on padding),
+    and last_index [N]: the flat position (s * W + t) of each row's last token, in the rows' order."""
     bins = best_fit_decreasing([len(r) for r in rows], max_length)
     batch = collate_packed([[{"input_ids": rows[i], "labels": rows[i]} for i in b] for b in bins], pad_token_id)
     del batch["labels"]
     width, last_index = batch["input_ids"].shape[1], [0] * len(rows)
+    row_index = torch.full_like(batch["input_ids"], -1)
     for s, b in enumerate(bins):
         end = s * width
         for i in b:
+            row_index.view(-1)[end : end + len(rows[i])] = i
             end += len(rows[i])
             last_index[i] = end - 1
     batch["last_index"] = torch.tensor(last_index, dtype=torch.long)
+    batch["row_index"] = row_index
     return batch
 
 

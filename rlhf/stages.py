@@ -9,7 +9,9 @@ from __future__ import annotations
 import importlib
 from pathlib import Path
 
-from rlhf.config import check_paths, load_config
+import yaml
+
+from rlhf.config import check_paths, load_config, to_dict
 
 # stage -> (module, entry point called with the loaded config and the config file's path)
 STAGE_ENTRY_POINTS = {
@@ -21,10 +23,16 @@ STAGE_ENTRY_POINTS = {
 }
 
 
-def run_stage(stage: str, config: str, overrides: list[str], dry_run: bool = False) -> Path | None:
+def run_stage(
+    stage: str, config: str, overrides: list[str], dry_run: bool = False, print_config: bool = False
+) -> Path | None:
     """Load (and validate) `config` with `overrides` for `stage`, check its paths and run it; with dry_run only
-    validate. Returns what the stage returns (its final/ dir, or eval's result)."""
+    validate; with print_config print the resolved config (every default filled in) as YAML and stop. Returns what
+    the stage returns (its final/ dir, or eval's result)."""
     cfg = load_config(stage, config, overrides)
+    if print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return None
     if dry_run:
         print(f"[{stage}] {config}: config OK")
         return None

@@ -209,8 +209,9 @@ def test_dpo_final_loads_with_auto_class(tiny_dpo, tiny_sft):
     assert any(not torch.equal(trained[k], sft_weights[k]) for k in trained)
 
 
-def test_dpo_resume_bit_identical(tiny_world, tiny_sft, tmp_path):
-    base = dpo_overrides(tiny_world, tmp_path, tiny_sft)
+@pytest.mark.parametrize("packing", [False, True])
+def test_dpo_resume_bit_identical(tiny_world, tiny_sft, tmp_path, packing):
+    base = dpo_overrides(tiny_world, tmp_path, tiny_sft, data__packing=packing)
     assert_resume_bit_identical("dpo", "dpo.yaml", dpo.train, base, tmp_path)
 
 

@@ -179,3 +179,62 @@ def test_fuzzed_data_files_give_a_clean_error_or_rows(case, on_bad_row, tmp_path
         return
     event("rows" if not report.skipped else "rows, some skipped")
     assert len(ds) == report.rows_kept > 0
+
+
+# --------------------------------------------------------------------------------------------------
+# Wrongly laid-out paths: each stops before any work with one line naming the key (and the fix)
+# --------------------------------------------------------------------------------------------------
+
+LAYOUT_BREAKS = {
+    "no config.json": ("model.name_or_path", lambda d: (d / "model" / "config.json").unlink()),
+    "no weights": ("model.name_or_path", lambda d: [f.unlink() for f in (d / "model").glob("*.safetensors")]),
+    "no tokenizer": (
+        "model.name_or_path",
+        lambda d: [f.unlink() for f in (d / "model").iterdir() if f.name.startswith("tokenizer")],
+    ),
+    "model is a file": ("model.name_or_path", lambda d: (d / "file.json").write_text("{}")),
+    "data dir not a dataset": ("data.train.path", lambda d: (d / "notadataset").mkdir()),
+    "data file type": ("data.train.path", lambda d: (d / "rows.txt").write_text("x")),
+    "data missing": ("data.train.path", lambda d: None),
+    "tokenizer dir empty": ("model.tokenizer", lambda d: (d / "emptytok").mkdir()),
+}
+BROKEN_PATH = {
+    "model is a file": ("model.name_or_path", "file.json"),
+    "data dir not a dataset": ("data.train.path", "notadataset"),
+    "data file type": ("data.train.path", "rows.txt"),
+    "data missing": ("data.train.path", "missing.jsonl"),
+    "tokenizer dir empty": ("model.tokenizer", "emptytok"),
+}
+
+
+@settings(
+    max_examples=24, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(breaks=st.lists(st.sampled_from(sorted(LAYOUT_BREAKS)), min_size=1, max_size=2, unique=True))
+def test_wrongly_laid_out_paths_stop_before_work_with_one_line(breaks, tiny_lm, tokenizer, tmp_path_factory, capsys):
+    root = tmp_path_factory.mktemp("layout")
+    tiny_lm.save_pretrained(root / "model")
+    tokenizer.save_pretrained(root / "model")
+    (root / "rows.jsonl").write_text(json.dumps({"prompt": "a", "completion": "b"}) + "\n")
+    sets = {
+        "output_dir": str(root / "out"),
+        "model.name_or_path": str(root / "model"),
+        "data.train.path": str(root / "rows.jsonl"),
+        "data.eval.path": "",
+        "data.pretrain_mix.path": "",
+        "data.pretrain_mix_ratio": "0",
+    }
+    for name in breaks:
+        LAYOUT_BREAKS[name][1](root)
+        if name in BROKEN_PATH:
+            key, target = BROKEN_PATH[name]
+            sets[key] = str(root / target)
+    args = ["sft", "--config", str(CONFIGS / "tiny" / "sft.yaml")]
+    args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
+    capsys.readouterr()  # the set-up's own output (save_pretrained's progress bars)
+    rc = main(args)
+    err = capsys.readouterr().err
+    assert rc == 2, err
+    assert_clean(rc, err)
+    assert any(LAYOUT_BREAKS[name][0] in err for name in breaks), err
+    assert not (root / "out" / "config.yaml").exists()  # stopped before any work

@@ -290,3 +290,25 @@ def test_log_probs_and_values_of_a_cut_micro_batch_are_the_full_ones(tokenizer, 
     width = mask.shape[1]
     torch.testing.assert_close(cut[mask], full[:, :width][mask], rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(cut_v[mask], full_v[:, :width][mask], rtol=1e-5, atol=1e-5)
+
+
+def test_packed_dpo_pairs_give_the_padded_log_probs_and_loss(tokenizer, tiny_lm):
+    from rlhf import dpo
+
+    examples = mixed_rows(tokenizer, n=8)
+    # (prompt ids, response ids) from each example's prompt mask; groups of K = 2 and K = 3, best first
+    split = [(e["input_ids"][: e["labels"].count(-100)], e["input_ids"][e["labels"].count(-100) :]) for e in examples]
+    groups = [split[0:2], split[2:5], split[5:8]]
+    padded = dpo.collate_groups(groups, tokenizer.pad_token_id)
+    packed = dpo.collate_groups(groups, tokenizer.pad_token_id, pack_length=40)
+    assert packed["input_ids"].numel() < padded["input_ids"].numel()
+    assert int(packed["response_mask"].sum()) == int(padded["response_mask"].sum())
+    with torch.no_grad():
+        torch.testing.assert_close(
+            dpo.sequence_logps(tiny_lm, packed), dpo.sequence_logps(tiny_lm, padded), rtol=1e-5, atol=1e-4
+        )
+        shifted = lambda model, batch: dpo.sequence_logps(model, batch) - 0.1  # noqa: E731  a reference below
+        loss_packed, stats_packed = dpo.preference_loss(tiny_lm, shifted, packed, beta=0.1, label_smoothing=0.0)
+        loss_padded, stats_padded = dpo.preference_loss(tiny_lm, shifted, padded, beta=0.1, label_smoothing=0.0)
+    assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-5)
+    assert stats_packed["accuracy"].item() == stats_padded["accuracy"].item()
