@@ -8,6 +8,7 @@ single space. Every completion ends with the tokenizer's EOS token.
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +51,8 @@ class TruncationReport:
     prompts_cut: int = 0
     completions_cut: int = 0
     dropped: int = 0
+    assistant_turns: int = 0  # chat rows trained on every assistant turn: the turns learnt
+    turns_fallback: int = 0  # chat rows whose template could not be split: their last turn only
 
     def as_metrics(self, prefix: str) -> dict:
         return {
@@ -121,18 +124,87 @@ def encode_pairs(
     return out
 
 
-def encode_sft(tokenizer, fmt: FormatConfig, ds, source: str, mask_prompt: bool, report: TruncationReport):
-    """SFT rows -> list of {input_ids, labels}; labels are -100 on the prompt when mask_prompt."""
+def encode_sft(
+    tokenizer,
+    fmt: FormatConfig,
+    ds,
+    source: str,
+    mask_prompt: bool,
+    report: TruncationReport,
+    all_turns: bool = False,
+):
+    """SFT rows -> list of {input_ids, labels}; labels are -100 on the prompt when mask_prompt.
+
+    all_turns (data.train_on: all_assistant_turns): a chat row rendered with a chat template learns every assistant
+    turn of its conversation, each up to and including its turn-end token, in one sequence (`encode_conversation`);
+    other rows, and a template whose rendering cannot be split (`assistant_spans`), learn the last turn only."""
     rows = ds.to_list()
-    prompts = encode_prompts(tokenizer, fmt, rows, report)
-    out = []
-    for pair in encode_pairs(tokenizer, fmt, prompts, [r["completion"] for r in rows], source, report):
-        if pair is None:
-            continue
-        p, c = pair
-        labels = ([-100] * len(p) if mask_prompt else list(p)) + c
-        out.append({"input_ids": p + c, "labels": labels})
-    return out
+    chat = all_turns and mask_prompt and uses_chat_template(tokenizer, fmt)
+    multi = [i for i, r in enumerate(rows) if chat and any(m["role"] == "assistant" for m in r["messages"])]
+    encoded = {i: encode_conversation(tokenizer, fmt, rows[i], source, i, report) for i in multi}
+    single = [i for i in range(len(rows)) if encoded.get(i, False) is False]
+    prompts = encode_prompts(tokenizer, fmt, [rows[i] for i in single], report)
+    pairs = encode_pairs(tokenizer, fmt, prompts, [rows[i]["completion"] for i in single], source, report)
+    for i, pair in zip(single, pairs):
+        if pair is not None:
+            p, c = pair
+            encoded[i] = {"input_ids": p + c, "labels": ([-100] * len(p) if mask_prompt else list(p)) + c}
+    return [encoded[i] for i in range(len(rows)) if encoded.get(i)]
+
+
+def assistant_spans(tokenizer, conversation: list[dict]) -> tuple[str, list[tuple[int, int]]] | None:
+    """(the template's rendering of a whole conversation, the character span [start, end) of each assistant turn:
+    from where generation would start to its turn-end token), or None when the template cannot be split reliably:
+    it renders earlier turns differently once later turns follow (e.g. drops reasoning from history), or a turn's
+    content is not where the generation prompt leaves off."""
+    render = functools.partial(tokenizer.apply_chat_template, tokenize=False)
+    try:
+        full, spans = render(conversation), []
+        for i, message in enumerate(conversation):
+            if message["role"] != "assistant":
+                continue
+            before = render(conversation[:i], add_generation_prompt=True)
+            through = render(conversation[: i + 1])
+            content_at = through.find(message["content"], len(before))
+            if not (full.startswith(through) and through.startswith(before)) or content_at < 0:
+                return None
+            end = content_at + len(message["content"])
+            if tokenizer.eos_token and through.startswith(tokenizer.eos_token, end):
+                end += len(tokenizer.eos_token)  # the turn-end token (EOS with a chat template: load_tokenizer)
+            spans.append((len(before), end))
+    except Exception:  # a template that cannot render a prefix of the conversation (jinja raises its own errors)
+        return None
+    return (full, spans) if spans else None
+
+
+def encode_conversation(tokenizer, fmt: FormatConfig, row: dict, source: str, index: int, report: TruncationReport):
+    """A chat row's whole conversation -> {input_ids, labels} with every assistant span labelled, cut after the last
+    turn's end; None when the truncation policy drops it; False when the template cannot be split (counted in
+    report.turns_fallback: the caller encodes the last turn only)."""
+    conversation = row["messages"] + ([{"role": "user", "content": row["prompt"]}] if row["prompt"] else [])
+    conversation = conversation + [{"role": "assistant", "content": row["completion"]}]
+    found = assistant_spans(tokenizer, conversation) if tokenizer.is_fast else None
+    if found is None:
+        report.turns_fallback += 1
+        return False
+    text, spans = found
+    encoding = tokenizer(text[: spans[-1][1]], add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = encoding["input_ids"], encoding["offset_mapping"]
+    labels = [t if any(s <= a < e for s, e in spans) else -100 for t, (a, _) in zip(ids, offsets)]
+    report.rows += 1
+    report.assistant_turns += len(spans)
+    if len(ids) > fmt.max_length:
+        if fmt.truncation == "error":
+            raise DataError(
+                f"{source}: row {index} has {len(ids)} tokens > data.format.max_length {fmt.max_length}; raise "
+                "max_length or set data.format.truncation to truncate or drop"
+            )
+        ids, labels = ids[: fmt.max_length], labels[: fmt.max_length]
+        if fmt.truncation == "drop" or all(x == -100 for x in labels):
+            report.dropped += 1
+            return None
+        report.completions_cut += 1
+    return {"input_ids": ids, "labels": labels}
 
 
 def encode_text(tokenizer, texts: list[str], max_length: int, report: TruncationReport) -> list[dict]:

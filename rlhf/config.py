@@ -185,6 +185,10 @@ class SFTData:
     """Held-out rows for eval loss / perplexity (empty path = no eval)."""
     mask_prompt: bool = True
     """Loss on completion tokens only (False puts the prompt tokens back in)."""
+    train_on: Literal["all_assistant_turns", "last_turn"] = "all_assistant_turns"
+    """Chat rows rendered with a chat template: learn every assistant turn of the conversation (each up to and
+    including its turn-end token; other roles masked), or only the last; a template that cannot be split falls
+    back to the last turn with a notice. Prompt/completion rows always learn their completion."""
     packing: bool = False
     """Pack each micro-batch's rows into sequences of up to format.max_length tokens (best-fit decreasing, no
     attention across rows, the same token-mean loss); batches then mix lengths instead of grouping them."""
@@ -1063,6 +1067,12 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
     if path is not None:
         source = str(path)
         p = Path(path)
+        if p.is_dir():
+            yamls = sorted(x.name for x in p.glob("*.yaml"))[:6]
+            raise ConfigError(
+                f"config file {source} is a directory; name one YAML in it"
+                + (f" ({', '.join(yamls)})" if yamls else "")
+            )
         if not p.is_file():
             raise ConfigError(f"config file {source} does not exist")
         try:

@@ -34,7 +34,8 @@ def load_lm_examples(tokenizer, source: TextSource, kind: str, cfg: SFTConfig, r
     ds = load_source(source, kind, on_bad_row=cfg.data.format.on_bad_row)
     if kind == "text":
         return encode_text(tokenizer, ds["text"], cfg.data.format.max_length, report)
-    return encode_sft(tokenizer, cfg.data.format, ds, source.path, cfg.data.mask_prompt, report)
+    all_turns = cfg.data.train_on == "all_assistant_turns"
+    return encode_sft(tokenizer, cfg.data.format, ds, source.path, cfg.data.mask_prompt, report, all_turns)
 
 
 def token_units(batch: dict) -> torch.Tensor:
@@ -121,6 +122,13 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
         f"[sft] {len(train_examples)} examples, {schedule.steps_per_epoch} steps/epoch, {total_steps} steps; "
         f"{report.completions_cut} truncated, {report.dropped} dropped; {mix_per_batch} pretraining rows per batch"
     )
+    if report.assistant_turns:
+        accelerator.print(f"[sft] chat rows: {report.assistant_turns} assistant turns learnt (data.train_on)")
+    if report.turns_fallback:
+        accelerator.print(
+            f"[sft] notice: the chat template cannot be split into turns for {report.turns_fallback} rows; they "
+            "learn their last assistant turn only"
+        )
 
     def global_batch(step: int) -> list:
         rows = [train_examples[j] for j in schedule(step)]
@@ -131,7 +139,8 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
     sample_prompts = []
     if cfg.data.kind == "sft" and cfg.data.eval.path and cfg.logging.num_samples:
         ds = load_source(cfg.data.eval, "sft", max_rows=cfg.logging.num_samples)
-        sample_prompts = list(zip(ds["prompt"], encode_prompts(tokenizer, fmt, ds.to_list())))
+        rendered = encode_prompts(tokenizer, fmt, ds.to_list())  # held-out prompts as the model sees them
+        sample_prompts = [(tokenizer.decode(ids), ids) for ids in rendered]
 
     def evaluate(model, step: int) -> dict:
         metrics = (

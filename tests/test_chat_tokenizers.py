@@ -127,3 +127,131 @@ def test_a_bos_adding_tokenizer_gets_one_bos_per_sequence(tmp_path):
     (example,) = encode_sft(tok, FormatConfig(), _ds(rows, tmp_path), "rows", True, _report())
     tokens = tok.convert_ids_to_tokens(example["input_ids"])
     assert tokens == ["<s>", "Human:", "name", "a", "fruit", ".", "Assistant:", "an", "apple", ".", "</s>"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Every assistant turn of a chat row (data.train_on: all_assistant_turns)
+# --------------------------------------------------------------------------------------------------
+
+THREE_EXCHANGES = {
+    "messages": [
+        {"role": "system", "content": "a fruit ."},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello ."},
+        {"role": "user", "content": "name a fruit ."},
+        {"role": "assistant", "content": "an apple ."},
+        {"role": "user", "content": "name a fruit"},
+        {"role": "assistant", "content": "a apple"},
+    ]
+}
+# what each assistant turn must learn: its content and the turn's end, nothing of the other roles
+SPANS = [["hello", "."], ["an", "apple", "."], ["a", "apple"]]
+
+
+def _learnt_spans(tok, example) -> list[list[str]]:
+    """The labelled tokens as runs of consecutive positions."""
+    runs, run = [], []
+    for token, label in zip(tok.convert_ids_to_tokens(example["input_ids"]), example["labels"]):
+        if label != -100:
+            run.append(token)
+        elif run:
+            runs.append(run)
+            run = []
+    return runs + ([run] if run else [])
+
+
+@pytest.mark.parametrize("template", ["qwen", "llama3", "zephyr"])
+def test_a_three_exchange_chat_row_learns_three_assistant_spans(template, qwen, llama3, tmp_path):
+    path = {
+        "qwen": qwen,
+        "llama3": llama3,
+        "zephyr": stand_in(
+            tmp_path / "zephyr", ["</s>", "<|user|>", "<|assistant|>", "<|system|>"], ZEPHYR, eos_token="</s>"
+        ),
+    }[template]
+    tok = load_tokenizer(str(path), fmt=CHAT)
+    report = _report()
+    (example,) = encode_sft(tok, CHAT, _ds([THREE_EXCHANGES], tmp_path), "rows", True, report, all_turns=True)
+    assert _learnt_spans(tok, example) == [span + [tok.eos_token] for span in SPANS]
+    assert report.assistant_turns == 3 and report.turns_fallback == 0
+    assert example["labels"][-1] == tok.eos_token_id  # cut after the last turn's end
+    # last_turn: the earlier answers are context
+    (last,) = encode_sft(tok, CHAT, _ds([THREE_EXCHANGES], tmp_path), "rows", True, _report(), all_turns=False)
+    assert _learnt_spans(tok, last) == [SPANS[-1] + [tok.eos_token]]
+
+
+def test_a_template_that_rewrites_history_falls_back_to_the_last_turn(tmp_path):
+    # renders an earlier assistant turn without its content once a later turn follows (as templates that drop
+    # reasoning from history do): the turns cannot be located in the whole conversation's rendering
+    forgetful = (
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n"
+        "{% if m['role'] == 'assistant' and not loop.last %}.{% else %}{{ m['content'] }}{% endif %}<|im_end|>\n"
+        "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+    path = stand_in(tmp_path / "forgetful", specials, forgetful, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+    tok = load_tokenizer(str(path), fmt=CHAT)
+    report = _report()
+    (example,) = encode_sft(tok, CHAT, _ds([THREE_EXCHANGES], tmp_path), "rows", True, report, all_turns=True)
+    assert report.turns_fallback == 1 and report.assistant_turns == 0
+    assert _learnt_spans(tok, example) == [SPANS[-1] + [tok.eos_token]]
+
+
+def test_learning_every_turn_lowers_the_held_out_loss_of_earlier_turns(qwen, tmp_path):
+    """SFT on 3-exchange chats (a greeting, then a question whose answer varies): trained on all assistant turns,
+    the held-out loss on the non-final turns falls far below training on the last turn only, which never sees them
+    as targets."""
+    import json
+
+    import torch
+    from conftest import load_stage
+    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+
+    from rlhf import sft
+    from rlhf.batching import encode_conversation
+
+    tok = load_tokenizer(str(qwen), fmt=CHAT)
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"))
+    tok.save_pretrained(str(tmp_path / "base"))
+    rows = [
+        {"messages": [
+            {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello ."},
+            {"role": "user", "content": "name"}, {"role": "assistant", "content": "a name ."},
+            {"role": "user", "content": "name a fruit ."}, {"role": "assistant", "content": answer},
+        ]}
+        for answer in ("an apple .", "a apple .", "apple .", "an apple") * 8
+    ]  # fmt: skip
+    (tmp_path / "chat.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    losses = {}
+    for train_on in ("all_assistant_turns", "last_turn"):
+        out = tmp_path / train_on
+        cfg = load_stage(
+            "sft",
+            "sft.yaml",
+            {
+                "output_dir": out, "model.name_or_path": tmp_path / "base", "data.train.path": tmp_path / "chat.jsonl",
+                "data.eval.path": "", "data.pretrain_mix.path": "", "data.pretrain_mix_ratio": 0,
+                "data.train_on": train_on, "data.format.use_chat_template": "auto", "data.format.max_length": 64,
+                "train.batch_size": 8, "train.micro_batch_size": 8, "train.max_steps": 60, "train.eval_every": 0,
+                "optim.lr": 3e-3, "optim.warmup_steps": 0, "logging.num_samples": 0,
+            },
+        )  # fmt: skip
+        model = AutoModelForCausalLM.from_pretrained(str(sft.train(cfg))).eval()
+        # held out: the non-final turns (the first two labelled spans) of a fresh conversation
+        row = dict(rows[0], prompt="", completion="an apple .", messages=rows[0]["messages"][:-1])
+        example = encode_conversation(tok, CHAT, row, "held-out", 0, _report())
+        ids = torch.tensor([example["input_ids"]])
+        with torch.no_grad():
+            logp = torch.log_softmax(model(input_ids=ids).logits[0, :-1].double(), -1)
+        labels = example["labels"][1:]
+        learnt = [t for t, x in enumerate(labels) if x != -100]
+        final_start = max(t for t in learnt if t == 0 or labels[t - 1] == -100)
+        earlier = [t for t in learnt if t < final_start]
+        losses[train_on] = -sum(logp[t, labels[t]].item() for t in earlier) / len(earlier)
+    print("held-out loss on earlier turns", losses)
+    assert losses["all_assistant_turns"] < 0.5 * losses["last_turn"], losses

@@ -238,3 +238,23 @@ def test_wrongly_laid_out_paths_stop_before_work_with_one_line(breaks, tiny_lm, 
     assert_clean(rc, err)
     assert any(LAYOUT_BREAKS[name][0] in err for name in breaks), err
     assert not (root / "out" / "config.yaml").exists()  # stopped before any work
+
+
+def test_a_wrongly_laid_out_config_file_stops_with_one_line(tmp_path, capsys):
+    (tmp_path / "dir").mkdir()
+    (tmp_path / "dir" / "sft.yaml").write_text("seed: 0\n")
+    (tmp_path / "list.yaml").write_text("- a\n- b\n")
+    (tmp_path / "junk.yaml").write_bytes(b"\x00\x01\xff")
+    (tmp_path / "model.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    cases = {
+        "dir": "is a directory; name one YAML in it (sft.yaml)",
+        "missing.yaml": "does not exist",
+        "list.yaml": "the top level must be a mapping",
+        "junk.yaml": "not valid UTF-8",
+        "model.json": "unknown key 'architectures'",
+    }
+    for name, words in cases.items():
+        rc = main(["sft", "--config", str(tmp_path / name)])
+        err = capsys.readouterr().err
+        lines = [line for line in err.splitlines() if line.startswith("error:")]
+        assert rc == 2 and len(lines) == 1 and err.strip() == lines[0] and words in err, (name, err)

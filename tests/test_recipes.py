@@ -223,7 +223,7 @@ def test_recipe_end_to_end_on_stand_ins(name, family, stand_ins, tmp_path):
             name,
             [
                 f"output_dir={out / 'eval'}",
-                f"policy={ppo_final}",
+                f"run_dir={out / 'ppo'}",
                 f"sft={sft_final}",
                 f"reward_model={rm_final}",
                 f"prompts.path={s['ultra']}",
@@ -236,11 +236,17 @@ def test_recipe_end_to_end_on_stand_ins(name, family, stand_ins, tmp_path):
         )
     )
     assert result["num_samples"] == 8 and isinstance(result["kl_to_sft"], float)
+    # the defences the recipe ships with: an ensemble with a held-out proxy, a KL target and budget, the frontier
+    assert json.loads((rm_final / "ensemble.json").read_text())["holdout"]
+    assert (out / "eval" / "frontier.json").is_file()
+    ppo_cfg = recipe("ppo", name, [])
+    assert ppo_cfg.kl.adaptive and ppo_cfg.kl.target > 0 and ppo_cfg.kl.budget > ppo_cfg.kl.target
     # every final/ loads with the Auto classes; a LoRA recipe's final/ is merged weights (merge_on_save)
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     AutoModelForCausalLM.from_pretrained(ppo_final)
-    AutoModelForSequenceClassification.from_pretrained(rm_final)
+    members = json.loads((rm_final / "ensemble.json").read_text())["members"]
+    AutoModelForSequenceClassification.from_pretrained((rm_final / members[0]).resolve())
     if name.endswith("lora"):
         assert not (ppo_final / "adapter_config.json").exists()
     rows = [json.loads(x) for x in (out / "ppo" / "samples.jsonl").read_text().splitlines()]

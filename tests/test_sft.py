@@ -139,6 +139,9 @@ def test_tiny_sft_run(tiny_sft):
     assert (tiny_sft / "rlhf_config.yaml").is_file()
     assert (out / "samples.jsonl").is_file()
     assert not list(out.glob("*.tmp"))
+    # logged samples start from held-out prompts rendered as the model sees them (the prompt template here)
+    logged = [json.loads(line) for line in (out / "samples.jsonl").read_text().splitlines()]
+    assert logged and all(r["prompt"].startswith("Human:") and r["prompt"].endswith("Assistant:") for r in logged)
 
     tokenizer = AutoTokenizer.from_pretrained(tiny_sft)
     model = AutoModelForCausalLM.from_pretrained(tiny_sft).eval()
