@@ -148,6 +148,8 @@ class TextSource:
     """File (json/jsonl/parquet), saved datasets dir or hub dataset name."""
     split: str = "train"
     """Split for hub datasets and saved DatasetDicts."""
+    subset: str = ""
+    """A hub dataset's config name (e.g. `main` for openai/gsm8k); empty = its default."""
     field_map: dict[str, str] = field(default_factory=dict)
     """Canonical field -> field name in the source, e.g. {prompt: question}."""
     max_rows: int = 0

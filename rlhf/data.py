@@ -7,7 +7,7 @@ returns a ``datasets.Dataset`` with the canonical columns of ``kind`` plus a `Lo
 - ``"text"``:       text
 - ``"sft"``:        prompt, completion, messages
 - ``"preference"``: prompt, ranked (best first, >= 2 distinct responses), messages
-- ``"prompts"``:    prompt, messages
+- ``"prompts"``:    prompt, messages, reference (a gold answer for a verifiable reward; "" when the row has none)
 
 ``messages`` is always present (an empty list when a row has no chat context) so every row of a kind has one schema;
 a consumer renders ``messages + [user: prompt]`` with its chat template (an empty prompt adds no user turn).
@@ -71,14 +71,14 @@ FEATURES = {
     "text": datasets.Features({"text": _STR}),
     "sft": datasets.Features({"prompt": _STR, "completion": _STR, "messages": _MESSAGES}),
     "preference": datasets.Features({"prompt": _STR, "ranked": datasets.List(_STR), "messages": _MESSAGES}),
-    "prompts": datasets.Features({"prompt": _STR, "messages": _MESSAGES}),
+    "prompts": datasets.Features({"prompt": _STR, "messages": _MESSAGES, "reference": _STR}),
 }
 # Canonical names a field_map may target, per kind (chosen/rejected are inputs that become `ranked`).
 _MAPPABLE = {
     "text": ("text",),
     "sft": ("prompt", "completion", "messages"),
     "preference": ("prompt", "ranked", "chosen", "rejected", "messages"),
-    "prompts": ("prompt", "messages"),
+    "prompts": ("prompt", "messages", "reference"),
 }
 _SKIP_HINT = "or set data.format.on_bad_row: skip to skip such rows"
 
@@ -111,10 +111,12 @@ def load_rows(
     field_map: dict[str, str] | None = None,
     on_bad_row: str = "error",
     max_rows: int | None = None,
+    subset: str = "",
 ) -> tuple[datasets.Dataset, LoadReport]:
     """Load `source` as rows of `kind` and return (canonical dataset, report).
 
-    `split` is used for hub datasets and saved DatasetDicts only. `field_map` maps canonical field -> source column
+    `split` is used for hub datasets and saved DatasetDicts only, `subset` (a hub dataset's config name, e.g.
+    GSM8K's "main") for hub datasets only. `field_map` maps canonical field -> source column
     (e.g. ``{"prompt": "question", "completion": "answer"}``). `on_bad_row` is "error" (raise DataError on the first
     bad row) or "skip" (skip and count it). `max_rows` reads only the first `max_rows` source rows (bad ones count).
     Raises DataError for a missing/unreadable source, a bad row under "error", or when no usable row is left.
@@ -133,7 +135,7 @@ def load_rows(
     columns = {name: [] for name in FEATURES[kind]}
     skipped: Counter[str] = Counter()
     ties = rows_read = kept = 0
-    for index, where, raw in _read_source(source, split, max_rows):
+    for index, where, raw in _read_source(source, split, max_rows, subset):
         rows_read += 1
         try:
             if isinstance(raw, _BadRow):
@@ -167,7 +169,7 @@ def load_rows(
 # ---------------------------------------------------------------------------------------------- reading sources
 
 
-def _read_source(source: str, split: str, max_rows: int | None) -> Iterator[tuple[int, str, object]]:
+def _read_source(source: str, split: str, max_rows: int | None, subset: str = "") -> Iterator[tuple[int, str, object]]:
     """Yield (0-based row index, location suffix for messages, row object or _BadRow) from any source kind."""
     path = os.path.expanduser(source)
     if os.path.isdir(path):
@@ -193,7 +195,7 @@ def _read_source(source: str, split: str, max_rows: int | None) -> Iterator[tupl
             "path, so it was not tried as a hub dataset name. Check the path."
         )
     else:
-        rows = _read_hub(source, split, max_rows)
+        rows = _read_hub(source, split, max_rows, subset)
     return ((i, "", row) for i, row in enumerate(rows))
 
 
@@ -209,9 +211,13 @@ def _read_saved_dataset(source: str, path: str, split: str, max_rows: int | None
     return _head(loaded, max_rows).to_list()
 
 
-def _read_hub(source: str, split: str, max_rows: int | None) -> list:
+def _read_hub(source: str, split: str, max_rows: int | None, subset: str = "") -> list:
     try:
-        loaded = datasets.load_dataset(source, split=split)
+        loaded = (
+            datasets.load_dataset(source, subset, split=split)
+            if subset
+            else datasets.load_dataset(source, split=split)
+        )
     except Exception as e:  # any failure means "cannot use this name"; keep the cause in the message
         raise DataError(
             f"data source {source!r} is not an existing local path and could not be loaded as a hub dataset "
@@ -365,6 +371,15 @@ def _norm_sft(row: dict) -> tuple[dict, int]:
 
 
 def _norm_prompts(row: dict) -> tuple[dict, int]:
+    """A prompt row, plus its `reference` (a gold answer a verifiable reward checks against; "" when absent)."""
+    reference = row.get("reference", "")
+    if not isinstance(reference, str | int | float) or isinstance(reference, bool):
+        raise _BadRow("wrong_type", "reference", f"must be text, got {_describe(reference)}", "map a text column")
+    normalised, skipped = _norm_prompt_turns(row)
+    return normalised | {"reference": str(reference)}, skipped
+
+
+def _norm_prompt_turns(row: dict) -> tuple[dict, int]:
     if "messages" in row and (row.get("prompt") is None or isinstance(row.get("prompt"), str)):
         msgs = _messages(row["messages"])
         users = [i for i, m in enumerate(msgs) if m["role"] == "user" and m["content"].strip()]
@@ -475,6 +490,7 @@ def load_source(source, kind: str, on_bad_row: str = "error", max_rows: int | No
         field_map=source.field_map or None,
         on_bad_row=on_bad_row,
         max_rows=max_rows or source.max_rows or None,
+        subset=source.subset,
     )
     if report.skipped or report.ties_dropped:
         print(

@@ -27,7 +27,7 @@ import yaml
 from rlhf.batching import TruncationReport, encode_prompts, encode_text, pad, response_sequences
 from rlhf.checkpoints import checkpoint_dirs
 from rlhf.collapse import collapse_reasons, kl_limit, repeat_share
-from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, load_function, save_config
+from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
 from rlhf.data import load_source
 from rlhf.models import (
     causal_logits,
@@ -40,6 +40,7 @@ from rlhf.models import (
 )
 from rlhf.ppo_math import distinct_n, logprobs_from_logits, truncate_after_eos
 from rlhf.reward import score_sequences
+from rlhf.rewards import row_function
 from rlhf.runtime import seed_everything
 from rlhf.sampling import decode_responses, generate
 from rlhf.sft import summed_lm_loss
@@ -81,7 +82,7 @@ class Evaluation:
 
     def __init__(self, cfg: EvalConfig):
         self.cfg = cfg
-        self.judge = load_function(cfg.judge, "judge") if cfg.judge else None
+        self.judge = row_function(cfg.judge, "judge") if cfg.judge else None
         self.tokenizer = tok = load_tokenizer(cfg.sft, cfg.trust_remote_code, cfg.format)
         ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
         self.rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
@@ -158,8 +159,14 @@ class Evaluation:
                     per_sample[key] = self.rm_mean(models, seqs)
                     metrics[f"{key}_score"] = sum(per_sample[key]) / len(seqs)
         if self.judge is not None:
-            per_sample["gold"] = [float(self.judge(r["prompt"], t)) for r, t in zip(self.rows, texts)]
+            per_sample["gold"] = [self.judge(r, t) for r, t in zip(self.rows, texts)]
             metrics["gold_score"] = sum(per_sample["gold"]) / len(self.rows)
+            k = cfg.samples_per_prompt
+            if k > 1 and set(per_sample["gold"]) <= {0.0, 1.0}:
+                # a 0/1 judge (a verifiable reward): gold_score is pass@1; pass@k counts a prompt any of whose k
+                # samples passes
+                per_prompt = [max(per_sample["gold"][i : i + k]) for i in range(0, len(self.rows), k)]
+                metrics["gold_pass_at_k"] = sum(per_prompt) / len(per_prompt)
         return metrics, per_sample, texts
 
     def win_rate(self, mine: dict, sft: dict) -> dict:

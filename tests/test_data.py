@@ -24,13 +24,13 @@ CANONICAL = {
     "text": {"text": "hello world"},
     "sft": {"prompt": "What is 2+2?", "completion": "4", "messages": []},
     "preference": {"prompt": "Pick one", "ranked": ["good", "bad"], "messages": []},
-    "prompts": {"prompt": "Tell me a joke", "messages": []},
+    "prompts": {"prompt": "Tell me a joke", "messages": [], "reference": ""},
 }
 COLUMNS = {
     "text": ["text"],
     "sft": ["prompt", "completion", "messages"],
     "preference": ["prompt", "ranked", "messages"],
-    "prompts": ["prompt", "messages"],
+    "prompts": ["prompt", "messages", "reference"],
 }
 
 
@@ -202,6 +202,21 @@ def test_unloadable_hub_name(monkeypatch):
     assert calls == [("org/name", "train")]
 
 
+def test_hub_dataset_subset_is_its_config_name(monkeypatch):
+    calls = []
+
+    def fake_load_dataset(name, subset, split):
+        calls.append((name, subset, split))
+        return datasets.Dataset.from_list([{"question": "2+3?", "answer": "#### 5"}])
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load_dataset)
+    ds, _ = load_rows(
+        "openai/gsm8k", "prompts", split="test", subset="main", field_map={"prompt": "question", "reference": "answer"}
+    )
+    assert calls == [("openai/gsm8k", "main", "test")]
+    assert ds.to_list() == [{"prompt": "2+3?", "messages": [], "reference": "#### 5"}]
+
+
 def test_hub_dataset_used_with_split(monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", lambda name, split: datasets.Dataset.from_list(numbered("text")))
     ds, report = load_rows("someone/corpus", "text", max_rows=2)
@@ -360,8 +375,8 @@ def test_chat_prompts_rows(tmp_path):
     rows = [{"messages": [user("hi"), assistant("hello"), user("why?")]}, {"prompt": "p", "messages": [user("x")]}]
     ds, _ = load_rows(write_jsonl(tmp_path / "a.jsonl", rows), "prompts")
     assert ds.to_list() == [
-        {"prompt": "why?", "messages": [user("hi"), assistant("hello")]},
-        {"prompt": "p", "messages": [user("x")]},
+        {"prompt": "why?", "messages": [user("hi"), assistant("hello")], "reference": ""},
+        {"prompt": "p", "messages": [user("x")], "reference": ""},
     ]
 
 
@@ -382,10 +397,10 @@ def test_ultrachat_rows(tmp_path):
     assert sft_ds.to_list() == [{"prompt": "", "completion": "A pear.", "messages": convo[:-1]}]
     # train_gen: the prompt is the first user turn; the reference answer after it is not part of the prompt
     gen_ds, _ = load_rows(write_jsonl(tmp_path / "gen.jsonl", [row]), "prompts")
-    assert gen_ds.to_list() == [{"prompt": "Name a fruit.", "messages": []}]
+    assert gen_ds.to_list() == [{"prompt": "Name a fruit.", "messages": [], "reference": ""}]
     # the most common chat-prompt shape: one user message
     one, _ = load_rows(write_jsonl(tmp_path / "one.jsonl", [{"messages": [user("hi")]}]), "prompts")
-    assert one.to_list() == [{"prompt": "hi", "messages": []}]
+    assert one.to_list() == [{"prompt": "hi", "messages": [], "reference": ""}]
 
 
 def test_chat_preference_rows(tmp_path):

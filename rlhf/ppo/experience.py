@@ -260,7 +260,7 @@ class ExperienceMaker:
         values = []
         for row, text, label in zip(rows, texts, where):
             try:
-                values.append(float(self.roles.reward_fn(row["prompt"], text)))
+                values.append(self.roles.reward_fn(row, text))
             except Exception as e:  # a user's function: say which row broke it, and that nothing is lost
                 raise ConfigError(
                     f"reward.function {r.function} failed on {label} (prompt {row['prompt'][:80]!r}, response "

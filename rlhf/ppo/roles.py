@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from rlhf.config import ConfigError, PPOConfig, load_function
+from rlhf.config import ConfigError, PPOConfig
 from rlhf.models import (
     TokenValueModel,
     load_causal_lm,
@@ -18,6 +18,7 @@ from rlhf.models import (
     load_tokenizer,
     reward_members,
 )
+from rlhf.rewards import row_function
 from rlhf.runtime import (
     ModelLanes,
     build_optimizer,
@@ -99,7 +100,7 @@ def load_roles(cfg: PPOConfig, acc, roles: Roles, total_steps: int) -> Roles:
     # forward module (TokenValueModel), so sharding wrappers see the whole forward. And/or a reward function.
     members = load_reward_ensemble(m.reward, roles.reward_tokenizer) if m.reward.name_or_path else []
     roles.reward_models = [prepare_frozen(acc, TokenValueModel(rm)) for rm in members]
-    roles.reward_fn = load_function(cfg.reward.function, "reward.function") if cfg.reward.function else None
+    roles.reward_fn = row_function(cfg.reward.function, "reward.function") if cfg.reward.function else None
 
     updates = total_steps * cfg.ppo.ppo_epochs * (cfg.train.batch_size // cfg.ppo.mini_batch_size)
     # the warm-up counts PPO iterations (InstructGPT: 10 iterations from 1/10 of the peak)
