@@ -18,6 +18,7 @@ import bisect
 import torch
 
 from rlhf.batching import pad
+from rlhf.config import ConfigError
 from rlhf.models import causal_logits
 
 __all__ = ["best_fit_decreasing", "check_rows_independent", "collate_packed", "pack_rows", "packed_micro_batches"]
@@ -104,7 +105,7 @@ def check_rows_independent(
     `forward(ids [B,T], attention_mask [B,T] | None, position_ids [B,T] | None)` -> per-position outputs [B,T,...]
     (default: the LM's logits; a reward model passes its values). Returns the largest absolute difference relative
     to the outputs' scale; raises RuntimeError when a row is seen to attend across its boundary (differences well
-    above the kernel's numerical noise)."""
+    above the kernel's numerical noise) as a ConfigError naming data.packing."""
     if forward is None:
 
         def forward(ids, attention_mask, position_ids):
@@ -128,9 +129,10 @@ def check_rows_independent(
         model.train(was_training)
     scale = float(alone.float().abs().max()) + 1e-6
     worst = max(diffs) / scale
-    # fp32 kernels agree to ~1e-6 here, bf16 ones to ~1e-2; a row that sees its neighbour moves by far more
+    # the tiny models' fp32 kernels agree to ~1e-6 here (tests/test_packing.py); a row that sees its neighbour moves
+    # by a large share of the scale, far above half-precision rounding
     if worst > 0.05:
-        raise RuntimeError(
+        raise ConfigError(
             f"data.packing: this model's attention lets packed rows see each other (logits moved by {worst:.3f} of "
             "their scale next to another row); set data.packing: false, or use an attn_implementation that "
             "follows position_ids (sdpa, eager or flash_attention_2 in transformers' own model code)"

@@ -122,7 +122,9 @@ def test_a_model_whose_rows_would_mix_is_refused(tiny_lm, monkeypatch):
         return causal_logits(model, ids, torch.ones_like(ids))
 
     monkeypatch.setattr(packing, "causal_logits", leaking)
-    with pytest.raises(RuntimeError, match="data.packing"):
+    from rlhf.config import ConfigError
+
+    with pytest.raises(ConfigError, match="data.packing"):
         check_rows_independent(tiny_lm, tiny_lm.config.vocab_size, "cpu")
 
 
