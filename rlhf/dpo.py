@@ -33,6 +33,7 @@ from rlhf.packing import check_rows_independent, pack_rows
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
 from rlhf.reward import load_ranked
 from rlhf.runtime import make_accelerator, prepare_frozen, seed_everything
+from rlhf.sampling import log_generations
 
 # a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
 Group = list[tuple[list[int], list[int]]]
@@ -218,7 +219,11 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
     def global_batch(step: int) -> list:
         return [train_groups[j] for j in schedule(step)]
 
+    # held-out prompts as the model sees them (the rendered prompt of the first groups), sampled at each evaluation
+    sample_prompts = [group[0][0] for group in eval_groups[: cfg.logging.num_samples]]
+
     def evaluate(unwrapped, step: int) -> dict:
+        log_generations(accelerator, unwrapped, tokenizer, sample_prompts, cfg.output_dir, step)
         metrics = report.as_metrics("data")
         if eval_groups:
             metrics |= evaluate_groups(unwrapped, ref_logps_fn, eval_groups, cfg, tokenizer.pad_token_id, accelerator)

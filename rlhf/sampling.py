@@ -18,6 +18,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from rlhf.batching import pad
 from rlhf.ppo_math import truncate_after_eos
+from rlhf.tracking import log_text
 
 
 def episode_seed(*keys: int) -> int:
@@ -112,3 +113,14 @@ def generate(
 def decode_responses(tokenizer, responses: torch.Tensor) -> list[str]:
     """Response ids [B,R] -> text without EOS/PAD."""
     return tokenizer.batch_decode(responses, skip_special_tokens=True)
+
+
+def log_generations(accelerator, model, tokenizer, prompts: list[list[int]], output_dir, step: int) -> None:
+    """Sample a response to each held-out prompt (token ids rendered as the model sees them) and write the pairs to
+    samples.jsonl (main process only): what SFT and DPO log at each evaluation."""
+    if not prompts or not accelerator.is_main_process:
+        return
+    _, _, responses = generate(model, tokenizer, prompts, max_new_tokens=64)
+    texts = decode_responses(tokenizer, responses)
+    rows = [{"prompt": tokenizer.decode(p), "response": t} for p, t in zip(prompts, texts)]
+    log_text(accelerator, output_dir, step, rows)

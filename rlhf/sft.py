@@ -25,8 +25,7 @@ from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.packing import check_rows_independent, packed_micro_batches
 from rlhf.ppo_math import lm_loss
 from rlhf.runtime import make_accelerator, seed_everything
-from rlhf.sampling import decode_responses, generate
-from rlhf.tracking import log_text
+from rlhf.sampling import log_generations
 
 
 def load_lm_examples(tokenizer, source: TextSource, kind: str, cfg: SFTConfig, report: TruncationReport) -> list:
@@ -139,8 +138,7 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
     sample_prompts = []
     if cfg.data.kind == "sft" and cfg.data.eval.path and cfg.logging.num_samples:
         ds = load_source(cfg.data.eval, "sft", max_rows=cfg.logging.num_samples)
-        rendered = encode_prompts(tokenizer, fmt, ds.to_list())  # held-out prompts as the model sees them
-        sample_prompts = [(tokenizer.decode(ids), ids) for ids in rendered]
+        sample_prompts = encode_prompts(tokenizer, fmt, ds.to_list())  # held-out prompts as the model sees them
 
     def evaluate(model, step: int) -> dict:
         metrics = (
@@ -155,15 +153,7 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
             if eval_examples
             else {}
         )
-        if sample_prompts and accelerator.is_main_process:
-            _, _, responses = generate(model, tokenizer, [p for _, p in sample_prompts], max_new_tokens=64)
-            texts = decode_responses(tokenizer, responses)
-            log_text(
-                accelerator,
-                cfg.output_dir,
-                step,
-                [{"prompt": p, "response": t} for (p, _), t in zip(sample_prompts, texts)],
-            )
+        log_generations(accelerator, model, tokenizer, sample_prompts, cfg.output_dir, step)
         return metrics | report.as_metrics("data")
 
     def write_final(model, path: Path) -> None:

@@ -3,6 +3,7 @@ rejected, a tiny-world run, exact resume, LoRA with the adapter-disabled referen
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -163,6 +164,7 @@ def tiny_dpo(tiny_world, tiny_sft, tmp_path_factory):
             train__eval_every=10,
             data__eval__max_rows=64,
             logging__every=5,
+            logging__num_samples=2,
         ),
     )
     return dpo.train(cfg)
@@ -195,6 +197,12 @@ def test_dpo_training_loss_falls_and_accuracy_rises(tiny_dpo, tiny_sft):
         assert metric_series(rows, key), key
     assert metric_series(rows, "train/reward_margin")[-1][1] > 0
     assert (tiny_dpo.parent / "config.yaml").is_file() and (tiny_dpo / "rlhf_config.yaml").is_file()
+
+
+def test_dpo_logs_samples_from_rendered_held_out_prompts(tiny_dpo):
+    logged = [json.loads(line) for line in (tiny_dpo.parent / "samples.jsonl").read_text().splitlines()]
+    assert len(logged) == 2 * 3  # two prompts at each of the 3 evaluations (steps 10, 20, 30)
+    assert all(r["prompt"].startswith("Human:") and r["prompt"].endswith("Assistant:") for r in logged)
 
 
 def test_dpo_final_loads_with_auto_class(tiny_dpo, tiny_sft):
