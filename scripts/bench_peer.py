@@ -16,6 +16,7 @@ Workloads:
   sft   8 sequences x L tokens per step, loss on completions
   rm    8 pairs x L tokens per step
   rmk4  8 prompts x 4 ranked responses x L tokens (rlhf: K-way loss; TRL: the 6 pairs per prompt, 48 pairs)
+  ppovar  ppo with prompts of variable length (VAR_LENGTHS, at most P tokens), left-padded on both sides
   sftvar, rmvar, rmk4var   the same with variable lengths (scripts/peer/world.py VAR_LENGTHS: log-normal, a mean
         of ~50 of at most L = 128 tokens): 32 rows (prompts) per step in micro-batches of 8, throughput in real
         (unpadded) tokens/s; SFT also runs each side packed (rlhf data.packing=true; TRL packing=True, its
@@ -53,7 +54,7 @@ PEER = ROOT / ".venv-peer"
 PEER_PY = PEER / "bin" / "python"
 RLHF_PY = Path(sys.executable)
 TRL_VERSION = "1.12.0"
-WORKLOADS = ("ppo", "sft", "rm", "rmk4", "sftvar", "rmvar", "rmk4var")
+WORKLOADS = ("ppo", "sft", "rm", "rmk4", "ppovar", "sftvar", "rmvar", "rmk4var")
 # variable-length workloads (scripts/peer/world.py VAR_LENGTHS: log-normal lengths, ~50 of at most 128 tokens for the
 # tiny size): 32 rows per step in micro-batches of 8 on both sides; throughput = real (unpadded) tokens per second.
 # Each side also runs in its best configuration for the workload where it has one (SFT: packing).
@@ -176,7 +177,7 @@ def run_worker(
     cmd += ["--device", setup.device]
     if side == "rlhf":
         cmd += [a for kv in setup.sets + (["data.packing=true"] if best else []) for a in ("--set", kv)]
-    elif setup.compile and workload != "ppo":
+    elif setup.compile and not workload.startswith("ppo"):
         cmd += ["--compile"]
     if side == "trl" and best:
         cmd += ["--best"]
@@ -219,7 +220,7 @@ def measure(data: dict, workload: str, seq_len: int) -> dict:
     start = data.get("train_start", data.get("train_begin"))  # rlhf: before loading the models; TRL: train()
     if start:  # the warm-up step, any compile included
         fig["first_s"] = ends[0] - start
-    if workload == "ppo":
+    if workload.startswith("ppo"):
         fig["throughput"] = EPISODES / step_s
         for k in ("time/generate", "time/score", "time/train"):
             vals = data[k][1:]
@@ -321,9 +322,15 @@ def fmt(x: float) -> str:
 
 
 def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str], size: str) -> list[str]:
-    units = {"ppo": "episodes/s", "sft": "tokens/s", "rm": "tokens/s", "rmk4": "unique tokens/s"}
+    units = {
+        "ppo": "episodes/s",
+        "ppovar": "episodes/s",
+        "sft": "tokens/s",
+        "rm": "tokens/s",
+        "rmk4": "unique tokens/s",
+    }
     unit = units.get(workload, "real unique tokens/s" if workload == "rmk4var" else "real tokens/s")
-    step = "s/iteration" if workload == "ppo" else "s/step"
+    step = "s/iteration" if workload.startswith("ppo") else "s/step"
     labels = {side: "bf16" if p == "bf16" else "fp32" for side, p in precision.items()}
     same = len(set(labels.values())) == 1
     caption = next(iter(labels.values())) if same else ", ".join(f"{side} {label}" for side, label in labels.items())
@@ -331,8 +338,8 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
     lines = [
         f"| {workload} ({size}, {caption}) | {unit} min / median / max | {step} (median) | peak RSS MiB (median) |"
         + (" peak GPU MiB allocated (median) |" if gpu else "")
-        + (" generate / score / train s (median) |" if workload == "ppo" else ""),
-        "|---|---|---|---|" + ("---|" if gpu else "") + ("---|" if workload == "ppo" else ""),
+        + (" generate / score / train s (median) |" if workload.startswith("ppo") else ""),
+        "|---|---|---|---|" + ("---|" if gpu else "") + ("---|" if workload.startswith("ppo") else ""),
     ]
     for name, runs in figs.items():
         side = name.split()[0]
@@ -342,7 +349,7 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
         row += f"{statistics.median(f['rss'] for f in runs):,.0f} |"
         if gpu:
             row += f" {statistics.median(f.get('gpu', float('nan')) for f in runs):,.0f} |"
-        if workload == "ppo":
+        if workload.startswith("ppo"):
             parts = [statistics.median(f[k] for f in runs) for k in ("time/generate", "time/score", "time/train")]
             row += " " + " / ".join(f"{p:.3g}" for p in parts) + " |"
         lines.append(row)
@@ -474,7 +481,7 @@ def main() -> None:
     out_lines = [header, ""]
     rates: dict[str, float] = {}
     for w in workloads:
-        measured = args.steps or (2 if args.quick else 5 if w == "ppo" else 10)
+        measured = args.steps or (2 if args.quick else 5 if w.startswith("ppo") else 10)
         runs = variants(w, sides)
         figs: dict[str, list[dict]] = {variant_label(side, best, w): [] for side, best in runs}
         for rep in range(reps):
@@ -490,7 +497,7 @@ def main() -> None:
                     f"{fig['rss']:.0f} MiB{first}"
                 )
         lines = table(w, figs, precision, args.size)
-        if "rlhf" in precision and w not in VARLEN:  # the floor of a fixed-length step
+        if "rlhf" in precision and w in ("ppo", "sft", "rm", "rmk4"):  # the floor of a fixed-length step
             if precision["rlhf"] not in rates:
                 rates[precision["rlhf"]] = gemm_rate(precision["rlhf"], args.threads, shape, args.device)
             rate = rates[precision["rlhf"]]

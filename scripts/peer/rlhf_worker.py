@@ -35,14 +35,14 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
     prompt_len, seq_len, new_tokens = shape["prompt_len"], shape["seq_len"], shape["new_tokens"]
     common = COMMON + [f"train.mixed_precision={precision}"]
     fmt = ["format.prompt_template='{prompt}'", "format.use_chat_template=never", "format.truncation=error"]
-    if workload == "ppo":
+    if workload.startswith("ppo"):
         return "ppo", common + [
             f"output_dir={out}",
             f"models.policy.name_or_path={world / 'lm'}",
             f"models.reward.name_or_path={world / 'rm'}",
             "models.value_init=reward",
             "models.reference=copy",
-            f"data.prompts.path={data / 'prompts.jsonl'}",
+            f"data.prompts.path={data / ('prompts_var.jsonl' if workload == 'ppovar' else 'prompts.jsonl')}",
             "data.eval_prompts.path=",
             *[f"data.{f}" for f in fmt],
             f"data.format.max_length={prompt_len + new_tokens}",
@@ -95,7 +95,9 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4", "sftvar", "rmvar", "rmk4var"], required=True)
+    ap.add_argument(
+        "--workload", choices=["ppo", "sft", "rm", "rmk4", "ppovar", "sftvar", "rmvar", "rmk4var"], required=True
+    )
     ap.add_argument("--world", required=True)
     ap.add_argument("--out", required=True)
     ap.add_argument("--steps", type=int, required=True, help="total steps / iterations, the first is warm-up")

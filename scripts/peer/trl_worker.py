@@ -73,7 +73,9 @@ def precision_used(trainer, model) -> dict:
     }
 
 
-def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, attn: dict) -> dict:
+def run_ppo(
+    world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, attn: dict, prompts: str = "prompts.jsonl"
+) -> dict:
     from trl.experimental.ppo import PPOConfig, PPOTrainer
     from trl.experimental.ppo import ppo_trainer as mod
 
@@ -97,7 +99,7 @@ def run_ppo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, at
     shape = json.loads((world / "model.json").read_text())
 
     tok = AutoTokenizer.from_pretrained(world / "lm")
-    rows = load_dataset("json", data_files=str(world / "data" / "prompts.jsonl"), split="train")
+    rows = load_dataset("json", data_files=str(world / "data" / prompts), split="train")
     ds = rows.map(lambda r: {"input_ids": tok(r["prompt"])["input_ids"]}, remove_columns=rows.column_names)
     policy = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
     ref = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
@@ -229,7 +231,9 @@ def run_supervised(
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--workload", choices=["ppo", "sft", "rm", "rmk4", "sftvar", "rmvar", "rmk4var"], required=True)
+    ap.add_argument(
+        "--workload", choices=["ppo", "sft", "rm", "rmk4", "ppovar", "sftvar", "rmvar", "rmk4var"], required=True
+    )
     ap.add_argument("--best", action="store_true", help="TRL's fastest configuration for the workload (SFT: packing)")
     ap.add_argument("--world", required=True)
     ap.add_argument("--out", required=True)
@@ -247,10 +251,11 @@ def main() -> None:
     shutil.rmtree(out, ignore_errors=True)
     clock = StepClock()
     t0 = time.time()
-    if args.workload == "ppo":
+    if args.workload.startswith("ppo"):
         if args.compile:
             raise SystemExit("TRL 1.12's PPOTrainer builds its own Accelerator without a dynamo plugin: no compile")
-        extra = run_ppo(world, out, args.steps, clock, bf16, attn)
+        prompts = "prompts_var.jsonl" if args.workload == "ppovar" else "prompts.jsonl"
+        extra = run_ppo(world, out, args.steps, clock, bf16, attn, prompts)
     else:
         extra = run_supervised(args.workload, world, out, args.steps, clock, bf16, args.compile, attn, args.best)
     result = {

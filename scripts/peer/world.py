@@ -137,6 +137,7 @@ def build_var_data(out: Path, words: list[str], seed: int, rows: int, prompt_len
 
     data = out / "data"
     sft = [{"prompt": text("prompt", prompt_len), "completion": text("completion", width)} for _ in range(rows)]
+    write_jsonl(data / "prompts_var.jsonl", [{"prompt": r["prompt"]} for r in sft])
     write_jsonl(data / "sft_var.jsonl", sft)
     write_jsonl(
         data / "sft_var_trl.jsonl", [{"prompt": r["prompt"], "completion": " " + r["completion"]} for r in sft]
