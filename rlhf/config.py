@@ -136,6 +136,10 @@ class LoggingConfig:
     """Write a metrics.jsonl row every N steps."""
     tensorboard: bool = True
     """Also write TensorBoard events next to metrics.jsonl when tensorboard is installed."""
+    report_to: list[str] = field(default_factory=list)
+    """More trackers, through accelerate: any of tensorboard, wandb, trackio, mlflow (install them with
+    `pip install 'rlhf[track]'`); each gets the resolved config and every metric. Offline they write locally:
+    wandb with WANDB_MODE=offline, mlflow into <output_dir>/mlruns, trackio into its local store."""
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     """Console progress: a bar on a terminal, periodic lines otherwise."""
     num_samples: int = 3
@@ -793,9 +797,15 @@ def _positive(value: float, key: str) -> None:
         raise ConfigError(f"{key} must be > 0 and finite, got {value}")
 
 
+TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")
+
+
 def _check_common(cfg: Any) -> None:
     if cfg.resume not in ("auto", "never") and not cfg.resume:
         raise ConfigError("resume must be auto, never or a checkpoint path")
+    unknown = [t for t in cfg.logging.report_to if t not in TRACKERS]
+    if unknown:
+        raise ConfigError(f"logging.report_to: unknown tracker(s) {unknown}; choose from {list(TRACKERS)}")
     t, o = cfg.train, cfg.optim
     if t.max_steps < 0:
         raise ConfigError(f"train.max_steps must be >= 0, got {t.max_steps}")

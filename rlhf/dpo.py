@@ -171,7 +171,9 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
     check_paths(cfg, source)
     if cfg.reference == "disable_adapter":
         check_adapter_reference(cfg)
-    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
+    accelerator = make_accelerator(
+        cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu, cfg.logging.report_to, cfg
+    )
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     report = TruncationReport()

@@ -225,7 +225,9 @@ def write_ensemble_manifest(cfg: RMConfig, members: list[Path]) -> Path:
 
 def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     """Train one reward model (on a bootstrap resample of the comparison groups when bootstrap_seed is set)."""
-    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
+    accelerator = make_accelerator(
+        cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu, cfg.logging.report_to, cfg
+    )
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     report = TruncationReport()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import dataclasses
 import importlib.util
 import math
 import os
@@ -15,6 +16,7 @@ import sys
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor, wait
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -69,10 +71,46 @@ def keep_freed_memory() -> dict[str, bool]:
     }
 
 
+def not_installed(name: str) -> str:
+    return f"logging.report_to: {name} is not installed; pip install 'rlhf[track]' (or {name}), or remove it"
+
+
+def external_tracker(name: str, output_dir: str | Path):
+    """An accelerate tracker for `name` (wandb, trackio, mlflow): project `rlhf` (WANDB_PROJECT overrides for
+    wandb), run named after the output dir, local files under it; ConfigError when the package is missing."""
+    import accelerate.tracking as tracking
+
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(not_installed(name))
+    run = Path(output_dir).resolve().name
+    if name == "wandb":
+        return tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "rlhf"), name=run, dir=str(output_dir))
+    if name == "mlflow":
+        return tracking.MLflowTracker("rlhf", logging_dir=str(Path(output_dir) / "mlruns"), run_name=run)
+    return tracking.TrackioTracker("rlhf", name=run)
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict -> {dotted key: value} with lists and None as strings (what trackers store)."""
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat_config(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
 def make_accelerator(
-    mixed_precision: str, output_dir: str | Path, tensorboard: bool, cpu: bool = False
+    mixed_precision: str,
+    output_dir: str | Path,
+    tensorboard: bool,
+    cpu: bool = False,
+    report_to: list[str] | tuple = (),
+    config: Any = None,
 ) -> Accelerator:
-    """An Accelerator that logs to `<output_dir>/metrics.jsonl` (and TensorBoard when installed and asked for)."""
+    """An Accelerator that logs to `<output_dir>/metrics.jsonl` (and TensorBoard when installed and asked for), and
+    to the trackers of `logging.report_to`, each given the resolved `config` (a stage's dataclass)."""
     if mixed_precision == "auto":
         mixed_precision = "bf16" if fast_bf16(cpu) else "no"
     cpu = cpu_backend(cpu)
@@ -81,18 +119,25 @@ def make_accelerator(
         # process and refuses a second precision; start a new one (the process group, PartialState, is kept)
         AcceleratorState._reset_state()
     trackers: list = [JsonlTracker(Path(output_dir) / "metrics.jsonl")]
-    if tensorboard and importlib.util.find_spec("tensorboard") is not None:
+    if (tensorboard or "tensorboard" in report_to) and importlib.util.find_spec("tensorboard") is not None:
         trackers.append("tensorboard")
+    extra = [external_tracker(name, output_dir) for name in dict.fromkeys(report_to) if name != "tensorboard"]
+    if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(not_installed("tensorboard"))
     # step_scheduler_with_optimizer=False: our schedules count optimizer steps of the global batch; accelerate's
     # default steps them num_processes times per call (the LR warm-up and decay ran N times too fast under N processes)
     accelerator = Accelerator(
         mixed_precision=mixed_precision,
         cpu=cpu,
-        log_with=trackers,
+        log_with=trackers + extra,
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,
     )
     accelerator.init_trackers("tensorboard")
+    if config is not None and accelerator.is_main_process:
+        flat = flat_config(dataclasses.asdict(config))
+        for tracker in extra:
+            tracker.store_init_configuration(flat)
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     topology = accelerator.distributed_type.value

@@ -78,7 +78,9 @@ def eval_loss(model, examples: list, micro: int, pad_token_id: int, accelerator,
 def train(cfg: SFTConfig, source: str = "<config>") -> Path:
     """Run SFT (or pretraining) to completion; returns `<output_dir>/final`."""
     check_paths(cfg, source)
-    accelerator = make_accelerator(cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu)
+    accelerator = make_accelerator(
+        cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu, cfg.logging.report_to, cfg
+    )
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     fmt = cfg.data.format

@@ -57,8 +57,9 @@ def log_metrics(accelerator: Accelerator, values: dict, step: int) -> None:
     """Numbers go to every tracker; strings (sampled text) only to metrics.jsonl."""
     numbers = {k: _plain(v) for k, v in values.items() if isinstance(v, (int, float, torch.Tensor))}
     texts = {k: v for k, v in values.items() if k not in numbers}
+    finite = {k: v for k, v in numbers.items() if v is not None}  # a non-finite value is null in the JSONL only
     for tracker in accelerator.trackers:
-        tracker.log(numbers | texts if isinstance(tracker, JsonlTracker) else numbers, step=step)
+        tracker.log(numbers | texts if isinstance(tracker, JsonlTracker) else finite, step=step)
 
 
 def log_text(accelerator: Accelerator, output_dir: str | Path, step: int, samples: list[dict]) -> None:

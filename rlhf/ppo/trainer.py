@@ -65,7 +65,12 @@ class PPOTrainer:
         check_paths(cfg, source)
         self.cfg = cfg
         acc = self.accelerator = make_accelerator(
-            cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu
+            cfg.train.mixed_precision,
+            cfg.output_dir,
+            cfg.logging.tensorboard,
+            cfg.train.cpu,
+            cfg.logging.report_to,
+            cfg,
         )
         seed_everything(cfg.seed)
         self.roles = roles_for(cfg)
