@@ -29,7 +29,7 @@ from rlhf.checkpoints import final_model, save_final
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
 from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
-from rlhf.packing import check_rows_independent, pack_rows
+from rlhf.packing import pack_length, pack_rows
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
 from rlhf.reward import load_ranked
 from rlhf.runtime import make_accelerator, prepare_frozen, seed_everything
@@ -195,9 +195,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
 
     # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)
-    pack_length = cfg.data.format.max_length if cfg.data.packing else 0
-    if pack_length:
-        check_rows_independent(model, len(tokenizer), next(model.parameters()).device)
+    packed_length = pack_length(cfg.data, model, tokenizer)
     if cfg.reference == "copy":
         ref_cfg = copy.deepcopy(cfg.model)
         ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
@@ -241,7 +239,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
         name="dpo",
         total_steps=total_steps,
         global_batch=global_batch,
-        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, pack_length),
+        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, packed_length),
         units=num_groups,
         loss=lambda policy, batch: preference_loss(policy, ref_logps_fn, batch, cfg.beta, cfg.loss.label_smoothing),
         evaluate=evaluate,

@@ -359,6 +359,17 @@ def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
     return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
+def mask_and_positions(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What a forward passes: padded rows -> (attention_mask, positions counting real tokens); packed rows
+    (`position_ids` given, restarting at each row) -> (None, position_ids), from which transformers derives the
+    block-diagonal mask."""
+    if position_ids is not None:
+        return None, position_ids
+    return attention_mask, position_ids_from_mask(attention_mask)
+
+
 def causal_logits(
     model: nn.Module,
     input_ids: torch.Tensor,
@@ -370,10 +381,7 @@ def causal_logits(
     [B,last,V] (the LM head skips the prompt: for a 150k vocabulary that is most of a forward's logits memory).
     Packed rows (`rlhf.packing`): `position_ids` [B,T] restarting at each row and no attention mask."""
     kwargs = {"logits_to_keep": last} if last and _keeps_logits(model) else {}
-    if position_ids is not None:
-        attention_mask = None  # transformers derives the block-diagonal mask from the position restarts
-    else:
-        position_ids = position_ids_from_mask(attention_mask)
+    attention_mask, position_ids = mask_and_positions(attention_mask, position_ids)
     out = model(
         input_ids=input_ids,
         attention_mask=attention_mask,
@@ -425,10 +433,7 @@ def token_values(
     `position_ids` [B,T] restarting at each row and no attention mask."""
     if isinstance(wrapped_module(model), TokenValueModel):
         return model(input_ids, attention_mask, position_ids)
-    if position_ids is not None:
-        attention_mask = None  # transformers derives the block-diagonal mask from the position restarts
-    else:
-        position_ids = position_ids_from_mask(attention_mask)
+    attention_mask, position_ids = mask_and_positions(attention_mask, position_ids)
     hidden = _backbone(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,

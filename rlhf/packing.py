@@ -21,7 +21,14 @@ from rlhf.batching import pad
 from rlhf.config import ConfigError
 from rlhf.models import causal_logits
 
-__all__ = ["best_fit_decreasing", "check_rows_independent", "collate_packed", "pack_rows", "packed_micro_batches"]
+__all__ = [
+    "best_fit_decreasing",
+    "check_rows_independent",
+    "collate_packed",
+    "pack_length",
+    "pack_rows",
+    "packed_micro_batches",
+]
 
 
 def best_fit_decreasing(lengths: list[int], capacity: int) -> list[list[int]]:
@@ -138,3 +145,12 @@ def check_rows_independent(
             "follows position_ids (sdpa, eager or flash_attention_2 in transformers' own model code)"
         )
     return worst
+
+
+def pack_length(data, model, tokenizer, forward=None) -> int:
+    """A stage's packed sequence length: data.format.max_length when data.packing, once `check_rows_independent`
+    has passed on `model` (with `forward`, see there); 0 (no packing) otherwise."""
+    if not data.packing:
+        return 0
+    check_rows_independent(model, len(tokenizer), next(model.parameters()).device, forward)
+    return data.format.max_length

@@ -39,7 +39,7 @@ from rlhf.models import (
     reward_scores,
     token_values,
 )
-from rlhf.packing import check_rows_independent, pack_rows
+from rlhf.packing import pack_length, pack_rows
 from rlhf.ppo_math import ranking_loss
 from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.tracking import write_json
@@ -287,16 +287,12 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     model = TokenValueModel(
         load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
     )
-    pack_length = cfg.data.format.max_length if cfg.data.packing else 0
-    if pack_length:
-        check_rows_independent(
-            model, len(tokenizer), next(model.parameters()).device, lambda ids, am, pos: model(ids, am, pos)[..., None]
-        )
+    packed_length = pack_length(cfg.data, model, tokenizer, lambda ids, am, pos: model(ids, am, pos)[..., None])
     task = SupervisedTask(
         name="rm",
         total_steps=total_steps,
         global_batch=global_batch,
-        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef, pack_length),
+        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef, packed_length),
         units=lambda batch: int(batch["seq_group"].max()) + 1,
         loss=lambda model, batch: group_loss(model, batch, cfg.loss.center_coef),
         evaluate=evaluate,

@@ -44,16 +44,14 @@ def row_function(spec: str, key: str) -> Callable[[dict, str], float]:
 def final_number(text: str) -> Fraction | None:
     """The answer a text gives: the number after its last `####` if it has one, else its last number; commas,
     currency, units and trailing text ignored. None when there is no number."""
-    if "####" in text:
+    marked = "####" in text
+    if marked:
         text = text.rsplit("####", 1)[1]
-        found = [m.group() for m in _NUMBER.finditer(text) if re.search(r"\d", m.group())]
-        found = found[:1]  # the number right after the marker, not one in trailing words
-    else:
-        found = [m.group() for m in _NUMBER.finditer(text) if re.search(r"\d", m.group())]
-        found = found[-1:]
+    found = [m.group() for m in _NUMBER.finditer(text) if re.search(r"\d", m.group())]
     if not found:
         return None
-    number = found[0].replace(",", "")
+    # after the marker, the number right after it (not one in trailing words); without one, the last number
+    number = found[0 if marked else -1].replace(",", "")
     try:
         return Fraction(number)
     except (ValueError, ZeroDivisionError):

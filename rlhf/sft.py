@@ -22,7 +22,7 @@ from rlhf.config import SFTConfig, TextSource, check_paths
 from rlhf.data import load_source
 from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
-from rlhf.packing import check_rows_independent, packed_micro_batches
+from rlhf.packing import pack_length, packed_micro_batches
 from rlhf.ppo_math import lm_loss
 from rlhf.runtime import make_accelerator, seed_everything
 from rlhf.sampling import log_generations
@@ -163,11 +163,10 @@ def train(cfg: SFTConfig, source: str = "<config>") -> Path:
 
     model = load_causal_lm(cfg.model, tokenizer)
     micro_batches = None
-    if cfg.data.packing:
-        check_rows_independent(model, len(tokenizer), next(model.parameters()).device)
+    if packed_length := pack_length(cfg.data, model, tokenizer):
         micro_batches = functools.partial(
             packed_micro_batches,
-            max_length=fmt.max_length,
+            max_length=packed_length,
             micro_batch_size=cfg.train.micro_batch_size,
             pad_token_id=tokenizer.pad_token_id,
         )

@@ -188,23 +188,34 @@ def tokenizer(tiny_world):
     return load_tokenizer(str(tiny_world / "tokenizer"))
 
 
+def tiny_llama_config(vocab_size: int, pad_token_id: int, **overrides):
+    """The tests' 2-layer Llama shape (d 32, 4 heads, MLP 64, 128 positions) over a vocabulary."""
+    from transformers import LlamaConfig
+
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    shape |= dict(num_key_value_heads=4, max_position_embeddings=128)
+    return LlamaConfig(vocab_size=vocab_size, pad_token_id=pad_token_id, **shape | overrides)
+
+
 @pytest.fixture(scope="session")
 def tiny_lm(tokenizer):
     """A 2-layer random Llama over the tiny world's vocabulary (seed 0), in eval mode: for exact-math tests."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return LlamaForCausalLM(config).eval()
+    return LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_value_model(tokenizer):
+    """The same shape with a scalar head, as a TokenValueModel (seed 0, eval mode): values and reward scores."""
+    from transformers import LlamaForSequenceClassification
+
+    from rlhf.models import TokenValueModel
+
+    torch.manual_seed(0)
+    config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, num_labels=1)
+    return TokenValueModel(LlamaForSequenceClassification(config)).eval()
 
 
 @pytest.fixture(scope="session")

@@ -204,19 +204,15 @@ def test_learning_every_turn_lowers_the_held_out_loss_of_earlier_turns(qwen, tmp
     import json
 
     import torch
-    from conftest import load_stage
-    from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
+    from conftest import load_stage, tiny_llama_config
+    from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
     from rlhf import sft
     from rlhf.batching import encode_conversation
 
     tok = load_tokenizer(str(qwen), fmt=CHAT)
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tok), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tok.pad_token_id,
-    )  # fmt: skip
-    LlamaForCausalLM(config).save_pretrained(str(tmp_path / "base"))
+    LlamaForCausalLM(tiny_llama_config(len(tok), tok.pad_token_id)).save_pretrained(str(tmp_path / "base"))
     tok.save_pretrained(str(tmp_path / "base"))
     rows = [
         {"messages": [

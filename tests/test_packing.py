@@ -166,27 +166,6 @@ def _ungrouped_schedule_init(self, lengths, batch_size, seed, group_by_length=Tr
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def tiny_value_model(tokenizer):
-    from transformers import LlamaConfig, LlamaForSequenceClassification
-
-    from rlhf.models import TokenValueModel
-
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=4,
-        max_position_embeddings=128,
-        num_labels=1,
-        pad_token_id=tokenizer.pad_token_id,
-    )
-    return TokenValueModel(LlamaForSequenceClassification(config)).eval()
-
-
 def test_pack_rows_reads_each_rows_last_token():
     rows = [[5, 6, 7], [8], [9, 10, 11, 12, 13], [14, 15]]
     batch = packing.pack_rows(rows, max_length=6, pad_token_id=0)

@@ -7,7 +7,7 @@ import json
 from fractions import Fraction
 
 import pytest
-from conftest import ppo_config, read_metrics
+from conftest import ppo_config, read_metrics, tiny_llama_config
 
 from rlhf import ppo
 from rlhf.rewards import final_number, gsm8k_exact_match, row_function
@@ -99,7 +99,7 @@ def gsm8k_stand_in(root):
 
     import torch
     from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import LlamaForCausalLM, PreTrainedTokenizerFast
 
     words = ["Human:", "Assistant:", "what", "is", "plus", "?", ".", "####"] + [str(n) for n in range(21)]
     vocab = {t: i for i, t in enumerate(["<unk>", "<pad>", "<s>", "</s>"] + words)}
@@ -109,10 +109,7 @@ def gsm8k_stand_in(root):
         tokenizer_object=backend, unk_token="<unk>", pad_token="<pad>", bos_token="<s>", eos_token="</s>"
     )
     torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(vocab), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=4, max_position_embeddings=64, pad_token_id=1, bos_token_id=2, eos_token_id=3,
-    )  # fmt: skip
+    config = tiny_llama_config(len(vocab), 1, max_position_embeddings=64, bos_token_id=2, eos_token_id=3)
     LlamaForCausalLM(config).save_pretrained(str(root / "base"))
     tok.save_pretrained(str(root / "base"))
     rng = random.Random(0)

@@ -54,13 +54,12 @@ def add_stats(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> No
 @dataclass(frozen=True)
 class MinibatchPlan:
     """This process's part of a minibatch: its episodes (every num_processes-th) and ptx sequences, in
-    micro-batches, and the token counts of the whole minibatch that its losses are shares of. Episodes of like
-    response length share a micro-batch (the minibatch's gradient is the sum over its micro-batches whatever their
-    make-up), so each micro-batch's forward is cut to its own longest response."""
+    micro-batches. Episodes of like response length share a micro-batch (the minibatch's gradient is the sum over
+    its micro-batches whatever their make-up), and each micro-batch is cut to its own real columns once, for the
+    policy and the critic side alike."""
 
-    micro: list[list[int]]  # rollout row indices, per PPO micro-batch
+    micro: list[tuple[Rollout, torch.Tensor]]  # (episodes: `Rollout.select`, share of the minibatch's response tokens)
     ptx_micro: list[list[dict]]  # pretraining sequences, per ptx micro-batch
-    tokens: torch.Tensor  # response tokens of the whole minibatch (all processes), >= 1
     ptx_tokens: int  # predicted ptx tokens of the whole minibatch (all processes), >= 1
 
     @classmethod
@@ -69,18 +68,14 @@ class MinibatchPlan:
         if size < len(mine):  # one host sync: the lengths of this process's episodes
             lengths = ro.response_mask[mine].sum(1).tolist()
             mine = [i for _, i in sorted(zip(lengths, mine))]
+        tokens = ro.response_mask[minibatch].sum().clamp(min=1)  # the whole minibatch's (all processes)
+        device = ro.response_mask.device
+        selected = [ro.select(torch.tensor(mine[s : s + size], device=device)) for s in range(0, len(mine), size)]
         return cls(
-            micro=[mine[s : s + size] for s in range(0, len(mine), size)],
+            micro=[(mb, mb.response_mask.sum() / tokens) for mb in selected],
             ptx_micro=[ptx_mine[s : s + size] for s in range(0, len(ptx_mine), size)],
-            tokens=ro.response_mask[minibatch].sum().clamp(min=1),
             ptx_tokens=max(sum(len(e["input_ids"]) - 1 for e in ptx), 1),
         )
-
-    def micro_batch(self, ro: Rollout, inds: list[int], device) -> tuple[Rollout, torch.Tensor]:
-        """-> (the micro-batch's episodes, cut to their real columns: `Rollout.select`; its share of the
-        minibatch's response tokens)."""
-        mb = ro.select(torch.tensor(inds, device=device))
-        return mb, mb.response_mask.sum() / self.tokens
 
 
 def load_ptx(cfg: PPOConfig, tokenizer) -> list[dict]:
@@ -188,9 +183,9 @@ class Learner:
             ro, minibatch, ptx, acc.process_index, acc.num_processes, self.cfg.ppo.micro_batch_size
         )
         if self.roles.critic:
-            sides = self.roles.lanes.run(lambda: self._policy_side(ro, plan), lambda: self._value_side(ro, plan))
+            sides = self.roles.lanes.run(lambda: self._policy_side(plan), lambda: self._value_side(plan))
         else:
-            sides = [self._policy_side(ro, plan)]
+            sides = [self._policy_side(plan)]
         stats = sum(side_stats for side_stats, _ in sides)
         if acc.num_processes > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
             stats = acc.reduce(stats, "sum")
@@ -201,12 +196,11 @@ class Learner:
         self._optimizer_steps(skip=self.guard.skip(acc, step, numbers))
         return stats
 
-    def _policy_side(self, ro: Rollout, plan: MinibatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _policy_side(self, plan: MinibatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy's backwards (PPO micro-batches, then ptx ones) -> (statistics, clipped gradient norm)."""
         stats = torch.zeros(len(MINIBATCH_STATS), device=self.accelerator.device)
         n_backward = len(plan.micro) + len(plan.ptx_micro)
-        for k, inds in enumerate(plan.micro, 1):
-            mb, share = plan.micro_batch(ro, inds, self.accelerator.device)
+        for k, (mb, share) in enumerate(plan.micro, 1):
             with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
                 terms = self._policy_micro_batch(mb, share)
             add_stats(stats, terms, share)
@@ -266,12 +260,11 @@ class Learner:
         acc.backward(self.cfg.ptx.ptx_coef * ptx_loss * acc.num_processes)
         return ptx_loss
 
-    def _value_side(self, ro: Rollout, plan: MinibatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _value_side(self, plan: MinibatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
         """The critic's backwards (one per PPO micro-batch) -> (statistics, clipped gradient norm)."""
         acc, p = self.accelerator, self.cfg.ppo
         stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
-        for k, inds in enumerate(plan.micro, 1):  # the critic's last backward is the last PPO micro-batch's
-            mb, share = plan.micro_batch(ro, inds, acc.device)
+        for k, (mb, share) in enumerate(plan.micro, 1):  # the critic's last backward is the last PPO micro-batch's
             with self._no_sync(self.roles.value_model, k < len(plan.micro)), acc.autocast():
                 vpred = response_values(self.roles.value_train, mb.query_responses, mb.attention_mask, mb.prompt_width)
                 vf_loss, vf_stats = value_loss(
