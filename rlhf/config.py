@@ -139,7 +139,8 @@ class LoggingConfig:
     report_to: list[str] = field(default_factory=list)
     """More trackers, through accelerate: any of tensorboard, wandb, trackio, mlflow (install them with
     `pip install 'rlhf[track]'`); each gets the resolved config and every metric. Offline they write locally:
-    wandb with WANDB_MODE=offline, mlflow into <output_dir>/mlruns, trackio into its local store."""
+    wandb with WANDB_MODE=offline under the output dir, trackio into its local store (TRACKIO_DIR, `trackio show`),
+    mlflow into MLFLOW_TRACKING_URI or MLflow's default ./mlflow.db (`mlflow ui`), artifacts in <output_dir>/mlruns."""
     progress: Literal["auto", "bar", "lines", "off"] = "auto"
     """Console progress: a bar on a terminal, periodic lines otherwise."""
     num_samples: int = 3

@@ -75,9 +75,12 @@ def not_installed(name: str) -> str:
     return f"logging.report_to: {name} is not installed; pip install 'rlhf[track]' (or {name}), or remove it"
 
 
-def external_tracker(name: str, output_dir: str | Path):
+def external_tracker(name: str, output_dir: str | Path, config: dict | None = None):
     """An accelerate tracker for `name` (wandb, trackio, mlflow): project `rlhf` (WANDB_PROJECT overrides for
-    wandb), run named after the output dir, local files under it; ConfigError when the package is missing."""
+    wandb), run named after the output dir, each tool's own local store when offline (wandb under the output dir,
+    trackio in its local store, mlflow at MLFLOW_TRACKING_URI or MLflow's default ./mlflow.db with artifacts under
+    the output dir). `config` (flat) is given to trackio at its start (its later config update would record
+    accelerate's `allow_val_change` flag as a key); ConfigError when the package is missing."""
     import accelerate.tracking as tracking
 
     if importlib.util.find_spec(name) is None:
@@ -86,8 +89,22 @@ def external_tracker(name: str, output_dir: str | Path):
     if name == "wandb":
         return tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "rlhf"), name=run, dir=str(output_dir))
     if name == "mlflow":
-        return tracking.MLflowTracker("rlhf", logging_dir=str(Path(output_dir) / "mlruns"), run_name=run)
-    return tracking.TrackioTracker("rlhf", name=run)
+        check_mlflow_store()
+        return tracking.MLflowTracker("rlhf", logging_dir=str(Path(output_dir).resolve() / "mlruns"), run_name=run)
+    return tracking.TrackioTracker("rlhf", name=run, config=config)
+
+
+def check_mlflow_store() -> None:
+    """MLflow's local stores are databases (its file store refuses new runs since 3.x): with mlflow-skinny alone
+    the default sqlite store fails at the first call, deep inside SQLAlchemy; say so before any work."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite") and importlib.util.find_spec("sqlalchemy") is None:
+        raise ConfigError(
+            f"logging.report_to: mlflow's tracking store {uri} needs sqlalchemy and alembic (mlflow-skinny lacks "
+            "them); pip install mlflow, or set MLFLOW_TRACKING_URI to a tracking server"
+        )
 
 
 def flat_config(tree: dict, prefix: str = "") -> dict:
@@ -121,7 +138,8 @@ def make_accelerator(
     trackers: list = [JsonlTracker(Path(output_dir) / "metrics.jsonl")]
     if (tensorboard or "tensorboard" in report_to) and importlib.util.find_spec("tensorboard") is not None:
         trackers.append("tensorboard")
-    extra = [external_tracker(name, output_dir) for name in dict.fromkeys(report_to) if name != "tensorboard"]
+    flat = flat_config(dataclasses.asdict(config)) if config is not None else None
+    extra = [external_tracker(name, output_dir, flat) for name in dict.fromkeys(report_to) if name != "tensorboard"]
     if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
         raise ConfigError(not_installed("tensorboard"))
     # step_scheduler_with_optimizer=False: our schedules count optimizer steps of the global batch; accelerate's
@@ -134,10 +152,10 @@ def make_accelerator(
         step_scheduler_with_optimizer=False,
     )
     accelerator.init_trackers("tensorboard")
-    if config is not None and accelerator.is_main_process:
-        flat = flat_config(dataclasses.asdict(config))
+    if flat is not None and accelerator.is_main_process:
         for tracker in extra:
-            tracker.store_init_configuration(flat)
+            if tracker.name != "trackio":  # trackio had it at its start
+                tracker.store_init_configuration(flat)
     if accelerator.device.type == "cpu":
         keep_freed_memory()
     topology = accelerator.distributed_type.value
