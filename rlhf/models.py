@@ -380,7 +380,7 @@ def causal_logits(
     """[B,T] ids -> [B,T,V] logits, with padding-aware positions; `last` > 0: only the last `last` positions
     [B,last,V] (the LM head skips the prompt: for a 150k vocabulary that is most of a forward's logits memory).
     Packed rows (`rlhf.packing`): `position_ids` [B,T] restarting at each row and no attention mask."""
-    kwargs = {"logits_to_keep": last} if last and _keeps_logits(model) else {}
+    kwargs = {"logits_to_keep": last} if last and keeps_logits(model) else {}
     attention_mask, position_ids = mask_and_positions(attention_mask, position_ids)
     out = model(
         input_ids=input_ids,
@@ -403,14 +403,14 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
-def _keeps_logits(model: nn.Module) -> bool:
+def keeps_logits(model: nn.Module) -> bool:
     """Whether the Hugging Face model inside any wrapper (DDP, DeepSpeed, peft) takes `logits_to_keep`."""
     inner = wrapped_module(model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return _forward_takes_logits_to_keep(type(inner))
 
 
-def _backbone(model: nn.Module) -> nn.Module:
+def backbone(model: nn.Module) -> nn.Module:
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return getattr(base, base.base_model_prefix)
 
@@ -434,12 +434,17 @@ def token_values(
     if isinstance(wrapped_module(model), TokenValueModel):
         return model(input_ids, attention_mask, position_ids)
     attention_mask, position_ids = mask_and_positions(attention_mask, position_ids)
-    hidden = _backbone(model)(
+    hidden = backbone(model)(
         input_ids=input_ids,
         attention_mask=attention_mask,
         position_ids=position_ids,
         use_cache=False,
     ).last_hidden_state
+    return score_head_values(model, hidden)
+
+
+def score_head_values(model: nn.Module, hidden: torch.Tensor) -> torch.Tensor:
+    """A scalar-head model's head on its backbone's hidden states: [B,T,d] -> [B,T] fp32 values."""
     head = _score_head(model)
     # the scalar in the head's own precision (fp32 masters), not autocast's bf16, which keeps ~3 significant digits
     # (a score of 4.3 to +-0.016): RM margins and values then carry no rounding ties; the head is [d -> 1], free
@@ -493,10 +498,13 @@ def reward_scores(
     """
     values = token_values(model, input_ids, attention_mask)
     scores = values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
-    if normalized:  # the HF config of the model inside any wrapper (a DeepSpeed engine has a `config` of its own)
-        config = wrapped_module(model).config
-        scores = scores - float(getattr(config, "reward_offset", 0.0) or 0.0)
-    return scores
+    return offset_scores(model, scores) if normalized else scores
+
+
+def offset_scores(model: nn.Module, scores: torch.Tensor) -> torch.Tensor:
+    """Scores [B] less the reward model's `config.reward_offset` (read from the HF config of the model inside any
+    wrapper: a DeepSpeed engine has a `config` of its own)."""
+    return scores - float(getattr(wrapped_module(model).config, "reward_offset", 0.0) or 0.0)
 
 
 def untied_linears(model: nn.Module) -> list[nn.Linear]:

@@ -136,14 +136,14 @@ def test_scalar_head_is_not_rounded_to_bf16(tiny_sft, tokenizer):
     (autocast would round them to bf16's ~3, a score of 4.3 to +-0.016), and equal the fp32 head on the hidden
     states the backbone produced."""
     from rlhf.config import ModelConfig
-    from rlhf.models import _backbone, load_reward_model, position_ids_from_mask, token_values
+    from rlhf.models import backbone, load_reward_model, position_ids_from_mask, token_values
 
     rm = load_reward_model(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, new_head=True)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [4, 5, 6, 7, 8, 9]])
     mask = (ids != 0).long()
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
         values = token_values(rm, ids, mask)
-        hidden = _backbone(rm)(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
+        hidden = backbone(rm)(input_ids=ids, attention_mask=mask, position_ids=position_ids_from_mask(mask))
     expected = hidden.last_hidden_state.float() @ rm.score.weight.float().T
     assert values.dtype == torch.float32
     assert torch.allclose(values, expected.squeeze(-1), atol=1e-6)

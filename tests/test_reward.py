@@ -13,7 +13,7 @@ from transformers import AutoModelForSequenceClassification
 from rlhf import reward
 from rlhf.batching import pad
 from rlhf.config import ModelConfig
-from rlhf.models import _backbone, load_reward_model, load_tokenizer, reward_scores
+from rlhf.models import backbone, load_reward_model, load_tokenizer, reward_scores
 
 
 def logsig(x: float) -> float:
@@ -131,7 +131,7 @@ def test_one_forward_per_response(rm_model):
         ids = kwargs.get("input_ids", args[0] if args else None)
         calls.append(ids.shape[0])
 
-    handle = _backbone(model).register_forward_hook(hook, with_kwargs=True)
+    handle = backbone(model).register_forward_hook(hook, with_kwargs=True)
     try:
         seqs = _sequences(tokenizer)
         groups = [seqs + [seqs[0][:-3] + [tokenizer.eos_token_id]], seqs[1:]]  # K = 4 and K = 2

@@ -36,6 +36,13 @@ from rlhf.ppo.rollout import (
     response_logprobs,
     response_values,
 )
+from rlhf.ppo.shared_prompt import (
+    PromptGroups,
+    prompt_groups,
+    shared_response_logprobs,
+    shared_response_values,
+    shared_reward_scores,
+)
 from rlhf.ppo.state import RunningMoments
 from rlhf.ppo_math import (
     aggregate_ensemble,
@@ -133,6 +140,8 @@ class ExperienceMaker:
             self.roles.value_model if sharded or not self.roles.critic else acc.unwrap_model(self.roles.value_model)
         )
         mb = cfg.ppo.micro_batch_size * 4
+        # a group's k responses share their prompt: run it once per micro-batch (not through a sharding wrapper)
+        share = cfg.rollout.share_prompt and cfg.rollout.samples_per_prompt > 1 and not sharded
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
         R = responses.shape[1]
         for s in range(0, len(prompts), mb):
@@ -140,11 +149,12 @@ class ExperienceMaker:
             first, end = real_columns(attention_mask[s : s + mb], response_mask[s : s + mb], P)
             qr, am = query_responses[s : s + mb, first : P + end], attention_mask[s : s + mb, first : P + end]
             where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
+            groups = prompt_groups(row_ids[s : s + mb], acc.device) if share else None
             # the policy and reference | the critic and reward models: side by side with train.concurrent_models
             (old, ref), (vals, mb_scores, mb_std) = self.roles.lanes.run(
-                functools.partial(self.rollout_logprobs, policy, qr, am, P - first),
+                functools.partial(self.rollout_logprobs, policy, qr, am, P - first, groups),
                 functools.partial(
-                    self.rollout_values_and_scores, value_model, qr, am, P - first, rows[s : s + mb], where
+                    self.rollout_values_and_scores, value_model, qr, am, P - first, rows[s : s + mb], where, groups
                 ),
             )
             logprobs.append(F.pad(old, (0, R - end)))
@@ -178,23 +188,28 @@ class ExperienceMaker:
         t2 = time.time()
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
-    def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int):
-        """Old (the policy's) and reference log-probs [B,R] of a micro-batch of episodes [B,P+R]."""
+    def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int, groups=None):
+        """Old (the policy's) and reference log-probs [B,R] of a micro-batch of episodes [B,P+R]; `groups`: which
+        episodes share a prompt (`shared_prompt`), None to run every sequence whole."""
         args = (query_responses, attention_mask, prompt_width, self.cfg.rollout.temperature)
+        logprobs = response_logprobs if groups is None else functools.partial(shared_response_logprobs, groups=groups)
         with self.accelerator.autocast():
-            old = response_logprobs(policy, *args)
+            old = logprobs(policy, *args)
             if self.roles.reference is None:
                 with self.accelerator.unwrap_model(self.roles.policy).disable_adapter():
-                    return old, response_logprobs(policy, *args)
-            return old, response_logprobs(self.roles.reference, *args)
+                    return old, logprobs(policy, *args)
+            return old, logprobs(self.roles.reference, *args)
 
-    def rollout_values_and_scores(self, value_model, query_responses, attention_mask, prompt_width: int, rows, where):
+    def rollout_values_and_scores(
+        self, value_model, query_responses, attention_mask, prompt_width: int, rows, where, groups=None
+    ):
         """Values [B,R] (None without a critic), scores [B] and the ensemble's std [B] of a micro-batch [B,P+R]."""
+        values_of = response_values if groups is None else functools.partial(shared_response_values, groups=groups)
         with self.accelerator.autocast():
             values = None
             if self.roles.critic:
-                values = response_values(value_model, query_responses, attention_mask, prompt_width)
-            return values, *self.score(query_responses, attention_mask, prompt_width, rows, where)
+                values = values_of(value_model, query_responses, attention_mask, prompt_width)
+            return values, *self.score(query_responses, attention_mask, prompt_width, rows, where, groups)
 
     def all_episodes(self, ro: Rollout) -> Rollout:
         """Every process's episodes on every process, in the iteration's global order (identity on one process).
@@ -227,7 +242,13 @@ class ExperienceMaker:
         )
 
     def score(
-        self, query_responses, attention_mask, prompt_width: int, rows: list[dict], where: list[str]
+        self,
+        query_responses,
+        attention_mask,
+        prompt_width: int,
+        rows: list[dict],
+        where: list[str],
+        groups: PromptGroups | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Scores [B] of (prompt + response) sequences [B,P+R], and the reward-model ensemble's std [B].
 
@@ -236,7 +257,7 @@ class ExperienceMaker:
         raw prompt is rendered for the RM exactly as in RM training and the decoded response appended, then
         re-tokenized (TRL and OpenRLHF refuse this case). `reward.function` scores the raw prompt and the decoded
         response; with both, the score is model_weight * RM + function_weight * function. `where` names each row
-        for error messages.
+        for error messages; `groups`: which episodes share a prompt (run once when the RM reads the same tokens).
         """
         zeros = torch.zeros(query_responses.shape[0], device=query_responses.device)
         scores, score_std = zeros, zeros
@@ -251,7 +272,12 @@ class ExperienceMaker:
                 seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
                 ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
                 mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
-            member_scores = torch.stack([reward_scores(rm, ids, mask) for rm in self.roles.reward_models])
+            if groups is not None and self.roles.same_tokenizer:
+                member_scores = torch.stack(
+                    [shared_reward_scores(rm, ids, mask, prompt_width, groups) for rm in self.roles.reward_models]
+                )
+            else:
+                member_scores = torch.stack([reward_scores(rm, ids, mask) for rm in self.roles.reward_models])
             scores, score_std = aggregate_ensemble(member_scores, r.aggregate, r.std_coef)
             if self.roles.reward_fn is None:
                 return scores, score_std

@@ -1,0 +1,128 @@
+"""What `rollout.share_prompt` saves in PPO's scoring forwards: one group's prompt run once, its k responses on the
+prompt's KV cache, against every sequence run whole.
+
+For each (prompt length, k): 64 episodes (64/k prompts x k responses), the policy's log-probs and a reward model's
+scores, timed both ways (median of --reps after one warm-up), on bench-peer's tiny Llama shape (d 256, 4 layers,
+vocabulary 568) or --size small (d 512, 8 layers); fp32 on CPU, bf16 autocast on a GPU. Prompt lengths vary around
+the stated width (log-normal, sigma 0.5, left-padded), responses are 64 tokens at most (log-normal, right-padded).
+
+    python scripts/bench_shared_prompt.py [--size tiny|small] [--reps 3]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import functools
+import json
+import statistics
+import time
+
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
+
+from rlhf.batching import pad
+from rlhf.models import reward_scores
+from rlhf.ppo.rollout import response_logprobs
+from rlhf.ppo.shared_prompt import prompt_groups, shared_response_logprobs, shared_reward_scores
+
+SIZES = {
+    "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
+    "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
+}
+VOCAB, EPISODES, RESPONSE = 568, 64, 64
+
+
+def lengths(n: int, median: float, cap: int, g: torch.Generator) -> list[int]:
+    drawn = torch.exp(torch.randn(n, generator=g) * 0.5) * median
+    return [int(x) for x in drawn.round().clamp(1, cap)]
+
+
+def episodes(prompt_width: int, k: int, g: torch.Generator):
+    prompts = [
+        torch.randint(3, VOCAB, (n,), generator=g).tolist()
+        for n in lengths(EPISODES // k, prompt_width, 2 * prompt_width, g)
+    ]
+    rows = [j for j in range(len(prompts)) for _ in range(k)]
+    responses = [
+        torch.randint(3, VOCAB, (n,), generator=g).tolist() for n in lengths(EPISODES, RESPONSE / 2, RESPONSE, g)
+    ]
+    P = max(len(p) for p in prompts)
+    qr = torch.cat([pad([prompts[j] for j in rows], 0, side="left", width=P), pad(responses, 0)], 1)
+    am = torch.cat(
+        [
+            pad([[1] * len(prompts[j]) for j in rows], 0, side="left", width=P),
+            pad([[1] * len(r) for r in responses], 0),
+        ],
+        1,
+    )
+    return qr, am, P, rows
+
+
+def full(policy, rm, qr, am, P) -> None:
+    response_logprobs(policy, qr, am, P, 1.0)
+    reward_scores(rm, qr, am)
+
+
+def shared(policy, rm, qr, am, P, groups) -> None:
+    shared_response_logprobs(policy, qr, am, P, 1.0, groups)
+    shared_reward_scores(rm, qr, am, P, groups)
+
+
+def timed(fn, reps: int) -> float:
+    fn()
+    times = []
+    for _ in range(reps):
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
+    ap.add_argument("--reps", type=int, default=3)
+    args = ap.parse_args()
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    shape = dict(vocab_size=VOCAB, pad_token_id=0, max_position_embeddings=1024, **SIZES[args.size])
+    policy = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval()
+    rm = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1)).to(device).eval()
+    autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
+    g = torch.Generator().manual_seed(0)
+    for prompt_width in (32, 128, 256):
+        for k in (1, 4, 8):
+            qr, am, P, rows = episodes(prompt_width, k, g)
+            qr, am = qr.to(device), am.to(device)
+            groups = prompt_groups(rows, device)
+
+            with torch.no_grad(), autocast:
+                t_full = timed(functools.partial(full, policy, rm, qr, am, P), args.reps)
+                t_shared = (
+                    timed(functools.partial(shared, policy, rm, qr, am, P, groups), args.reps) if groups else t_full
+                )
+            real = int(am.sum())
+            print(
+                json.dumps(
+                    {
+                        "size": args.size,
+                        "device": device,
+                        "prompt_median": prompt_width,
+                        "k": k,
+                        "prompt_tokens_share": round(int(am[:, :P].sum()) / real, 3),
+                        "full_s": round(t_full, 4),
+                        "shared_s": round(t_shared, 4),
+                        "speedup": round(t_full / t_shared, 2),
+                    }
+                ),
+                flush=True,
+            )
+
+
+if __name__ == "__main__":
+    main()

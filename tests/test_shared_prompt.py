@@ -1,0 +1,124 @@
+"""rollout.share_prompt: a group's prompt run once, its k responses on the prompt's KV cache, gives the scoring
+forwards' numbers (log-probs, values, reward scores) to float tolerance, for any padding of prompts and responses."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import tiny_llama_config
+
+from rlhf.batching import pad
+from rlhf.models import reward_scores
+from rlhf.ppo.rollout import response_logprobs, response_values
+from rlhf.ppo.shared_prompt import (
+    prompt_groups,
+    shared_response_logprobs,
+    shared_response_values,
+    shared_reward_scores,
+)
+
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+def test_prompt_groups_index_the_distinct_prompts():
+    groups = prompt_groups([5, 5, 7, 7, 7, 9, 5])
+    assert groups.first.tolist() == [0, 2, 5] and groups.owner.tolist() == [0, 0, 1, 1, 1, 2, 0]
+    assert prompt_groups([1, 2, 3]) is None  # nothing repeats: nothing to share
+
+
+def grouped_episodes(vocab: int, pad_id: int, k: int = 3):
+    """3 prompts (3, 6 and 1 tokens, left-padded to 6), k responses each (1 to 7 tokens, right-padded to 7), the
+    episodes of a prompt consecutive: (query_responses [3k, 13], attention_mask, response_mask, prompt rows)."""
+    g = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 6, 1)]
+    lengths = [1, 7, 4, 2, 7, 5, 3, 6, 1][: 3 * k]
+    responses = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in lengths]
+    rows = [j for j in range(3) for _ in range(k)]
+    episodes = [prompts[j] for j in rows]
+    query_responses = torch.cat([pad(episodes, pad_id, side="left", width=6), pad(responses, pad_id, width=7)], 1)
+    prompt_mask = pad([[1] * len(p) for p in episodes], 0, side="left", width=6)
+    response_mask = pad([[1] * len(r) for r in responses], 0, width=7).bool()
+    return query_responses, torch.cat([prompt_mask, response_mask.long()], 1), response_mask, rows
+
+
+def qwen2_lm(vocab: int, pad_id: int):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    torch.manual_seed(0)
+    shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
+    config = Qwen2Config(vocab_size=vocab, pad_token_id=pad_id, num_key_value_heads=2, **shape)
+    return Qwen2ForCausalLM(config).eval()  # grouped-query attention, q/k/v biases, tied embeddings
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_shared_log_probs_are_the_full_forwards(tokenizer, tiny_lm, family):
+    model = tiny_lm if family == "llama" else qwen2_lm(len(tokenizer), tokenizer.pad_token_id)
+    qr, am, mask, rows = grouped_episodes(len(tokenizer), tokenizer.pad_token_id)
+    with torch.no_grad():
+        full = response_logprobs(model, qr, am, 6, 0.7)
+        shared = shared_response_logprobs(model, qr, am, 6, 0.7, prompt_groups(rows))
+    assert shared.shape == full.shape == (9, 7)
+    torch.testing.assert_close(shared[mask], full[mask], **TOL)
+
+
+def test_shared_log_probs_of_a_lora_policy_and_its_reference(tokenizer):
+    """The reference as the policy with its adapter off (peft's disable_adapter), as the PPO stage runs it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id))
+    policy = get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    policy.eval()
+    qr, am, mask, rows = grouped_episodes(len(tokenizer), tokenizer.pad_token_id)
+    groups = prompt_groups(rows)
+    with torch.no_grad():
+        old = shared_response_logprobs(policy, qr, am, 6, 1.0, groups)
+        with policy.disable_adapter():
+            ref = shared_response_logprobs(policy, qr, am, 6, 1.0, groups)
+            ref_full = response_logprobs(policy, qr, am, 6, 1.0)
+        old_full = response_logprobs(policy, qr, am, 6, 1.0)
+    torch.testing.assert_close(old[mask], old_full[mask], **TOL)
+    torch.testing.assert_close(ref[mask], ref_full[mask], **TOL)
+    assert not torch.allclose(old[mask], ref[mask])  # the adapter was on for one and off for the other
+
+
+def test_shared_values_and_reward_scores_are_the_full_forwards(tokenizer, tiny_value_model):
+    qr, am, mask, rows = grouped_episodes(len(tokenizer), tokenizer.pad_token_id, k=3)
+    groups = prompt_groups(rows)
+    rm = tiny_value_model.model  # a frozen *ForSequenceClassification, as a reward model is held
+    rm.config.reward_offset = 0.25
+    try:
+        with torch.no_grad():
+            values = shared_response_values(tiny_value_model, qr, am, 6, groups)
+            values_full = response_values(tiny_value_model, qr, am, 6)
+            scores = shared_reward_scores(rm, qr, am, 6, groups)
+            scores_full = reward_scores(rm, qr, am)
+    finally:
+        del rm.config.reward_offset
+    torch.testing.assert_close(values[mask], values_full[mask], **TOL)
+    torch.testing.assert_close(scores, scores_full, **TOL)
+
+
+def test_a_rollout_with_the_prompt_shared_is_the_one_without(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    """PPO with a critic and k = 4 samples per prompt: the same episodes (the samples do not depend on it) and the
+    same old/reference log-probs, values and reward-model scores to float tolerance."""
+    from conftest import ppo_config
+
+    from rlhf import ppo
+
+    extra = ["rollout.samples_per_prompt=4", "train.max_steps=1"]
+    rollouts = {}
+    for share in (True, False):
+        cfg = ppo_config(
+            tiny_world, tiny_sft, tiny_rm, tmp_path / str(share), extra + [f"rollout.share_prompt={share}"]
+        )
+        trainer = ppo.PPOTrainer(cfg)
+        assert trainer.value_model is not None
+        rollouts[share], _ = trainer.rollout(0)
+    shared, full = rollouts[True], rollouts[False]
+    assert torch.equal(shared.query_responses, full.query_responses)
+    mask = full.response_mask
+    for name in ("logprobs", "ref_logprobs", "values"):
+        torch.testing.assert_close(getattr(shared, name)[mask], getattr(full, name)[mask], **TOL, msg=name)
+    torch.testing.assert_close(shared.raw_scores, full.raw_scores, **TOL)
