@@ -238,6 +238,14 @@ def collate_lm(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tenso
     }
 
 
+def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Indices [0, len(lengths)) in batches of `batch_size` rows of like length, longest first (a batch that does
+    not fit in memory fails at once), ties by index: for evaluation and scoring, whose results are put back in
+    order, so the batching changes only how much padding is computed."""
+    order = sorted(range(len(lengths)), key=lambda i: (-lengths[i], i))
+    return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
+
+
 def batch_order(
     lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
 ) -> list[list[int]]:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import BatchSchedule, TruncationReport, pad
+from rlhf.batching import BatchSchedule, TruncationReport, length_batches, pad
 from rlhf.checkpoints import final_model, save_final
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
 from rlhf.fit import SupervisedTask, fit
@@ -147,8 +147,10 @@ def evaluate_groups(model, ref_logps_fn, groups: list[Group], cfg: DPOConfig, pa
     micro = cfg.train.micro_batch_size
     names = ["loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward"]
     total = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
-    for s in range(0, len(mine), micro):
-        batch = {k: v.to(accelerator.device) for k, v in collate_groups(mine[s : s + micro], pad_token_id).items()}
+    longest = [max(len(p) + len(r) for p, r in g) for g in mine]
+    for index in length_batches(longest, micro):  # groups of like length: sums, in any order
+        batch = collate_groups([mine[i] for i in index], pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         with accelerator.autocast():
             _, stats = preference_loss(model, ref_logps_fn, batch, cfg.beta, cfg.loss.label_smoothing)
         total += torch.stack([stats[k].double() for k in names])

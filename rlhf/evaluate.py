@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from rlhf.batching import TruncationReport, encode_prompts, encode_text, pad, response_sequences
+from rlhf.batching import TruncationReport, encode_prompts, encode_text, length_batches, pad, response_sequences
 from rlhf.checkpoints import checkpoint_dirs
 from rlhf.collapse import collapse_reasons, kl_limit, repeat_share
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
@@ -42,20 +42,27 @@ from rlhf.ppo_math import distinct_n, logprobs_from_logits, truncate_after_eos
 from rlhf.reward import score_sequences
 from rlhf.rewards import row_function
 from rlhf.runtime import seed_everything
-from rlhf.sampling import decode_responses, generate
+from rlhf.sampling import decode_responses, episode_seed, generate
 from rlhf.sft import summed_lm_loss
 from rlhf.tracking import ProgressBar, write_json
 
+EVAL_SAMPLE_STREAM = 2  # the key of rlhf eval's per-prompt seeds (PPO's rollouts and held-out prompts use 0 and 1)
+
 
 def sample(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, desc: str) -> list[list[int]]:
-    """Response token ids (through EOS when it ended) for every prompt."""
-    out = []
+    """Response token ids (through EOS when it ended) for every prompt, in order. Prompt i is sampled from its own
+    random stream (eval seed, i): every model gets the same noise on it (a paired comparison), whatever the
+    batching; batches hold prompts of like length (less left padding)."""
+    out: list[list[int]] = [[] for _ in prompts]
     bar = ProgressBar(len(prompts), desc, "auto")
-    for s in range(0, len(prompts), cfg.batch_size):
-        chunk = prompts[s : s + cfg.batch_size]
-        _, _, resp = generate(model, tokenizer, chunk, cfg.max_new_tokens, cfg.temperature)
+    for chunk in length_batches([len(p) for p in prompts], cfg.batch_size):
+        seeds = [episode_seed(cfg.seed, EVAL_SAMPLE_STREAM, i) for i in chunk]
+        _, _, resp = generate(
+            model, tokenizer, [prompts[i] for i in chunk], cfg.max_new_tokens, cfg.temperature, seeds=seeds
+        )
         _, mask = truncate_after_eos(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
-        out.extend([r[m].tolist() for r, m in zip(resp, mask)])
+        for i, r, m in zip(chunk, resp, mask):
+            out[i] = r[m].tolist()
         bar.update(len(chunk))
     bar.close()
     return out
@@ -63,17 +70,18 @@ def sample(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, desc: st
 
 @torch.no_grad()
 def sequence_logprobs(model, prompts, responses, pad_id: int, temperature: float, batch: int) -> list[torch.Tensor]:
-    """Per-token log-probs of each response given its prompt (a list of [R_i] tensors)."""
-    out = []
-    for s in range(0, len(prompts), batch):
-        p, r = prompts[s : s + batch], responses[s : s + batch]
-        seqs = [a + b for a, b in zip(p, r)]
-        device = next(model.parameters()).device
+    """Per-token log-probs of each response given its prompt (a list of [R_i] tensors), in order; computed in
+    batches of like length."""
+    out: list[torch.Tensor] = [torch.zeros(0)] * len(prompts)
+    device = next(model.parameters()).device
+    for chunk in length_batches([len(p) + len(r) for p, r in zip(prompts, responses)], batch):
+        seqs = [prompts[i] + responses[i] for i in chunk]
         ids, mask = pad(seqs, pad_id).to(device), pad([[1] * len(x) for x in seqs], 0).to(device)
         logits = causal_logits(model, ids, mask)
         lp = logprobs_from_logits(logits[:, :-1], ids[:, 1:], temperature)
-        for i, (a, b) in enumerate(zip(p, r)):
-            out.append(lp[i, len(a) - 1 : len(a) - 1 + len(b)].cpu())
+        for row, i in enumerate(chunk):
+            start = len(prompts[i]) - 1
+            out[i] = lp[row, start : start + len(responses[i])].cpu()
     return out
 
 
@@ -126,7 +134,6 @@ class Evaluation:
         proxy_score, gold_score.
         """
         cfg, tok, eos = self.cfg, self.tokenizer, self.tokenizer.eos_token_id
-        torch.manual_seed(cfg.seed)  # every model samples with the same random stream
         resp = sample(model, tok, self.prompts, cfg, f"eval {name}")
         texts = decode_responses(tok, pad([r or [tok.pad_token_id] for r in resp], tok.pad_token_id))
         content = [[t for t in r if t != eos] for r in resp]
@@ -227,6 +234,7 @@ def run(cfg: EvalConfig, source: str = "<config>") -> dict:
     if cfg.pretrain_eval.path:
         ds = load_source(cfg.pretrain_eval, "text")
         examples = encode_text(ev.tokenizer, ds["text"], cfg.format.max_length, TruncationReport())
+        examples.sort(key=lambda e: -len(e["input_ids"]))  # batches of like length: a sum, so order is free
         for name, model in (("sft", ev.sft), ("policy", policy)):
             loss_sum, tokens = summed_lm_loss(model, examples, cfg.batch_size, ev.tokenizer.pad_token_id, ev.device)
             result[f"pretrain_loss_{name}"] = loss_sum / max(tokens, 1)

@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, pad
+from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, length_batches, pad
 from rlhf.checkpoints import final_model, publish_final, save_final
 from rlhf.config import FormatConfig, RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
@@ -126,11 +126,12 @@ def evaluate_groups(model, groups, micro: int, pad_token_id: int, accelerator) -
     model.eval()
     total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss*groups, correct, margin, pairs
     mine = groups[accelerator.process_index :: accelerator.num_processes]
-    for s in range(0, len(mine), micro):
-        batch = {k: v.to(accelerator.device) for k, v in collate_groups(mine[s : s + micro], pad_token_id, 0).items()}
+    for index in length_batches([max(map(len, g)) for g in mine], micro):  # lists of like length: sums, in any order
+        chunk = [mine[i] for i in index]
+        batch = {k: v.to(accelerator.device) for k, v in collate_groups(chunk, pad_token_id, 0).items()}
         with accelerator.autocast():
             scores = reward_scores(model, batch["input_ids"], batch["attention_mask"], normalized=False).float()
-        n = len(mine[s : s + micro])
+        n = len(chunk)
         loss, _ = ranking_loss(scores, batch["pair_index"], batch["group_index"], n)
         diff = scores[batch["pair_index"][:, 0]] - scores[batch["pair_index"][:, 1]]
         total += torch.stack(
@@ -156,12 +157,12 @@ def score_sequences(
 ) -> torch.Tensor:
     """Scores [N] of token sequences, in order (raw unless `normalized`), on the CPU."""
     model.eval()
-    out = []
-    for s in range(0, len(sequences), micro):
-        chunk = sequences[s : s + micro]
+    out = torch.zeros(len(sequences))
+    for index in length_batches([len(x) for x in sequences], micro):  # batches of like length, scores in order
+        chunk = [sequences[i] for i in index]
         ids, mask = pad(chunk, pad_token_id).to(device), pad([[1] * len(c) for c in chunk], 0).to(device)
-        out.append(reward_scores(model, ids, mask, normalized=normalized).float().cpu())
-    return torch.cat(out) if out else torch.zeros(0)
+        out[index] = reward_scores(model, ids, mask, normalized=normalized).float().cpu()
+    return out
 
 
 def reference_sequences(tokenizer, cfg: RMConfig) -> list[list[int]]:

@@ -293,3 +293,45 @@ def test_packed_dpo_pairs_give_the_padded_log_probs_and_loss(tokenizer, tiny_lm)
         loss_padded, stats_padded = dpo.preference_loss(tiny_lm, shifted, padded, beta=0.1, label_smoothing=0.0)
     assert loss_packed.item() == pytest.approx(loss_padded.item(), rel=1e-5)
     assert stats_packed["accuracy"].item() == stats_padded["accuracy"].item()
+
+
+def test_length_batches_cover_every_row_once_longest_first():
+    from rlhf.batching import length_batches
+
+    rng = random.Random(0)
+    for _ in range(50):
+        lengths = [rng.randint(1, 40) for _ in range(rng.randint(0, 30))]
+        size = rng.randint(1, 8)
+        batches = length_batches(lengths, size)
+        assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+        assert all(len(b) == size for b in batches[:-1]) and all(0 < len(b) <= size for b in batches)
+        flat = [lengths[i] for b in batches for i in b]
+        assert flat == sorted(lengths, reverse=True)  # like lengths together, the longest batch first
+        assert batches == length_batches(lengths, size)  # deterministic
+
+
+def test_evaluation_in_length_order_gives_every_row_its_own_result(tokenizer, tiny_lm, tiny_value_model):
+    """rlhf eval samples, log-probs and reward scores in batches of like length: each row's result is the one it
+    gets alone, back in the row's place, and a sample does not depend on the batch size (its own seed)."""
+    from types import SimpleNamespace
+
+    from rlhf.evaluate import sample, sequence_logprobs
+    from rlhf.reward import score_sequences
+
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (3, 9, 1, 6, 9, 2, 5)]
+    cfg = SimpleNamespace(batch_size=3, max_new_tokens=6, temperature=1.0, seed=0)
+    responses = sample(tiny_lm, tokenizer, prompts, cfg, "test")
+    assert responses == sample(tiny_lm, tokenizer, prompts, SimpleNamespace(**vars(cfg) | {"batch_size": 64}), "t")
+    assert responses != sample(tiny_lm, tokenizer, prompts, SimpleNamespace(**vars(cfg) | {"seed": 1}), "test")
+    pad_id = tokenizer.pad_token_id
+    with torch.no_grad():
+        batched = sequence_logprobs(tiny_lm, prompts, responses, pad_id, 1.0, 3)
+        alone = [sequence_logprobs(tiny_lm, [p], [r], pad_id, 1.0, 1)[0] for p, r in zip(prompts, responses)]
+        sequences = [p + r for p, r in zip(prompts, responses)]
+        scores = score_sequences(tiny_value_model.model, sequences, 3, pad_id, "cpu")
+        scores_alone = torch.cat([score_sequences(tiny_value_model.model, [s], 1, pad_id, "cpu") for s in sequences])
+    assert [len(x) for x in batched] == [len(r) for r in responses]
+    for a, b in zip(batched, alone):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(scores, scores_alone, rtol=1e-5, atol=1e-5)

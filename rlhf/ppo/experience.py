@@ -343,8 +343,9 @@ class ExperienceMaker:
         acc, cfg = self.accelerator, self.cfg
         # each held-out prompt has its own sampling stream: the training's random state is untouched, and the
         # samples are the same on any number of processes
-        n = len(self.prompts.eval_ids)
-        positions = list(range(acc.process_index, n, acc.num_processes))
+        n, ids = len(self.prompts.eval_ids), self.prompts.eval_ids
+        # chunks of like prompt length (less left padding); a sum over prompts, each with its own seed: order is free
+        positions = sorted(range(acc.process_index, n, acc.num_processes), key=lambda i: (-len(ids[i]), i))
         counted = [1.0] * len(positions)
         share = math.ceil(n / acc.num_processes)  # equal chunk counts everywhere: sharded forwards are collective
         positions, counted = positions + [n - 1] * (share - len(positions)), counted + [0.0] * (share - len(counted))
