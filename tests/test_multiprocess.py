@@ -32,11 +32,15 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + ["-m", "rlhf", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(tiny_world, tiny_sft, tiny_rm, tmp_path):
+@pytest.mark.parametrize("k", [1, 4])
+def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(tiny_world, tiny_sft, tiny_rm, tmp_path, k):
     """The same global batch over 2 processes is the 1-process PPO run: every episode is sampled from its own
     seeded stream, the rollout is gathered, and each process takes its share of the same minibatches (with ptx).
-    Measured after 3 iterations: largest weight difference 6e-8 (float summation order); tolerance 1e-5."""
+    Measured after 3 iterations: largest weight difference 6e-8 (float summation order); tolerance 1e-5. With k = 4
+    samples per prompt a group's episodes are split over the processes, each sharing its prompt forward among its
+    own (rollout.share_prompt)."""
     extra = ["train.max_steps=3", "ppo.micro_batch_size=4", "checkpoint.every=2", "logging.num_samples=2"]
+    extra += [f"rollout.samples_per_prompt={k}"]
     configs = {}
     for name in ("one", "two"):
         configs[name] = tmp_path / f"{name}.yaml"
