@@ -20,7 +20,9 @@ instantiating the architecture on the `meta` device, which allocates nothing) an
               shifted copy and log-softmax of the loss; the fp32 gradient reuses their room in backward);
               forward-only b x s x V x p plus one fp32 temporary (b x s x V x 4 for fp32 logits, s x V x 4 for
               16-bit ones, upcast row by row).
-- kv-cache  = generation batch x (prompt + max_new_tokens) x layers x 2 x kv_heads x head_dim x p.
+- kv-cache  = generation batch x (prompt + max_new_tokens) x layers x 2 x kv_heads x head_dim x p; with
+              rollout.share_prompt and k > 1 samples per prompt each scoring model also holds one for its scoring
+              micro-batch, and scores B/k prompts + B responses instead of B whole sequences.
 - FLOPs     = 6 N per trained token (4 N with LoRA: no weight gradients for the frozen base; +2 N with gradient
               checkpointing), 2 N per forward-only or generated token.
 
@@ -536,6 +538,10 @@ def plan_ppo(
     gen_batch = min(cfg.rollout.generation_batch_size, local_batch)
     score_mb = min(micro * 4, local_batch)  # the rollout scores in micro-batches of 4 x ppo.micro_batch_size
     ckpt = pol.gradient_checkpointing
+    # rollout.share_prompt: with k samples per prompt the scoring forwards run each prompt once and every response on
+    # its KV cache, which each scoring model then holds for a whole micro-batch (unsharded topologies only)
+    k = cfg.rollout.samples_per_prompt
+    share = cfg.rollout.share_prompt and k > 1 and topology not in ("fsdp", "zero3")
 
     # policy
     lora = pol.lora.enabled
@@ -556,6 +562,7 @@ def plan_ppo(
     train_act = activation_bytes(policy, micro, S, p, ckpt, lm_head=True, logit_positions=R + 1)
     ptx_act = activation_bytes(policy, min(ptx_seqs, micro), ptx_len, p, ckpt, lm_head=True) if ptx_seqs else 0
     score_act = activation_bytes(policy, score_mb, S, p, False, lm_head=True, trained=False, logit_positions=R + 1)
+    score_act += kv_cache_bytes(policy, score_mb, S, p) if share else 0
     pol_role.activations = max(train_act, ptx_act, score_act)
     pol_role.kv_cache = kv_cache_bytes(policy, gen_batch, S, p)
     gen_act = gen_batch * policy.vocab * (p + 4) + activation_bytes(policy, gen_batch, P, p, False, False, False)
@@ -590,6 +597,7 @@ def plan_ppo(
 
     # reward model(s)
     score_rm = activation_bytes(reward, score_mb, S, p, False, lm_head=False, trained=False) if reward_members else 0
+    score_rm += kv_cache_bytes(reward, score_mb, S, p) if share and reward_members else 0
     for i in range(reward_members):
         name = "reward" if reward_members == 1 else f"reward[{i}]"
         rm = frozen_role(
@@ -605,16 +613,16 @@ def plan_ppo(
     }
     B = cfg.train.batch_size
     ptx_tokens = round(cfg.ptx.sequences_per_episode * B) * cfg.ptx.max_length if cfg.ptx.ptx_coef > 0 else 0
+    scored = B // k * P + B * R if share else B * S
     tokens = {
         "generated": B * R,
-        "scored": B * S,
+        "scored": scored,
         "trained": cfg.ppo.ppo_epochs * (B * S + ptx_tokens),
     }
     gen_flops = 2 * policy.params_lm * (B * P + B * R)
     score_flops = (
         2
-        * B
-        * S
+        * scored
         * (
             2 * policy.params_lm  # old log-probs and reference log-probs (a copy or the adapter switched off)
             + (value_shape.params_scalar if critic else 0)
