@@ -76,8 +76,8 @@ def prompt_then_responses(
 
 
 def cache_keyword(model) -> str:
-    """The name a Hugging Face forward takes its KV cache by: `cache` from transformers 5.2x (`past_key_values`,
-    deprecated there, before)."""
+    """The name a Hugging Face forward takes its KV cache by: `cache` in recent transformers 5.x (5.24 deprecates
+    `past_key_values`), `past_key_values` in earlier ones."""
     inner = wrapped_module(model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
     return _cache_keyword(type(inner))
