@@ -41,18 +41,25 @@ def grouped_episodes(vocab: int, pad_id: int, k: int = 3):
     return query_responses, torch.cat([prompt_mask, response_mask.long()], 1), response_mask, rows
 
 
-def qwen2_lm(vocab: int, pad_id: int):
+def qwen2_lm(vocab: int, pad_id: int, **config):
     from transformers import Qwen2Config, Qwen2ForCausalLM
 
     torch.manual_seed(0)
     shape = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4)
-    config = Qwen2Config(vocab_size=vocab, pad_token_id=pad_id, num_key_value_heads=2, **shape)
+    config = Qwen2Config(vocab_size=vocab, pad_token_id=pad_id, num_key_value_heads=2, **shape | config)
     return Qwen2ForCausalLM(config).eval()  # grouped-query attention, q/k/v biases, tied embeddings
 
 
-@pytest.mark.parametrize("family", ["llama", "qwen2"])
+# a window of 4 tokens on the second layer, shorter than every sequence: its cache keeps only the window
+SLIDING = dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2_sliding"])
 def test_shared_log_probs_are_the_full_forwards(tokenizer, tiny_lm, family):
-    model = tiny_lm if family == "llama" else qwen2_lm(len(tokenizer), tokenizer.pad_token_id)
+    extra = SLIDING if family == "qwen2_sliding" else {}
+    model = tiny_lm if family == "llama" else qwen2_lm(len(tokenizer), tokenizer.pad_token_id, **extra)
+    if extra:
+        assert model.config.layer_types == ["full_attention", "sliding_attention"]
     qr, am, mask, rows = grouped_episodes(len(tokenizer), tokenizer.pad_token_id)
     with torch.no_grad():
         full = response_logprobs(model, qr, am, 6, 0.7)
