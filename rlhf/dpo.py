@@ -32,7 +32,7 @@ from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.packing import pack_length, pack_rows
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
 from rlhf.reward import load_ranked
-from rlhf.runtime import make_accelerator, prepare_frozen, seed_everything
+from rlhf.runtime import prepare_frozen, seed_everything, stage_accelerator
 from rlhf.sampling import log_generations
 
 # a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
@@ -173,9 +173,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
     check_paths(cfg, source)
     if cfg.reference == "disable_adapter":
         check_adapter_reference(cfg)
-    accelerator = make_accelerator(
-        cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu, cfg.logging.report_to, cfg
-    )
+    accelerator = stage_accelerator(cfg)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     report = TruncationReport()

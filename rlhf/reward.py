@@ -41,7 +41,7 @@ from rlhf.models import (
 )
 from rlhf.packing import pack_length, pack_rows
 from rlhf.ppo_math import ranking_loss
-from rlhf.runtime import make_accelerator, seed_everything
+from rlhf.runtime import seed_everything, stage_accelerator
 from rlhf.tracking import write_json
 
 
@@ -226,9 +226,7 @@ def write_ensemble_manifest(cfg: RMConfig, members: list[Path]) -> Path:
 
 def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     """Train one reward model (on a bootstrap resample of the comparison groups when bootstrap_seed is set)."""
-    accelerator = make_accelerator(
-        cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu, cfg.logging.report_to, cfg
-    )
+    accelerator = stage_accelerator(cfg)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     report = TruncationReport()

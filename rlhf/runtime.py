@@ -167,6 +167,13 @@ def make_accelerator(
     return accelerator
 
 
+def stage_accelerator(cfg: Any) -> Accelerator:
+    """`make_accelerator` for a stage's config (SFT, RM, DPO, PPO): its precision, output dir, trackers and CPU
+    flag, with the config itself given to the trackers."""
+    t, log = cfg.train, cfg.logging
+    return make_accelerator(t.mixed_precision, cfg.output_dir, log.tensorboard, t.cpu, log.report_to, cfg)
+
+
 # What the project's own tests run (docs/scaling.md); any other topology says so in one line at start-up.
 VERIFIED_TOPOLOGIES = {
     "NO": "one process: CPU in CI, one GPU (H100, bf16) by hand",

@@ -24,7 +24,7 @@ from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.packing import pack_length, packed_micro_batches
 from rlhf.ppo_math import lm_loss
-from rlhf.runtime import make_accelerator, seed_everything
+from rlhf.runtime import seed_everything, stage_accelerator
 from rlhf.sampling import log_generations
 
 
@@ -78,9 +78,7 @@ def eval_loss(model, examples: list, micro: int, pad_token_id: int, accelerator,
 def train(cfg: SFTConfig, source: str = "<config>") -> Path:
     """Run SFT (or pretraining) to completion; returns `<output_dir>/final`."""
     check_paths(cfg, source)
-    accelerator = make_accelerator(
-        cfg.train.mixed_precision, cfg.output_dir, cfg.logging.tensorboard, cfg.train.cpu, cfg.logging.report_to, cfg
-    )
+    accelerator = stage_accelerator(cfg)
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     fmt = cfg.data.format

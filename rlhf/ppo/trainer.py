@@ -53,7 +53,7 @@ from rlhf.ppo.roles import Roles, load_roles, roles_for
 from rlhf.ppo.rollout import Rollout
 from rlhf.ppo.state import EMA, RunningMoments, StopRules
 from rlhf.ppo_math import KLPenaltyCoef
-from rlhf.runtime import make_accelerator, seed_everything, sharded_parameters, split_batch
+from rlhf.runtime import seed_everything, sharded_parameters, split_batch, stage_accelerator
 from rlhf.sampling import decode_responses
 from rlhf.tracking import ProgressBar, drop_metrics_after, log_metrics, log_text
 
@@ -64,14 +64,7 @@ class PPOTrainer:
     def __init__(self, cfg: PPOConfig, source: str = "<config>"):
         check_paths(cfg, source)
         self.cfg = cfg
-        acc = self.accelerator = make_accelerator(
-            cfg.train.mixed_precision,
-            cfg.output_dir,
-            cfg.logging.tensorboard,
-            cfg.train.cpu,
-            cfg.logging.report_to,
-            cfg,
-        )
+        acc = self.accelerator = stage_accelerator(cfg)
         seed_everything(cfg.seed)
         self.roles = roles_for(cfg)
         if cfg.ema.decay and sharded_parameters(acc):
