@@ -109,19 +109,28 @@ def encode_pairs(
         c = c + [tokenizer.eos_token_id]
         report.rows += 1
         if len(p) + len(c) > fmt.max_length:
-            if fmt.truncation == "error":
-                raise DataError(
-                    f"{source}: row {i} has {len(p) + len(c)} tokens > data.format.max_length {fmt.max_length}; "
-                    "raise max_length or set data.format.truncation to truncate or drop"
-                )
-            if fmt.truncation == "drop":
-                report.dropped += 1
+            if not cut_to_fit(len(p) + len(c), fmt, source, i, report):
                 out.append(None)
                 continue
-            report.completions_cut += 1
             c = c[: max(0, fmt.max_length - len(p))]
         out.append((p, c))
     return out
+
+
+def cut_to_fit(length: int, fmt: FormatConfig, source: str, index: int, report: TruncationReport, empty=False) -> bool:
+    """data.format.truncation for row `index` of `length` > max_length tokens: raises DataError (error), or counts
+    the row dropped and returns False (drop, or `empty`: nothing to learn would be left after the cut), or counts it
+    cut and returns True (truncate: the caller cuts it)."""
+    if fmt.truncation == "error":
+        raise DataError(
+            f"{source}: row {index} has {length} tokens > data.format.max_length {fmt.max_length}; raise max_length "
+            "or set data.format.truncation to truncate or drop"
+        )
+    if fmt.truncation == "drop" or empty:
+        report.dropped += 1
+        return False
+    report.completions_cut += 1
+    return True
 
 
 def encode_sft(
@@ -194,16 +203,10 @@ def encode_conversation(tokenizer, fmt: FormatConfig, row: dict, source: str, in
     report.rows += 1
     report.assistant_turns += len(spans)
     if len(ids) > fmt.max_length:
-        if fmt.truncation == "error":
-            raise DataError(
-                f"{source}: row {index} has {len(ids)} tokens > data.format.max_length {fmt.max_length}; raise "
-                "max_length or set data.format.truncation to truncate or drop"
-            )
-        ids, labels = ids[: fmt.max_length], labels[: fmt.max_length]
-        if fmt.truncation == "drop" or all(x == -100 for x in labels):
-            report.dropped += 1
+        empty = all(x == -100 for x in labels[: fmt.max_length])
+        if not cut_to_fit(len(ids), fmt, source, index, report, empty):
             return None
-        report.completions_cut += 1
+        ids, labels = ids[: fmt.max_length], labels[: fmt.max_length]
     return {"input_ids": ids, "labels": labels}
 
 
