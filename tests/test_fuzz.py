@@ -185,25 +185,21 @@ def test_fuzzed_data_files_give_a_clean_error_or_rows(case, on_bad_row, tmp_path
 # Wrongly laid-out paths: each stops before any work with one line naming the key (and the fix)
 # --------------------------------------------------------------------------------------------------
 
+# name -> (the key the error names, the path that key is pointed at instead (None: it keeps the good one), and how
+# the break is made in the test's root dir)
 LAYOUT_BREAKS = {
-    "no config.json": ("model.name_or_path", lambda d: (d / "model" / "config.json").unlink()),
-    "no weights": ("model.name_or_path", lambda d: [f.unlink() for f in (d / "model").glob("*.safetensors")]),
+    "no config.json": ("model.name_or_path", None, lambda d: (d / "model" / "config.json").unlink()),
+    "no weights": ("model.name_or_path", None, lambda d: [f.unlink() for f in (d / "model").glob("*.safetensors")]),
     "no tokenizer": (
         "model.name_or_path",
+        None,
         lambda d: [f.unlink() for f in (d / "model").iterdir() if f.name.startswith("tokenizer")],
     ),
-    "model is a file": ("model.name_or_path", lambda d: (d / "file.json").write_text("{}")),
-    "data dir not a dataset": ("data.train.path", lambda d: (d / "notadataset").mkdir()),
-    "data file type": ("data.train.path", lambda d: (d / "rows.txt").write_text("x")),
-    "data missing": ("data.train.path", lambda d: None),
-    "tokenizer dir empty": ("model.tokenizer", lambda d: (d / "emptytok").mkdir()),
-}
-BROKEN_PATH = {
-    "model is a file": ("model.name_or_path", "file.json"),
-    "data dir not a dataset": ("data.train.path", "notadataset"),
-    "data file type": ("data.train.path", "rows.txt"),
-    "data missing": ("data.train.path", "missing.jsonl"),
-    "tokenizer dir empty": ("model.tokenizer", "emptytok"),
+    "model is a file": ("model.name_or_path", "file.json", lambda d: (d / "file.json").write_text("{}")),
+    "data dir not a dataset": ("data.train.path", "notadataset", lambda d: (d / "notadataset").mkdir()),
+    "data file type": ("data.train.path", "rows.txt", lambda d: (d / "rows.txt").write_text("x")),
+    "data missing": ("data.train.path", "missing.jsonl", lambda d: None),
+    "tokenizer dir empty": ("model.tokenizer", "emptytok", lambda d: (d / "emptytok").mkdir()),
 }
 
 
@@ -225,9 +221,9 @@ def test_wrongly_laid_out_paths_stop_before_work_with_one_line(breaks, tiny_lm, 
         "data.pretrain_mix_ratio": "0",
     }
     for name in breaks:
-        LAYOUT_BREAKS[name][1](root)
-        if name in BROKEN_PATH:
-            key, target = BROKEN_PATH[name]
+        key, target, make = LAYOUT_BREAKS[name]
+        make(root)
+        if target is not None:
             sets[key] = str(root / target)
     args = ["sft", "--config", str(CONFIGS / "tiny" / "sft.yaml")]
     args += [a for k, v in sets.items() for a in ("--set", f"{k}={v}")]
