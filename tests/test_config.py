@@ -215,7 +215,7 @@ def test_missing_data_path_fails_before_model_load(tmp_path, monkeypatch, tiny_w
 
     monkeypatch.setattr(sft, "load_causal_lm", boom)
     monkeypatch.setattr(sft, "load_tokenizer", boom)
-    monkeypatch.setattr(sft, "make_accelerator", boom)
+    monkeypatch.setattr(sft, "stage_accelerator", boom)
     missing = tmp_path / "nowhere" / "sft.jsonl"
     cfg = load_config(
         "sft",
