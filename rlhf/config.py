@@ -476,6 +476,11 @@ class PPOHyper:
     """GAE lambda."""
     target_approx_kl: float = 0.0
     """Stop this iteration's epochs once a minibatch's approx-KL exceeds this (0 = never)."""
+    group_minibatches: bool = False
+    """With k > 1 samples per prompt: shuffle whole groups (a prompt's k episodes) into minibatches instead of
+    single episodes, and keep a group's episodes in one micro-batch, so the update's policy and value forwards run
+    each prompt once (with rollout.share_prompt; not under FSDP/ZeRO-3, train.compile or gradient checkpointing).
+    Off: minibatches of episodes shuffled singly, as TRL and OpenRLHF do. mini_batch_size must be a multiple of k."""
 
 
 @dataclass
@@ -627,6 +632,11 @@ class PPOConfig:
             raise ConfigError(
                 f"train.batch_size ({self.train.batch_size}) counts responses: it must be a multiple of "
                 f"rollout.samples_per_prompt ({k})"
+            )
+        if p.group_minibatches and p.mini_batch_size % k:
+            raise ConfigError(
+                f"ppo.group_minibatches puts whole groups of rollout.samples_per_prompt ({k}) episodes in a "
+                f"minibatch: ppo.mini_batch_size ({p.mini_batch_size}) must be a multiple of {k}"
             )
         from rlhf.algorithms import ADVANTAGE_NEEDS
 

@@ -472,9 +472,15 @@ class TokenValueModel(nn.Module):
         return self.model.config
 
     def forward(
-        self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None = None,
+        values: Callable | None = None,
     ) -> torch.Tensor:
-        return token_values(self.model, input_ids, attention_mask, position_ids)
+        """`values(hf_model, input_ids, attention_mask, position_ids)` replaces `token_values` (e.g. the forward
+        that runs a group's shared prompt once): called in here, it stays one forward through the wrappers."""
+        return (values or token_values)(self.model, input_ids, attention_mask, position_ids)
 
     def save_pretrained(self, path: str, state_dict: dict | None = None, **kwargs) -> None:
         if state_dict is not None:

@@ -542,6 +542,8 @@ def plan_ppo(
     # its KV cache, which each scoring model then holds for a whole micro-batch (unsharded topologies only)
     k = cfg.rollout.samples_per_prompt
     share = cfg.rollout.share_prompt and k > 1 and topology not in ("fsdp", "zero3")
+    # ppo.group_minibatches: the update's forwards share a group's prompt too (not compiled nor checkpointed)
+    learn_share = share and cfg.ppo.group_minibatches and not cfg.train.compile and not pol.gradient_checkpointing
 
     # policy
     lora = pol.lora.enabled
@@ -560,6 +562,7 @@ def plan_ppo(
     ptx_len = cfg.ptx.max_length if ptx_seqs else 0
     # the policy's PPO forwards compute logits for the R + 1 positions that predict the response only
     train_act = activation_bytes(policy, micro, S, p, ckpt, lm_head=True, logit_positions=R + 1)
+    train_act += kv_cache_bytes(policy, micro, S, p) if learn_share else 0  # the prompt's keys/values per episode
     ptx_act = activation_bytes(policy, min(ptx_seqs, micro), ptx_len, p, ckpt, lm_head=True) if ptx_seqs else 0
     score_act = activation_bytes(policy, score_mb, S, p, False, lm_head=True, trained=False, logit_positions=R + 1)
     score_act += kv_cache_bytes(policy, score_mb, S, p) if share else 0
@@ -593,6 +596,7 @@ def plan_ppo(
             note=f"from {m.value_init}",
         )
         value.activations = activation_bytes(value_shape, micro, S, p, ckpt, lm_head=False)
+        value.activations += kv_cache_bytes(value_shape, micro, S, p) if learn_share else 0
     roles.append(value)
 
     # reward model(s)
@@ -614,10 +618,11 @@ def plan_ppo(
     B = cfg.train.batch_size
     ptx_tokens = round(cfg.ptx.sequences_per_episode * B) * cfg.ptx.max_length if cfg.ptx.ptx_coef > 0 else 0
     scored = B // k * P + B * R if share else B * S
+    trained = B // k * P + B * R if learn_share else B * S  # the RL episodes' tokens per epoch
     tokens = {
         "generated": B * R,
         "scored": scored,
-        "trained": cfg.ppo.ppo_epochs * (B * S + ptx_tokens),
+        "trained": cfg.ppo.ppo_epochs * (trained + ptx_tokens),
     }
     gen_flops = 2 * policy.params_lm * (B * P + B * R)
     score_flops = (
@@ -630,8 +635,8 @@ def plan_ppo(
         )
     )
     train_flops = cfg.ppo.ppo_epochs * (
-        (B * S + ptx_tokens) * train_flops_per_token(policy.params_lm, lora, ckpt)
-        + (B * S * train_flops_per_token(value_shape.params_scalar, False, ckpt) if critic else 0)
+        (trained + ptx_tokens) * train_flops_per_token(policy.params_lm, lora, ckpt)
+        + (trained * train_flops_per_token(value_shape.params_scalar, False, ckpt) if critic else 0)
     )
     notes = [
         "sequences counted at max_prompt_length + max_new_tokens (an upper bound)",

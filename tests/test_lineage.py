@@ -126,6 +126,16 @@ def test_lineage_config_checks(tiny_world, tiny_sft, tiny_rm, tmp_path):
         load("ppo.advantage=grpo")
     with pytest.raises(ConfigError, match="multiple of rollout.samples_per_prompt"):
         load("rollout.samples_per_prompt=3")
+    # whole groups of 4 cannot fill minibatches of 6 episodes (train.batch_size 24 is a multiple of both)
+    with pytest.raises(ConfigError, match=r"ppo.mini_batch_size \(6\) must be a multiple of 4"):
+        load(
+            "rollout.samples_per_prompt=4",
+            "train.batch_size=24",
+            "ppo.mini_batch_size=6",
+            "ppo.micro_batch_size=2",
+            "ppo.group_minibatches=true",
+        )
+    load("rollout.samples_per_prompt=4", "ppo.group_minibatches=true")  # 16-episode minibatches: 4 whole groups
     with pytest.raises(ConfigError, match="no reward"):
         load("models.reward.name_or_path=")
     with pytest.raises(ConfigError, match="value_init: reward"):

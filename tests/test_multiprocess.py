@@ -38,9 +38,10 @@ def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(tiny_worl
     seeded stream, the rollout is gathered, and each process takes its share of the same minibatches (with ptx).
     Measured after 3 iterations: largest weight difference 6e-8 (float summation order); tolerance 1e-5. With k = 4
     samples per prompt a group's episodes are split over the processes, each sharing its prompt forward among its
-    own (rollout.share_prompt)."""
+    own (rollout.share_prompt), and minibatches hold whole groups (ppo.group_minibatches): the update's shared
+    prompt forwards go through DDP, two forwards per backward."""
     extra = ["train.max_steps=3", "ppo.micro_batch_size=4", "checkpoint.every=2", "logging.num_samples=2"]
-    extra += [f"rollout.samples_per_prompt={k}"]
+    extra += [f"rollout.samples_per_prompt={k}", f"ppo.group_minibatches={k > 1}"]
     configs = {}
     for name in ("one", "two"):
         configs[name] = tmp_path / f"{name}.yaml"

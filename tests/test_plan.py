@@ -220,6 +220,20 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
         2 * shape.params_lm + shape.params_scalar  # policy and reference, one reward model
     )
     assert grpo.phases["score"] > whole.phases["score"]  # for the cache it holds
+    # whole groups per minibatch: the update's forwards share the prompt as well (not with the recipe's gradient
+    # checkpointing, which turns the KV cache off)
+    base = sets + ["ppo.advantage=grpo", "rollout.samples_per_prompt=4"]
+    assert (
+        plan_ppo(load_config("ppo", recipe, base + ["ppo.group_minibatches=true"]), shape, shape).flops == grpo.flops
+    )
+    base += ["models.policy.gradient_checkpointing=false", "ptx.ptx_coef=0"]
+    grpo = plan_ppo(load_config("ppo", recipe, base), shape, shape)
+    grouped_cfg = load_config("ppo", recipe, base + ["ppo.group_minibatches=true"])
+    grouped = plan_ppo(grouped_cfg, shape, shape)
+    epochs = grouped_cfg.ppo.ppo_epochs
+    assert grouped.tokens["trained"] - grpo.tokens["trained"] == -epochs * (B - B // 4) * P
+    assert grpo.flops - grouped.flops == epochs * (B - B // 4) * P * 6 * shape.params_lm  # no critic, no LoRA
+    assert grouped.phases["train"] > grpo.phases["train"]  # the keys/values copied to each episode, held
     # a reward function only: no reward model held either
     fn = sets[:1] + ["models.reward.name_or_path=", "reward.function=rlhf.tiny:gold_judge", "models.value_init=policy"]
     only_fn = plan_config("ppo", load_config("ppo", recipe, fn))

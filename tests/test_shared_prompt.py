@@ -3,6 +3,8 @@ forwards' numbers (log-probs, values, reward scores) to float tolerance, for any
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import tiny_llama_config
@@ -129,3 +131,101 @@ def test_a_rollout_with_the_prompt_shared_is_the_one_without(tiny_world, tiny_sf
     for name in ("logprobs", "ref_logprobs", "values"):
         torch.testing.assert_close(getattr(shared, name)[mask], getattr(full, name)[mask], **TOL, msg=name)
     torch.testing.assert_close(shared.raw_scores, full.raw_scores, **TOL)
+
+
+def test_shared_forwards_give_the_full_forwards_gradients(tokenizer):
+    """The learner's differentiated forwards (ppo.group_minibatches): a loss on the shared log-probs and entropies
+    of a policy, and on the shared values of a critic called as a module (as through a DDP wrapper), has the full
+    forwards' gradients, every parameter's, to float tolerance: each response's gradient reaches its prompt's one
+    forward through the copied KV cache."""
+    from transformers import LlamaForCausalLM, LlamaForSequenceClassification
+
+    from rlhf.models import TokenValueModel
+
+    torch.manual_seed(0)
+    policy = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id)).train()
+    config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, num_labels=1)
+    critic = TokenValueModel(LlamaForSequenceClassification(config)).train()
+    qr, am, mask, rows = grouped_episodes(len(tokenizer), tokenizer.pad_token_id)
+    groups = prompt_groups(rows)
+    weights = torch.linspace(-1.0, 1.0, mask.numel()).view_as(mask) * mask  # a loss that weighs each token apart
+
+    def gradients(logprobs_of, values_of):
+        for model in (policy, critic):
+            model.zero_grad()
+        logprobs, entropy = logprobs_of(policy, qr, am, 6, 0.7, entropy=True)
+        values = values_of(critic, qr, am, 6)
+        ((logprobs + 0.1 * entropy + values) * weights).sum().backward()
+        return [p.grad.clone() for model in (policy, critic) for p in model.parameters() if p.grad is not None]
+
+    full = gradients(response_logprobs, response_values)
+    shared = gradients(
+        functools.partial(shared_response_logprobs, groups=groups),
+        functools.partial(shared_response_values, groups=groups),
+    )
+    assert len(shared) == len(full) == len(list(policy.parameters())) + len(list(critic.parameters()))
+    for a, b in zip(shared, full):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
+
+
+def test_grouped_minibatch_order_keeps_each_group_whole():
+    from rlhf.ppo.learner import minibatch_order
+
+    g = torch.Generator().manual_seed(3)
+    order = minibatch_order(24, 4, g)
+    assert sorted(order) == list(range(24))
+    groups = [order[s : s + 4] for s in range(0, 24, 4)]
+    assert all(grp == list(range(grp[0], grp[0] + 4)) and grp[0] % 4 == 0 for grp in groups)
+    assert [grp[0] for grp in groups] != sorted(grp[0] for grp in groups)  # the groups are shuffled
+    singly = minibatch_order(24, 1, torch.Generator().manual_seed(3))
+    assert singly == torch.randperm(24, generator=torch.Generator().manual_seed(3)).tolist()  # unchanged default
+
+
+def test_grouped_minibatch_plan_keeps_groups_in_micro_batches_and_marks_them():
+    """Micro-batches of 4 from a minibatch of 3 groups of k = 2 (longest responses 5, 2, 7): whole groups, in order
+    of their longest response, each micro-batch's shared prompts marked."""
+    from rlhf.ppo.learner import MinibatchPlan
+    from rlhf.ppo.rollout import Rollout
+
+    lengths = [5, 3, 0, 0, 2, 1, 7, 7, 4, 6]  # episodes 0..9; groups of 2: (0,1) (2,3) (4,5) (6,7) (8,9)
+    B, R = len(lengths), 8
+    response_mask = torch.arange(R)[None] < torch.tensor(lengths)[:, None]
+    attention_mask = torch.cat([torch.ones(B, 2, dtype=torch.long), response_mask.long()], 1)
+    zeros = torch.zeros(B, R)
+    ro = Rollout(
+        torch.ones(B, 2 + R, dtype=torch.long), attention_mask, response_mask, 2, zeros, zeros, zeros,
+        torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.ones(B, dtype=torch.bool), zeros, zeros, zeros,
+    )  # fmt: skip
+    plan = MinibatchPlan.of(ro, [6, 7, 0, 1, 4, 5], [], 0, 1, 4, group_size=2, share_prompt=True)
+    assert [mb.response_mask.sum(1).tolist() for mb, _, _ in plan.micro] == [[2, 1, 5, 3], [7, 7]]
+    assert [groups.owner.tolist() for _, _, groups in plan.micro] == [[0, 0, 1, 1], [0, 0]]
+    assert sum(float(share) for _, share, _ in plan.micro) == pytest.approx(1.0)
+    plain = MinibatchPlan.of(ro, [6, 7, 0, 1, 4, 5], [], 0, 1, 4)  # the default: by length, nothing shared
+    assert [mb.response_mask.sum(1).tolist() for mb, _, _ in plain.micro] == [[1, 2, 3, 5], [7, 7]]
+    assert all(groups is None for _, _, groups in plain.micro)
+
+
+def test_grouped_ppo_updates_with_the_prompt_shared_are_the_ones_without(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    """PPO with a critic, k = 4, whole groups per minibatch (micro-batches of 8 = two groups, ptx on): three
+    iterations with the learner's (and the scoring's) prompt forwards shared end at the weights of the same run
+    without sharing, to float tolerance, for the policy and the critic."""
+    from conftest import load_safetensors_dir, ppo_config
+
+    from rlhf import ppo
+
+    extra = ["rollout.samples_per_prompt=4", "ppo.group_minibatches=true", "ppo.micro_batch_size=8"]
+    extra += ["train.max_steps=3", "checkpoint.every=2", "train.mixed_precision=no"]
+    for share in (True, False):
+        cfg = ppo_config(
+            tiny_world, tiny_sft, tiny_rm, tmp_path / str(share), extra + [f"rollout.share_prompt={share}"]
+        )
+        trainer = ppo.PPOTrainer(cfg)
+        assert trainer.learner.share_prompt is share
+        trainer.train()
+    for part in ("checkpoint-2/value", "final"):
+        shared = load_safetensors_dir(tmp_path / "True" / part)
+        full = load_safetensors_dir(tmp_path / "False" / part)
+        for name in full:
+            torch.testing.assert_close(shared[name], full[name], rtol=1e-4, atol=2e-6, msg=f"{part}: {name}")
+    start = load_safetensors_dir(tiny_sft)  # the updates moved the policy: not two untouched copies compared
+    assert max((full[n] - start[n]).abs().max().item() for n in start) > 1e-4

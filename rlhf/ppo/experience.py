@@ -33,15 +33,13 @@ from rlhf.ppo.rollout import (
     HFGenerator,
     Rollout,
     real_columns,
-    response_logprobs,
-    response_values,
 )
 from rlhf.ppo.shared_prompt import (
     PromptGroups,
+    logprobs_forward,
     prompt_groups,
-    shared_response_logprobs,
-    shared_response_values,
     shared_reward_scores,
+    values_forward,
 )
 from rlhf.ppo.state import RunningMoments
 from rlhf.ppo_math import (
@@ -192,7 +190,7 @@ class ExperienceMaker:
         """Old (the policy's) and reference log-probs [B,R] of a micro-batch of episodes [B,P+R]; `groups`: which
         episodes share a prompt (`shared_prompt`), None to run every sequence whole."""
         args = (query_responses, attention_mask, prompt_width, self.cfg.rollout.temperature)
-        logprobs = response_logprobs if groups is None else functools.partial(shared_response_logprobs, groups=groups)
+        logprobs = logprobs_forward(groups)
         with self.accelerator.autocast():
             old = logprobs(policy, *args)
             if self.roles.reference is None:
@@ -204,7 +202,7 @@ class ExperienceMaker:
         self, value_model, query_responses, attention_mask, prompt_width: int, rows, where, groups=None
     ):
         """Values [B,R] (None without a critic), scores [B] and the ensemble's std [B] of a micro-batch [B,P+R]."""
-        values_of = response_values if groups is None else functools.partial(shared_response_values, groups=groups)
+        values_of = values_forward(groups)
         with self.accelerator.autocast():
             values = None
             if self.roles.critic:

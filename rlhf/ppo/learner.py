@@ -24,9 +24,10 @@ from rlhf.data import load_source
 from rlhf.guards import NonFiniteGuard
 from rlhf.models import causal_logits
 from rlhf.ppo.roles import Roles
-from rlhf.ppo.rollout import Rollout, response_logprobs, response_values
+from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.shared_prompt import PromptGroups, logprobs_forward, prompt_groups, values_forward
 from rlhf.ppo_math import kl_penalty, lm_loss, masked_mean, value_loss
-from rlhf.runtime import clip_grad_norm
+from rlhf.runtime import clip_grad_norm, sharded_parameters
 
 # the per-minibatch statistics of the update, in the order minibatch_step returns them
 MINIBATCH_STATS = (
@@ -51,28 +52,63 @@ def add_stats(stats: torch.Tensor, terms: dict[str, torch.Tensor], weight) -> No
     stats.index_add_(0, cols, torch.stack([v.detach().float() for v in terms.values()]) * weight)
 
 
+def minibatch_order(batch_size: int, group_size: int, generator: torch.Generator) -> list[int]:
+    """One epoch's shuffled order of the iteration's episodes, cut into minibatches by the caller. With
+    group_size k > 1 (ppo.group_minibatches) whole groups are shuffled: episodes g*k .. g*k+k-1 (a prompt's k
+    responses) stay consecutive."""
+    if group_size == 1:
+        return torch.randperm(batch_size, generator=generator).tolist()
+    groups = torch.randperm(batch_size // group_size, generator=generator).tolist()
+    return [g * group_size + j for g in groups for j in range(group_size)]
+
+
 @dataclass(frozen=True)
 class MinibatchPlan:
     """This process's part of a minibatch: its episodes (every num_processes-th) and ptx sequences, in
     micro-batches. Episodes of like response length share a micro-batch (the minibatch's gradient is the sum over
-    its micro-batches whatever their make-up), and each micro-batch is cut to its own real columns once, for the
-    policy and the critic side alike."""
+    its micro-batches whatever their make-up), or, with group_size k > 1, whole groups of like longest response;
+    each micro-batch is cut to its own real columns once, for the policy and the critic side alike."""
 
-    micro: list[tuple[Rollout, torch.Tensor]]  # (episodes: `Rollout.select`, share of the minibatch's response tokens)
+    # (episodes: `Rollout.select`, share of the minibatch's response tokens, episodes sharing a prompt or None)
+    micro: list[tuple[Rollout, torch.Tensor, PromptGroups | None]]
     ptx_micro: list[list[dict]]  # pretraining sequences, per ptx micro-batch
     ptx_tokens: int  # predicted ptx tokens of the whole minibatch (all processes), >= 1
 
     @classmethod
-    def of(cls, ro: Rollout, minibatch: list[int], ptx: list[dict], rank: int, world: int, size: int):
+    def of(
+        cls,
+        ro: Rollout,
+        minibatch: list[int],
+        ptx: list[dict],
+        rank: int,
+        world: int,
+        size: int,
+        group_size: int = 1,
+        share_prompt: bool = False,
+    ):
+        """`share_prompt`: mark the episodes of a micro-batch that share a prompt (a group: index // group_size)."""
         mine, ptx_mine = minibatch[rank::world], ptx[rank::world]
         if size < len(mine):  # one host sync: the lengths of this process's episodes
             lengths = ro.response_mask[mine].sum(1).tolist()
-            mine = [i for _, i in sorted(zip(lengths, mine))]
+            keys = lengths
+            if group_size > 1:  # a group sorts by its longest response; its episodes stay consecutive
+                longest: dict[int, int] = {}
+                for i, n in zip(mine, lengths):
+                    longest[i // group_size] = max(longest.get(i // group_size, 0), n)
+                keys = [longest[i // group_size] for i in mine]
+            mine = [i for _, i in sorted(zip(keys, mine))]
         tokens = ro.response_mask[minibatch].sum().clamp(min=1)  # the whole minibatch's (all processes)
         device = ro.response_mask.device
-        selected = [ro.select(torch.tensor(mine[s : s + size], device=device)) for s in range(0, len(mine), size)]
+        chunks = [mine[s : s + size] for s in range(0, len(mine), size)]
         return cls(
-            micro=[(mb, mb.response_mask.sum() / tokens) for mb in selected],
+            micro=[
+                (
+                    mb := ro.select(torch.tensor(chunk, device=device)),
+                    mb.response_mask.sum() / tokens,
+                    prompt_groups([i // group_size for i in chunk], device) if share_prompt else None,
+                )
+                for chunk in chunks
+            ],
             ptx_micro=[ptx_mine[s : s + size] for s in range(0, len(ptx_mine), size)],
             ptx_tokens=max(sum(len(e["input_ids"]) - 1 for e in ptx), 1),
         )
@@ -104,6 +140,17 @@ class Learner:
         world = acc.num_processes
         per_mini = cfg.ptx.sequences_per_episode * cfg.ppo.mini_batch_size / world
         self.ptx_per_mini = world * round(per_mini) if ptx_examples else 0
+        # ppo.group_minibatches: whole groups per minibatch, each prompt's forward run once per micro-batch (not
+        # through a sharding or compiling wrapper, nor with gradient checkpointing, which turns the KV cache off)
+        k = cfg.rollout.samples_per_prompt if cfg.ppo.group_minibatches else 1
+        self.group_size = k
+        self.share_prompt = (
+            k > 1
+            and cfg.rollout.share_prompt
+            and not sharded_parameters(acc)
+            and not cfg.train.compile
+            and not cfg.models.policy.gradient_checkpointing
+        )
 
     def ptx_batch(self, step: int, epoch: int, mini: int) -> list[dict]:
         """Every process's pretraining sequences for one minibatch: a deterministic walk over shuffled epochs."""
@@ -133,7 +180,7 @@ class Learner:
         sums: list[torch.Tensor] = []
         stop = False
         for epoch in range(p.ppo_epochs):
-            order = torch.randperm(cfg.train.batch_size, generator=g).tolist()
+            order = minibatch_order(cfg.train.batch_size, self.group_size, g)
             for mini in range(n_mini):
                 minibatch = order[mini * p.mini_batch_size : (mini + 1) * p.mini_batch_size]
                 ptx = self.ptx_batch(step, epoch, mini) if self.ptx_per_mini else []
@@ -180,7 +227,14 @@ class Learner:
         """
         acc = self.accelerator
         plan = MinibatchPlan.of(
-            ro, minibatch, ptx, acc.process_index, acc.num_processes, self.cfg.ppo.micro_batch_size
+            ro,
+            minibatch,
+            ptx,
+            acc.process_index,
+            acc.num_processes,
+            self.cfg.ppo.micro_batch_size,
+            self.group_size,
+            self.share_prompt,
         )
         if self.roles.critic:
             sides = self.roles.lanes.run(lambda: self._policy_side(plan), lambda: self._value_side(plan))
@@ -200,9 +254,9 @@ class Learner:
         """The policy's backwards (PPO micro-batches, then ptx ones) -> (statistics, clipped gradient norm)."""
         stats = torch.zeros(len(MINIBATCH_STATS), device=self.accelerator.device)
         n_backward = len(plan.micro) + len(plan.ptx_micro)
-        for k, (mb, share) in enumerate(plan.micro, 1):
+        for k, (mb, share, groups) in enumerate(plan.micro, 1):
             with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
-                terms = self._policy_micro_batch(mb, share)
+                terms = self._policy_micro_batch(mb, share, groups)
             add_stats(stats, terms, share)
         for k, examples in enumerate(plan.ptx_micro, len(plan.micro) + 1):
             with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
@@ -212,16 +266,16 @@ class Learner:
             self.accelerator, list(self.roles.policy.parameters()), self.cfg.optim.max_grad_norm
         )
 
-    def _policy_micro_batch(self, mb: Rollout, share: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Backward of one micro-batch's policy loss (episodes `mb`, `share` of the minibatch's tokens) -> its
-        statistics."""
+    def _policy_micro_batch(self, mb: Rollout, share: torch.Tensor, groups: PromptGroups | None):
+        """Backward of one micro-batch's policy loss (episodes `mb`, `share` of the minibatch's tokens; `groups`:
+        episodes whose prompt runs once) -> its statistics {name: scalar}."""
         p, world = self.cfg.ppo, self.accelerator.num_processes
         objective = POLICY_OBJECTIVES[p.objective]
         kl_loss = KL_PLACEMENTS[self.cfg.kl.placement].loss_estimator
         mask = mb.response_mask
         terms: dict[str, torch.Tensor] = {}
         # the entropy is differentiated only when in the loss (a softmax backward over the vocabulary)
-        new_logprobs, entropy = response_logprobs(
+        new_logprobs, entropy = logprobs_forward(groups)(
             self.roles.policy_train,
             mb.query_responses,
             mb.attention_mask,
@@ -264,9 +318,11 @@ class Learner:
         """The critic's backwards (one per PPO micro-batch) -> (statistics, clipped gradient norm)."""
         acc, p = self.accelerator, self.cfg.ppo
         stats = torch.zeros(len(MINIBATCH_STATS), device=acc.device)
-        for k, (mb, share) in enumerate(plan.micro, 1):  # the critic's last backward is the last PPO micro-batch's
+        for k, (mb, share, groups) in enumerate(plan.micro, 1):  # the critic's last backward: the last micro-batch's
             with self._no_sync(self.roles.value_model, k < len(plan.micro)), acc.autocast():
-                vpred = response_values(self.roles.value_train, mb.query_responses, mb.attention_mask, mb.prompt_width)
+                vpred = values_forward(groups)(
+                    self.roles.value_train, mb.query_responses, mb.attention_mask, mb.prompt_width
+                )
                 vf_loss, vf_stats = value_loss(
                     vpred, mb.values, mb.returns, mb.response_mask, p.cliprange_value or None
                 )

@@ -28,7 +28,13 @@ def response_logprobs(
     response_width = query_responses.shape[1] - prompt_width
     # the logits that predict the response tokens: positions P-1 .. P+R-2 (the LM head skips the rest of the prompt)
     logits = causal_logits(model, query_responses, attention_mask, last=response_width + 1)[:, :-1]
-    logprobs = logprobs_from_logits(logits, query_responses[:, prompt_width:], temperature)
+    return logprobs_and_entropy(logits, query_responses[:, prompt_width:], temperature, entropy, entropy_grad)
+
+
+def logprobs_and_entropy(logits, tokens, temperature: float, entropy=False, entropy_grad=True):
+    """Logits [B,R,V] that predict tokens [B,R] -> their log-probs [B,R] (and entropies [B,R]; differentiated only
+    with `entropy_grad`: a softmax backward over the vocabulary)."""
+    logprobs = logprobs_from_logits(logits, tokens, temperature)
     if not entropy:
         return logprobs
     with torch.set_grad_enabled(entropy_grad and torch.is_grad_enabled()):

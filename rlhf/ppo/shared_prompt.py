@@ -1,12 +1,13 @@
-"""Scoring forwards that run a group's shared prompt once (`rollout.share_prompt`, samples_per_prompt > 1).
+"""Forwards that run a group's shared prompt once (`rollout.share_prompt`, samples_per_prompt > 1).
 
 The k responses to one prompt (RLOO, GRPO, or PPO with k > 1) all begin with the same prompt tokens, and every
-scoring forward of the rollout (old and reference log-probs, values, reward scores) would run those tokens k times.
+scoring forward of the rollout (old and reference log-probs, values, reward scores) would run those tokens k times,
+as would the update's policy and value forwards of a micro-batch holding a whole group (ppo.group_minibatches).
 Here the distinct prompts of a micro-batch go through the model once with the KV cache on, the cache is copied to
 each episode of the prompt, and the responses run on it: the outputs at the response positions are the full
-forward's up to float rounding (the same attention, summed in another order), and (k-1)/k of the prompt tokens'
-work is gone. Shapes: B episodes of width P+R (prompts left-padded to P), U distinct prompts.
-"""
+forward's up to float rounding (the same attention, summed in another order), so are the gradients (each
+response's reaches its prompt's forward through the copied cache), and (k-1)/k of the prompt tokens' work is gone.
+Shapes: B episodes of width P+R (prompts left-padded to P), U distinct prompts."""
 
 from __future__ import annotations
 
@@ -26,7 +27,7 @@ from rlhf.models import (
     score_head_values,
     wrapped_module,
 )
-from rlhf.ppo_math import logprobs_from_logits
+from rlhf.ppo.rollout import logprobs_and_entropy, response_logprobs, response_values
 
 
 @dataclass(frozen=True)
@@ -89,22 +90,33 @@ def _cache_keyword(cls: type) -> str:
 
 
 def shared_response_logprobs(
-    model, query_responses, attention_mask, prompt_width: int, temperature: float, groups: PromptGroups
-) -> torch.Tensor:
-    """`rollout.response_logprobs` with the prompt shared: [B,P+R] -> log-probs [B,R] of the response tokens."""
+    model,
+    query_responses,
+    attention_mask,
+    prompt_width: int,
+    temperature: float,
+    groups: PromptGroups,
+    entropy=False,
+    entropy_grad=True,
+):
+    """`rollout.response_logprobs` with the prompt shared: [B,P+R] -> log-probs [B,R] of the response tokens (and
+    entropies [B,R]). Differentiable: the learner's backward sums each response's gradient through its prompt's
+    cache into the one prompt forward, which is the full forwards' gradient up to float rounding."""
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
     prompt_out, response_out = prompt_then_responses(
         model, query_responses, attention_mask, prompt_width, groups, **keep
     )
     # the prompt's last position predicts the first response token; response positions 0..R-2 predict the rest
     logits = torch.cat([prompt_out.logits[:, -1:][groups.owner], response_out.logits[:, :-1]], 1)
-    return logprobs_from_logits(logits, query_responses[:, prompt_width:], temperature)
+    tokens = query_responses[:, prompt_width:]
+    return logprobs_and_entropy(logits, tokens, temperature, entropy, entropy_grad)
 
 
 def shared_token_values(model, query_responses, attention_mask, prompt_width: int, groups) -> torch.Tensor:
-    """A scalar-head model's values at the prompt's last position and every response position: [B,P+R] ->
-    [B,1+R] (column 0 = the state before the first response token). `model`: a TokenValueModel or a frozen
-    `*ForSequenceClassification` model (the critic, a reward model), inside no wrapper that shards it."""
+    """A scalar-head model's values at the prompt's last position and every response position: [B,P+R] -> [B,1+R]
+    (column 0 = the state before the first response token). `model`: a `*ForSequenceClassification` model or a
+    TokenValueModel (run here as its inner model, so with no wrapper's gradient sync: for frozen models), inside no
+    wrapper that shards it."""
     inner = wrapped_module(model)
     inner = inner.model if isinstance(inner, TokenValueModel) else inner
     prompt_out, response_out = prompt_then_responses(
@@ -115,8 +127,13 @@ def shared_token_values(model, query_responses, attention_mask, prompt_width: in
 
 
 def shared_response_values(value_model, query_responses, attention_mask, prompt_width: int, groups) -> torch.Tensor:
-    """`rollout.response_values` with the prompt shared: [B,P+R] -> V(s_t) [B,R]."""
-    return shared_token_values(value_model, query_responses, attention_mask, prompt_width, groups)[:, :-1]
+    """`rollout.response_values` with the prompt shared: [B,P+R] -> V(s_t) [B,R]. `value_model`: a TokenValueModel,
+    in a DDP wrapper or not (the shared forward runs inside its forward, so the wrapper syncs its gradients)."""
+
+    def values(model, input_ids, mask, _positions):
+        return shared_token_values(model, input_ids, mask, prompt_width, groups)
+
+    return value_model(query_responses, attention_mask, values=values)[:, :-1]
 
 
 def shared_reward_scores(model, query_responses, attention_mask, prompt_width: int, groups) -> torch.Tensor:
@@ -125,3 +142,13 @@ def shared_reward_scores(model, query_responses, attention_mask, prompt_width: i
     values = shared_token_values(model, query_responses, attention_mask, prompt_width, groups)
     last = attention_mask[:, prompt_width:].sum(1, keepdim=True)  # column 0 is the prompt's last token
     return offset_scores(model, values.gather(1, last).squeeze(1))
+
+
+def logprobs_forward(groups: PromptGroups | None) -> Callable:
+    """`response_logprobs`, or its shared-prompt form when `groups` marks episodes that share a prompt."""
+    return response_logprobs if groups is None else functools.partial(shared_response_logprobs, groups=groups)
+
+
+def values_forward(groups: PromptGroups | None) -> Callable:
+    """`response_values`, or its shared-prompt form when `groups` marks episodes that share a prompt."""
+    return response_values if groups is None else functools.partial(shared_response_values, groups=groups)
