@@ -479,8 +479,11 @@ class PPOHyper:
     group_minibatches: bool = False
     """With k > 1 samples per prompt: shuffle whole groups (a prompt's k episodes) into minibatches instead of
     single episodes, and keep a group's episodes in one micro-batch, so the update's policy and value forwards run
-    each prompt once (with rollout.share_prompt; not under FSDP/ZeRO-3, train.compile or gradient checkpointing).
-    Off: minibatches of episodes shuffled singly, as TRL and OpenRLHF do. mini_batch_size must be a multiple of k."""
+    each prompt once (with rollout.share_prompt; not under FSDP/ZeRO-3, train.compile or gradient checkpointing,
+    whose layers drop the KV cache). Pays with prompts of tens of tokens and more (forward + backward 1.3x at k = 4
+    with 32-token prompts, 2.3-2.8x with 128-256); on tiny models with short prompts the second forward costs more
+    than it saves (docs/benchmarks.md). Off: episodes shuffled singly, as TRL and OpenRLHF do.
+    mini_batch_size must be a multiple of k."""
 
 
 @dataclass

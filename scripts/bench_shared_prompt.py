@@ -1,12 +1,15 @@
-"""What `rollout.share_prompt` saves in PPO's scoring forwards: one group's prompt run once, its k responses on the
-prompt's KV cache, against every sequence run whole.
+"""What `rollout.share_prompt` saves: one group's prompt run once, its k responses on the prompt's KV cache, against
+every sequence run whole, in PPO's scoring forwards (`--phase score`) or, with ppo.group_minibatches, in the
+update's differentiated ones (`--phase train`).
 
-For each (prompt length, k): 64 episodes (64/k prompts x k responses), the policy's log-probs and a reward model's
-scores, timed both ways (median of --reps after one warm-up), on bench-peer's tiny Llama shape (d 256, 4 layers,
-vocabulary 568) or --size small (d 512, 8 layers); fp32 on CPU, bf16 autocast on a GPU. Prompt lengths vary around
-the stated width (log-normal, sigma 0.5, left-padded), responses are 64 tokens at most (log-normal, right-padded).
+For each (prompt length, k): 64 episodes (64/k prompts x k responses). score: the policy's log-probs and a reward
+model's scores, no gradients. train: in micro-batches of 16 episodes (whole groups), the policy's log-probs and
+entropies and a critic's values, forward and backward. Timed both ways (median of --reps after one warm-up), on
+bench-peer's tiny Llama shape (d 256, 4 layers, vocabulary 568) or --size small (d 512, 8 layers); fp32 on CPU,
+bf16 autocast on a GPU. Prompt lengths vary around the stated width (log-normal, sigma 0.5, left-padded),
+responses are 64 tokens at most (log-normal, right-padded).
 
-    python scripts/bench_shared_prompt.py [--size tiny|small] [--reps 3]
+    python scripts/bench_shared_prompt.py [--phase score|train] [--size tiny|small] [--reps 3]
 """
 
 from __future__ import annotations
@@ -22,15 +25,21 @@ import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
 from rlhf.batching import pad
-from rlhf.models import reward_scores
+from rlhf.models import TokenValueModel, reward_scores
 from rlhf.ppo.rollout import response_logprobs
-from rlhf.ppo.shared_prompt import prompt_groups, shared_response_logprobs, shared_reward_scores
+from rlhf.ppo.shared_prompt import (
+    logprobs_forward,
+    prompt_groups,
+    shared_response_logprobs,
+    shared_reward_scores,
+    values_forward,
+)
 
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
     "small": dict(hidden_size=512, intermediate_size=1376, num_hidden_layers=8, num_attention_heads=8),
 }
-VOCAB, EPISODES, RESPONSE = 568, 64, 64
+VOCAB, EPISODES, RESPONSE, MICRO = 568, 64, 64, 16
 
 
 def lengths(n: int, median: float, cap: int, g: torch.Generator) -> list[int]:
@@ -69,6 +78,19 @@ def shared(policy, rm, qr, am, P, groups) -> None:
     shared_reward_scores(rm, qr, am, P, groups)
 
 
+def train_step(policy, critic, qr, am, P, k: int, share: bool) -> None:
+    """The update's forwards and backwards over the episodes (a group's k consecutive), in micro-batches of MICRO
+    (gradients accumulate)."""
+    for s in range(0, qr.shape[0], MICRO):
+        ids, mask = qr[s : s + MICRO], am[s : s + MICRO]
+        groups = prompt_groups([i // k for i in range(s, s + MICRO)], ids.device) if share else None
+        logprobs, entropy = logprobs_forward(groups)(policy, ids, mask, P, 1.0, entropy=True)
+        values = values_forward(groups)(critic, ids, mask, P)
+        (logprobs.sum() + entropy.sum() + values.sum()).backward()
+    policy.zero_grad(set_to_none=True)
+    critic.zero_grad(set_to_none=True)
+
+
 def timed(fn, reps: int) -> float:
     fn()
     times = []
@@ -85,14 +107,18 @@ def timed(fn, reps: int) -> float:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--phase", choices=("score", "train"), default="score")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
     device = "cuda" if torch.cuda.is_available() else "cpu"
     torch.manual_seed(0)
     shape = dict(vocab_size=VOCAB, pad_token_id=0, max_position_embeddings=1024, **SIZES[args.size])
-    policy = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval()
-    rm = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1)).to(device).eval()
+    policy = LlamaForCausalLM(LlamaConfig(**shape)).to(device)
+    scalar = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1)).to(device)
+    train = args.phase == "train"
+    policy.train(train)
+    critic = TokenValueModel(scalar).train() if train else None  # trained: the critic; else the reward model
     autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(0)
     for prompt_width in (32, 128, 256):
@@ -101,15 +127,22 @@ def main() -> None:
             qr, am = qr.to(device), am.to(device)
             groups = prompt_groups(rows, device)
 
-            with torch.no_grad(), autocast:
-                t_full = timed(functools.partial(full, policy, rm, qr, am, P), args.reps)
-                t_shared = (
-                    timed(functools.partial(shared, policy, rm, qr, am, P, groups), args.reps) if groups else t_full
-                )
+            with autocast:
+                if train:
+                    t_full, t_shared = (
+                        timed(functools.partial(train_step, policy, critic, qr, am, P, k, share), args.reps)
+                        for share in (False, groups is not None)
+                    )
+                else:
+                    with torch.no_grad():
+                        t_full = timed(functools.partial(full, policy, scalar, qr, am, P), args.reps)
+                        fn = functools.partial(shared, policy, scalar, qr, am, P, groups) if groups else None
+                        t_shared = timed(fn, args.reps) if fn else t_full
             real = int(am.sum())
             print(
                 json.dumps(
                     {
+                        "phase": args.phase,
                         "size": args.size,
                         "device": device,
                         "prompt_median": prompt_width,

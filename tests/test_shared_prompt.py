@@ -133,17 +133,23 @@ def test_a_rollout_with_the_prompt_shared_is_the_one_without(tiny_world, tiny_sf
     torch.testing.assert_close(shared.raw_scores, full.raw_scores, **TOL)
 
 
-def test_shared_forwards_give_the_full_forwards_gradients(tokenizer):
+@pytest.mark.parametrize("lora", [False, True])
+def test_shared_forwards_give_the_full_forwards_gradients(tokenizer, lora):
     """The learner's differentiated forwards (ppo.group_minibatches): a loss on the shared log-probs and entropies
-    of a policy, and on the shared values of a critic called as a module (as through a DDP wrapper), has the full
-    forwards' gradients, every parameter's, to float tolerance: each response's gradient reaches its prompt's one
-    forward through the copied KV cache."""
+    of a policy (a LoRA one: its adapters' gradients), and on the shared values of a critic called as a module (as
+    through a DDP wrapper), has the full forwards' gradients, every trained parameter's, to float tolerance: each
+    response's gradient reaches its prompt's one forward through the copied KV cache."""
+    from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
     from rlhf.models import TokenValueModel
 
     torch.manual_seed(0)
-    policy = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id)).train()
+    policy = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id))
+    if lora:
+        adapters = LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)
+        policy = get_peft_model(policy, adapters)
+    policy.train()
     config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, num_labels=1)
     critic = TokenValueModel(LlamaForSequenceClassification(config)).train()
     qr, am, mask, rows = grouped_episodes(len(tokenizer), tokenizer.pad_token_id)
@@ -163,7 +169,8 @@ def test_shared_forwards_give_the_full_forwards_gradients(tokenizer):
         functools.partial(shared_response_logprobs, groups=groups),
         functools.partial(shared_response_values, groups=groups),
     )
-    assert len(shared) == len(full) == len(list(policy.parameters())) + len(list(critic.parameters()))
+    trained = [p for model in (policy, critic) for p in model.parameters() if p.requires_grad]
+    assert len(shared) == len(full) == len(trained)
     for a, b in zip(shared, full):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
 

@@ -168,6 +168,16 @@ class PPOTrainer:
             f"episodes, {cfg.ppo.ppo_epochs} epochs x {cfg.train.batch_size // cfg.ppo.mini_batch_size} "
             f"minibatches; ptx {cfg.ptx.ptx_coef} x {self.learner.ptx_per_mini} sequences per minibatch"
         )
+        if self.learner.group_size > 1:
+            acc.print(
+                f"[ppo] minibatches of whole groups of {self.learner.group_size} episodes; the update's forwards "
+                + (
+                    "run each prompt once"
+                    if self.learner.share_prompt
+                    else "run every episode whole (rollout.share_prompt off, train.compile, gradient checkpointing "
+                    "or sharded parameters)"
+                )
+            )
         if self.roles.lanes.concurrent:
             acc.print(
                 f"[ppo] policy and critic (updates, scoring) side by side on "
