@@ -621,6 +621,15 @@ class PPOConfig:
             )
         self._validate_lineage()
 
+    def prompt_sharing(self, sharded: bool) -> tuple[bool, bool]:
+        """(scoring, update): whether a group's prompt runs once (rollout.share_prompt, k > 1 samples per prompt) in
+        the rollout's scoring forwards, and with ppo.group_minibatches in the update's too. Never through parameters
+        sharded by FSDP/ZeRO-3 (`sharded`); not in the update under train.compile or gradient checkpointing (the
+        checkpointed layers drop the KV cache)."""
+        scoring = self.rollout.share_prompt and self.rollout.samples_per_prompt > 1 and not sharded
+        checkpointed = self.models.policy.gradient_checkpointing
+        return scoring, scoring and self.ppo.group_minibatches and not (self.train.compile or checkpointed)
+
     def uses_critic(self) -> bool:
         """Whether the advantage estimator needs a value model (GAE, REINFORCE with a learned baseline)."""
         from rlhf.algorithms import ADVANTAGE_NEEDS  # torch-free config module: the registry loads on use

@@ -539,11 +539,10 @@ def plan_ppo(
     score_mb = min(micro * 4, local_batch)  # the rollout scores in micro-batches of 4 x ppo.micro_batch_size
     ckpt = pol.gradient_checkpointing
     # rollout.share_prompt: with k samples per prompt the scoring forwards run each prompt once and every response on
-    # its KV cache, which each scoring model then holds for a whole micro-batch (unsharded topologies only)
+    # its KV cache, which each scoring model then holds for a whole micro-batch (unsharded topologies only); with
+    # ppo.group_minibatches the update's forwards too
     k = cfg.rollout.samples_per_prompt
-    share = cfg.rollout.share_prompt and k > 1 and topology not in ("fsdp", "zero3")
-    # ppo.group_minibatches: the update's forwards share a group's prompt too (not compiled nor checkpointed)
-    learn_share = share and cfg.ppo.group_minibatches and not cfg.train.compile and not pol.gradient_checkpointing
+    share, learn_share = cfg.prompt_sharing(sharded=topology in ("fsdp", "zero3"))
 
     # policy
     lora = pol.lora.enabled

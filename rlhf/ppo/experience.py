@@ -139,7 +139,7 @@ class ExperienceMaker:
         )
         mb = cfg.ppo.micro_batch_size * 4
         # a group's k responses share their prompt: run it once per micro-batch (not through a sharding wrapper)
-        share = cfg.rollout.share_prompt and cfg.rollout.samples_per_prompt > 1 and not sharded
+        share, _ = cfg.prompt_sharing(sharded)
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
         R = responses.shape[1]
         for s in range(0, len(prompts), mb):
@@ -270,12 +270,10 @@ class ExperienceMaker:
                 seqs = response_sequences(rtok, self.cfg.data.format, rows, texts, ended)
                 ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
                 mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
+            member = reward_scores
             if groups is not None and self.roles.same_tokenizer:
-                member_scores = torch.stack(
-                    [shared_reward_scores(rm, ids, mask, prompt_width, groups) for rm in self.roles.reward_models]
-                )
-            else:
-                member_scores = torch.stack([reward_scores(rm, ids, mask) for rm in self.roles.reward_models])
+                member = functools.partial(shared_reward_scores, prompt_width=prompt_width, groups=groups)
+            member_scores = torch.stack([member(rm, ids, mask) for rm in self.roles.reward_models])
             scores, score_std = aggregate_ensemble(member_scores, r.aggregate, r.std_coef)
             if self.roles.reward_fn is None:
                 return scores, score_std

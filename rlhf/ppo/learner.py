@@ -140,17 +140,9 @@ class Learner:
         world = acc.num_processes
         per_mini = cfg.ptx.sequences_per_episode * cfg.ppo.mini_batch_size / world
         self.ptx_per_mini = world * round(per_mini) if ptx_examples else 0
-        # ppo.group_minibatches: whole groups per minibatch, each prompt's forward run once per micro-batch (not
-        # through a sharding or compiling wrapper, nor with gradient checkpointing, which turns the KV cache off)
-        k = cfg.rollout.samples_per_prompt if cfg.ppo.group_minibatches else 1
-        self.group_size = k
-        self.share_prompt = (
-            k > 1
-            and cfg.rollout.share_prompt
-            and not sharded_parameters(acc)
-            and not cfg.train.compile
-            and not cfg.models.policy.gradient_checkpointing
-        )
+        # ppo.group_minibatches: whole groups per minibatch, each prompt's forward run once per micro-batch
+        self.group_size = cfg.rollout.samples_per_prompt if cfg.ppo.group_minibatches else 1
+        _, self.share_prompt = cfg.prompt_sharing(sharded_parameters(acc))
 
     def ptx_batch(self, step: int, epoch: int, mini: int) -> list[dict]:
         """Every process's pretraining sequences for one minibatch: a deterministic walk over shuffled epochs."""
