@@ -321,10 +321,10 @@ class RolloutConfig:
     samples_per_prompt: int = 1
     """k responses per prompt per iteration (train.batch_size counts responses); rloo/grpo need k >= 2."""
     share_prompt: bool = True
-    """With k > 1: the scoring forwards (old and reference log-probs, values, reward models) run a group's prompt
-    once and its k responses on its KV cache: the same numbers up to float rounding (PPO's first log-ratio within
-    2e-6 of 0 in fp32, measured), without (k-1)/k of the prompt tokens' work. Off under FSDP/ZeRO-3 and for a
-    reward model with its own tokenizer."""
+    """With k > 1: generation prefills a group's prompt once for its k samples, and the scoring forwards (old and
+    reference log-probs, values, reward models) run it once and its k responses on its KV cache: the same numbers
+    up to float rounding (PPO's first log-ratio within 2e-6 of 0 in fp32, measured), without (k-1)/k of the prompt
+    tokens' work. Off under FSDP/ZeRO-3; the scoring half also for a reward model with its own tokenizer."""
 
 
 @dataclass
@@ -622,10 +622,10 @@ class PPOConfig:
         self._validate_lineage()
 
     def prompt_sharing(self, sharded: bool) -> tuple[bool, bool]:
-        """(scoring, update): whether a group's prompt runs once (rollout.share_prompt, k > 1 samples per prompt) in
-        the rollout's scoring forwards, and with ppo.group_minibatches in the update's too. Never through parameters
-        sharded by FSDP/ZeRO-3 (`sharded`); not in the update under train.compile or gradient checkpointing (the
-        checkpointed layers drop the KV cache)."""
+        """(rollout, update): whether a group's prompt runs once (rollout.share_prompt, k > 1 samples per prompt) in
+        the rollout's generation prefill and scoring forwards, and with ppo.group_minibatches in the update's too.
+        Never through parameters sharded by FSDP/ZeRO-3 (`sharded`); not in the update under train.compile or
+        gradient checkpointing (the checkpointed layers drop the KV cache)."""
         scoring = self.rollout.share_prompt and self.rollout.samples_per_prompt > 1 and not sharded
         checkpointed = self.models.policy.gradient_checkpointing
         return scoring, scoring and self.ppo.group_minibatches and not (self.train.compile or checkpointed)

@@ -38,6 +38,7 @@ from rlhf.models import (
     load_tokenizer,
     reward_members,
 )
+from rlhf.ppo.shared_prompt import shared_prefill
 from rlhf.ppo_math import distinct_n, logprobs_from_logits, truncate_after_eos
 from rlhf.reward import score_sequences
 from rlhf.rewards import row_function
@@ -52,13 +53,20 @@ EVAL_SAMPLE_STREAM = 2  # the key of rlhf eval's per-prompt seeds (PPO's rollout
 def sample(model, tokenizer, prompts: list[list[int]], cfg: EvalConfig, desc: str) -> list[list[int]]:
     """Response token ids (through EOS when it ended) for every prompt, in order. Prompt i is sampled from its own
     random stream (eval seed, i): every model gets the same noise on it (a paired comparison), whatever the
-    batching; batches hold prompts of like length (less left padding)."""
+    batching; batches hold prompts of like length (less left padding), and a prompt's samples_per_prompt copies,
+    side by side in them, are prefilled once (`shared_prefill`)."""
     out: list[list[int]] = [[] for _ in prompts]
     bar = ProgressBar(len(prompts), desc, "auto")
     for chunk in length_batches([len(p) for p in prompts], cfg.batch_size):
         seeds = [episode_seed(cfg.seed, EVAL_SAMPLE_STREAM, i) for i in chunk]
         _, _, resp = generate(
-            model, tokenizer, [prompts[i] for i in chunk], cfg.max_new_tokens, cfg.temperature, seeds=seeds
+            model,
+            tokenizer,
+            [prompts[i] for i in chunk],
+            cfg.max_new_tokens,
+            cfg.temperature,
+            seeds=seeds,
+            prefill=shared_prefill,
         )
         _, mask = truncate_after_eos(resp, tokenizer.eos_token_id, tokenizer.pad_token_id)
         for i, r, m in zip(chunk, resp, mask):

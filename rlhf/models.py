@@ -403,11 +403,27 @@ def _forward_takes_logits_to_keep(cls: type) -> bool:
     return "logits_to_keep" in inspect.signature(cls.forward).parameters
 
 
-def keeps_logits(model: nn.Module) -> bool:
-    """Whether the Hugging Face model inside any wrapper (DDP, DeepSpeed, peft) takes `logits_to_keep`."""
+def _hf_class(model: nn.Module) -> type:
+    """The class of the Hugging Face model inside any wrapper (torch.compile, DDP, DeepSpeed, peft)."""
     inner = wrapped_module(model)
     inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return _forward_takes_logits_to_keep(type(inner))
+    return type(inner)
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether the Hugging Face model inside any wrapper (DDP, DeepSpeed, peft) takes `logits_to_keep`."""
+    return _forward_takes_logits_to_keep(_hf_class(model))
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name a Hugging Face forward (and its generate) takes a KV cache by: `cache` in recent transformers 5.x
+    (5.24 deprecates `past_key_values`), `past_key_values` in earlier ones."""
+    return _cache_keyword(_hf_class(model))
 
 
 def backbone(model: nn.Module) -> nn.Module:

@@ -22,7 +22,8 @@ instantiating the architecture on the `meta` device, which allocates nothing) an
               16-bit ones, upcast row by row).
 - kv-cache  = generation batch x (prompt + max_new_tokens) x layers x 2 x kv_heads x head_dim x p; with
               rollout.share_prompt and k > 1 samples per prompt each scoring model also holds one for its scoring
-              micro-batch, and scores B/k prompts + B responses instead of B whole sequences.
+              micro-batch, and scores B/k prompts + B responses instead of B whole sequences (generation
+              prefills the B/k prompts too).
 - FLOPs     = 6 N per trained token (4 N with LoRA: no weight gradients for the frozen base; +2 N with gradient
               checkpointing), 2 N per forward-only or generated token.
 
@@ -538,9 +539,9 @@ def plan_ppo(
     gen_batch = min(cfg.rollout.generation_batch_size, local_batch)
     score_mb = min(micro * 4, local_batch)  # the rollout scores in micro-batches of 4 x ppo.micro_batch_size
     ckpt = pol.gradient_checkpointing
-    # rollout.share_prompt: with k samples per prompt the scoring forwards run each prompt once and every response on
-    # its KV cache, which each scoring model then holds for a whole micro-batch (unsharded topologies only); with
-    # ppo.group_minibatches the update's forwards too
+    # rollout.share_prompt: with k samples per prompt generation prefills each prompt once, and the scoring forwards
+    # run each prompt once and every response on its KV cache, which each scoring model then holds for a whole
+    # micro-batch (unsharded topologies only); with ppo.group_minibatches the update's forwards too
     k = cfg.rollout.samples_per_prompt
     share, learn_share = cfg.prompt_sharing(sharded=topology in ("fsdp", "zero3"))
 
@@ -567,7 +568,8 @@ def plan_ppo(
     score_act += kv_cache_bytes(policy, score_mb, S, p) if share else 0
     pol_role.activations = max(train_act, ptx_act, score_act)
     pol_role.kv_cache = kv_cache_bytes(policy, gen_batch, S, p)
-    gen_act = gen_batch * policy.vocab * (p + 4) + activation_bytes(policy, gen_batch, P, p, False, False, False)
+    prefill_rows = max(1, gen_batch // k) if share else gen_batch
+    gen_act = gen_batch * policy.vocab * (p + 4) + activation_bytes(policy, prefill_rows, P, p, False, False, False)
 
     # reference
     if m.reference == "copy":
@@ -623,7 +625,7 @@ def plan_ppo(
         "scored": scored,
         "trained": cfg.ppo.ppo_epochs * (trained + ptx_tokens),
     }
-    gen_flops = 2 * policy.params_lm * (B * P + B * R)
+    gen_flops = 2 * policy.params_lm * ((B // k if share else B) * P + B * R)
     score_flops = (
         2
         * scored

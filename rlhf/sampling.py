@@ -11,12 +11,15 @@ repetition_penalty 1.05, top_k 20, top_p 0.8) would change the distribution PPO'
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
 from transformers import GenerationConfig, LogitsProcessor, LogitsProcessorList
 from transformers.generation.logits_process import TemperatureLogitsWarper, TopKLogitsWarper, TopPLogitsWarper
 
 from rlhf.batching import pad
+from rlhf.models import cache_keyword
 from rlhf.ppo_math import truncate_after_eos
 from rlhf.tracking import log_text
 
@@ -53,12 +56,15 @@ def generate(
     do_sample: bool = True,
     seeds: list[int] | None = None,
     synced: bool = False,
+    prefill: Callable | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Sample one response per prompt from the model's own distribution, with the KV cache.
 
     Prompts are left-padded so every row's response starts at the same column. `seeds` (one per prompt) give each
     row its own random stream (see the module docstring); without them the global torch RNG is used. `synced`
-    keeps every process decoding until all are done (sharded parameters: FSDP, ZeRO-3). Returns
+    keeps every process decoding until all are done (sharded parameters: FSDP, ZeRO-3). `prefill(model, prompt_ids,
+    prompt_mask)` may return the KV cache of the prompts' first P-1 columns (e.g. `shared_prompt.shared_prefill`: a
+    group's prompt run once), from which generation runs the last column on; None runs the whole prompt. Returns
     (prompt_ids [B,P] left-padded, prompt_mask [B,P], response_ids [B,R]) where every token after a row's
     first EOS is PAD. Generation stops when every row has produced EOS or after max_new_tokens.
     """
@@ -93,12 +99,14 @@ def generate(
     model.eval()
     hf_model.generation_config = GenerationConfig()
     try:
+        cache = prefill(model, prompt_ids, prompt_mask) if prefill else None
         out = model.generate(
             input_ids=prompt_ids,
             attention_mask=prompt_mask,
             generation_config=config,
             logits_processor=processors,
             synced_gpus=synced,
+            **({} if cache is None else {cache_keyword(model): cache}),
         )
     finally:
         hf_model.generation_config = saved_config

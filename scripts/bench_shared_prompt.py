@@ -1,15 +1,17 @@
 """What `rollout.share_prompt` saves: one group's prompt run once, its k responses on the prompt's KV cache, against
-every sequence run whole, in PPO's scoring forwards (`--phase score`) or, with ppo.group_minibatches, in the
-update's differentiated ones (`--phase train`).
+every sequence run whole, in PPO's generation (`--phase generate`), its scoring forwards (`--phase score`) or, with
+ppo.group_minibatches, in the update's differentiated ones (`--phase train`).
 
-For each (prompt length, k): 64 episodes (64/k prompts x k responses). score: the policy's log-probs and a reward
-model's scores, no gradients. train: in micro-batches of 16 episodes (whole groups), the policy's log-probs and
-entropies and a critic's values, forward and backward. Timed both ways (median of --reps after one warm-up), on
+For each (prompt length, k): 64 episodes (64/k prompts x k responses). generate: 64 new tokens sampled per episode
+(each with its own seed; a random-init model seldom ends early), the prompts prefilled whole or each distinct prompt
+once (`shared_prefill`). score: the policy's log-probs and a reward model's scores, no gradients. train: in
+micro-batches of 16 episodes (whole groups), the policy's log-probs and entropies and a critic's values, forward and
+backward. Timed both ways (median of --reps after one warm-up), on
 bench-peer's tiny Llama shape (d 256, 4 layers, vocabulary 568) or --size small (d 512, 8 layers); fp32 on CPU,
 bf16 autocast on a GPU. Prompt lengths vary around the stated width (log-normal, sigma 0.5, left-padded),
 responses are 64 tokens at most (log-normal, right-padded).
 
-    python scripts/bench_shared_prompt.py [--phase score|train] [--size tiny|small] [--reps 3]
+    python scripts/bench_shared_prompt.py [--phase generate|score|train] [--size tiny|small] [--reps 3]
 """
 
 from __future__ import annotations
@@ -20,6 +22,7 @@ import functools
 import json
 import statistics
 import time
+from types import SimpleNamespace
 
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -30,10 +33,12 @@ from rlhf.ppo.rollout import response_logprobs
 from rlhf.ppo.shared_prompt import (
     logprobs_forward,
     prompt_groups,
+    shared_prefill,
     shared_response_logprobs,
     shared_reward_scores,
     values_forward,
 )
+from rlhf.sampling import generate
 
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),
@@ -78,6 +83,13 @@ def shared(policy, rm, qr, am, P, groups) -> None:
     shared_reward_scores(rm, qr, am, P, groups)
 
 
+def sample(policy, qr, am, P, prefill) -> None:
+    """Every episode's response sampled from its prompt (left padding stripped), with its own seed."""
+    prompts = [row[mask.bool()].tolist() for row, mask in zip(qr[:, :P], am[:, :P])]
+    tokens = SimpleNamespace(pad_token_id=0, eos_token_id=2)  # what generate reads of a tokenizer
+    generate(policy, tokens, prompts, RESPONSE, 1.0, seeds=list(range(len(prompts))), prefill=prefill)
+
+
 def train_step(policy, critic, qr, am, P, k: int, share: bool) -> None:
     """The update's forwards and backwards over the episodes (a group's k consecutive), in micro-batches of MICRO
     (gradients accumulate)."""
@@ -91,23 +103,25 @@ def train_step(policy, critic, qr, am, P, k: int, share: bool) -> None:
     critic.zero_grad(set_to_none=True)
 
 
-def timed(fn, reps: int) -> float:
-    fn()
-    times = []
-    for _ in range(reps):
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        t = time.perf_counter()
-        fn()
-        if torch.cuda.is_available():
-            torch.cuda.synchronize()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times)
+def timed_pair(full_fn, shared_fn, reps: int) -> tuple[float, float]:
+    """Median seconds of each function, the two alternating (one warm-up each), so drift touches both alike."""
+    times: tuple[list, list] = ([], [])
+    for rep in range(reps + 1):
+        for fn, out in zip((full_fn, shared_fn), times):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            t = time.perf_counter()
+            fn()
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if rep:
+                out.append(time.perf_counter() - t)
+    return statistics.median(times[0]), statistics.median(times[1])
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("score", "train"), default="score")
+    ap.add_argument("--phase", choices=("generate", "score", "train"), default="score")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -127,17 +141,15 @@ def main() -> None:
             qr, am = qr.to(device), am.to(device)
             groups = prompt_groups(rows, device)
 
-            with autocast:
-                if train:
-                    t_full, t_shared = (
-                        timed(functools.partial(train_step, policy, critic, qr, am, P, k, share), args.reps)
-                        for share in (False, groups is not None)
-                    )
-                else:
-                    with torch.no_grad():
-                        t_full = timed(functools.partial(full, policy, scalar, qr, am, P), args.reps)
-                        fn = functools.partial(shared, policy, scalar, qr, am, P, groups) if groups else None
-                        t_shared = timed(fn, args.reps) if fn else t_full
+            if args.phase == "generate":  # the k = 1 rows time the detection that finds nothing to share
+                fns = [functools.partial(sample, policy, qr, am, P, prefill) for prefill in (None, shared_prefill)]
+            elif train:
+                fns = [functools.partial(train_step, policy, critic, qr, am, P, k, share) for share in (False, True)]
+            else:
+                fns = [functools.partial(full, policy, scalar, qr, am, P)]
+                fns.append(functools.partial(shared, policy, scalar, qr, am, P, groups) if groups else fns[0])
+            with autocast, torch.set_grad_enabled(train):
+                t_full, t_shared = timed_pair(*fns, args.reps)
             real = int(am.sum())
             print(
                 json.dumps(

@@ -312,7 +312,8 @@ def test_length_batches_cover_every_row_once_longest_first():
 
 def test_evaluation_in_length_order_gives_every_row_its_own_result(tokenizer, tiny_lm, tiny_value_model):
     """rlhf eval samples, log-probs and reward scores in batches of like length: each row's result is the one it
-    gets alone, back in the row's place, and a sample does not depend on the batch size (its own seed)."""
+    gets alone, back in the row's place, and a sample does not depend on the batch size (its own seed), nor on a
+    copy of its prompt beside it (samples_per_prompt: the prompt prefilled once)."""
     from types import SimpleNamespace
 
     from rlhf.evaluate import sample, sequence_logprobs
@@ -320,9 +321,14 @@ def test_evaluation_in_length_order_gives_every_row_its_own_result(tokenizer, ti
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (3, 9, 1, 6, 9, 2, 5)]
+    prompts += prompts[3:5]  # two prompts asked twice
     cfg = SimpleNamespace(batch_size=3, max_new_tokens=6, temperature=1.0, seed=0)
     responses = sample(tiny_lm, tokenizer, prompts, cfg, "test")
-    assert responses == sample(tiny_lm, tokenizer, prompts, SimpleNamespace(**vars(cfg) | {"batch_size": 64}), "t")
+    for batch_size in (1, 64):
+        assert responses == sample(
+            tiny_lm, tokenizer, prompts, SimpleNamespace(**vars(cfg) | {"batch_size": batch_size}), "t"
+        )
+    assert responses[3] != responses[7] and responses[4] != responses[8]  # each copy its own sample
     assert responses != sample(tiny_lm, tokenizer, prompts, SimpleNamespace(**vars(cfg) | {"seed": 1}), "test")
     pad_id = tokenizer.pad_token_id
     with torch.no_grad():

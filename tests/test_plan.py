@@ -211,13 +211,13 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     value = grpo.roles[2]
     assert value.role == "value" and value.total == 0  # no critic is built: nothing held, nothing trained
     assert grpo.total < gae.total and grpo.flops < gae.flops
-    # the shared prompt (on by default): each prompt scored once, the k responses on its KV cache
+    # the shared prompt (on by default): each prompt prefilled and scored once, the k responses on its KV cache
     B, P, R = grpo_cfg.train.batch_size, grpo_cfg.data.format.max_prompt_length, grpo_cfg.rollout.max_new_tokens
     assert grpo.tokens["scored"] == B // 4 * P + B * R
     whole = plan_ppo(load_config("ppo", recipe, sets + ["ppo.advantage=grpo", "rollout.samples_per_prompt=4",
                                                         "rollout.share_prompt=false"]), shape, shape)  # fmt: skip
     assert whole.tokens["scored"] == B * (P + R) and whole.flops - grpo.flops == 2 * (B - B // 4) * P * (
-        2 * shape.params_lm + shape.params_scalar  # policy and reference, one reward model
+        3 * shape.params_lm + shape.params_scalar  # generation's prefill, policy and reference, one reward model
     )
     assert grpo.phases["score"] > whole.phases["score"]  # for the cache it holds
     # whole groups per minibatch: the update's forwards share the prompt as well (not with the recipe's gradient

@@ -10,14 +10,16 @@ import torch
 from conftest import tiny_llama_config
 
 from rlhf.batching import pad
-from rlhf.models import reward_scores
+from rlhf.models import cache_keyword, position_ids_from_mask, reward_scores
 from rlhf.ppo.rollout import response_logprobs, response_values
 from rlhf.ppo.shared_prompt import (
     prompt_groups,
+    shared_prefill,
     shared_response_logprobs,
     shared_response_values,
     shared_reward_scores,
 )
+from rlhf.sampling import generate
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -90,6 +92,57 @@ def test_shared_log_probs_of_a_lora_policy_and_its_reference(tokenizer):
     torch.testing.assert_close(old[mask], old_full[mask], **TOL)
     torch.testing.assert_close(ref[mask], ref_full[mask], **TOL)
     assert not torch.allclose(old[mask], ref[mask])  # the adapter was on for one and off for the other
+
+
+def lora_lm(vocab: int, pad_id: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import LlamaForCausalLM
+
+    torch.manual_seed(0)
+    base = LlamaForCausalLM(tiny_llama_config(vocab, pad_id))
+    return get_peft_model(base, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "qwen2_sliding", "lora"])
+def test_generation_from_each_prompt_prefilled_once_samples_the_same_tokens(tokenizer, tiny_lm, family):
+    """sampling.generate with shared_prefill: the distinct prompts' first P-1 columns run once (seen at the
+    embedding), then every episode from its prompt's last column; each row's seeded samples are the ones it gets
+    from its whole prompt."""
+    vocab, pad_id = len(tokenizer), tokenizer.pad_token_id
+    model = {
+        "llama": lambda: tiny_lm,
+        "qwen2": lambda: qwen2_lm(vocab, pad_id),
+        "qwen2_sliding": lambda: qwen2_lm(vocab, pad_id, **SLIDING),
+        "lora": lambda: lora_lm(vocab, pad_id),
+    }[family]()
+    g = torch.Generator().manual_seed(1)
+    prompts = [torch.randint(3, vocab, (n,), generator=g).tolist() for n in (3, 6, 1, 5)]
+    episodes = [prompts[j] for j in (0, 0, 0, 1, 1, 2, 2, 2, 3)]  # three groups and a prompt of its own
+    seeds = [100 + i for i in range(len(episodes))]
+    rows_seen = []
+    embed = model.get_input_embeddings().register_forward_hook(lambda m, args, out: rows_seen.append(args[0].shape))
+    try:
+        shared = generate(model, tokenizer, episodes, 12, 0.02, seeds=seeds, prefill=shared_prefill)
+    finally:
+        embed.remove()
+    full = generate(model, tokenizer, episodes, 12, 0.02, seeds=seeds)
+    assert rows_seen[:2] == [(4, 5), (9, 1)]  # 4 distinct prompts x 5 columns, then the last column of all 9
+    assert torch.equal(shared[0], full[0]) and torch.equal(shared[2], full[2])
+    assert shared[2].shape[1] > 1 and len({tuple(r) for r in full[2][:3].tolist()}) > 1  # sampled, and not alike
+    # the first sampled token's logits, from the prefilled cache and from the whole prompt (positions as generate's)
+    prompt_ids, prompt_mask = full[0], full[1]
+    positions = position_ids_from_mask(prompt_mask)
+    with torch.no_grad():
+        cache = {cache_keyword(model): shared_prefill(model, prompt_ids, prompt_mask)}
+        last = model(input_ids=prompt_ids[:, -1:], attention_mask=prompt_mask, position_ids=positions[:, -1:], **cache)
+        whole = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=positions)
+    torch.testing.assert_close(last.logits[:, -1], whole.logits[:, -1], **TOL)
+
+
+def test_shared_prefill_has_nothing_to_share_without_a_repeated_prompt(tiny_lm):
+    ids = torch.tensor([[0, 5, 6], [7, 8, 9]])
+    assert shared_prefill(tiny_lm, ids, (ids > 0).long()) is None  # every prompt distinct
+    assert shared_prefill(tiny_lm, ids[:, -1:].repeat(2, 1), torch.ones(4, 1, dtype=torch.long)) is None  # P = 1
 
 
 def test_shared_values_and_reward_scores_are_the_full_forwards(tokenizer, tiny_value_model):

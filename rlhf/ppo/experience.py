@@ -38,6 +38,7 @@ from rlhf.ppo.shared_prompt import (
     PromptGroups,
     logprobs_forward,
     prompt_groups,
+    shared_prefill,
     shared_reward_scores,
     values_forward,
 )
@@ -95,7 +96,11 @@ class ExperienceMaker:
         self.cfg, self.accelerator, self.roles, self.prompts = cfg, acc, roles, prompts
         self.kl_ctl, self.score_moments = kl_ctl, score_moments
         self.tokenizer = roles.tokenizer
-        self.generator = HFGenerator(acc, roles.policy, roles.tokenizer, cfg.rollout)
+        # a group's prompt is prefilled once for its k samples as it is scored once (rollout.share_prompt)
+        share, _ = cfg.prompt_sharing(sharded_parameters(acc))
+        self.generator = HFGenerator(
+            acc, roles.policy, roles.tokenizer, cfg.rollout, prefill=shared_prefill if share else None
+        )
 
     def episode_rows(self, step: int) -> list[int]:
         """Prompt row of each of iteration `step`'s episodes, in the global order (a pure function of the step);

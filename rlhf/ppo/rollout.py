@@ -130,10 +130,12 @@ class ResponseGenerator(Protocol):
 
 class HFGenerator:
     """Hugging Face `generate` on the live policy (KV cache, left-padded prompts, chunks of generation_batch_size),
-    under the same autocast as the scoring forwards; nothing to sync."""
+    under the same autocast as the scoring forwards; nothing to sync. `prefill`: see `sampling.generate` (a group's
+    prompt run once: `shared_prompt.shared_prefill`)."""
 
-    def __init__(self, accelerator, policy, tokenizer, rollout_cfg):
+    def __init__(self, accelerator, policy, tokenizer, rollout_cfg, prefill=None):
         self.accelerator, self.policy, self.tokenizer, self.cfg = accelerator, policy, tokenizer, rollout_cfg
+        self.prefill = prefill
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> torch.Tensor:
@@ -150,6 +152,7 @@ class HFGenerator:
                     cfg.top_p,
                     seeds=seeds[s : s + cfg.generation_batch_size],
                     synced=synced,
+                    prefill=None if synced else self.prefill,  # synced ranks must run equal forwards
                 )
                 chunks.append(resp.tolist())
         return pad([r for c in chunks for r in c], self.tokenizer.pad_token_id).to(acc.device)

@@ -1,8 +1,9 @@
 """Forwards that run a group's shared prompt once (`rollout.share_prompt`, samples_per_prompt > 1).
 
-The k responses to one prompt (RLOO, GRPO, or PPO with k > 1) all begin with the same prompt tokens, and every
-scoring forward of the rollout (old and reference log-probs, values, reward scores) would run those tokens k times,
-as would the update's policy and value forwards of a micro-batch holding a whole group (ppo.group_minibatches).
+The k responses to one prompt (RLOO, GRPO, or PPO with k > 1) all begin with the same prompt tokens, and
+generation's prefill and every scoring forward of the rollout (old and reference log-probs, values, reward scores)
+would run those tokens k times, as would the update's policy and value forwards of a micro-batch holding a whole
+group (ppo.group_minibatches).
 Here the distinct prompts of a micro-batch go through the model once with the KV cache on, the cache is copied to
 each episode of the prompt, and the responses run on it: the outputs at the response positions are the full
 forward's up to float rounding (the same attention, summed in another order), so are the gradients (each
@@ -12,7 +13,6 @@ Shapes: B episodes of width P+R (prompts left-padded to P), U distinct prompts."
 from __future__ import annotations
 
 import functools
-import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -21,6 +21,7 @@ import torch
 from rlhf.models import (
     TokenValueModel,
     backbone,
+    cache_keyword,
     keeps_logits,
     offset_scores,
     position_ids_from_mask,
@@ -56,16 +57,8 @@ def prompt_then_responses(
     every episode's response [B,R] over its prompt's cache. Returns both outputs; `kw` goes to the prompt forward."""
     P = prompt_width
     positions = position_ids_from_mask(attention_mask)
-    first = groups.first
-    prompt_out = forward(
-        input_ids=query_responses[first, :P],
-        attention_mask=attention_mask[first, :P],
-        position_ids=positions[first, :P],
-        use_cache=True,
-        **kw,
-    )
-    cache = getattr(prompt_out, "cache", None) or prompt_out.past_key_values
-    cache.reorder_cache(groups.owner)  # index_select on the batch dim: each episode gets its prompt's keys/values
+    prompt = (query_responses[:, :P], attention_mask[:, :P], positions[:, :P])
+    prompt_out, cache = _prompt_forward(forward, *prompt, groups, **kw)
     response_out = forward(
         input_ids=query_responses[:, P:],
         attention_mask=attention_mask,
@@ -76,17 +69,36 @@ def prompt_then_responses(
     return prompt_out, response_out
 
 
-def cache_keyword(model) -> str:
-    """The name a Hugging Face forward takes its KV cache by: `cache` in recent transformers 5.x (5.24 deprecates
-    `past_key_values`), `past_key_values` in earlier ones."""
-    inner = wrapped_module(model)
-    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
-    return _cache_keyword(type(inner))
+def _prompt_forward(forward: Callable, prompt_ids, prompt_mask, positions, groups: PromptGroups, **kw):
+    """`forward` on the distinct prompts only ([B,T] -> [U,T] rows) with the KV cache on: (its output, the cache
+    copied to every episode [B rows])."""
+    first = groups.first
+    out = forward(
+        input_ids=prompt_ids[first],
+        attention_mask=prompt_mask[first],
+        position_ids=positions[first],
+        use_cache=True,
+        **kw,
+    )
+    cache = getattr(out, "cache", None) or out.past_key_values
+    cache.reorder_cache(groups.owner)  # index_select on the batch dim: each episode gets its prompt's keys/values
+    return out, cache
 
 
-@functools.cache
-def _cache_keyword(cls: type) -> str:
-    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+def shared_prefill(model, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor):
+    """The KV cache of every prompt's first P-1 columns, each distinct prompt run once (rows of equal token ids are one
+    prompt) and its keys/values copied to its rows; None when no prompt repeats or P = 1. [B,P] -> a cache of B rows
+    and P-1 positions, from which `generate` runs the last prompt column and decodes: the tokens it would sample from
+    the whole prompt, up to float rounding in the logits. `model`: a causal LM (peft-wrapped or not) in no wrapper
+    that shards it; only its backbone runs (no logits are needed)."""
+    if prompt_ids.shape[1] < 2:
+        return None
+    groups = prompt_groups([tuple(row) for row in prompt_ids.tolist()], prompt_ids.device)
+    if groups is None:
+        return None
+    prefix = slice(None, prompt_ids.shape[1] - 1)
+    prompt = (prompt_ids[:, prefix], prompt_mask[:, prefix], position_ids_from_mask(prompt_mask)[:, prefix])
+    return _prompt_forward(backbone(model), *prompt, groups)[1]
 
 
 def shared_response_logprobs(
