@@ -446,7 +446,9 @@ class RewardShaping:
 @dataclass
 class PPOHyper:
     ppo_epochs: int = 4
-    """Passes over each rollout batch (N+: 4; InstructGPT: 1)."""
+    """Passes over each rollout batch (N+: 4; InstructGPT: 1). With 1 and mini_batch_size = train.batch_size (one
+    optimizer step per rollout: GRPO's usual setting) and the KL out of the reward, the old log-probs are the
+    update's own forward, without a scoring forward of their own."""
     mini_batch_size: int = 64
     """Episodes per optimizer step (global)."""
     micro_batch_size: int = 8
@@ -629,6 +631,16 @@ class PPOConfig:
         scoring = self.rollout.share_prompt and self.rollout.samples_per_prompt > 1 and not sharded
         checkpointed = self.models.policy.gradient_checkpointing
         return scoring, scoring and self.ppo.group_minibatches and not (self.train.compile or checkpointed)
+
+    def old_logprobs_from_update(self) -> bool:
+        """Whether the old log-probs can be the update's own forward instead of a scoring forward of their own: the
+        update is one optimizer step (ppo_epochs 1, one minibatch of the whole batch), so every training forward
+        runs the policy that sampled the rollout, and nothing before it reads them (the KL is not in the reward:
+        kl.placement loss, or a fixed beta of 0). The PPO ratio is then exactly 1 (TRL's GRPO does the same with
+        num_iterations 1); the KL statistics are read off that forward after the update."""
+        one_step = self.ppo.ppo_epochs == 1 and self.ppo.mini_batch_size == self.train.batch_size
+        kl_in_reward = self.kl.placement == "reward" and self.kl.kl_coef != 0  # (an adaptive beta starts > 0)
+        return one_step and not kl_in_reward
 
     def uses_critic(self) -> bool:
         """Whether the advantage estimator needs a value model (GAE, REINFORCE with a learned baseline)."""

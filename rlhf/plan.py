@@ -630,7 +630,8 @@ def plan_ppo(
         2
         * scored
         * (
-            2 * policy.params_lm  # old log-probs and reference log-probs (a copy or the adapter switched off)
+            # old log-probs (unless the one-step update's forward gives them) and reference log-probs
+            (1 if cfg.old_logprobs_from_update() else 2) * policy.params_lm
             + (value_shape.params_scalar if critic else 0)
             + reward_members * reward.params_scalar
         )

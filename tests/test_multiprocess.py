@@ -32,16 +32,24 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + ["-m", "rlhf", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
-@pytest.mark.parametrize("k", [1, 4])
-def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(tiny_world, tiny_sft, tiny_rm, tmp_path, k):
+ONE_STEP_GRPO = ["ppo.advantage=grpo", "kl.placement=loss", "ppo.ppo_epochs=1", "ppo.mini_batch_size=16"]
+
+
+@pytest.mark.parametrize(
+    ("k", "algorithm"), [(1, []), (4, ["ppo.group_minibatches=true"]), (4, ONE_STEP_GRPO)], ids=["k1", "k4", "grpo"]
+)
+def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(
+    tiny_world, tiny_sft, tiny_rm, tmp_path, k, algorithm
+):
     """The same global batch over 2 processes is the 1-process PPO run: every episode is sampled from its own
     seeded stream, the rollout is gathered, and each process takes its share of the same minibatches (with ptx).
     Measured after 3 iterations: largest weight difference 6e-8 (float summation order); tolerance 1e-5. With k = 4
     samples per prompt a group's episodes are split over the processes, each sharing its prompt forward among its
     own (rollout.share_prompt), and minibatches hold whole groups (ppo.group_minibatches): the update's shared
-    prompt forwards go through DDP, two forwards per backward."""
+    prompt forwards go through DDP, two forwards per backward. One-step GRPO: each process's update forward gives
+    the old log-probs of its episodes, which the KL statistics then read on every process."""
     extra = ["train.max_steps=3", "ppo.micro_batch_size=4", "checkpoint.every=2", "logging.num_samples=2"]
-    extra += [f"rollout.samples_per_prompt={k}", f"ppo.group_minibatches={k > 1}"]
+    extra += [f"rollout.samples_per_prompt={k}", *algorithm]
     configs = {}
     for name in ("one", "two"):
         configs[name] = tmp_path / f"{name}.yaml"
@@ -65,7 +73,10 @@ def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(tiny_worl
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
     samples = (out / "samples.jsonl").read_text().splitlines()
     assert len(samples) == 3 * 2
-    assert (out / "checkpoint-2" / "value" / "config.json").exists()  # the critic saves as its HF model
+    if algorithm == ONE_STEP_GRPO:
+        assert all(r["policy/ratio_avg"] == 1.0 for r in rows["two"])
+    else:
+        assert (out / "checkpoint-2" / "value" / "config.json").exists()  # the critic saves as its HF model
     AutoModelForCausalLM.from_pretrained(out / "final")
 
 

@@ -234,6 +234,12 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     assert grouped.tokens["trained"] - grpo.tokens["trained"] == -epochs * (B - B // 4) * P
     assert grpo.flops - grouped.flops == epochs * (B - B // 4) * P * 6 * shape.params_lm  # no critic, no LoRA
     assert grouped.phases["train"] > grpo.phases["train"]  # the keys/values copied to each episode, held
+    # one optimizer step with the KL in the loss: the update's forward gives the old log-probs, one scoring
+    # forward of the policy fewer (the KL in the reward needs it before the update)
+    one_step = base + ["ppo.ppo_epochs=1", f"ppo.mini_batch_size={B}", "kl.placement=loss"]
+    in_reward = plan_ppo(load_config("ppo", recipe, one_step[:-1]), shape, shape)
+    in_loss = plan_ppo(load_config("ppo", recipe, one_step), shape, shape)
+    assert in_reward.flops - in_loss.flops == 2 * grpo.tokens["scored"] * shape.params_lm
     # a reward function only: no reward model held either
     fn = sets[:1] + ["models.reward.name_or_path=", "reward.function=rlhf.tiny:gold_judge", "models.value_init=policy"]
     only_fn = plan_config("ppo", load_config("ppo", recipe, fn))

@@ -96,6 +96,8 @@ class ExperienceMaker:
         self.cfg, self.accelerator, self.roles, self.prompts = cfg, acc, roles, prompts
         self.kl_ctl, self.score_moments = kl_ctl, score_moments
         self.tokenizer = roles.tokenizer
+        # one optimizer step per rollout with the KL out of the reward: the update's forward gives the old log-probs
+        self.old_logprobs_from_update = cfg.old_logprobs_from_update()
         # a group's prompt is prefilled once for its k samples as it is scored once (rollout.share_prompt)
         share, _ = cfg.prompt_sharing(sharded_parameters(acc))
         self.generator = HFGenerator(
@@ -135,8 +137,9 @@ class ExperienceMaker:
         attention_mask = torch.cat([prompt_mask.to(acc.device), response_mask.long()], 1)
         t1 = time.time()
 
-        # 2. score: old log-probs, reference log-probs, values, RM scores; micro-batched forwards (through the
-        # wrappers when parameters are sharded: a sharded module's forward gathers them)
+        # 2. score: old log-probs (unless the update's forward gives them), reference log-probs, values, RM scores;
+        # micro-batched forwards (through the wrappers when parameters are sharded: a sharded module's forward
+        # gathers them)
         sharded = sharded_parameters(acc)
         policy = self.roles.policy if sharded else acc.unwrap_model(self.roles.policy)
         value_model = (
@@ -160,9 +163,10 @@ class ExperienceMaker:
                     self.rollout_values_and_scores, value_model, qr, am, P - first, rows[s : s + mb], where, groups
                 ),
             )
-            logprobs.append(F.pad(old, (0, R - end)))
+            if old is not None:
+                logprobs.append(F.pad(old, (0, R - end)))
             ref_logprobs.append(F.pad(ref, (0, R - end)))
-            values.append(F.pad(vals, (0, R - end)) if self.roles.critic else torch.zeros_like(logprobs[-1]))
+            values.append(F.pad(vals, (0, R - end)) if self.roles.critic else torch.zeros_like(ref_logprobs[-1]))
             scores.append(mb_scores)
             score_std.append(mb_std)
         raw_scores = torch.cat(scores)
@@ -171,7 +175,7 @@ class ExperienceMaker:
             attention_mask,
             response_mask,
             P,
-            torch.cat(logprobs),
+            torch.cat(logprobs) if logprobs else None,
             torch.cat(ref_logprobs),
             torch.cat(values),
             raw_scores.clone(),
@@ -192,12 +196,13 @@ class ExperienceMaker:
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
     def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int, groups=None):
-        """Old (the policy's) and reference log-probs [B,R] of a micro-batch of episodes [B,P+R]; `groups`: which
-        episodes share a prompt (`shared_prompt`), None to run every sequence whole."""
+        """Old (the policy's; None when the update's forward gives them) and reference log-probs [B,R] of a
+        micro-batch of episodes [B,P+R]; `groups`: which episodes share a prompt (`shared_prompt`), None to run
+        every sequence whole."""
         args = (query_responses, attention_mask, prompt_width, self.cfg.rollout.temperature)
         logprobs = logprobs_forward(groups)
         with self.accelerator.autocast():
-            old = logprobs(policy, *args)
+            old = None if self.old_logprobs_from_update else logprobs(policy, *args)
             if self.roles.reference is None:
                 with self.accelerator.unwrap_model(self.roles.policy).disable_adapter():
                     return old, logprobs(policy, *args)
@@ -240,7 +245,8 @@ class ExperienceMaker:
             everywhere(ro.attention_mask, 0),
             everywhere(ro.response_mask, 0),
             ro.prompt_width,
-            *(everywhere(t, 0) for t in (ro.logprobs, ro.ref_logprobs, ro.values)),
+            None if ro.logprobs is None else everywhere(ro.logprobs, 0),
+            *(everywhere(t, 0) for t in (ro.ref_logprobs, ro.values)),
             *(everywhere(t, 0) for t in (ro.scores, ro.raw_scores, ro.score_std, ro.ended)),
         )
 
@@ -297,29 +303,25 @@ class ExperienceMaker:
 
     def advantages(self, ro: Rollout) -> dict:
         """3-4. Per-token rewards (KL-penalised unless the KL is a loss term), then the advantages of
-        `ppo.advantage` over the whole iteration; returns its stats."""
+        `ppo.advantage` over the whole iteration; returns its stats (the KL's: `kl_stats`, after the update)."""
         cfg, p = self.cfg, self.cfg.ppo
         mask = ro.response_mask
         beta_in_reward = self.kl_ctl.value if KL_PLACEMENTS[cfg.kl.placement].in_reward else 0.0
+        # old log-probs still to come from the update: nothing here reads them (beta in the reward is 0)
+        logprobs = ro.ref_logprobs if ro.logprobs is None else ro.logprobs
         ro.rewards, non_score_reward, _ = compute_rewards(
-            ro.scores, ro.logprobs, ro.ref_logprobs, mask, beta_in_reward, cfg.kl.estimator
+            ro.scores, logprobs, ro.ref_logprobs, mask, beta_in_reward, cfg.kl.estimator
         )
         rewards = masked_whiten(ro.rewards, mask, shift_mean=False) if cfg.reward.whiten_rewards else ro.rewards
         values = torch.where(mask, ro.values, torch.zeros_like(ro.values))
         settings = AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, self.roles.critic)
         ro.advantages, ro.returns = ADVANTAGE_ESTIMATORS[p.advantage](rewards, values, mask, settings)
-        k1 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1)
-        k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1)
         # what shows reward hacking as it happens: diversity of the batch, and the reward models' disagreement
         content = ro.response_mask & (ro.query_responses[:, ro.prompt_width :] != self.tokenizer.eos_token_id)
         tokens = [r[m].tolist() for r, m in zip(ro.query_responses[:, ro.prompt_width :], content)]
         hacking = {"rollout/distinct1": distinct_n(tokens, 1), "rollout/distinct2": distinct_n(tokens, 2)}
         c = cfg.collapse
         hacking["rollout/repeat_share"] = repeat_share(tokens, c.max_ngram, c.repeat_times)
-        # the KL penalty's share of the return's spread (1 at the KL-regularised optimum): the anti-windup's gate
-        hacking["objective/kl_penalty_share"] = min(penalty_share(self.kl_ctl.value, k1, ro.scores), 1e6)
-        # the batch KL's standard error: how much of its iteration-to-iteration movement is sampling noise
-        hacking["objective/kl_stderr"] = k1.std() / math.sqrt(k1.numel()) if k1.numel() > 1 else k1.new_zeros(())
         if len(self.roles.reward_models) > 1:
             hacking["objective/ensemble_std"] = ro.score_std.mean()
         scores = ro.scores
@@ -329,14 +331,44 @@ class ExperienceMaker:
             "objective/scores": scores.mean(),
             "objective/scores_std": scores.std() if scores.numel() > 1 else scores.new_zeros(()),
             "objective/rm_score_raw": ro.raw_scores.mean(),
-            "objective/kl": k1.mean(),
-            "objective/kl_k3": k3.mean(),
             "objective/non_score_reward": non_score_reward.sum(1).mean(),
             "objective/rlhf_reward": ro.rewards.sum(1).mean(),
             "objective/kl_coef": self.kl_ctl.value,
             "rollout/response_length": mask.sum(1).float().mean(),
             "rollout/eos_share": ro.ended.float().mean(),
         }
+
+    def kl_stats(self, ro: Rollout) -> dict:
+        """The rollout's KL to the reference (per sequence: k1 mean, k3 mean, the k1 mean's standard error) and
+        the KL penalty's share of the return's spread, from its old log-probs (read after the update, which gives
+        them when `old_logprobs_from_update`)."""
+        mask = ro.response_mask
+        k1 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1)
+        k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1)
+        return {
+            "objective/kl": k1.mean(),
+            "objective/kl_k3": k3.mean(),
+            # the batch KL's standard error: how much of its iteration-to-iteration movement is sampling noise
+            "objective/kl_stderr": k1.std() / math.sqrt(k1.numel()) if k1.numel() > 1 else k1.new_zeros(()),
+            # the KL penalty's share of the return's spread (1 at the KL-regularised optimum): the anti-windup's gate
+            "objective/kl_penalty_share": min(penalty_share(self.kl_ctl.value, k1, ro.scores), 1e6),
+        }
+
+    @torch.no_grad()
+    def old_logprobs(self, ro: Rollout) -> torch.Tensor:
+        """The policy's log-probs [B,R] of every episode of the rollout, in scoring micro-batches: the old log-probs
+        of an iteration whose update was skipped (non-finite rewards) when the update was to give them."""
+        sharded = sharded_parameters(self.accelerator)
+        policy = self.roles.policy if sharded else self.accelerator.unwrap_model(self.roles.policy)
+        out, mb = [], self.cfg.ppo.micro_batch_size * 4
+        for s in range(0, ro.query_responses.shape[0], mb):
+            part = ro.select(torch.arange(s, min(s + mb, ro.query_responses.shape[0]), device=ro.scores.device))
+            with self.accelerator.autocast():
+                lp = logprobs_forward(None)(
+                    policy, part.query_responses, part.attention_mask, part.prompt_width, self.cfg.rollout.temperature
+                )
+            out.append(F.pad(lp.to(ro.ref_logprobs.dtype), (0, ro.response_mask.shape[1] - lp.shape[1])))
+        return torch.cat(out)
 
     @torch.no_grad()
     def held_out(self) -> dict:

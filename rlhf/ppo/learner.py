@@ -71,6 +71,7 @@ class MinibatchPlan:
 
     # (episodes: `Rollout.select`, share of the minibatch's response tokens, episodes sharing a prompt or None)
     micro: list[tuple[Rollout, torch.Tensor, PromptGroups | None]]
+    episodes: list[torch.Tensor]  # each micro-batch's episodes: indices into the rollout
     ptx_micro: list[list[dict]]  # pretraining sequences, per ptx micro-batch
     ptx_tokens: int  # predicted ptx tokens of the whole minibatch (all processes), >= 1
 
@@ -100,15 +101,17 @@ class MinibatchPlan:
         tokens = ro.response_mask[minibatch].sum().clamp(min=1)  # the whole minibatch's (all processes)
         device = ro.response_mask.device
         chunks = [mine[s : s + size] for s in range(0, len(mine), size)]
+        episodes = [torch.tensor(chunk, device=device) for chunk in chunks]
         return cls(
             micro=[
                 (
-                    mb := ro.select(torch.tensor(chunk, device=device)),
+                    mb := ro.select(idx),
                     mb.response_mask.sum() / tokens,
                     prompt_groups([i // group_size for i in chunk], device) if share_prompt else None,
                 )
-                for chunk in chunks
+                for chunk, idx in zip(chunks, episodes)
             ],
+            episodes=episodes,
             ptx_micro=[ptx_mine[s : s + size] for s in range(0, len(ptx_mine), size)],
             ptx_tokens=max(sum(len(e["input_ids"]) - 1 for e in ptx), 1),
         )
@@ -162,7 +165,9 @@ class Learner:
 
     def update(self, ro: Rollout, step: int) -> dict:
         """5. ppo_epochs over shuffled minibatches of the iteration's episodes; each process takes every
-        num_processes-th episode of a minibatch, so the minibatches are those of one process."""
+        num_processes-th episode of a minibatch, so the minibatches are those of one process. A rollout without
+        old log-probs (`PPOConfig.old_logprobs_from_update`: one optimizer step) gets its forward's, detached, as
+        them: the ratio is exactly 1, and ro.logprobs is filled for the KL statistics."""
         cfg, p = self.cfg, self.cfg.ppo
         g = torch.Generator().manual_seed(cfg.seed * 1000003 + step)
         n_mini = cfg.train.batch_size // p.mini_batch_size
@@ -171,18 +176,23 @@ class Learner:
             self.roles.value_model.train()
         sums: list[torch.Tensor] = []
         stop = False
+        # the update's own log-probs as the old ones: each process fills its episodes' rows, the sum has them all
+        fresh_logprobs = torch.zeros_like(ro.ref_logprobs) if ro.logprobs is None else None
         for epoch in range(p.ppo_epochs):
             order = minibatch_order(cfg.train.batch_size, self.group_size, g)
             for mini in range(n_mini):
                 minibatch = order[mini * p.mini_batch_size : (mini + 1) * p.mini_batch_size]
                 ptx = self.ptx_batch(step, epoch, mini) if self.ptx_per_mini else []
-                mb_stats = self.minibatch_step(ro, minibatch, ptx, step)
+                mb_stats = self.minibatch_step(ro, minibatch, ptx, step, fresh_logprobs)
                 sums.append(mb_stats)
                 if p.target_approx_kl and mb_stats[COLUMN["policy/approxkl_avg"]] > p.target_approx_kl:
                     stop = True  # early stop of the epoch loop on an approx-KL bound (the same on every process)
                     break
             if stop:
                 break
+        if fresh_logprobs is not None:
+            n = self.accelerator.num_processes
+            ro.logprobs = self.accelerator.reduce(fresh_logprobs, "sum") if n > 1 else fresh_logprobs
         per_minibatch = torch.stack(sums)
         means = per_minibatch.mean(0).tolist()  # one host sync for the iteration's statistics
         unused = set()
@@ -204,7 +214,9 @@ class Learner:
             out["policy/klpen_coef"] = self.klpen.value
         return out
 
-    def minibatch_step(self, ro: Rollout, minibatch: list[int], ptx: list[dict], step: int) -> torch.Tensor:
+    def minibatch_step(
+        self, ro: Rollout, minibatch: list[int], ptx: list[dict], step: int, fresh_logprobs=None
+    ) -> torch.Tensor:
         """One optimizer step on a minibatch of episodes (indices into the rollout) and its ptx sequences.
 
         The loss is the token mean over the whole minibatch of the policy objective (-L^CLIP, or -L^KLPEN), plus
@@ -215,7 +227,8 @@ class Learner:
         `train.concurrent_models`. Each process takes every num_processes-th episode (and ptx sequence); its
         micro-batch losses are weighted by their share of the minibatch's tokens times num_processes, so DDP's
         gradient average is the one-process gradient whatever the micro-batching. Returns the minibatch's
-        statistics [len(MINIBATCH_STATS)], token-weighted over every process.
+        statistics [len(MINIBATCH_STATS)], token-weighted over every process. `fresh_logprobs` [B,R]: a rollout
+        without old log-probs takes the forward's, detached, as them and gets them written into these rows.
         """
         acc = self.accelerator
         plan = MinibatchPlan.of(
@@ -229,9 +242,11 @@ class Learner:
             self.share_prompt,
         )
         if self.roles.critic:
-            sides = self.roles.lanes.run(lambda: self._policy_side(plan), lambda: self._value_side(plan))
+            sides = self.roles.lanes.run(
+                lambda: self._policy_side(plan, fresh_logprobs), lambda: self._value_side(plan)
+            )
         else:
-            sides = [self._policy_side(plan)]
+            sides = [self._policy_side(plan, fresh_logprobs)]
         stats = sum(side_stats for side_stats, _ in sides)
         if acc.num_processes > 1:  # every process's share: the statistics of the whole minibatch, identical everywhere
             stats = acc.reduce(stats, "sum")
@@ -242,13 +257,15 @@ class Learner:
         self._optimizer_steps(skip=self.guard.skip(acc, step, numbers))
         return stats
 
-    def _policy_side(self, plan: MinibatchPlan) -> tuple[torch.Tensor, torch.Tensor]:
+    def _policy_side(self, plan: MinibatchPlan, fresh_logprobs=None) -> tuple[torch.Tensor, torch.Tensor]:
         """The policy's backwards (PPO micro-batches, then ptx ones) -> (statistics, clipped gradient norm)."""
         stats = torch.zeros(len(MINIBATCH_STATS), device=self.accelerator.device)
         n_backward = len(plan.micro) + len(plan.ptx_micro)
-        for k, (mb, share, groups) in enumerate(plan.micro, 1):
+        for k, ((mb, share, groups), episodes) in enumerate(zip(plan.micro, plan.episodes), 1):
             with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
-                terms = self._policy_micro_batch(mb, share, groups)
+                terms, logprobs = self._policy_micro_batch(mb, share, groups)
+            if fresh_logprobs is not None:
+                fresh_logprobs[episodes, : logprobs.shape[1]] = logprobs.to(fresh_logprobs.dtype)
             add_stats(stats, terms, share)
         for k, examples in enumerate(plan.ptx_micro, len(plan.micro) + 1):
             with self._no_sync(self.roles.policy, k < n_backward), self.accelerator.autocast():
@@ -260,7 +277,8 @@ class Learner:
 
     def _policy_micro_batch(self, mb: Rollout, share: torch.Tensor, groups: PromptGroups | None):
         """Backward of one micro-batch's policy loss (episodes `mb`, `share` of the minibatch's tokens; `groups`:
-        episodes whose prompt runs once) -> its statistics {name: scalar}."""
+        episodes whose prompt runs once) -> (its statistics {name: scalar}, its log-probs [b,r] detached). Without
+        old log-probs (`mb.logprobs` None) the forward's own, detached, are the old ones."""
         p, world = self.cfg.ppo, self.accelerator.num_processes
         objective = POLICY_OBJECTIVES[p.objective]
         kl_loss = KL_PLACEMENTS[self.cfg.kl.placement].loss_estimator
@@ -277,7 +295,8 @@ class Learner:
             entropy_grad=p.ent_coef != 0,
         )
         settings = ObjectiveSettings(p.cliprange, self.klpen.value)
-        pg_loss, pg_stats = objective.loss(new_logprobs, mb.logprobs, mb.advantages, mask, settings)
+        old_logprobs = new_logprobs.detach() if mb.logprobs is None else mb.logprobs
+        pg_loss, pg_stats = objective.loss(new_logprobs, old_logprobs, mb.advantages, mask, settings)
         if objective.adapts_beta:
             terms["policy/kl_old"] = pg_stats["kl_old"]
         ent = masked_mean(entropy, mask)
@@ -294,7 +313,7 @@ class Learner:
             "policy/clipfrac_avg": pg_stats["clipfrac"],
             "policy/ratio_avg": pg_stats["ratio_mean"],
         }
-        return terms
+        return terms, new_logprobs.detach()
 
     def _ptx_micro_batch(self, plan: MinibatchPlan, examples: list[dict]) -> torch.Tensor:
         """Backward of gamma_ptx * the pretraining sequences' LM loss (a share of the minibatch's ptx tokens)."""

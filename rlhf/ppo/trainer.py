@@ -11,8 +11,9 @@ reward model (or a reward function, or both). Dropout is off in all of them. One
   1. rollout   sample rollout.samples_per_prompt responses per prompt from the policy's own distribution (left-
                padded prompts, KV cache, stop at EOS); each episode from its own seeded random stream
   2. score     RM score at the EOS token (an ensemble: mean, mean - lambda*std or min of its members) and/or
-               reward.function; old log-probs, reference log-probs, values (one forward each); then every
-               process's episodes are gathered on every process
+               reward.function; old log-probs, reference log-probs, values (one forward each; the old
+               log-probs are the update's own forward when it is one optimizer step with the KL out of the
+               reward); then every process's episodes are gathered on every process
   3. rewards   r_t = -beta * KL_t, plus the score at the last response token (missing-EOS penalty optional); with
                kl.placement: loss the KL leaves the reward and becomes a loss term (GRPO)
   4. advantages  ppo.advantage: GAE with the value model (default; whitened), REINFORCE with a learned or batch-mean
@@ -178,6 +179,11 @@ class PPOTrainer:
                     "or sharded parameters)"
                 )
             )
+        if self.experience.old_logprobs_from_update:
+            acc.print(
+                "[ppo] one optimizer step per rollout with the KL out of the reward: the old log-probs are the "
+                "update's own forward (the ratio is exactly 1), no scoring forward of their own"
+            )
         if self.roles.lanes.concurrent:
             acc.print(
                 f"[ppo] policy and critic (updates, scoring) side by side on "
@@ -200,8 +206,11 @@ class PPOTrainer:
         # a NaN/inf reward or advantage (e.g. a broken reward model) must never reach the weights
         numbers = {"scores": ro.scores, "values": ro.values, "advantages": ro.advantages}
         if not self.guard.skip(acc, step, numbers):
-            stats |= self.learner.update(ro, step)
+            stats |= self.learner.update(ro, step)  # fills ro.logprobs when its forward gives the old log-probs
             self.experience.generator.sync_weights()
+        if ro.logprobs is None:  # the update that was to give them was skipped
+            ro.logprobs = self.experience.old_logprobs(ro)
+        stats |= self.experience.kl_stats(ro)
         t2 = time.time()
         stop_reason = self._observe(stats)
         self.progress.step += 1

@@ -1,0 +1,103 @@
+"""A one-step update takes its own forward as the old log-probs (PPOConfig.old_logprobs_from_update): the scoring
+forward of the policy is skipped, the PPO ratio is exactly 1, and the run is the one with the separate forward up to
+float rounding."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import load_safetensors_dir, ppo_config, read_metrics
+
+from rlhf import ppo
+from rlhf.config import PPOConfig, load_config
+from rlhf.ppo import experience
+
+# GRPO as DeepSeekMath and TRL run it: k samples per prompt, beta * k3 KL in the loss, one optimizer step per rollout
+ONE_STEP_GRPO = [
+    "ppo.advantage=grpo",
+    "rollout.samples_per_prompt=4",
+    "kl.placement=loss",
+    "kl.kl_coef=0.04",
+    "ppo.ppo_epochs=1",
+    "ppo.mini_batch_size=16",  # the whole batch of 16
+    "ppo.micro_batch_size=4",  # four micro-batches, sorted by response length: the rows go back by index
+    "ptx.ptx_coef=0",
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "expected"),
+    [
+        ([], True),
+        (["kl.placement=reward", "kl.kl_coef=0", "kl.adaptive=false"], True),  # no KL at all (Dr. GRPO, DAPO)
+        (["kl.placement=reward"], False),  # the rewards read the old log-probs before the update
+        (["ppo.ppo_epochs=2"], False),  # the second epoch's forwards run a stepped policy
+        (["ppo.mini_batch_size=8"], False),  # so does the second minibatch's
+    ],
+)
+def test_old_logprobs_come_from_the_update_only_when_nothing_else_needs_them(extra, expected):
+    base = ["train.batch_size=16", *ONE_STEP_GRPO]
+    cfg = load_config("ppo", "configs/tiny/ppo.yaml", base + extra)
+    assert cfg.old_logprobs_from_update() is expected
+
+
+def test_the_update_gives_the_old_logprobs_of_every_episode(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    trainer = ppo.PPOTrainer(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ONE_STEP_GRPO))
+    ro, _ = trainer.rollout(0)
+    assert ro.logprobs is None  # no scoring forward of the policy
+    trainer.compute_advantages(ro)
+    separate = trainer.experience.old_logprobs(ro)  # what a scoring forward gives, before the step
+    stats = trainer.learner.update(ro, 0)
+    assert stats["policy/ratio_avg"] == 1.0 and stats["policy/clipfrac_avg"] == 0.0
+    assert stats["policy/approxkl_avg"] == 0.0
+    mask = ro.response_mask
+    assert mask.sum(1).unique().numel() > 1  # responses of several lengths: the micro-batches were re-ordered
+    # every row filled, each with its own episode's log-probs
+    torch.testing.assert_close(ro.logprobs[mask], separate[mask], atol=1e-5, rtol=0)
+
+
+def run(tiny_world, tiny_sft, tiny_rm, out, monkeypatch, separate: bool, extra=()):
+    with monkeypatch.context() as m:
+        if separate:  # the scoring forward of the policy, as before
+            m.setattr(PPOConfig, "old_logprobs_from_update", lambda self: False)
+        steps = ["train.max_steps=3", "optim.warmup_steps=0"]
+        cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, out, [*ONE_STEP_GRPO, *steps, *extra])
+        return ppo.train(cfg)
+
+
+def test_a_run_is_the_one_with_a_separate_forward(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
+    a = run(tiny_world, tiny_sft, tiny_rm, tmp_path / "a", monkeypatch, separate=False)
+    b = run(tiny_world, tiny_sft, tiny_rm, tmp_path / "b", monkeypatch, separate=True)
+    rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [r["policy/ratio_avg"] for r in rows_a] == [1.0] * 3  # exactly: the old log-probs are the forward's
+    assert all(abs(r["policy/ratio_avg"] - 1) < 1e-5 for r in rows_b)
+    for ra, rb in zip(rows_a, rows_b, strict=True):
+        for key in ("objective/scores", "objective/kl", "objective/kl_k3", "loss/kl_avg", "loss/policy_avg"):
+            assert math.isclose(ra[key], rb[key], rel_tol=1e-4, abs_tol=1e-5), (ra["step"], key, ra[key], rb[key])
+    # the three steps moved the weights the same way, to float rounding
+    wa, wb, w0 = load_safetensors_dir(a), load_safetensors_dir(b), load_safetensors_dir(tiny_sft)
+    step_a = torch.cat([(wa[k] - w0[k]).flatten() for k in wa])
+    step_b = torch.cat([(wb[k] - w0[k]).flatten() for k in wa])
+    print(step_a.abs().max().item(), (step_a - step_b).abs().max().item())
+    assert step_a.abs().max() > 2e-4  # three Adam steps of lr 1e-4: it trained
+    assert (step_a - step_b).abs().max() < 1e-3 * step_a.abs().max()
+
+
+def test_a_skipped_update_still_measures_the_kl(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
+    real, calls = experience.aggregate_ensemble, []
+
+    def nan_once(scores, *args):
+        calls.append(1)
+        mean, std = real(scores, *args)
+        return (mean * float("nan") if len(calls) == 1 else mean), std
+
+    monkeypatch.setattr(experience, "aggregate_ensemble", nan_once)
+    skips = ["train.max_nonfinite_skips=1"]
+    run(tiny_world, tiny_sft, tiny_rm, tmp_path / "a", monkeypatch, separate=False, extra=skips)
+    calls.clear()
+    run(tiny_world, tiny_sft, tiny_rm, tmp_path / "b", monkeypatch, separate=True, extra=skips)
+    (a, *_), (b, *_) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert "policy/ratio_avg" not in a  # the first iteration's update was skipped
+    assert math.isfinite(a["objective/kl"]) and math.isclose(a["objective/kl"], b["objective/kl"], abs_tol=1e-5)
