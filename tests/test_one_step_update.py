@@ -67,9 +67,11 @@ def run(tiny_world, tiny_sft, tiny_rm, out, monkeypatch, separate: bool, extra=(
         return ppo.train(cfg)
 
 
-def test_a_run_is_the_one_with_a_separate_forward(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
-    a = run(tiny_world, tiny_sft, tiny_rm, tmp_path / "a", monkeypatch, separate=False)
-    b = run(tiny_world, tiny_sft, tiny_rm, tmp_path / "b", monkeypatch, separate=True)
+@pytest.mark.parametrize("critic", [[], ["ppo.advantage=gae", "rollout.samples_per_prompt=1"]], ids=["grpo", "gae"])
+def test_a_run_is_the_one_with_a_separate_forward(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch, critic):
+    """GRPO, and PPO with a critic (whose values still come from the scoring forward: GAE needs them first)."""
+    a = run(tiny_world, tiny_sft, tiny_rm, tmp_path / "a", monkeypatch, separate=False, extra=critic)
+    b = run(tiny_world, tiny_sft, tiny_rm, tmp_path / "b", monkeypatch, separate=True, extra=critic)
     rows_a, rows_b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["policy/ratio_avg"] for r in rows_a] == [1.0] * 3  # exactly: the old log-probs are the forward's
     assert all(abs(r["policy/ratio_avg"] - 1) < 1e-5 for r in rows_b)
