@@ -520,8 +520,10 @@ class PPOModels:
     """The frozen reward model (rm/final)."""
     value_init: Literal["reward", "policy"] = "reward"
     """reward = separate value network from the RM (InstructGPT); policy = from the policy weights."""
-    reference: Literal["copy", "disable_adapter"] = "copy"
-    """copy = a second frozen copy of SFT; disable_adapter = the LoRA policy with its adapter off."""
+    reference: Literal["copy", "disable_adapter", "none"] = "copy"
+    """copy = a second frozen copy of SFT; disable_adapter = the LoRA policy with its adapter off; none = no
+    reference at all (kl.kl_coef 0 and no kl.budget: the runs of Dr. GRPO and DAPO, TRL's GRPO with beta 0), which
+    saves its memory and its scoring forward and logs no KL to it (`rlhf eval` still measures the KL to SFT)."""
 
 
 @dataclass
@@ -620,6 +622,11 @@ class PPOConfig:
             raise ConfigError(
                 "models.reference: disable_adapter needs models.policy.lora.enabled: true "
                 "(without an adapter there is nothing to disable); use reference: copy"
+            )
+        if self.models.reference == "none" and (k.kl_coef != 0 or k.budget):
+            raise ConfigError(
+                f"models.reference: none leaves nothing to measure the KL against, but kl.kl_coef is {k.kl_coef} "
+                f"and kl.budget {k.budget}: set both to 0 for a run without a KL term, or use reference: copy"
             )
         self._validate_lineage()
 

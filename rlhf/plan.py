@@ -578,7 +578,7 @@ def plan_ppo(
         )
         ref.activations = score_act
     else:
-        ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
+        ref = RoleEstimate("reference", 0, 0, note="none" if m.reference == "none" else "policy, adapter off")
     roles.append(ref)
 
     # value model: only for the estimators that learn one (GAE, REINFORCE with a learned baseline)
@@ -630,8 +630,8 @@ def plan_ppo(
         2
         * scored
         * (
-            # old log-probs (unless the one-step update's forward gives them) and reference log-probs
-            (1 if cfg.old_logprobs_from_update() else 2) * policy.params_lm
+            # old log-probs (unless the one-step update's forward gives them) and reference log-probs (if any)
+            ((0 if cfg.old_logprobs_from_update() else 1) + (m.reference != "none")) * policy.params_lm
             + (value_shape.params_scalar if critic else 0)
             + reward_members * reward.params_scalar
         )

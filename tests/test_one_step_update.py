@@ -1,6 +1,7 @@
-"""A one-step update takes its own forward as the old log-probs (PPOConfig.old_logprobs_from_update): the scoring
-forward of the policy is skipped, the PPO ratio is exactly 1, and the run is the one with the separate forward up to
-float rounding."""
+"""The scoring forwards GRPO-style runs do without. A one-step update takes its own forward as the old log-probs
+(PPOConfig.old_logprobs_from_update): the scoring forward of the policy is skipped, the PPO ratio is exactly 1, and
+the run is the one with the separate forward up to float rounding. A run without a KL term needs no reference
+(models.reference: none)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ import torch
 from conftest import load_safetensors_dir, ppo_config, read_metrics
 
 from rlhf import ppo
-from rlhf.config import PPOConfig, load_config
+from rlhf.config import ConfigError, PPOConfig, load_config
 from rlhf.ppo import experience
 
 # GRPO as DeepSeekMath and TRL run it: k samples per prompt, beta * k3 KL in the loss, one optimizer step per rollout
@@ -103,3 +104,29 @@ def test_a_skipped_update_still_measures_the_kl(tiny_world, tiny_sft, tiny_rm, t
     (a, *_), (b, *_) = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert "policy/ratio_avg" not in a  # the first iteration's update was skipped
     assert math.isfinite(a["objective/kl"]) and math.isclose(a["objective/kl"], b["objective/kl"], abs_tol=1e-5)
+
+
+@pytest.mark.parametrize("kl", [["kl.kl_coef=0.02"], ["kl.kl_coef=0", "kl.budget=10"]], ids=["beta", "budget"])
+def test_no_reference_needs_no_kl_term(kl):
+    with pytest.raises(ConfigError, match=r"models.reference: none .* set both to 0"):
+        load_config("ppo", "configs/tiny/ppo.yaml", ["models.reference=none", *kl])
+
+
+def test_no_reference_is_the_run_with_beta_0(tiny_world, tiny_sft, tiny_rm, tmp_path):
+    """models.reference: none (beta 0: Dr. GRPO, DAPO) loads no reference and runs no forward of one; the run is the
+    one with a reference copy and beta 0, bit for bit, less its KL statistics."""
+    beta_0 = [*ONE_STEP_GRPO, "kl.kl_coef=0", "train.max_steps=2"]  # the KL in the loss, times 0
+    trainer = ppo.PPOTrainer(
+        ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path / "none", beta_0 + ["models.reference=none"])
+    )
+    assert trainer.roles.reference is None  # no copy loaded (and no LoRA adapter to switch off)
+    without = trainer.train()
+    with_copy = ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path / "copy", beta_0))
+    wa, wb = load_safetensors_dir(without), load_safetensors_dir(with_copy)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    rows_none = [r for r in read_metrics(tmp_path / "none") if "objective/scores" in r]
+    rows_copy = [r for r in read_metrics(tmp_path / "copy") if "objective/scores" in r]
+    kl_keys = ("objective/kl", "objective/kl_smoothed", "loss/kl_avg")
+    assert len(rows_none) == 2 and not any(key in r for r in rows_none for key in kl_keys)
+    assert all(key in r for r in rows_copy for key in kl_keys)
+    assert [r["objective/scores"] for r in rows_none] == [r["objective/scores"] for r in rows_copy]

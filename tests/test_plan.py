@@ -240,6 +240,16 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     in_reward = plan_ppo(load_config("ppo", recipe, one_step[:-1]), shape, shape)
     in_loss = plan_ppo(load_config("ppo", recipe, one_step), shape, shape)
     assert in_reward.flops - in_loss.flops == 2 * grpo.tokens["scored"] * shape.params_lm
+    # and without a reference (beta 0): neither its weights nor its scoring forward
+    no_ref = plan_ppo(
+        load_config(
+            "ppo", recipe, one_step + ["kl.kl_coef=0", "kl.adaptive=false", "kl.budget=0", "models.reference=none"]
+        ),
+        shape,
+        shape,
+    )
+    assert no_ref.roles[1].role == "reference" and no_ref.roles[1].total == 0
+    assert in_loss.flops - no_ref.flops == 2 * grpo.tokens["scored"] * shape.params_lm
     # a reward function only: no reward model held either
     fn = sets[:1] + ["models.reward.name_or_path=", "reward.function=rlhf.tiny:gold_judge", "models.value_init=policy"]
     only_fn = plan_config("ppo", load_config("ppo", recipe, fn))

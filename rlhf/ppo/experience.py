@@ -165,8 +165,11 @@ class ExperienceMaker:
             )
             if old is not None:
                 logprobs.append(F.pad(old, (0, R - end)))
-            ref_logprobs.append(F.pad(ref, (0, R - end)))
-            values.append(F.pad(vals, (0, R - end)) if self.roles.critic else torch.zeros_like(ref_logprobs[-1]))
+            if ref is not None:
+                ref_logprobs.append(F.pad(ref, (0, R - end)))
+            values.append(
+                F.pad(vals, (0, R - end)) if self.roles.critic else torch.zeros(qr.shape[0], R, device=qr.device)
+            )
             scores.append(mb_scores)
             score_std.append(mb_std)
         raw_scores = torch.cat(scores)
@@ -176,7 +179,7 @@ class ExperienceMaker:
             response_mask,
             P,
             torch.cat(logprobs) if logprobs else None,
-            torch.cat(ref_logprobs),
+            torch.cat(ref_logprobs) if ref_logprobs else None,
             torch.cat(values),
             raw_scores.clone(),
             raw_scores,
@@ -196,13 +199,15 @@ class ExperienceMaker:
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
 
     def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int, groups=None):
-        """Old (the policy's; None when the update's forward gives them) and reference log-probs [B,R] of a
-        micro-batch of episodes [B,P+R]; `groups`: which episodes share a prompt (`shared_prompt`), None to run
-        every sequence whole."""
+        """Old (the policy's; None when the update's forward gives them) and reference log-probs [B,R] (None
+        without a reference) of a micro-batch of episodes [B,P+R]; `groups`: which episodes share a prompt
+        (`shared_prompt`), None to run every sequence whole."""
         args = (query_responses, attention_mask, prompt_width, self.cfg.rollout.temperature)
         logprobs = logprobs_forward(groups)
         with self.accelerator.autocast():
             old = None if self.old_logprobs_from_update else logprobs(policy, *args)
+            if self.cfg.models.reference == "none":
+                return old, None
             if self.roles.reference is None:
                 with self.accelerator.unwrap_model(self.roles.policy).disable_adapter():
                     return old, logprobs(policy, *args)
@@ -245,8 +250,8 @@ class ExperienceMaker:
             everywhere(ro.attention_mask, 0),
             everywhere(ro.response_mask, 0),
             ro.prompt_width,
-            None if ro.logprobs is None else everywhere(ro.logprobs, 0),
-            *(everywhere(t, 0) for t in (ro.ref_logprobs, ro.values)),
+            *(None if t is None else everywhere(t, 0) for t in (ro.logprobs, ro.ref_logprobs)),
+            everywhere(ro.values, 0),
             *(everywhere(t, 0) for t in (ro.scores, ro.raw_scores, ro.score_std, ro.ended)),
         )
 
@@ -307,10 +312,11 @@ class ExperienceMaker:
         cfg, p = self.cfg, self.cfg.ppo
         mask = ro.response_mask
         beta_in_reward = self.kl_ctl.value if KL_PLACEMENTS[cfg.kl.placement].in_reward else 0.0
-        # old log-probs still to come from the update: nothing here reads them (beta in the reward is 0)
-        logprobs = ro.ref_logprobs if ro.logprobs is None else ro.logprobs
+        logprobs, ref_logprobs = ro.logprobs, ro.ref_logprobs
+        if logprobs is None or ref_logprobs is None:  # still to come from the update, or no reference: beta here is 0
+            logprobs = ref_logprobs = torch.zeros_like(mask, dtype=torch.float32)
         ro.rewards, non_score_reward, _ = compute_rewards(
-            ro.scores, logprobs, ro.ref_logprobs, mask, beta_in_reward, cfg.kl.estimator
+            ro.scores, logprobs, ref_logprobs, mask, beta_in_reward, cfg.kl.estimator
         )
         rewards = masked_whiten(ro.rewards, mask, shift_mean=False) if cfg.reward.whiten_rewards else ro.rewards
         values = torch.where(mask, ro.values, torch.zeros_like(ro.values))
@@ -341,7 +347,9 @@ class ExperienceMaker:
     def kl_stats(self, ro: Rollout) -> dict:
         """The rollout's KL to the reference (per sequence: k1 mean, k3 mean, the k1 mean's standard error) and
         the KL penalty's share of the return's spread, from its old log-probs (read after the update, which gives
-        them when `old_logprobs_from_update`)."""
+        them when `old_logprobs_from_update`); none without a reference (models.reference: none)."""
+        if ro.ref_logprobs is None:
+            return {}
         mask = ro.response_mask
         k1 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k1") * mask).sum(1)
         k3 = (kl_penalty(ro.logprobs, ro.ref_logprobs, "k3") * mask).sum(1)
@@ -367,7 +375,7 @@ class ExperienceMaker:
                 lp = logprobs_forward(None)(
                     policy, part.query_responses, part.attention_mask, part.prompt_width, self.cfg.rollout.temperature
                 )
-            out.append(F.pad(lp.to(ro.ref_logprobs.dtype), (0, ro.response_mask.shape[1] - lp.shape[1])))
+            out.append(F.pad(lp, (0, ro.response_mask.shape[1] - lp.shape[1])))
         return torch.cat(out)
 
     @torch.no_grad()

@@ -177,7 +177,7 @@ class Learner:
         sums: list[torch.Tensor] = []
         stop = False
         # the update's own log-probs as the old ones: each process fills its episodes' rows, the sum has them all
-        fresh_logprobs = torch.zeros_like(ro.ref_logprobs) if ro.logprobs is None else None
+        fresh_logprobs = torch.zeros_like(ro.response_mask, dtype=torch.float32) if ro.logprobs is None else None
         for epoch in range(p.ppo_epochs):
             order = minibatch_order(cfg.train.batch_size, self.group_size, g)
             for mini in range(n_mini):
@@ -200,7 +200,7 @@ class Learner:
             unused.add("ptx/loss")
         if not self.roles.critic:
             unused |= {"loss/value_avg", "val/clipfrac_avg"}
-        if not KL_PLACEMENTS[cfg.kl.placement].loss_estimator:
+        if not KL_PLACEMENTS[cfg.kl.placement].loss_estimator or cfg.models.reference == "none":
             unused.add("loss/kl_avg")
         adapts_beta = POLICY_OBJECTIVES[p.objective].adapts_beta
         if not adapts_beta:
@@ -301,7 +301,7 @@ class Learner:
             terms["policy/kl_old"] = pg_stats["kl_old"]
         ent = masked_mean(entropy, mask)
         loss = pg_loss - p.ent_coef * ent
-        if kl_loss:  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
+        if kl_loss and mb.ref_logprobs is not None:  # GRPO: beta * k3 KL(pi || pi_ref), differentiated
             kl_term = masked_mean(kl_penalty(new_logprobs, mb.ref_logprobs, kl_loss), mask)
             loss = loss + self.kl_ctl.value * kl_term
             terms["loss/kl_avg"] = kl_term

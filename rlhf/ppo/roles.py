@@ -33,7 +33,8 @@ from rlhf.runtime import (
 class Roles:
     """The models of a PPO run. `policy_train` / `value_train` are the (optionally compiled) forwards the update
     differentiates; rollout, scoring and saving use the eager `policy` / `value_model`. `reference` None = the
-    LoRA policy with its adapter disabled. `value_model` None = a critic-free estimator."""
+    LoRA policy with its adapter disabled, or no reference (models.reference: none). `value_model` None = a
+    critic-free estimator."""
 
     tokenizer: Any
     reward_tokenizer: Any

@@ -55,8 +55,8 @@ class Rollout:
     response_mask: torch.Tensor
     prompt_width: int
     logprobs: torch.Tensor | None  # old log-probs; None until the update's forward gives them (one-step updates)
-    ref_logprobs: torch.Tensor
-    values: torch.Tensor
+    ref_logprobs: torch.Tensor | None  # None without a reference (models.reference: none)
+    values: torch.Tensor  # zeros without a critic
     scores: torch.Tensor
     raw_scores: torch.Tensor
     score_std: torch.Tensor

@@ -135,7 +135,10 @@ class PPOTrainer:
         with GracefulStop() as stop:
             while self.progress.step < self.total_steps and not (self.kl_budget.exceeded or self.collapse.stopped):
                 ro, stats, stop_reason = self.iteration(self.progress.step)
-                bar.update(1, score=float(stats["objective/scores"]), kl=float(stats["objective/kl"]))
+                shown = {"score": float(stats["objective/scores"])}
+                if "objective/kl" in stats:  # not without a reference
+                    shown["kl"] = float(stats["objective/kl"])
+                bar.update(1, **shown)
                 step = self.progress.step
                 if step % cfg.logging.every == 0 or step == self.total_steps or stop_reason:
                     log_metrics(acc, stats, step)
@@ -178,6 +181,11 @@ class PPOTrainer:
                     else "run every episode whole (rollout.share_prompt off, train.compile, gradient checkpointing "
                     "or sharded parameters)"
                 )
+            )
+        if cfg.models.reference == "none":
+            acc.print(
+                "[ppo] models.reference: none: no reference model, no KL to it logged (kl_coef 0); rlhf eval "
+                "measures the KL to SFT"
             )
         if self.experience.old_logprobs_from_update:
             acc.print(
@@ -229,11 +237,13 @@ class PPOTrainer:
         """Feed the KL controller, the KL budget and the collapse monitor this iteration's statistics (adding
         theirs to `stats`) -> why the run must stop now (the KL budget spent, collapse with collapse.stop), or None."""
         cfg = self.cfg
-        # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
-        kl = float(stats["objective/kl"])
-        self.kl_ctl.update(kl, cfg.train.batch_size, stats["objective/kl_penalty_share"])
-        over_budget = self.kl_budget.update(kl)
-        stats["objective/kl_smoothed"] = self.kl_budget.smoothed
+        over_budget = False
+        if "objective/kl" in stats:  # measured against the reference (none: beta 0, no budget, nothing to feed)
+            # the controller sees the mean per-sequence KL of this batch, over batch_size episodes
+            kl = float(stats["objective/kl"])
+            self.kl_ctl.update(kl, cfg.train.batch_size, stats["objective/kl_penalty_share"])
+            over_budget = self.kl_budget.update(kl)
+            stats["objective/kl_smoothed"] = self.kl_budget.smoothed
         signs = [stats[f"rollout/{k}"] for k in ("repeat_share", "distinct2", "response_length", "eos_share")]
         collapse = self.collapse.update(dict(zip(CollapseMonitor.KEYS, signs)))
         stats["rollout/collapse_flags"] = len(collapse)
