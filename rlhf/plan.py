@@ -566,7 +566,10 @@ def plan_ppo(
     ptx_act = activation_bytes(policy, min(ptx_seqs, micro), ptx_len, p, ckpt, lm_head=True) if ptx_seqs else 0
     score_act = activation_bytes(policy, score_mb, S, p, False, lm_head=True, trained=False, logit_positions=R + 1)
     score_act += kv_cache_bytes(policy, score_mb, S, p) if share else 0
-    pol_role.activations = max(train_act, ptx_act, score_act)
+    # log-prob scoring runs for the old log-probs (unless the one-step update gives them) and for the reference
+    logprob_scoring = not cfg.old_logprobs_from_update() or m.reference != "none"
+    policy_scores = not cfg.old_logprobs_from_update() or m.reference == "disable_adapter"
+    pol_role.activations = max(train_act, ptx_act, score_act if policy_scores else 0)
     pol_role.kv_cache = kv_cache_bytes(policy, gen_batch, S, p)
     prefill_rows = max(1, gen_batch // k) if share else gen_batch
     gen_act = gen_batch * policy.vocab * (p + 4) + activation_bytes(policy, prefill_rows, P, p, False, False, False)
@@ -613,7 +616,7 @@ def plan_ppo(
 
     phases = {
         "generate": pol_role.kv_cache + gen_act,
-        "score": max(score_act, score_rm),
+        "score": max(score_act if logprob_scoring else 0, score_rm),
         "train": max(train_act, ptx_act) + value.activations,
     }
     B = cfg.train.batch_size

@@ -250,6 +250,7 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     )
     assert no_ref.roles[1].role == "reference" and no_ref.roles[1].total == 0
     assert in_loss.flops - no_ref.flops == 2 * grpo.tokens["scored"] * shape.params_lm
+    assert no_ref.phases["score"] < in_loss.phases["score"]  # the reward model's forward alone: no logits to hold
     # a reward function only: no reward model held either
     fn = sets[:1] + ["models.reward.name_or_path=", "reward.function=rlhf.tiny:gold_judge", "models.value_init=policy"]
     only_fn = plan_config("ppo", load_config("ppo", recipe, fn))
