@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from conftest import load_safetensors_dir, ppo_config, read_metrics
+from conftest import CONFIGS, load_safetensors_dir, ppo_config, read_metrics
 
 from rlhf import ppo
 from rlhf.config import ConfigError, PPOConfig, load_config
@@ -40,7 +40,7 @@ ONE_STEP_GRPO = [
 )
 def test_old_logprobs_come_from_the_update_only_when_nothing_else_needs_them(extra, expected):
     base = ["train.batch_size=16", *ONE_STEP_GRPO]
-    cfg = load_config("ppo", "configs/tiny/ppo.yaml", base + extra)
+    cfg = load_config("ppo", str(CONFIGS / "tiny" / "ppo.yaml"), base + extra)
     assert cfg.old_logprobs_from_update() is expected
 
 
@@ -115,7 +115,7 @@ def test_a_skipped_update_still_measures_the_kl(tiny_world, tiny_sft, tiny_rm, t
 @pytest.mark.parametrize("kl", [["kl.kl_coef=0.02"], ["kl.kl_coef=0", "kl.budget=10"]], ids=["beta", "budget"])
 def test_no_reference_needs_no_kl_term(kl):
     with pytest.raises(ConfigError, match=r"models.reference: none .* set both to 0"):
-        load_config("ppo", "configs/tiny/ppo.yaml", ["models.reference=none", *kl])
+        load_config("ppo", str(CONFIGS / "tiny" / "ppo.yaml"), ["models.reference=none", *kl])
 
 
 def test_no_reference_is_the_run_with_beta_0(tiny_world, tiny_sft, tiny_rm, tmp_path):
