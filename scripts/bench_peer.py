@@ -17,6 +17,9 @@ Workloads:
   rm    8 pairs x L tokens per step
   rmk4  8 prompts x 4 ranked responses x L tokens (rlhf: K-way loss; TRL: the 6 pairs per prompt, 48 pairs)
   ppovar  ppo with prompts of variable length (VAR_LENGTHS, at most P tokens), left-padded on both sides
+  grpo  TRL's GRPO defaults: 8 prompts x 4 completions (R new tokens) per step, group-normalised rewards, one
+        optimizer step per generation batch, no KL term and so no reference model (rlhf: ppo.advantage=grpo,
+        ppo_epochs 1, one minibatch, kl_coef 0, models.reference=none), gradients clipped at 1 on both sides
   sftvar, rmvar, rmk4var   the same with variable lengths (scripts/peer/world.py VAR_LENGTHS: log-normal, a mean
         of ~50 of at most L = 128 tokens): 32 rows (prompts) per step in micro-batches of 8, throughput in real
         (unpadded) tokens/s; SFT also runs each side packed (rlhf data.packing=true; TRL packing=True, its
@@ -54,7 +57,8 @@ PEER = ROOT / ".venv-peer"
 PEER_PY = PEER / "bin" / "python"
 RLHF_PY = Path(sys.executable)
 TRL_VERSION = "1.12.0"
-WORKLOADS = ("ppo", "sft", "rm", "rmk4", "ppovar", "sftvar", "rmvar", "rmk4var")
+WORKLOADS = ("ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var")
+ROLLOUTS = {"ppo", "ppovar", "grpo"}  # a step is an iteration of EPISODES episodes
 # variable-length workloads (scripts/peer/world.py VAR_LENGTHS: log-normal lengths, ~50 of at most 128 tokens for the
 # tiny size): 32 rows per step in micro-batches of 8 on both sides; throughput = real (unpadded) tokens per second.
 # Each side also runs in its best configuration for the workload where it has one (SFT: packing).
@@ -96,7 +100,7 @@ def ensure_peer_venv() -> None:
     pins = [f"torch=={torch_v}"]
     for pkg in ("transformers", "accelerate"):
         pins.append(f"{pkg}=={rlhf_version(pkg, RLHF_PY)}")
-    want = pins + [f"trl=={TRL_VERSION}"]
+    want = pins + [f"trl=={TRL_VERSION}", "requests"]  # requests: imported by TRL's GRPO, not declared by trl
     stamp = PEER / ".bench-peer-installed"
     if stamp.is_file() and stamp.read_text().split() == want:
         return
@@ -177,7 +181,7 @@ def run_worker(
     cmd += ["--device", setup.device]
     if side == "rlhf":
         cmd += [a for kv in setup.sets + (["data.packing=true"] if best else []) for a in ("--set", kv)]
-    elif setup.compile and not workload.startswith("ppo"):
+    elif setup.compile and workload not in ROLLOUTS:
         cmd += ["--compile"]
     if side == "trl" and best:
         cmd += ["--best"]
@@ -220,11 +224,12 @@ def measure(data: dict, workload: str, seq_len: int) -> dict:
     start = data.get("train_start", data.get("train_begin"))  # rlhf: before loading the models; TRL: train()
     if start:  # the warm-up step, any compile included
         fig["first_s"] = ends[0] - start
-    if workload.startswith("ppo"):
+    if workload in ROLLOUTS:
         fig["throughput"] = EPISODES / step_s
         for k in ("time/generate", "time/score", "time/train"):
-            vals = data[k][1:]
-            fig[k] = sum(vals) / len(vals)
+            if k in data:  # (TRL's GRPO is not split into phases)
+                vals = data[k][1:]
+                fig[k] = sum(vals) / len(vals)
     elif workload in VARLEN:  # the real tokens of steps 2..N over their time
         fig["throughput"] = sum(data["tokens"][1 : len(ends)]) / sum(durations)
     else:
@@ -325,12 +330,13 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
     units = {
         "ppo": "episodes/s",
         "ppovar": "episodes/s",
+        "grpo": "completions/s",
         "sft": "tokens/s",
         "rm": "tokens/s",
         "rmk4": "unique tokens/s",
     }
     unit = units.get(workload, "real unique tokens/s" if workload == "rmk4var" else "real tokens/s")
-    step = "s/iteration" if workload.startswith("ppo") else "s/step"
+    step = "s/iteration" if workload in ROLLOUTS else "s/step"
     labels = {side: "bf16" if p == "bf16" else "fp32" for side, p in precision.items()}
     same = len(set(labels.values())) == 1
     caption = next(iter(labels.values())) if same else ", ".join(f"{side} {label}" for side, label in labels.items())
@@ -353,6 +359,11 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
             parts = [statistics.median(f[k] for f in runs) for k in ("time/generate", "time/score", "time/train")]
             row += " " + " / ".join(f"{p:.3g}" for p in parts) + " |"
         lines.append(row)
+    if workload == "grpo":  # only rlhf's loop reports its phases
+        for name, runs in figs.items():
+            if all("time/train" in f for f in runs):
+                parts = [statistics.median(f[k] for f in runs) for k in ("time/generate", "time/score", "time/train")]
+                lines.append(f"\n{name}: generate / score / train s (median): {' / '.join(f'{p:.3g}' for p in parts)}")
     for ours, theirs in [(a, b) for a in figs if a.startswith("rlhf") for b in figs if b.startswith("trl")]:
         ratio = statistics.median(f["throughput"] for f in figs[ours]) / statistics.median(
             f["throughput"] for f in figs[theirs]
@@ -481,7 +492,7 @@ def main() -> None:
     out_lines = [header, ""]
     rates: dict[str, float] = {}
     for w in workloads:
-        measured = args.steps or (2 if args.quick else 5 if w.startswith("ppo") else 10)
+        measured = args.steps or (2 if args.quick else 5 if w.startswith("ppo") else 10)  # grpo: one step per rollout
         runs = variants(w, sides)
         figs: dict[str, list[dict]] = {variant_label(side, best, w): [] for side, best in runs}
         for rep in range(reps):

@@ -35,8 +35,8 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
     prompt_len, seq_len, new_tokens = shape["prompt_len"], shape["seq_len"], shape["new_tokens"]
     common = COMMON + [f"train.mixed_precision={precision}"]
     fmt = ["format.prompt_template='{prompt}'", "format.use_chat_template=never", "format.truncation=error"]
-    if workload.startswith("ppo"):
-        return "ppo", common + [
+    if workload.startswith("ppo") or workload == "grpo":
+        ppo_sets = common + [
             f"output_dir={out}",
             f"models.policy.name_or_path={world / 'lm'}",
             f"models.reward.name_or_path={world / 'rm'}",
@@ -68,6 +68,18 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
             "optim.warmup_steps=0",
             "optim.max_grad_norm=0",  # TRL's PPO loop does not clip gradients
         ]
+        if workload == "grpo":  # TRL's GRPO defaults: one step per generation batch, beta 0 (no reference)
+            ppo_sets += [
+                "ppo.advantage=grpo",
+                "rollout.samples_per_prompt=4",
+                "kl.kl_coef=0",
+                "models.reference=none",
+                "ppo.ppo_epochs=1",
+                "ppo.mini_batch_size=32",
+                "ppo.micro_batch_size=32",  # TRL: the 32 completions in one forward and backward
+                "optim.max_grad_norm=1.0",  # the Trainer's default clipping, which TRL's GRPO keeps
+            ]
+        return "ppo", ppo_sets
     model = f"model.name_or_path={world / 'lm'}"
     supervised = [f"output_dir={out}", model, f"train.max_steps={steps}", "train.batch_size=8"]
     supervised += ["train.micro_batch_size=8", "optim.lr=1e-5", "optim.warmup_steps=0"]
@@ -96,7 +108,9 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--workload", choices=["ppo", "sft", "rm", "rmk4", "ppovar", "sftvar", "rmvar", "rmk4var"], required=True
+        "--workload",
+        choices=["ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var"],
+        required=True,
     )
     ap.add_argument("--world", required=True)
     ap.add_argument("--out", required=True)

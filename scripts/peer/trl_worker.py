@@ -152,6 +152,45 @@ def run_ppo(
     return split | {"eos_tokens": eos} | precision_used(trainer, policy)
 
 
+def run_grpo(world: Path, out: Path, steps: int, clock: StepClock, bf16: bool, attn: dict) -> dict:
+    """TRL's GRPOTrainer in its defaults (one optimizer step per generation batch, num_iterations 1, beta 0: no
+    reference model, no old-log-prob forward) with the world's reward model: 8 prompts x 4 completions per step."""
+    from trl import GRPOConfig, GRPOTrainer
+
+    shape = json.loads((world / "model.json").read_text())
+    tok = AutoTokenizer.from_pretrained(world / "lm")
+    ds = load_dataset("json", data_files=str(world / "data" / "prompts.jsonl"), split="train")
+    policy = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
+    reward = AutoModelForSequenceClassification.from_pretrained(
+        world / "rm", num_labels=1, dtype=torch.float32, **attn
+    )
+    args = GRPOConfig(
+        output_dir=str(out),
+        per_device_train_batch_size=32,  # completions per step: 8 prompts x num_generations
+        num_generations=4,
+        max_completion_length=shape["new_tokens"],
+        max_steps=steps,
+        temperature=1.0,
+        beta=0.0,
+        num_iterations=1,
+        learning_rate=3e-6,
+        logging_steps=1,
+        bf16=bf16,
+        **COMMON,
+    )
+    trainer = GRPOTrainer(
+        model=policy,
+        reward_funcs=reward,
+        args=args,
+        train_dataset=ds,
+        processing_class=tok,
+        reward_processing_classes=tok,
+        callbacks=[clock],
+    )
+    trainer.train()
+    return precision_used(trainer, policy)
+
+
 class TokenCounter:
     """Wraps a data collator: the real (unpadded) tokens of every micro-batch it builds, in order."""
 
@@ -232,7 +271,9 @@ def run_supervised(
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
-        "--workload", choices=["ppo", "sft", "rm", "rmk4", "ppovar", "sftvar", "rmvar", "rmk4var"], required=True
+        "--workload",
+        choices=["ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var"],
+        required=True,
     )
     ap.add_argument("--best", action="store_true", help="TRL's fastest configuration for the workload (SFT: packing)")
     ap.add_argument("--world", required=True)
@@ -256,6 +297,10 @@ def main() -> None:
             raise SystemExit("TRL 1.12's PPOTrainer builds its own Accelerator without a dynamo plugin: no compile")
         prompts = "prompts_var.jsonl" if args.workload == "ppovar" else "prompts.jsonl"
         extra = run_ppo(world, out, args.steps, clock, bf16, attn, prompts)
+    elif args.workload == "grpo":
+        if args.compile:
+            raise SystemExit("grpo: compile is not measured")
+        extra = run_grpo(world, out, args.steps, clock, bf16, attn)
     else:
         extra = run_supervised(args.workload, world, out, args.steps, clock, bf16, args.compile, attn, args.best)
     result = {
