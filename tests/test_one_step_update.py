@@ -13,7 +13,7 @@ from conftest import CONFIGS, load_safetensors_dir, ppo_config, read_metrics
 
 from rlhf import ppo
 from rlhf.config import ConfigError, PPOConfig, load_config
-from rlhf.ppo import experience
+from rlhf.ppo import scoring
 
 # GRPO as DeepSeekMath and TRL run it: k samples per prompt, beta * k3 KL in the loss, one optimizer step per rollout
 ONE_STEP_GRPO = [
@@ -95,14 +95,14 @@ def test_a_run_is_the_one_with_a_separate_forward(tiny_world, tiny_sft, tiny_rm,
 
 
 def test_a_skipped_update_still_measures_the_kl(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
-    real, calls = experience.aggregate_ensemble, []
+    real, calls = scoring.aggregate_ensemble, []
 
     def nan_once(scores, *args):
         calls.append(1)
         mean, std = real(scores, *args)
         return (mean * float("nan") if len(calls) == 1 else mean), std
 
-    monkeypatch.setattr(experience, "aggregate_ensemble", nan_once)
+    monkeypatch.setattr(scoring, "aggregate_ensemble", nan_once)
     skips = ["train.max_nonfinite_skips=1"]
     run(tiny_world, tiny_sft, tiny_rm, tmp_path / "a", monkeypatch, separate=False, extra=skips)
     calls.clear()

@@ -32,7 +32,7 @@ from rlhf import algorithms, ppo, sft
 from rlhf.checkpoints import CheckpointError, checkpoint_problem
 from rlhf.config import ConfigError, save_config
 from rlhf.guards import EXIT_STOPPED, GracefulStop, NonFiniteError
-from rlhf.ppo import experience
+from rlhf.ppo import scoring
 
 # --------------------------------------------------------------------------------------------------
 # Role checks: a model in the wrong role is refused before anything trains
@@ -224,7 +224,7 @@ def test_ppo_skips_a_non_finite_step_within_its_budget(tiny_world, tiny_sft, tin
 
 
 def test_nan_rewards_never_reach_the_weights(tiny_world, tiny_sft, tiny_rm, tmp_path, monkeypatch):
-    monkeypatch.setattr(experience, "aggregate_ensemble", lambda s, *a: (s.mean(0) * float("nan"), s.std(0)))
+    monkeypatch.setattr(scoring, "aggregate_ensemble", lambda s, *a: (s.mean(0) * float("nan"), s.std(0)))
     with pytest.raises(NonFiniteError, match=r"step 1: non-finite scores \(\d+ of 16 values NaN/inf\)"):
         ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["train.max_steps=2"]))
 

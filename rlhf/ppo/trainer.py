@@ -52,6 +52,7 @@ from rlhf.ppo.experience import ExperienceMaker, load_prompts
 from rlhf.ppo.learner import Learner, load_ptx
 from rlhf.ppo.roles import Roles, load_roles, roles_for
 from rlhf.ppo.rollout import Rollout
+from rlhf.ppo.scoring import held_out_scores
 from rlhf.ppo.state import EMA, RunningMoments, StopRules
 from rlhf.ppo_math import KLPenaltyCoef
 from rlhf.runtime import seed_everything, sharded_parameters, split_batch, stage_accelerator
@@ -121,7 +122,7 @@ class PPOTrainer:
         return self.experience.make(step)
 
     def score(self, query_responses, attention_mask, prompt_width: int, rows: list[dict], where: list[str]):
-        return self.experience.score(query_responses, attention_mask, prompt_width, rows, where)
+        return self.experience.scorer.score(query_responses, attention_mask, prompt_width, rows, where)
 
     def compute_advantages(self, ro: Rollout) -> dict:
         return self.experience.advantages(ro)
@@ -216,7 +217,7 @@ class PPOTrainer:
         if not self.guard.skip(acc, step, numbers):
             stats |= self.learner.update(ro, step)  # fills ro.logprobs when its forward gives the old log-probs
             self.experience.generator.sync_weights()
-        if ro.logprobs is None:  # the update that was to give them was skipped
+        if ro.logprobs is None and ro.ref_logprobs is not None:  # the update that was to give them was skipped
             ro.logprobs = self.experience.old_logprobs(ro)
         stats |= self.experience.kl_stats(ro)
         t2 = time.time()
@@ -296,7 +297,10 @@ class PPOTrainer:
         if self.ema is not None:
             backup = {n: p.detach().clone() for n, p in policy.named_parameters() if n in self.ema.shadow}
             self.ema.copy_to(policy)
-        result = self.experience.held_out()
+        p = self.prompts
+        result = held_out_scores(
+            self.cfg, self.accelerator, self.roles, p.eval_rows, p.eval_ids, self.experience.scorer
+        )
         if backup is not None:
             for n, p in policy.named_parameters():
                 if n in backup:
