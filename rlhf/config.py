@@ -639,6 +639,11 @@ class PPOConfig:
         checkpointed = self.models.policy.gradient_checkpointing
         return scoring, scoring and self.ppo.group_minibatches and not (self.train.compile or checkpointed)
 
+    def scoring_micro_batch_size(self) -> int:
+        """Episodes per forward of the rollout's scoring (per process): 4 x ppo.micro_batch_size, as no activations
+        are kept for a backward."""
+        return self.ppo.micro_batch_size * 4
+
     def old_logprobs_from_update(self) -> bool:
         """Whether the old log-probs can be the update's own forward instead of a scoring forward of their own: the
         update is one optimizer step (ppo_epochs 1, one minibatch of the whole batch), so every training forward

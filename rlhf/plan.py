@@ -537,7 +537,7 @@ def plan_ppo(
     micro = cfg.ppo.micro_batch_size
     local_batch = max(1, cfg.train.batch_size // n)
     gen_batch = min(cfg.rollout.generation_batch_size, local_batch)
-    score_mb = min(micro * 4, local_batch)  # the rollout scores in micro-batches of 4 x ppo.micro_batch_size
+    score_mb = min(cfg.scoring_micro_batch_size(), local_batch)
     ckpt = pol.gradient_checkpointing
     # rollout.share_prompt: with k samples per prompt generation prefills each prompt once, and the scoring forwards
     # run each prompt once and every response on its KV cache, which each scoring model then holds for a whole
@@ -567,8 +567,9 @@ def plan_ppo(
     score_act = activation_bytes(policy, score_mb, S, p, False, lm_head=True, trained=False, logit_positions=R + 1)
     score_act += kv_cache_bytes(policy, score_mb, S, p) if share else 0
     # log-prob scoring runs for the old log-probs (unless the one-step update gives them) and for the reference
-    logprob_scoring = not cfg.old_logprobs_from_update() or m.reference != "none"
-    policy_scores = not cfg.old_logprobs_from_update() or m.reference == "disable_adapter"
+    old_from_update = cfg.old_logprobs_from_update()
+    logprob_scoring = not old_from_update or m.reference != "none"
+    policy_scores = not old_from_update or m.reference == "disable_adapter"
     pol_role.activations = max(train_act, ptx_act, score_act if policy_scores else 0)
     pol_role.kv_cache = kv_cache_bytes(policy, gen_batch, S, p)
     prefill_rows = max(1, gen_batch // k) if share else gen_batch
@@ -634,7 +635,7 @@ def plan_ppo(
         * scored
         * (
             # old log-probs (unless the one-step update's forward gives them) and reference log-probs (if any)
-            ((0 if cfg.old_logprobs_from_update() else 1) + (m.reference != "none")) * policy.params_lm
+            ((not old_from_update) + (m.reference != "none")) * policy.params_lm
             + (value_shape.params_scalar if critic else 0)
             + reward_members * reward.params_scalar
         )

@@ -142,7 +142,7 @@ class ExperienceMaker:
         value_model = (
             self.roles.value_model if sharded or not self.roles.critic else acc.unwrap_model(self.roles.value_model)
         )
-        mb = cfg.ppo.micro_batch_size * 4
+        mb = cfg.scoring_micro_batch_size()
         # a group's k responses share their prompt: run it once per micro-batch (not through a sharding wrapper)
         share, _ = cfg.prompt_sharing(sharded)
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
@@ -314,7 +314,7 @@ class ExperienceMaker:
         of an iteration whose update was skipped (non-finite rewards) when the update was to give them."""
         sharded = sharded_parameters(self.accelerator)
         policy = self.roles.policy if sharded else self.accelerator.unwrap_model(self.roles.policy)
-        out, mb = [], self.cfg.ppo.micro_batch_size * 4
+        out, mb = [], self.cfg.scoring_micro_batch_size()
         for s in range(0, ro.query_responses.shape[0], mb):
             part = ro.select(torch.arange(s, min(s + mb, ro.query_responses.shape[0]), device=ro.scores.device))
             with self.accelerator.autocast():
