@@ -491,6 +491,12 @@ def main() -> None:
     log(header)
     out_lines = [header, ""]
     rates: dict[str, float] = {}
+    tag = (
+        f"{args.size}-"
+        + "-".join(f"{side}_{precision[side]}" for side in sides)
+        + ("-compile" if args.compile else "")
+    )
+    report = OUT / f"report-{tag}.md"
     for w in workloads:
         measured = args.steps or (2 if args.quick else 5 if w.startswith("ppo") else 10)  # grpo: one step per rollout
         runs = variants(w, sides)
@@ -515,13 +521,9 @@ def main() -> None:
             lines += ["", floor_line(w, shape, rate, precision["rlhf"], figs, args.device)]
         print("\n" + "\n".join(lines) + "\n", flush=True)
         out_lines += lines + [""]
-    tag = (
-        f"{args.size}-"
-        + "-".join(f"{side}_{precision[side]}" for side in sides)
-        + ("-compile" if args.compile else "")
-    )
-    (OUT / f"report-{tag}.md").write_text("\n".join(out_lines) + "\n")
-    log(f"wrote {(OUT / f'report-{tag}.md').relative_to(ROOT)}")
+        # after every workload, so a run stopped part-way (a lent machine's time limit) keeps what it measured
+        report.write_text("\n".join(out_lines) + "\n")
+        log(f"wrote {report.relative_to(ROOT)}")
     if args.write_doc:
         write_doc(out_lines)
 
