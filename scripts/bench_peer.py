@@ -315,7 +315,15 @@ def floor_line(
     if "trl" in figs:
         trl = statistics.median(f["throughput"] for f in figs["trl"])
         line += f" = **{cap / trl:.2f}x** TRL's median with no time outside the matmuls"
-    return line + "."
+    line += "."
+    if "rlhf" in figs:
+        step = statistics.median(f["step_s"] for f in figs["rlhf"])
+        if seconds < 0.05 * step:  # a tiny model on a GPU: the floor says nothing about what bounds the step
+            line += (
+                f" The matmuls are {100 * seconds / step:.2g}% of rlhf's median step ({step:.3f} s): at this size the"
+                " step is bound by the host (Python, kernel launches, synchronisations), not by its arithmetic."
+            )
+    return line
 
 
 def spread(values: list[float]) -> tuple[float, float, float]:
