@@ -7,27 +7,24 @@
 #   bash scripts/bench_gpu.sh [SECONDS]     (default 500: the whole script's budget)
 #
 # The image has torch, transformers, accelerate and peft but neither datasets nor TRL: their wheels travel in .whl
-# (docs/benchmarks.md says which) and are installed here into /tmp/site. Without TRL, rlhf's side alone runs.
+# (docs/benchmarks.md says which) and are installed here into /tmp/carried/site-packages. Without TRL, rlhf's side
+# alone runs.
 set -u
 out=${OUT:-runs/bench-gpu}
 mkdir -p "$out"
+rm -f "$out/log" "$out/reports.md" "$out/machine.txt"
 budget=${1:-500}
 py=python3
+# The wheels go to a folder named site-packages: dill (which datasets fingerprints with) pickles a module by value,
+# not by name, when its file is neither under the interpreter's prefix nor in a site-packages folder; under
+# /tmp/site pyarrow was pickled by value and every Dataset.from_dict failed ("Can't pickle <class 'MonthDayNano'>").
+site=/tmp/carried/site-packages
 if [ -d .whl ]; then
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-        || exit 1
-    export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target $site .whl/*.whl || exit 1
+    export PYTHONPATH=$site${PYTHONPATH:+:$PYTHONPATH}
 fi
-# datasets 5.1+ hashes a new Dataset with a closure that dill (0.4.1, under the image's Python 3.12.3) failed to pickle
-# on the H200 image ("Can't pickle <class 'MonthDayNano'>"; rlhf and TRL both stopped in Dataset.from_dict). Where
-# that happens, a datasets from .whl/fallback (5.0.0, before that closure) replaces it.
-probe() { $py -c "import datasets; datasets.Dataset.from_dict({'text': ['a b']}); print('datasets', datasets.__version__)"; }
-if ! probe >/dev/null 2>&1 && [ -d .whl/fallback ]; then
-    echo "datasets: Dataset.from_dict failed; installing .whl/fallback" >>"$out/machine.txt"
-    $py -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site \
-        .whl/fallback/*.whl >>"$out/machine.txt" 2>&1
-fi
-probe >>"$out/machine.txt" 2>&1 || { echo "datasets cannot build a Dataset here: see $out/machine.txt"; exit 1; }
+$py -c "import datasets; datasets.Dataset.from_dict({'text': ['a b']}); print('datasets', datasets.__version__)" \
+    >>"$out/machine.txt" 2>&1 || { echo "datasets cannot build a Dataset here: see $out/machine.txt"; exit 1; }
 {
     nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.max.sm --format=csv
     $py -c "import torch, transformers, accelerate; print('torch', torch.__version__, 'cuda', torch.version.cuda,
