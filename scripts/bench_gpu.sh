@@ -54,7 +54,8 @@ peer() { # NAME BENCH_PEER_ARGS...: one bench-peer invocation, both sides on the
 }
 
 peer "PPO, tiny, bf16" --precision bf16 --workloads ppo --reps 3
-# the tiny pipeline end to end on CUDA (the recipe as it is: mixed_precision auto, so bf16), its eval line against the CPU's
+# the tiny pipeline end to end on CUDA (the recipe as it is: mixed_precision auto, so bf16), its eval line against
+# the CPU's; on a fresh tree (a lent machine's): the pipeline skips the stages runs/tiny already holds
 bounded "make demo on the GPU" 180 env PYTHONPATH=".${PYTHONPATH:+:$PYTHONPATH}" $py scripts/demo.py
 peer "SFT and RM, tiny, bf16" --precision bf16 --workloads sft,rm --reps 2
 peer "GRPO (TRL's defaults), tiny, bf16" --precision bf16 --workloads grpo --reps 2
