@@ -249,6 +249,33 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
+# the orders aligned_batches tries: by the response's length first (the order of old, and of fixed-length prompts),
+# then the prompt's, their sum and their max, each ascending and descending
+_ALIGNED_KEYS = (lambda p, r: r, lambda p, r: p, lambda p, r: p + r, lambda p, r: max(p, r))
+
+
+def aligned_batches(prompt_lengths: list[int], response_lengths: list[int], batch_size: int) -> list[list[int]]:
+    """Positions [0, n) in batches of `batch_size` for sequences laid out as [left-padded prompt | response] and
+    aligned at the prompt's end (PPO's episodes): once a batch's shared padding is cut (`real_columns`), it is as
+    wide as its longest prompt plus its longest response, so when both vary no one length orders them well (by the
+    response's alone, a batch of chat prompts keeps most of their padding). Sorts by each of _ALIGNED_KEYS both ways
+    (ties by position) and keeps the order whose batches compute the fewest cells (rows x width, summed; the first
+    of equals). Pure and deterministic: a function of the lengths alone."""
+    n = len(prompt_lengths)
+    best: list[list[int]] = []
+    best_cells = -1
+    for key in _ALIGNED_KEYS:
+        for sign in (1, -1):
+            order = sorted(range(n), key=lambda i: (sign * key(prompt_lengths[i], response_lengths[i]), i))
+            batches = [order[s : s + batch_size] for s in range(0, n, batch_size)]
+            cells = sum(
+                len(b) * (max(prompt_lengths[i] for i in b) + max(response_lengths[i] for i in b)) for b in batches
+            )
+            if best_cells < 0 or cells < best_cells:
+                best, best_cells = batches, cells
+    return best
+
+
 def batch_order(
     lengths: list[int], batch_size: int, seed: int, epoch: int, group_by_length: bool = True
 ) -> list[list[int]]:

@@ -23,7 +23,7 @@ ONE_STEP_GRPO = [
     "kl.kl_coef=0.04",
     "ppo.ppo_epochs=1",
     "ppo.mini_batch_size=16",  # the whole batch of 16
-    "ppo.micro_batch_size=4",  # four micro-batches, sorted by response length: the rows go back by index
+    "ppo.micro_batch_size=4",  # four micro-batches, grouped by length: the rows go back by index
     "ptx.ptx_coef=0",
 ]
 

@@ -310,6 +310,45 @@ def test_length_batches_cover_every_row_once_longest_first():
         assert batches == length_batches(lengths, size)  # deterministic
 
 
+def _cells(batches, prompts, responses):
+    return sum(len(b) * (max(prompts[i] for i in b) + max(responses[i] for i in b)) for b in batches)
+
+
+def test_aligned_batches_group_by_the_lengths_that_set_the_width():
+    """PPO's micro-batches are as wide as their longest prompt plus their longest response. Chat-like prompts of
+    very different lengths with responses alike: grouped by the prompt's length, not the response's (4 x (40 + 9)
+    + 4 x (6 + 9) cells against 4 x (40 + 8) + 4 x (40 + 9) in the old order by response); prompts alike: by the
+    response's length, the old order."""
+    from rlhf.batching import aligned_batches
+
+    prompts, responses = [5, 40, 4, 38, 6, 39, 3, 40], [9, 8, 9, 7, 8, 9, 7, 8]
+    batches = aligned_batches(prompts, responses, 4)
+    assert sorted(map(sorted, batches)) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    by_response = [sorted(range(8), key=lambda i: (responses[i], i))[s : s + 4] for s in (0, 4)]
+    assert _cells(batches, prompts, responses) == 4 * 49 + 4 * 15
+    assert _cells(by_response, prompts, responses) == 4 * 48 + 4 * 49
+    alike = [10] * 6
+    assert aligned_batches(alike, [5, 1, 4, 2, 6, 3], 2) == [[1, 3], [5, 2], [0, 4]]  # by response, ascending
+
+
+def test_aligned_batches_cover_every_row_once_and_never_pad_more_than_the_response_order():
+    from rlhf.batching import aligned_batches
+
+    rng = random.Random(0)
+    for _ in range(200):
+        n = rng.randint(0, 40)
+        prompts = [rng.randint(1, 60) for _ in range(n)]
+        responses = [rng.randint(0, 30) for _ in range(n)]
+        size = rng.randint(1, 9)
+        batches = aligned_batches(prompts, responses, size)
+        assert sorted(i for b in batches for i in b) == list(range(n))
+        assert all(len(b) == size for b in batches[:-1]) and all(0 < len(b) <= size for b in batches)
+        order = sorted(range(n), key=lambda i: (responses[i], i))  # the order before this rule
+        old = [order[s : s + size] for s in range(0, n, size)]
+        assert _cells(batches, prompts, responses) <= _cells(old, prompts, responses)
+        assert batches == aligned_batches(prompts, responses, size)  # deterministic
+
+
 def test_evaluation_in_length_order_gives_every_row_its_own_result(tokenizer, tiny_lm, tiny_value_model):
     """rlhf eval samples, log-probs and reward scores in batches of like length: each row's result is the one it
     gets alone, back in the row's place, and a sample does not depend on the batch size (its own seed), nor on a

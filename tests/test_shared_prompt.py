@@ -242,8 +242,9 @@ def test_grouped_minibatch_order_keeps_each_group_whole():
 
 
 def test_grouped_minibatch_plan_keeps_groups_in_micro_batches_and_marks_them():
-    """Micro-batches of 4 from a minibatch of 3 groups of k = 2 (longest responses 5, 2, 7): whole groups, in order
-    of their longest response, each micro-batch's shared prompts marked."""
+    """Micro-batches of 4 from a minibatch of 3 groups of k = 2 (longest responses 5, 2, 7; prompts alike): whole
+    groups, ordered to compute the fewest cells (longest first: the short group alone in the partial micro-batch,
+    4 x 9 + 2 x 4 cells against 4 x 7 + 2 x 9 shortest first), each micro-batch's shared prompts marked."""
     from rlhf.ppo.learner import MinibatchPlan
     from rlhf.ppo.rollout import Rollout
 
@@ -257,11 +258,11 @@ def test_grouped_minibatch_plan_keeps_groups_in_micro_batches_and_marks_them():
         torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.ones(B, dtype=torch.bool), zeros, zeros, zeros,
     )  # fmt: skip
     plan = MinibatchPlan.of(ro, [6, 7, 0, 1, 4, 5], [], 0, 1, 4, group_size=2, share_prompt=True)
-    assert [mb.response_mask.sum(1).tolist() for mb, _, _ in plan.micro] == [[2, 1, 5, 3], [7, 7]]
+    assert [mb.response_mask.sum(1).tolist() for mb, _, _ in plan.micro] == [[7, 7, 5, 3], [2, 1]]
     assert [groups.owner.tolist() for _, _, groups in plan.micro] == [[0, 0, 1, 1], [0, 0]]
     assert sum(float(share) for _, share, _ in plan.micro) == pytest.approx(1.0)
-    plain = MinibatchPlan.of(ro, [6, 7, 0, 1, 4, 5], [], 0, 1, 4)  # the default: by length, nothing shared
-    assert [mb.response_mask.sum(1).tolist() for mb, _, _ in plain.micro] == [[1, 2, 3, 5], [7, 7]]
+    plain = MinibatchPlan.of(ro, [4, 5, 6, 7, 0, 1], [], 0, 1, 4)  # the default: by length, nothing shared
+    assert [mb.response_mask.sum(1).tolist() for mb, _, _ in plain.micro] == [[7, 7, 5, 3], [2, 1]]
     assert all(groups is None for _, _, groups in plain.micro)
 
 

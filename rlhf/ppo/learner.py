@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.algorithms import KL_PLACEMENTS, POLICY_OBJECTIVES, ObjectiveSettings
-from rlhf.batching import TruncationReport, collate_lm, encode_sft, encode_text
+from rlhf.batching import TruncationReport, aligned_batches, collate_lm, encode_sft, encode_text
 from rlhf.config import PPOConfig
 from rlhf.data import load_source
 from rlhf.guards import NonFiniteGuard
@@ -65,9 +65,10 @@ def minibatch_order(batch_size: int, group_size: int, generator: torch.Generator
 @dataclass(frozen=True)
 class MinibatchPlan:
     """This process's part of a minibatch: its episodes (every num_processes-th) and ptx sequences, in
-    micro-batches. Episodes of like response length share a micro-batch (the minibatch's gradient is the sum over
-    its micro-batches whatever their make-up), or, with group_size k > 1, whole groups of like longest response;
-    each micro-batch is cut to its own real columns once, for the policy and the critic side alike."""
+    micro-batches. Episodes of like prompt and response lengths share a micro-batch (`aligned_batches`: the fewest
+    computed cells; the minibatch's gradient is the sum over its micro-batches whatever their make-up), or, with
+    group_size k > 1, whole groups, each counted as its longest prompt and response; each micro-batch is cut to its
+    own real columns once, for the policy and the critic side alike."""
 
     # (episodes: `Rollout.select`, share of the minibatch's response tokens, episodes sharing a prompt or None)
     micro: list[tuple[Rollout, torch.Tensor, PromptGroups | None]]
@@ -89,15 +90,17 @@ class MinibatchPlan:
     ):
         """`share_prompt`: mark the episodes of a micro-batch that share a prompt (a group: index // group_size)."""
         mine, ptx_mine = minibatch[rank::world], ptx[rank::world]
-        if size < len(mine):  # one host sync: the lengths of this process's episodes
-            lengths = ro.response_mask[mine].sum(1).tolist()
-            keys = lengths
-            if group_size > 1:  # a group sorts by its longest response; its episodes stay consecutive
-                longest: dict[int, int] = {}
-                for i, n in zip(mine, lengths):
-                    longest[i // group_size] = max(longest.get(i // group_size, 0), n)
-                keys = [longest[i // group_size] for i in mine]
-            mine = [i for _, i in sorted(zip(keys, mine))]
+        if size < len(mine):  # one host sync: the prompt and response lengths of this process's episodes
+            real = ro.attention_mask[mine, : ro.prompt_width].sum(1)
+            lengths = torch.stack([real, ro.response_mask[mine].sum(1).to(real.dtype)], 1).tolist()
+            if group_size > 1:  # a group counts as its longest prompt and response: its episodes tie, stay together
+                longest: dict[int, list[int]] = {}
+                for i, (p, r) in zip(mine, lengths):
+                    g = longest.setdefault(i // group_size, [0, 0])
+                    g[:] = max(g[0], p), max(g[1], r)
+                lengths = [longest[i // group_size] for i in mine]
+            batches = aligned_batches([p for p, _ in lengths], [r for _, r in lengths], size)
+            mine = [mine[j] for batch in batches for j in batch]
         tokens = ro.response_mask[minibatch].sum().clamp(min=1)  # the whole minibatch's (all processes)
         device = ro.response_mask.device
         chunks = [mine[s : s + size] for s in range(0, len(mine), size)]
