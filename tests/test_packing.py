@@ -273,6 +273,35 @@ def test_log_probs_and_values_of_a_cut_micro_batch_are_the_full_ones(tokenizer, 
     torch.testing.assert_close(cut_v[mask], full_v[:, :width][mask], rtol=1e-5, atol=1e-5)
 
 
+def test_scoring_in_length_grouped_micro_batches_gives_every_episode_its_own_outputs(
+    tiny_world, tiny_sft, tiny_rm, tmp_path
+):
+    """The rollout scores its episodes in micro-batches of like prompt and response length (here 4 of 4, out of
+    episode order) and puts the outputs back: every episode's old and reference log-probs, values and score equal
+    those of one micro-batch holding all 16 in order."""
+    from conftest import ppo_config
+
+    from rlhf import ppo
+
+    rollouts = {}
+    for micro in (1, 8):  # scoring micro-batches of 4 x micro: 4 (grouped) and 32 (all 16 episodes, in order)
+        trainer = ppo.PPOTrainer(
+            ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path / f"m{micro}", [f"ppo.micro_batch_size={micro}"])
+        )
+        rollouts[micro], _ = trainer.rollout(0)
+        if micro == 1:
+            ro = rollouts[1]
+            prompts = ro.attention_mask[:, : ro.prompt_width]
+            batches = trainer.experience.scoring_batches(prompts, ro.response_mask, list(range(16)), 4, False)
+            assert batches != [list(range(s, s + 4)) for s in (0, 4, 8, 12)]  # out of episode order
+    grouped, whole = rollouts[1], rollouts[8]
+    assert torch.equal(grouped.query_responses, whole.query_responses)  # the same samples (per-episode seeds)
+    mask = whole.response_mask
+    for name in ("logprobs", "ref_logprobs", "values"):
+        torch.testing.assert_close(getattr(grouped, name)[mask], getattr(whole, name)[mask], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(grouped.raw_scores, whole.raw_scores, rtol=1e-5, atol=1e-5)
+
+
 def test_packed_dpo_pairs_give_the_padded_log_probs_and_loss(tokenizer, tiny_lm):
     from rlhf import dpo
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from rlhf.algorithms import ADVANTAGE_ESTIMATORS, KL_PLACEMENTS, AdvantageSettings
-from rlhf.batching import BatchSchedule, TruncationReport, encode_prompts, pad
+from rlhf.batching import BatchSchedule, TruncationReport, aligned_batches, encode_prompts, pad
 from rlhf.collapse import repeat_share
 from rlhf.config import PPOConfig
 from rlhf.data import load_source
@@ -147,19 +147,22 @@ class ExperienceMaker:
         share, _ = cfg.prompt_sharing(sharded)
         logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
         R = responses.shape[1]
-        for s in range(0, len(prompts), mb):
+        batches = self.scoring_batches(prompt_mask, response_mask, row_ids, mb, share)
+        for batch in batches:
+            idx = torch.tensor(batch, device=acc.device)
             # the forwards skip the columns every episode of the micro-batch pads; their outputs are padded back
-            first, end = real_columns(attention_mask[s : s + mb], response_mask[s : s + mb], P)
-            qr, am = query_responses[s : s + mb, first : P + end], attention_mask[s : s + mb, first : P + end]
-            where = [f"prompt row {j} of {cfg.data.prompts.path}" for j in row_ids[s : s + mb]]
-            groups = prompt_groups(row_ids[s : s + mb], acc.device) if share else None
+            first, end = real_columns(attention_mask[idx], response_mask[idx], P)
+            qr, am = query_responses[idx, first : P + end], attention_mask[idx, first : P + end]
+            where = [f"prompt row {row_ids[j]} of {cfg.data.prompts.path}" for j in batch]
+            groups = prompt_groups([row_ids[j] for j in batch], acc.device) if share else None
             # the policy and reference | the critic and reward models: side by side with train.concurrent_models
             (old, ref), (vals, mb_scores, mb_std) = self.roles.lanes.run(
                 functools.partial(self.rollout_logprobs, policy, qr, am, P - first, groups),
                 functools.partial(
-                    self.rollout_values_and_scores, value_model, qr, am, P - first, rows[s : s + mb], where, groups
+                    self.rollout_values_and_scores, value_model, qr, am, P - first, [rows[j] for j in batch], where,
+                    groups,
                 ),
-            )
+            )  # fmt: skip
             if old is not None:
                 logprobs.append(F.pad(old, (0, R - end)))
             if ref is not None:
@@ -169,18 +172,27 @@ class ExperienceMaker:
             )
             scores.append(mb_scores)
             score_std.append(mb_std)
-        raw_scores = torch.cat(scores)
+        # the micro-batches' outputs back in episode order
+        where_from = torch.empty(len(prompts), dtype=torch.long, device=acc.device)
+        where_from[torch.tensor([j for batch in batches for j in batch], device=acc.device)] = torch.arange(
+            len(prompts), device=acc.device
+        )
+
+        def in_order(parts: list[torch.Tensor]) -> torch.Tensor | None:
+            return torch.cat(parts)[where_from] if parts else None
+
+        raw_scores = in_order(scores)
         ro = Rollout(
             query_responses,
             attention_mask,
             response_mask,
             P,
-            torch.cat(logprobs) if logprobs else None,
-            torch.cat(ref_logprobs) if ref_logprobs else None,
-            torch.cat(values),
+            in_order(logprobs),
+            in_order(ref_logprobs),
+            in_order(values),
             raw_scores.clone(),
             raw_scores,
-            torch.cat(score_std),
+            in_order(score_std),
             ended,
         )
         ro = self.all_episodes(ro)
@@ -194,6 +206,22 @@ class ExperienceMaker:
             ro.scores = ro.scores.clamp(-cfg.reward.clip, cfg.reward.clip)
         t2 = time.time()
         return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
+
+    @staticmethod
+    def scoring_batches(prompt_mask, response_mask, row_ids: list, size: int, share: bool) -> list[list[int]]:
+        """This process's episodes (positions) in scoring micro-batches of `size`, grouped by prompt and response
+        length (`aligned_batches`; one host sync); with `share`, the episodes of a prompt count as its longest
+        response and stay together, so its prompt runs once. One micro-batch in episode order when all fit."""
+        n = len(row_ids)
+        if size >= n:
+            return [list(range(n))]
+        lengths = torch.stack([prompt_mask.sum(1).to(response_mask.device), response_mask.sum(1)], 1).tolist()
+        if share:
+            longest: dict = {}
+            for row, (_, r) in zip(row_ids, lengths):
+                longest[row] = max(longest.get(row, 0), r)
+            lengths = [(p, longest[row]) for row, (p, _) in zip(row_ids, lengths)]
+        return aligned_batches([p for p, _ in lengths], [r for _, r in lengths], size)
 
     def rollout_logprobs(self, policy, query_responses, attention_mask, prompt_width: int, groups=None):
         """Old (the policy's; None when the update's forward gives them) and reference log-probs [B,R] (None
