@@ -249,8 +249,8 @@ def length_batches(lengths: list[int], batch_size: int) -> list[list[int]]:
     return [order[s : s + batch_size] for s in range(0, len(order), batch_size)]
 
 
-# the orders aligned_batches tries: by the response's length first (the order of old, and of fixed-length prompts),
-# then the prompt's, their sum and their max, each ascending and descending
+# the orders aligned_batches tries: by the response's length first (the order before it, and the best one where
+# prompts are of one length), then the prompt's, their sum and their max, each ascending and descending
 _ALIGNED_KEYS = (lambda p, r: r, lambda p, r: p, lambda p, r: p + r, lambda p, r: max(p, r))
 
 

@@ -155,14 +155,14 @@ class ExperienceMaker:
             qr, am = query_responses[idx, first : P + end], attention_mask[idx, first : P + end]
             where = [f"prompt row {row_ids[j]} of {cfg.data.prompts.path}" for j in batch]
             groups = prompt_groups([row_ids[j] for j in batch], acc.device) if share else None
+            batch_rows = [rows[j] for j in batch]
             # the policy and reference | the critic and reward models: side by side with train.concurrent_models
             (old, ref), (vals, mb_scores, mb_std) = self.roles.lanes.run(
                 functools.partial(self.rollout_logprobs, policy, qr, am, P - first, groups),
                 functools.partial(
-                    self.rollout_values_and_scores, value_model, qr, am, P - first, [rows[j] for j in batch], where,
-                    groups,
+                    self.rollout_values_and_scores, value_model, qr, am, P - first, batch_rows, where, groups
                 ),
-            )  # fmt: skip
+            )
             if old is not None:
                 logprobs.append(F.pad(old, (0, R - end)))
             if ref is not None:
