@@ -378,6 +378,28 @@ def test_aligned_batches_cover_every_row_once_and_never_pad_more_than_the_respon
         assert batches == aligned_batches(prompts, responses, size)  # deterministic
 
 
+def test_a_minibatch_plan_groups_episodes_by_prompt_length_when_responses_are_alike():
+    """Episodes with prompts of 1-2 and 5-6 tokens (left-padded to 6) and responses of 3: the learner's
+    micro-batches of 4 hold the short prompts together and the long ones together (widths 2 + 3 and 6 + 3), where
+    sorting by response length alone left every micro-batch 6 + 3 wide."""
+    from rlhf.ppo.learner import MinibatchPlan
+    from rlhf.ppo.rollout import Rollout
+
+    prompt_lengths, B, P, R = [1, 6, 2, 5, 1, 6, 2, 5], 8, 6, 3
+    prompt_mask = torch.arange(P)[None] >= P - torch.tensor(prompt_lengths)[:, None]
+    response_mask = torch.ones(B, R, dtype=torch.bool)
+    zeros = torch.zeros(B, R)
+    ro = Rollout(
+        torch.ones(B, P + R, dtype=torch.long), torch.cat([prompt_mask, response_mask], 1).long(), response_mask, P,
+        zeros, zeros, zeros, torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.ones(B, dtype=torch.bool), zeros,
+        zeros, zeros,
+    )  # fmt: skip
+    plan = MinibatchPlan.of(ro, list(range(B)), [], 0, 1, 4)
+    assert sorted(mb.query_responses.shape[1] for mb, _, _ in plan.micro) == [2 + 3, 6 + 3]
+    assert sorted(sorted(e.tolist()) for e in plan.episodes) == [[0, 2, 4, 6], [1, 3, 5, 7]]
+    assert int(sum(mb.attention_mask.sum() for mb, _, _ in plan.micro)) == int(ro.attention_mask.sum())
+
+
 def test_evaluation_in_length_order_gives_every_row_its_own_result(tokenizer, tiny_lm, tiny_value_model):
     """rlhf eval samples, log-probs and reward scores in batches of like length: each row's result is the one it
     gets alone, back in the row's place, and a sample does not depend on the batch size (its own seed), nor on a
