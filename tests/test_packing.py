@@ -302,6 +302,30 @@ def test_scoring_in_length_grouped_micro_batches_gives_every_episode_its_own_out
     torch.testing.assert_close(grouped.raw_scores, whole.raw_scores, rtol=1e-5, atol=1e-5)
 
 
+def test_generation_in_length_ordered_chunks_gives_every_episode_its_own_sample(
+    tiny_world, tiny_sft, tiny_rm, tmp_path
+):
+    """The rollout generates in chunks of prompts of like length (4 of 4, out of episode order) and puts the
+    responses back: every episode's response is the one its prompt gets generated alone (its own seed)."""
+    from conftest import ppo_config
+
+    from rlhf import ppo
+    from rlhf.batching import length_batches
+    from rlhf.ppo.rollout import ROLLOUT_STREAM
+    from rlhf.sampling import episode_seed
+
+    cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["rollout.generation_batch_size=4"])
+    experience = ppo.PPOTrainer(cfg).experience
+    prompts = [experience.prompts.ids[j] for j in experience.episode_rows(0)]
+    seeds = [episode_seed(cfg.seed, ROLLOUT_STREAM, 0, i) for i in range(len(prompts))]
+    assert length_batches([len(p) for p in prompts], 4) != [[i, i + 1, i + 2, i + 3] for i in range(0, 16, 4)]
+    together = experience.generator.generate(prompts, seeds)
+    for i, (prompt, seed) in enumerate(zip(prompts, seeds)):
+        alone = experience.generator.generate([prompt], [seed])[0]
+        assert together[i, : len(alone)].tolist() == alone.tolist()
+        assert set(together[i, len(alone) :].tolist()) <= {experience.tokenizer.pad_token_id}
+
+
 def test_packed_dpo_pairs_give_the_padded_log_probs_and_loss(tokenizer, tiny_lm):
     from rlhf import dpo
 

@@ -12,7 +12,7 @@ from typing import Protocol
 
 import torch
 
-from rlhf.batching import pad
+from rlhf.batching import length_batches, pad
 from rlhf.models import causal_logits
 from rlhf.ppo_math import entropy_from_logits, logprobs_from_logits
 from rlhf.runtime import generation_context
@@ -140,23 +140,28 @@ class HFGenerator:
 
     @torch.no_grad()
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> torch.Tensor:
-        acc, cfg, chunks = self.accelerator, self.cfg, []
+        """Responses [B, R] to `prompts`, in their order (R: the longest). Chunks of generation_batch_size hold
+        prompts of like length (less left padding in the prefill and in every decoding step's keys; a group's
+        copies of a prompt stay side by side); each episode's own seed makes its sample that of any chunking."""
+        acc, cfg = self.accelerator, self.cfg
+        responses: list[list[int]] = [[] for _ in prompts]
         with generation_context(acc, self.policy) as (policy, synced), acc.autocast():
-            for s in range(0, len(prompts), cfg.generation_batch_size):
+            for chunk in length_batches([len(p) for p in prompts], cfg.generation_batch_size):
                 _, _, resp = generate(
                     policy,
                     self.tokenizer,
-                    prompts[s : s + cfg.generation_batch_size],
+                    [prompts[i] for i in chunk],
                     cfg.max_new_tokens,
                     cfg.temperature,
                     cfg.top_k,
                     cfg.top_p,
-                    seeds=seeds[s : s + cfg.generation_batch_size],
+                    seeds=[seeds[i] for i in chunk],
                     synced=synced,
                     prefill=None if synced else self.prefill,  # synced ranks must run equal forwards
                 )
-                chunks.append(resp.tolist())
-        return pad([r for c in chunks for r in c], self.tokenizer.pad_token_id).to(acc.device)
+                for i, response in zip(chunk, resp.tolist()):
+                    responses[i] = response
+        return pad(responses, self.tokenizer.pad_token_id).to(acc.device)
 
     def sync_weights(self) -> None:
         """The live policy is the one sampled: nothing to do."""
