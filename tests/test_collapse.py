@@ -154,6 +154,7 @@ def test_collapse_monitor_judges_the_window_mean_against_the_first_iteration():
     assert restored.update(sft) == monitor.update(sft)
 
 
+@pytest.mark.slow
 def test_ppo_logs_repeats_and_the_collapse_guard_stops_a_collapsing_run(tiny_world, tiny_sft, tiny_rm, tmp_path):
     """No KL penalty and a reward that pays for repeats: the policy learns to repeat, and the guard stops it."""
     extra = [

@@ -48,6 +48,7 @@ def _weights(path) -> dict[str, torch.Tensor]:
     return load_file(str(path / "model.safetensors"))
 
 
+@pytest.mark.slow
 def test_compiled_sft_follows_eager_and_saves_plain_weights(tiny_world, tiny_base, tmp_path):
     """The compiled training forward computes the eager loss (to kernel rounding), and the checkpoint is the plain
     model's (no torch.compile prefixes): it loads anywhere."""
@@ -72,6 +73,7 @@ def test_compiled_sft_follows_eager_and_saves_plain_weights(tiny_world, tiny_bas
         torch.testing.assert_close(compiled[name], eager[name], rtol=1e-3, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_compiled_dpo_lora_with_gradient_checkpointing_follows_eager(tiny_world, tiny_sft, tmp_path):
     """DPO with peft adapters, the reference as the policy with its adapter disabled (a no-grad forward through the
     same compiled module), and activation checkpointing: the eager loss curve."""
@@ -97,6 +99,7 @@ def test_compiled_dpo_lora_with_gradient_checkpointing_follows_eager(tiny_world,
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_compiled_reward_model_follows_eager(tiny_world, tiny_sft, tmp_path):
     """The RM trains as a TokenValueModel: compiled, its forward still goes through the wrapper (wrapped_module)."""
     losses = {}
@@ -111,6 +114,7 @@ def test_compiled_reward_model_follows_eager(tiny_world, tiny_sft, tmp_path):
     torch.testing.assert_close(torch.tensor(losses[True]), torch.tensor(losses[False]), rtol=1e-4, atol=0)
 
 
+@pytest.mark.slow
 def test_compiled_ppo_update_matches_eager(tiny_world, tiny_sft, tiny_rm, tmp_path):
     """PPO's policy and value forwards compiled (the value model through its TokenValueModel wrapper): the first
     iteration's update statistics equal eager's; rollout and saving stay on the eager modules."""

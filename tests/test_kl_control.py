@@ -167,6 +167,7 @@ REAL_CASES = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(REAL_CASES))
 def test_default_controller_holds_the_target_in_real_runs(tiny_world, tiny_sft, tiny_rm, tmp_path, case):
     ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, REAL_COMMON + REAL_CASES[case]))

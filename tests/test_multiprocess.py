@@ -38,6 +38,7 @@ ONE_STEP_GRPO = ["ppo.advantage=grpo", "kl.placement=loss", "ppo.ppo_epochs=1", 
 @pytest.mark.parametrize(
     ("k", "algorithm"), [(1, []), (4, ["ppo.group_minibatches=true"]), (4, ONE_STEP_GRPO)], ids=["k1", "k4", "grpo"]
 )
+@pytest.mark.slow
 def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(
     tiny_world, tiny_sft, tiny_rm, tmp_path, k, algorithm
 ):
@@ -88,6 +89,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 def test_two_machines_on_loopback_equal_two_processes_on_one(tiny_world, tiny_base, tmp_path):
     """`accelerate launch --num_machines 2 --machine_rank 0/1 --main_process_ip 127.0.0.1`, one process each: the
     same run as 2 processes on one machine, bit for bit (same world size, same ranks, same data split)."""
@@ -143,6 +145,7 @@ def test_eval_under_two_processes_writes_each_row_once(tiny_world, tiny_sft, tin
     assert json.loads((tmp_path / "eval" / "eval.json").read_text())["num_samples"] == 8
 
 
+@pytest.mark.slow
 def test_two_process_rm_and_ppo_resume(tiny_world, tiny_sft, tiny_rm, tmp_path):
     """RM under 2 processes equals RM in one; PPO under 2 processes killed after its checkpoint and resumed: every
     iteration logged once, and the resumed run ends with the weights of the uninterrupted 2-process run."""
@@ -183,6 +186,7 @@ def test_two_process_rm_and_ppo_resume(tiny_world, tiny_sft, tiny_rm, tmp_path):
     assert all(a[k].equal(b[k]) for k in a)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("packing", [False, True])
 def test_two_processes_match_one_process_for_sft(tiny_world, tiny_base, tmp_path, packing):
     """The same global batch split over 2 processes computes the 1-process step: weights agree to float rounding
@@ -200,6 +204,7 @@ def test_two_processes_match_one_process_for_sft(tiny_world, tiny_base, tmp_path
     assert lr[0] == lr[1]  # the schedule counts global steps, not steps x processes
 
 
+@pytest.mark.slow
 def test_two_process_compiled_ppo_matches_one_eager_process(tiny_world, tiny_sft, tiny_rm, tmp_path):
     """train.compile under DDP: the compiled wrapper keeps DDP's gradient all-reduce (2 policy backwards per step
     here, PPO then ptx, the first under no_sync): two compiled processes train the weights one eager process does."""

@@ -18,6 +18,7 @@ from rlhf.models import reward_members
 FAST = ["optim.lr=3e-4", "optim.warmup_steps=0", "ptx.ptx_coef=0.0"]
 
 
+@pytest.mark.slow
 def test_default_controller_holds_the_kl_target_in_a_ppo_run(tiny_world, tiny_sft, tiny_rm, tmp_path):
     """Starting 20x below the beta that would hold it, the KL settles at the target: last 20 iterations within 30%."""
     target = 1.5

@@ -62,6 +62,7 @@ def run_cli(args: list[str], **kw) -> subprocess.Popen:
     )
 
 
+@pytest.mark.slow
 def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path):
     configs = recipe_copy(tmp_path)
     runs = tmp_path / "runs"

@@ -79,6 +79,7 @@ def complete_rows(out: Path) -> int:
     return path.read_text().count("\n") if path.exists() else 0
 
 
+@pytest.mark.slow
 def test_sigterm_checkpoints_the_step_and_resume_is_bit_exact(tiny_world, tiny_sft, tiny_rm, tmp_path):
     extra = ["train.max_steps=10", "ptx.ptx_coef=0.5", "kl.adaptive=true", "kl.target=1.0", "logging.every=1"]
     configs = {}
@@ -113,6 +114,7 @@ def test_sigterm_checkpoints_the_step_and_resume_is_bit_exact(tiny_world, tiny_s
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_sigterm_under_two_processes_stops_every_rank_at_the_same_step(tiny_world, tiny_base, tmp_path):
     """torchrun (what `accelerate launch` runs for several processes) forwards SIGTERM to every rank; the ranks
     agree on the step (the flag is all-reduced), rank 0 writes that checkpoint and a 2-process resume finishes
