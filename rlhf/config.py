@@ -784,7 +784,8 @@ class DPOData:
     """Prompt rendering and truncation (must match the SFT stage)."""
     packing: bool = False
     """Pack each micro-batch's responses (with their prompts) into sequences of up to format.max_length tokens
-    (best fit, no attention across them): no padding to a pair's longer response."""
+    (best fit, no attention across them): no padding to a pair's longer response (variable-length pairs: 1.22x the
+    tokens/s at 19% less peak memory, docs/benchmarks.md)."""
 
 
 @dataclass

@@ -20,17 +20,19 @@ Workloads:
   grpo  TRL's GRPO defaults: 8 prompts x 4 completions (R new tokens) per step, group-normalised rewards, one
         optimizer step per generation batch, no KL term and so no reference model (rlhf: ppo.advantage=grpo,
         ppo_epochs 1, one minibatch, kl_coef 0, models.reference=none), gradients clipped at 1 on both sides
-  sftvar, rmvar, rmk4var   the same with variable lengths (scripts/peer/world.py VAR_LENGTHS: log-normal, a mean
-        of ~50 of at most L = 128 tokens): 32 rows (prompts) per step in micro-batches of 8, throughput in real
+  dpo   8 pairs x L tokens per step, beta 0.1, sigmoid loss, the reference a frozen copy of the LM on both sides
+  sftvar, rmvar, rmk4var, dpovar   the same with variable lengths (scripts/peer/world.py VAR_LENGTHS: log-normal,
+        a mean of ~50 of at most L = 128 tokens): 32 rows (prompts) per step in micro-batches of 8, throughput in real
         (unpadded) tokens/s; SFT also runs each side packed (rlhf data.packing=true; TRL packing=True, its
-        best-fit-decreasing padding-free packing, 8 packed sequences x 2 accumulation steps)
+        best-fit-decreasing padding-free packing, 8 packed sequences x 2 accumulation steps); the RM and DPO also run
+        rlhf packed (TRL's RewardTrainer has no packing; TRL 1.12's DPOTrainer disables its padding_free)
 The first step / iteration of every run is warm-up and is not measured.
 Precision (--precision, or per side --rlhf-precision / --trl-precision): no = fp32 (default); bf16 = bf16 autocast
 with fp32 master weights (rlhf: train.mixed_precision=bf16; TRL: bf16=True; see scripts/peer/trl_worker.py for
 what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
-        [--workloads ppo,sft,rm,rmk4,sftvar,rmvar,rmk4var] [--reps 3] [--steps N] [--quick] [--threads N]
+        [--workloads ppo,sft,rm,rmk4,dpo,sftvar,rmvar,rmk4var,dpovar] [--reps 3] [--steps N] [--quick] [--threads N]
         [--compile] [--rlhf-set K=V] [--attn IMPL] [--device cpu|cuda] [--peer-python PATH] [--write-doc]
 
 --device cuda runs both sides on the GPU (rlhf train.cpu=false, TRL use_cpu=False) and adds each run's peak GPU
@@ -57,23 +59,25 @@ PEER = ROOT / ".venv-peer"
 PEER_PY = PEER / "bin" / "python"
 RLHF_PY = Path(sys.executable)
 TRL_VERSION = "1.12.0"
-WORKLOADS = ("ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var")
+WORKLOADS = ("ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var", "dpo", "dpovar")
 ROLLOUTS = {"ppo", "ppovar", "grpo"}  # a step is an iteration of EPISODES episodes
 # variable-length workloads (scripts/peer/world.py VAR_LENGTHS: log-normal lengths, ~50 of at most 128 tokens for the
 # tiny size): 32 rows per step in micro-batches of 8 on both sides; throughput = real (unpadded) tokens per second.
 # Each side also runs in its best configuration for the workload where it has one (SFT: packing).
-VARLEN = {"sftvar", "rmvar", "rmk4var"}
-# (TRL's RewardTrainer has no packing: its default is its best)
+VARLEN = {"sftvar", "rmvar", "rmk4var", "dpovar"}
+# (TRL's RewardTrainer has no packing, and TRL 1.12's DPOTrainer turns padding_free=True off with a warning,
+# "temporarily unavailable after a refactor": their defaults are their best)
 BEST = {
     "sftvar": {"rlhf": "packed: data.packing=true", "trl": "packed: packing=True, bfd, padding-free"},
     "rmvar": {"rlhf": "packed: data.packing=true"},
     "rmk4var": {"rlhf": "packed: data.packing=true"},
+    "dpovar": {"rlhf": "packed: data.packing=true"},
 }
 SIDES = ("rlhf", "trl")
 # sequence length L, PPO prompt P and new tokens R per size (scripts/peer/world.py builds these; model.json has them)
 SIZES = {"tiny": dict(L=128, P=32, R=32), "small": dict(L=256, P=64, R=192)}
 # sequences per step (rmk4: unique responses, 8 x 4, although TRL forwards each response 3 times); tokens = x L
-SEQUENCES = {"sft": 8, "rm": 8 * 2, "rmk4": 8 * 4}
+SEQUENCES = {"sft": 8, "rm": 8 * 2, "rmk4": 8 * 4, "dpo": 8 * 2}
 EPISODES = 32
 PRECISION = {"no": "fp32", "bf16": "bf16 autocast (fp32 weights)"}
 DOC = ROOT / "docs" / "benchmarks.md"
@@ -342,6 +346,7 @@ def table(workload: str, figs: dict[str, list[dict]], precision: dict[str, str],
         "sft": "tokens/s",
         "rm": "tokens/s",
         "rmk4": "unique tokens/s",
+        "dpo": "tokens/s",
     }
     unit = units.get(workload, "real unique tokens/s" if workload == "rmk4var" else "real tokens/s")
     step = "s/iteration" if workload in ROLLOUTS else "s/step"

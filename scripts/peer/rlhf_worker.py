@@ -96,6 +96,13 @@ def overrides(workload: str, world: Path, out: Path, steps: int, precision: str)
             "data.mask_prompt=true",
             "data.pretrain_mix_ratio=0.0",
         ]
+    if workload.startswith("dpo"):  # the DPO paper's beta; the reference a frozen copy of the starting LM (as TRL's)
+        return "dpo", common + supervised + [
+            f"data.train.path={data / ('pairs_var.jsonl' if var else 'pairs.jsonl')}",
+            "data.eval.path=",
+            "reference=copy",
+            "beta=0.1",
+        ]
     train = {"rm": "pairs", "rmk4": "ranked4", "rmvar": "pairs_var", "rmk4var": "ranked4_var"}[workload] + ".jsonl"
     return "rm", common + supervised + [
         f"data.train.path={data / train}",
@@ -109,7 +116,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "--workload",
-        choices=["ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var"],
+        choices=["ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var", "dpo", "dpovar"],
         required=True,
     )
     ap.add_argument("--world", required=True)
@@ -126,7 +133,7 @@ def main() -> None:
 
     import torch
 
-    from rlhf import ppo, reward, sft
+    from rlhf import dpo, ppo, reward, sft
     from rlhf.config import load_config
 
     stage, sets = overrides(args.workload, Path(args.world), out, args.steps, args.precision)
@@ -137,7 +144,7 @@ def main() -> None:
         sets.append("train.cpu=false")
     cfg = load_config(stage, None, sets + args.set)
     t0 = time.time()
-    {"ppo": ppo.train, "sft": sft.train, "rm": reward.train}[stage](cfg)
+    {"ppo": ppo.train, "sft": sft.train, "rm": reward.train, "dpo": dpo.train}[stage](cfg)
     wall = time.time() - t0
     from accelerate.state import AcceleratorState
 

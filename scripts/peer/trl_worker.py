@@ -219,12 +219,13 @@ def run_supervised(
     attn: dict,
     best: bool,
 ) -> dict:
-    """SFT / reward training. Variable-length workloads (*var): 32 rows per step in micro-batches of 8 (TRL's
+    """SFT / reward / DPO training. Variable-length workloads (*var): 32 rows per step in micro-batches of 8 (TRL's
     default collation, padding to each micro-batch's longest row); `best`: SFT packed (TRL's best-fit-decreasing
     packing, padding-free) in micro-batches of 8 packed sequences and 2 accumulation steps (~40 rows)."""
     var = workload.endswith("var")
-    files = {"sft": "sft_trl", "rm": "pairs_trl", "rmk4": "ranked4_trl"}
+    files = {"sft": "sft_trl", "rm": "pairs_trl", "rmk4": "ranked4_trl", "dpo": "pairs_trl"}
     files |= {"sftvar": "sft_var_trl", "rmvar": "pairs_var_trl", "rmk4var": "ranked4_var_trl"}
+    files |= {"dpovar": "pairs_var_trl"}
     ds = load_dataset("json", data_files=str(world / "data" / (files[workload] + ".jsonl")), split="train")
     tok = AutoTokenizer.from_pretrained(world / "lm")
     common = COMMON | dict(
@@ -245,6 +246,14 @@ def run_supervised(
         packing = dict(packing=True, packing_strategy="bfd") if best else dict(packing=False, padding_free=False)
         args = SFTConfig(per_device_train_batch_size=8, **packing, **common)
         trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
+    elif workload.startswith("dpo"):
+        from trl import DPOConfig, DPOTrainer
+
+        # defaults: sigmoid loss, the reference a frozen copy of the model (ref_model=None), chosen and rejected in
+        # one concatenated forward padded to the micro-batch's longest (padding_free is disabled in TRL 1.12)
+        model = AutoModelForCausalLM.from_pretrained(world / "lm", dtype=torch.float32, **attn)
+        args = DPOConfig(per_device_train_batch_size=8, beta=0.1, **common)
+        trainer = DPOTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, callbacks=[clock])
     else:
         from trl import RewardConfig, RewardTrainer
 
@@ -259,7 +268,8 @@ def run_supervised(
     counter = TokenCounter(trainer.data_collator)
     trainer.data_collator = counter
     sample = trainer.train_dataset[0]
-    lengths = {k: len(sample[k]) for k in ("input_ids", "chosen_ids", "rejected_ids") if k in sample}
+    keys = ("input_ids", "prompt_ids", "chosen_ids", "rejected_ids")
+    lengths = {k: len(sample[k]) for k in keys if k in sample}
     trainer.train()
     accumulate = args.gradient_accumulation_steps
     tokens = [sum(counter.tokens[i : i + accumulate]) for i in range(0, len(counter.tokens), accumulate)]
@@ -272,7 +282,7 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument(
         "--workload",
-        choices=["ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var"],
+        choices=["ppo", "sft", "rm", "rmk4", "ppovar", "grpo", "sftvar", "rmvar", "rmk4var", "dpo", "dpovar"],
         required=True,
     )
     ap.add_argument("--best", action="store_true", help="TRL's fastest configuration for the workload (SFT: packing)")
