@@ -808,6 +808,12 @@ class DPOConfig:
     """copy = a second frozen copy of SFT; disable_adapter = the LoRA policy with its adapter off."""
     beta: float = 0.1
     """beta: strength of the implicit KL constraint to the reference (DPO paper: 0.1)."""
+    share_prompt: bool = False
+    """Run each prompt once per micro-batch, its responses on the prompt's KV cache (policy and reference, forward and
+    backward): the same log-probs and gradients up to float rounding, with (K-1)/K of the prompt tokens' work gone.
+    Pays where prompts are long against responses (multi-turn dialogues: 1.7-1.9x for pairs with 128-256-token
+    prompts), within noise on short ones (docs/benchmarks.md). Not with data.packing, gradient checkpointing or
+    train.compile; skipped under FSDP / ZeRO-3."""
     data: DPOData = field(default_factory=DPOData)
     loss: DPOLoss = field(default_factory=DPOLoss)
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, micro_batch_size=4))
@@ -832,6 +838,22 @@ class DPOConfig:
             )
         if self.reference == "disable_adapter" and self.model.from_config:
             raise ConfigError("reference: disable_adapter cannot work with model.from_config: true (no SFT weights)")
+        if self.share_prompt:
+            clash = [
+                name
+                for name, on in (
+                    ("data.packing", self.data.packing),
+                    ("model.gradient_checkpointing", self.model.gradient_checkpointing),
+                    ("train.compile", self.train.compile),
+                )
+                if on
+            ]
+            if clash:
+                raise ConfigError(
+                    f"share_prompt runs responses on their prompt's KV cache, which {' and '.join(clash)} cannot "
+                    "go with (packing lays rows side by side, checkpointed layers drop the cache, train.compile "
+                    "compiles whole-sequence forwards only): turn share_prompt off, or those"
+                )
 
     def paths(self) -> dict[str, str]:
         return _source_paths(self.data, ("train", "eval")) | _model_paths(self.model, "model")

@@ -30,9 +30,10 @@ from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
 from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.packing import pack_length, pack_rows
+from rlhf.ppo.shared_prompt import PromptGroups, prompt_groups, shared_response_logprobs
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
 from rlhf.reward import load_ranked
-from rlhf.runtime import prepare_frozen, seed_everything, stage_accelerator
+from rlhf.runtime import prepare_frozen, seed_everything, sharded_parameters, stage_accelerator
 from rlhf.sampling import log_generations
 
 # a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
@@ -44,13 +45,17 @@ def load_groups(tokenizer, cfg: DPOConfig, source: TextSource, report: Truncatio
     return load_ranked(tokenizer, cfg.data.format, source, report)
 
 
-def collate_groups(groups: list[Group], pad_token_id: int, pack_length: int = 0) -> dict[str, torch.Tensor]:
+def collate_groups(
+    groups: list[Group], pad_token_id: int, pack_length: int = 0, share_prompt: bool = False
+) -> dict[str, torch.Tensor]:
     """Every response of every group in one right-padded batch, plus every (better, worse) pair of each group.
 
     input_ids/attention_mask/response_mask [N, T] (response_mask: 1 on response tokens), pair_index [P, 2] rows
     of (chosen, rejected), group_index [P] the prompt of each pair. With pack_length the N sequences are packed
     into sequences of up to that many tokens instead (`rlhf.packing.pack_rows`: [S, W] with position_ids and
-    row_index)."""
+    row_index). With share_prompt, when some prompt repeats, prompts left-padded to the longest and responses
+    right-padded after them ([N, P+R], as PPO's episodes), with `prompt_width` P and the sequences' prompt groups
+    (`prompt_first` [U], `prompt_owner` [N]) for `sequence_logps` to run each distinct prompt once."""
     seqs, prompt_lengths, pair_index, group_index = [], [], [], []
     for g, group in enumerate(groups):
         base = len(seqs)
@@ -65,6 +70,14 @@ def collate_groups(groups: list[Group], pad_token_id: int, pack_length: int = 0)
         "pair_index": torch.tensor(pair_index, dtype=torch.long),
         "group_index": torch.tensor(group_index, dtype=torch.long),
     }
+    if share_prompt:
+        prompts = [prompt for group in groups for prompt, _ in group]
+        # by equal ids rather than by group: truncation may shorten one prompt's copies differently
+        shared = prompt_groups([tuple(prompt) for prompt in prompts])
+        if shared is not None:
+            responses = [response for group in groups for _, response in group]
+            layout = collate_left_padded_prompts(prompts, responses, pad_token_id)
+            return layout | pairs | {"prompt_first": shared.first, "prompt_owner": shared.owner}
     if pack_length:
         packed = pack_rows(seqs, pack_length, pad_token_id)
         # a token is a response token when its position in its row is past that row's prompt
@@ -79,6 +92,26 @@ def collate_groups(groups: list[Group], pad_token_id: int, pack_length: int = 0)
     } | pairs
 
 
+def collate_left_padded_prompts(
+    prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """Each (prompt, response) as PPO lays out an episode: the prompt left-padded to the longest prompt P, then the
+    response right-padded to the longest R. input_ids/attention_mask/response_mask [N, P+R], prompt_width (0-d)."""
+    width, longest = max(map(len, prompts)), max(map(len, responses))
+    left = [width - len(prompt) for prompt in prompts]
+    right = [longest - len(response) for response in responses]
+    return {
+        "input_ids": torch.tensor(
+            [[pad_token_id] * a + p + r + [pad_token_id] * b for p, r, a, b in zip(prompts, responses, left, right)]
+        ),
+        "attention_mask": torch.tensor(
+            [[0] * a + [1] * (width - a + longest - b) + [0] * b for a, b in zip(left, right)]
+        ),
+        "response_mask": torch.tensor([[0] * width + [1] * (longest - b) + [0] * b for b in right]),
+        "prompt_width": torch.tensor(width),
+    }
+
+
 def num_groups(batch: dict) -> int:
     return int(batch["group_index"].max()) + 1
 
@@ -86,7 +119,14 @@ def num_groups(batch: dict) -> int:
 def sequence_logps(model, batch: dict) -> torch.Tensor:
     """[N] log π(response | prompt): per-token log-probs summed over response tokens (prompt, padding masked);
     packed batches sum each row's tokens through `row_index` (a row's first token, a prompt token, is never a
-    response token, so no row is predicted from another)."""
+    response token, so no row is predicted from another); shared-prompt batches (`collate_groups(share_prompt=
+    True)`) run each distinct prompt once and its responses on its KV cache."""
+    if "prompt_owner" in batch:  # share_prompt: each distinct prompt once, the responses on its KV cache
+        groups = PromptGroups(batch["prompt_first"], batch["prompt_owner"])
+        width = int(batch["prompt_width"])
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        token_logps = shared_response_logprobs(model, ids, mask, width, 1.0, groups)  # [N, R]
+        return masked_sum(token_logps, batch["response_mask"][:, width:], dim=-1)
     position_ids = batch.get("position_ids")
     logits = causal_logits(model, batch["input_ids"], batch["attention_mask"], position_ids=position_ids)
     token_logps = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])  # logits at t predict token t+1
@@ -196,6 +236,13 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
     # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)
     packed_length = pack_length(cfg.data, model, tokenizer)
+    # the prompt's forward and its responses' run apart, so not through parameters sharded by FSDP / ZeRO-3
+    share_prompt = cfg.share_prompt and not sharded_parameters(accelerator)
+    if cfg.share_prompt:
+        accelerator.print(
+            "[dpo] share_prompt: "
+            + ("each prompt runs once per micro-batch" if share_prompt else "off (parameters sharded: FSDP / ZeRO-3)")
+        )
     if cfg.reference == "copy":
         ref_cfg = copy.deepcopy(cfg.model)
         ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
@@ -239,7 +286,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
         name="dpo",
         total_steps=total_steps,
         global_batch=global_batch,
-        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, packed_length),
+        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, packed_length, share_prompt),
         units=num_groups,
         loss=lambda policy, batch: preference_loss(policy, ref_logps_fn, batch, cfg.beta, cfg.loss.label_smoothing),
         evaluate=evaluate,

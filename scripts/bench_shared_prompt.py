@@ -1,6 +1,8 @@
 """What `rollout.share_prompt` saves: one group's prompt run once, its k responses on the prompt's KV cache, against
 every sequence run whole, in PPO's generation (`--phase generate`), its scoring forwards (`--phase score`) or, with
-ppo.group_minibatches, in the update's differentiated ones (`--phase train`).
+ppo.group_minibatches, in the update's differentiated ones (`--phase train`); and DPO's `share_prompt` (`--phase
+dpo`: k = 2 for chosen/rejected pairs, 4 for ranked lists; per micro-batch of 16 responses the policy's forward and
+backward and a reference copy's forward, as `rlhf.dpo.preference_loss` runs them, against DPO's own padded batches).
 
 For each (prompt length, k): 64 episodes (64/k prompts x k responses). generate: 64 new tokens sampled per episode
 (each with its own seed; a random-init model seldom ends early), the prompts prefilled whole or each distinct prompt
@@ -11,7 +13,7 @@ bench-peer's tiny Llama shape (d 256, 4 layers, vocabulary 568) or --size small 
 bf16 autocast on a GPU. Prompt lengths vary around the stated width (log-normal, sigma 0.5, left-padded),
 responses are 64 tokens at most (log-normal, right-padded).
 
-    python scripts/bench_shared_prompt.py [--phase generate|score|train] [--size tiny|small] [--reps 3]
+    python scripts/bench_shared_prompt.py [--phase generate|score|train|dpo] [--size tiny|small] [--reps 3]
 """
 
 from __future__ import annotations
@@ -27,6 +29,7 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
+from rlhf import dpo
 from rlhf.batching import pad
 from rlhf.models import TokenValueModel, reward_scores
 from rlhf.ppo.rollout import response_logprobs
@@ -103,6 +106,17 @@ def train_step(policy, critic, qr, am, P, k: int, share: bool) -> None:
     critic.zero_grad(set_to_none=True)
 
 
+def dpo_step(policy, reference, groups: list, share: bool) -> None:
+    """DPO's loss over the groups in micro-batches of MICRO responses, forward and backward (gradients accumulate)."""
+    per_micro = max(1, MICRO // len(groups[0]))
+    for s in range(0, len(groups), per_micro):
+        batch = dpo.collate_groups(groups[s : s + per_micro], 0, share_prompt=share)
+        batch = {key: value.to(policy.device) for key, value in batch.items()}
+        loss, _ = dpo.preference_loss(policy, lambda m, b: dpo.sequence_logps(reference, b), batch, 0.1, 0.0)
+        loss.backward()
+    policy.zero_grad(set_to_none=True)
+
+
 def timed_pair(full_fn, shared_fn, reps: int) -> tuple[float, float]:
     """Median seconds of each function, the two alternating (one warm-up each), so drift touches both alike."""
     times: tuple[list, list] = ([], [])
@@ -121,7 +135,7 @@ def timed_pair(full_fn, shared_fn, reps: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("generate", "score", "train"), default="score")
+    ap.add_argument("--phase", choices=("generate", "score", "train", "dpo"), default="score")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -130,18 +144,26 @@ def main() -> None:
     shape = dict(vocab_size=VOCAB, pad_token_id=0, max_position_embeddings=1024, **SIZES[args.size])
     policy = LlamaForCausalLM(LlamaConfig(**shape)).to(device)
     scalar = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1)).to(device)
-    train = args.phase == "train"
+    train = args.phase in ("train", "dpo")
     policy.train(train)
+    reference = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval() if args.phase == "dpo" else None
     critic = TokenValueModel(scalar).train() if train else None  # trained: the critic; else the reward model
     autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(0)
     for prompt_width in (32, 128, 256):
-        for k in (1, 4, 8):
+        for k in (2, 4) if args.phase == "dpo" else (1, 4, 8):
             qr, am, P, rows = episodes(prompt_width, k, g)
             qr, am = qr.to(device), am.to(device)
             groups = prompt_groups(rows, device)
 
-            if args.phase == "generate":  # the k = 1 rows time the detection that finds nothing to share
+            if args.phase == "dpo":  # the same prompts and responses as DPO groups of k, unpadded
+                unpadded = [
+                    (row[:P][mask[:P].bool()].tolist(), row[P:][mask[P:].bool()].tolist())
+                    for row, mask in zip(qr.cpu(), am.cpu())
+                ]
+                dpo_groups = [unpadded[s : s + k] for s in range(0, len(unpadded), k)]
+                fns = [functools.partial(dpo_step, policy, reference, dpo_groups, share) for share in (False, True)]
+            elif args.phase == "generate":  # the k = 1 rows time the detection that finds nothing to share
                 fns = [functools.partial(sample, policy, qr, am, P, prefill) for prefill in (None, shared_prefill)]
             elif train:
                 fns = [functools.partial(train_step, policy, critic, qr, am, P, k, share) for share in (False, True)]

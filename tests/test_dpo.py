@@ -3,6 +3,7 @@ rejected, a tiny-world run, exact resume, LoRA with the adapter-disabled referen
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -303,3 +304,101 @@ def test_cli_dry_run(capsys):
 
     assert main(["dpo", "--config", DPO_YAML, "--dry-run"]) == 0
     assert "config OK" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------------------------------
+# share_prompt: each prompt run once, its responses on its KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _mixed_groups(tokenizer) -> list:
+    """_groups plus a group whose two prompts differ (as truncation can leave them): shared only where ids match."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tokenizer.eos_token_id]
+    p2 = enc("Human: the cow and the park . Assistant:")
+    return _groups(tokenizer) + [[(p2, enc(" big .") + eos), (p2[2:], enc(" the cow .") + eos)]]
+
+
+def test_shared_prompt_gives_the_full_log_probs_loss_and_gradients(tiny_lm, tokenizer):
+    groups = _mixed_groups(tokenizer)
+    full = dpo.collate_groups(groups, tokenizer.pad_token_id)
+    shared = dpo.collate_groups(groups, tokenizer.pad_token_id, share_prompt=True)
+    # 7 responses of 4 distinct prompts (the last group's two prompts differ), each episode pointing at its own
+    assert shared["prompt_owner"].tolist() == [0, 0, 0, 1, 1, 2, 3]
+    assert shared["prompt_first"].tolist() == [0, 3, 5, 6]
+    assert torch.equal(shared["pair_index"], full["pair_index"])
+    assert shared["attention_mask"].sum() == full["attention_mask"].sum()  # the same real tokens, laid out as PPO's
+
+    calls: list[tuple] = []
+    handle = tiny_lm.register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(tuple(kwargs["input_ids"].shape)), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            got = dpo.sequence_logps(tiny_lm, shared)
+    finally:
+        handle.remove()
+    width = int(shared["prompt_width"])
+    assert calls == [(4, width), (7, shared["input_ids"].shape[1] - width)]  # the 4 prompts once, then 7 responses
+    with torch.no_grad():
+        expected = dpo.sequence_logps(tiny_lm, full)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+
+    # the loss and every parameter's gradient, against a reference that differs from the policy
+    reference = copy.deepcopy(tiny_lm)
+    with torch.no_grad():
+        for p in reference.parameters():
+            p.add_(0.01 * torch.randn_like(p))
+    grads = []
+    for batch in (full, shared):
+        tiny_lm.zero_grad()
+        loss, _ = dpo.preference_loss(
+            tiny_lm, lambda m, b: dpo.sequence_logps(reference, b), batch, beta=0.1, label_smoothing=0.0
+        )
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in tiny_lm.parameters()]))
+    (loss_full, grad_full), (loss_shared, grad_shared) = grads
+    torch.testing.assert_close(loss_shared, loss_full, rtol=1e-5, atol=1e-6)
+    assert loss_full.item() != pytest.approx(3 * math.log(2), abs=1e-3)  # the reference differs: not a tie
+    for g_full, g_shared in zip(grad_full, grad_shared):
+        torch.testing.assert_close(g_shared, g_full, rtol=1e-4, atol=1e-7)
+
+
+def test_share_prompt_without_a_repeated_prompt_collates_as_before(tokenizer):
+    groups = [[g[0]] for g in _groups(tokenizer)]  # one response per prompt: nothing to share
+    shared = dpo.collate_groups(groups, tokenizer.pad_token_id, share_prompt=True)
+    full = dpo.collate_groups(groups, tokenizer.pad_token_id)
+    assert shared.keys() == full.keys() and all(torch.equal(shared[k], full[k]) for k in full)
+
+
+def test_shared_prompt_dpo_run_follows_the_full_one(tiny_world, tiny_sft, tmp_path, monkeypatch):
+    shared_calls = []
+    counted = dpo.shared_response_logprobs
+    monkeypatch.setattr(dpo, "shared_response_logprobs", lambda *a, **k: shared_calls.append(1) or counted(*a, **k))
+    finals, losses = [], []
+    for share in (False, True):
+        out = tmp_path / f"share-{share}"
+        cfg = load_stage(
+            "dpo",
+            "dpo.yaml",
+            dpo_overrides(
+                tiny_world, out, tiny_sft, share_prompt=share, train__max_steps=4, logging__every=1, optim__lr=1e-3
+            ),
+        )
+        finals.append(load_safetensors_dir(dpo.train(cfg)))
+        losses.append([v for _, v in metric_series(read_metrics(out), "train/loss")])
+    assert len(shared_calls) == 4 * 2  # the shared run only: each step's policy and reference forwards
+    assert len(losses[0]) == 4 and losses[0][-1] != losses[0][0]  # it trained
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    moved = max((finals[0][k] - load_safetensors_dir(tiny_sft)[k]).abs().max().item() for k in finals[0])
+    apart = max((finals[0][k] - finals[1][k]).abs().max().item() for k in finals[0])
+    assert moved > 1e-3 and apart < 1e-3 * moved, (moved, apart)
+
+
+@pytest.mark.parametrize(
+    "clash", [{"data__packing": True}, {"model__gradient_checkpointing": True}, {"train__compile": True}]
+)
+def test_share_prompt_refuses_what_cannot_keep_the_cache(tiny_world, tiny_sft, tmp_path, clash):
+    key = next(iter(clash)).replace("__", ".")
+    with pytest.raises(ConfigError, match=f"share_prompt.*{key}"):
+        load_stage("dpo", "dpo.yaml", dpo_overrides(tiny_world, tmp_path, tiny_sft, share_prompt=True, **clash))

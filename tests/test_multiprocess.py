@@ -1,7 +1,7 @@
 """Several processes on CPU (torchrun, gloo): PPO's four roles under DDP, one writer for logs and checkpoints.
 
 What `accelerate launch --multi_gpu` does on a GPU box; here the backend is gloo. (SFT under two processes, with
-SIGTERM and a bit-exact resume, is in test_reliability.py.)
+SIGTERM and a bit-exact resume, is in test_reliability.py.) SFT and DPO: 2 processes train the 1-process weights.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     CONFIGS,
     load_safetensors_dir,
+    load_stage,
     ppo_config,
     read_metrics,
     rm_config,
@@ -223,3 +224,39 @@ def test_two_process_compiled_ppo_matches_one_eager_process(tiny_world, tiny_sft
     b = load_safetensors_dir(tmp_path / "compiled" / "final")
     assert a.keys() == b.keys()
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-4
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_two_processes_match_one_process_for_dpo(tiny_world, tiny_sft, tmp_path, share_prompt):
+    """DPO's global batch split over 2 processes computes the 1-process step (2 micro-batches per process: the first
+    under no_sync). With share_prompt the policy runs two forwards through DDP per backward (the prompts, then the
+    responses on their KV cache)."""
+    data = tiny_world / "data"
+    configs = {}
+    for name in ("one", "two"):
+        sets = {
+            "output_dir": tmp_path / name,
+            "model.name_or_path": tiny_sft,
+            "data.train.path": data / "comparisons.jsonl",
+            "data.eval.path": "",
+            "train.max_steps": 3,
+            "train.batch_size": 8,
+            "train.micro_batch_size": 2,
+            "train.eval_every": 0,
+            "optim.lr": 1e-3,
+            "optim.warmup_steps": 0,
+            "share_prompt": share_prompt,
+        }
+        configs[name] = tmp_path / f"{name}.yaml"
+        save_config(load_stage("dpo", "dpo.yaml", sets), configs[name])
+    env = torchrun_command()[1]
+    one = subprocess.run([sys.executable, "-m", "rlhf", "dpo", "--config", str(configs["one"])], env=env)
+    assert one.returncode == 0
+    run = torchrun(["dpo", "--config", str(configs["two"])])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    a = load_safetensors_dir(tmp_path / "one" / "final")
+    b = load_safetensors_dir(tmp_path / "two" / "final")
+    start = load_safetensors_dir(tiny_sft)
+    assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
