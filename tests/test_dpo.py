@@ -224,7 +224,8 @@ def test_dpo_resume_bit_identical(tiny_world, tiny_sft, tmp_path, packing):
     assert_resume_bit_identical("dpo", "dpo.yaml", dpo.train, base, tmp_path)
 
 
-def test_dpo_lora_with_adapter_disabled_reference(tiny_world, tiny_sft, tmp_path):
+@pytest.mark.parametrize("share_prompt", [False, True])
+def test_dpo_lora_with_adapter_disabled_reference(tiny_world, tiny_sft, tmp_path, share_prompt):
     cfg = load_stage(
         "dpo",
         "dpo.yaml",
@@ -233,6 +234,7 @@ def test_dpo_lora_with_adapter_disabled_reference(tiny_world, tiny_sft, tmp_path
             tmp_path,
             tiny_sft,
             reference="disable_adapter",
+            share_prompt=share_prompt,
             model__lora__enabled=True,
             model__lora__target_modules=["q_proj", "v_proj"],
             model__lora__r=4,
