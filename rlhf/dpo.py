@@ -5,7 +5,8 @@ Data: the same preference rows and loaders as the RM stage (`{prompt, chosen, re
 A prompt with K ranked responses gives all C(K,2) ordered pairs (better, worse). As in the RM stage, the unit of
 a batch is the prompt: each of its responses is forwarded once (chosen and rejected together, in one forward
 per micro-batch) and its pairs' losses are averaged, so every prompt weighs the same however many comparisons
-it has (InstructGPT §3.5: reusing a comparison as separate batch elements overfits).
+it has (InstructGPT §3.5: reusing a comparison as separate batch elements overfits). With `share_prompt` each
+distinct prompt of a micro-batch runs once and its responses on its KV cache (PPO's shared-prompt forwards).
 
 Per pair, with log-probs summed over the response tokens only (prompt and padding masked),
 `loss = -log σ(β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])` (`dpo_loss` in
