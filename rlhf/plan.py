@@ -485,22 +485,40 @@ def plan_dpo(
     responses_per_prompt: int = 2,
 ) -> Plan:
     """DPO: the policy trained on micro-batches of prompts x K responses (one forward for all), and the reference
-    (a frozen copy, or the policy with its adapter off) run forward-only on the same batch."""
+    (a frozen copy, or the policy with its adapter off) run forward-only on the same batch. With share_prompt
+    (unsharded topologies) each prompt runs once and its K responses on its KV cache: P + K x R tokens per prompt
+    instead of K x (P + R), P = max_prompt_length, R = the rest of max_length."""
     mp = mixed_precision or resolve_mixed_precision(cfg.train)
     m = cfg.model
     prec = precision(m.dtype, mp, topology)
     k = max(2, responses_per_prompt)
     policy = trained_lm_role("policy", m, shape, prec, topology, num_processes, note="trained")
     seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
-    policy.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=True)
+    share = cfg.share_prompt and topology not in ("fsdp", "zero3")
+    prompt = min(cfg.data.format.max_prompt_length, seq - 1)
+    p = prec.activation
+
+    def forward_bytes(trained: bool) -> int:
+        ckpt = m.gradient_checkpointing and trained
+        if not share:
+            return activation_bytes(shape, micro, seq, p, ckpt, lm_head=True, trained=trained)
+        prompts = micro // k  # each prompt once, then every response on a copy of its keys/values
+        return (
+            activation_bytes(shape, prompts, prompt, p, ckpt, lm_head=False, trained=trained)
+            + activation_bytes(shape, micro, seq - prompt, p, ckpt, lm_head=True, trained=trained)
+            + kv_cache_bytes(shape, micro, prompt, p)
+        )
+
+    policy.activations = forward_bytes(trained=True)
     if cfg.reference == "copy":
         ref = frozen_role(
             "reference", shape.params_lm, shape.linear_params_lm, m.dtype, mp, topology, num_processes, "frozen copy"
         )
     else:
         ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
-    ref.activations = activation_bytes(shape, micro, seq, prec.activation, False, lm_head=True, trained=False)
-    tokens = cfg.train.batch_size * k * seq
+    ref.activations = forward_bytes(trained=False)
+    per_prompt = prompt + k * (seq - prompt) if share else k * seq
+    tokens = cfg.train.batch_size * per_prompt
     flops = tokens * (
         train_flops_per_token(shape.params_lm, m.lora.enabled, m.gradient_checkpointing) + 2 * shape.params_lm
     )
@@ -510,8 +528,11 @@ def plan_dpo(
         {"train": policy.activations + ref.activations},
         {"trained": tokens},
         flops,
-        _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k),
-        [PADDED],
+        _settings(
+            mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k, share_prompt=share
+        ),
+        [PADDED]
+        + (["share_prompt: each prompt counted once for its K responses (their KV cache copied)"] if share else []),
     )
 
 

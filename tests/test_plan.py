@@ -271,3 +271,15 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     dpo = plan_dpo(dpo_cfg, shape, responses_per_prompt=4)
     tokens = dpo_cfg.train.batch_size * 4 * dpo_cfg.data.format.max_length
     assert dpo.tokens == {"trained": tokens} and dpo.flops == tokens * 8 * shape.params_lm  # 6N train + 2N reference
+    # share_prompt: each prompt once, then its 4 responses: P + 4 x R tokens per prompt instead of 4 x (P + R)
+    shared_cfg = load_config(
+        "dpo", str(CONFIGS / "tiny" / "dpo.yaml"), [f"model.name_or_path={tmp_path}", "share_prompt=true"]
+    )
+    shared = plan_dpo(shared_cfg, shape, responses_per_prompt=4)
+    fmt = shared_cfg.data.format
+    per_prompt = fmt.max_prompt_length + 4 * (fmt.max_length - fmt.max_prompt_length)
+    assert shared.tokens == {"trained": shared_cfg.train.batch_size * per_prompt} and per_prompt < 4 * fmt.max_length
+    assert shared.flops == shared.tokens["trained"] * 8 * shape.params_lm and shared.settings["share_prompt"]
+    assert shared.roles[0].activations < dpo.roles[0].activations  # the prompts' activations once, plus the cache
+    sharded = plan_dpo(shared_cfg, shape, responses_per_prompt=4, topology="fsdp")
+    assert sharded.tokens == dpo.tokens and not sharded.settings["share_prompt"]  # off under FSDP, as at run time
