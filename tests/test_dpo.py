@@ -1,5 +1,6 @@
 """DPO stage: the loss by hand (with cDPO label smoothing), response-only log-probs, one forward for chosen and
-rejected, a tiny-world run, exact resume, LoRA with the adapter-disabled reference, config validation."""
+rejected, a tiny-world run, exact resume, LoRA with the adapter-disabled reference, config validation, and
+share_prompt (each prompt run once: the same log-probs, loss and gradients)."""
 
 from __future__ import annotations
 
