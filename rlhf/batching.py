@@ -232,6 +232,24 @@ def pad(sequences: list[list[int]], value: int, side: str = "right", width: int 
     return torch.tensor(rows, dtype=torch.long)
 
 
+def collate_left_padded_prompts(
+    prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
+) -> dict[str, torch.Tensor]:
+    """(prompt, response) rows laid out as PPO's episodes, for the forwards that run a shared prompt once: each prompt
+    left-padded to the longest P, its response right-padded after it to the longest R. input_ids, attention_mask,
+    response_mask [N, P+R]; prompt_width P (a 0-d tensor, so the batch moves to the device whole)."""
+    width = max(map(len, prompts))
+    ids = torch.cat([pad(prompts, pad_token_id, "left"), pad(responses, pad_token_id)], 1)
+    prompt_mask = pad([[1] * len(p) for p in prompts], 0, "left")
+    response_mask = pad([[1] * len(r) for r in responses], 0)
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.cat([prompt_mask, response_mask], 1),
+        "response_mask": torch.cat([torch.zeros_like(prompt_mask), response_mask], 1),
+        "prompt_width": torch.tensor(width),
+    }
+
+
 def collate_lm(examples: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
     ids = [e["input_ids"] for e in examples]
     return {

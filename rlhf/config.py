@@ -284,6 +284,12 @@ class RMConfig:
     loss: RMLoss = field(default_factory=RMLoss)
     ensemble: RMEnsemble = field(default_factory=RMEnsemble)
     """Several reward models (different seeds / bootstrap resamples) for conservative PPO rewards."""
+    share_prompt: bool = False
+    """Run each prompt once per training micro-batch, its K responses on the prompt's KV cache (forward and
+    backward): the same scores and gradients up to float rounding, with (K-1)/K of the prompt tokens' work gone.
+    Pays where prompts are long against responses (multi-turn dialogues), within noise on short ones
+    (docs/benchmarks.md). Not with data.packing, gradient checkpointing or train.compile; skipped under
+    FSDP / ZeRO-3. Evaluation runs whole sequences."""
     train: TrainConfig = field(default_factory=lambda: TrainConfig(batch_size=64, micro_batch_size=4))
     optim: OptimConfig = field(default_factory=lambda: OptimConfig(lr=9e-6, min_lr_ratio=0.1))
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
@@ -299,6 +305,7 @@ class RMConfig:
             raise ConfigError(
                 f"ensemble.holdout must be in [0, ensemble.size) so PPO keeps at least one member, got {e.holdout}"
             )
+        _check_share_prompt(self)
 
     def paths(self) -> dict[str, str]:
         return _source_paths(self.data, ("train", "eval", "reference")) | _model_paths(self.model, "model")
@@ -838,22 +845,7 @@ class DPOConfig:
             )
         if self.reference == "disable_adapter" and self.model.from_config:
             raise ConfigError("reference: disable_adapter cannot work with model.from_config: true (no SFT weights)")
-        if self.share_prompt:
-            clash = [
-                name
-                for name, on in (
-                    ("data.packing", self.data.packing),
-                    ("model.gradient_checkpointing", self.model.gradient_checkpointing),
-                    ("train.compile", self.train.compile),
-                )
-                if on
-            ]
-            if clash:
-                raise ConfigError(
-                    f"share_prompt runs responses on their prompt's KV cache, which {' and '.join(clash)} cannot "
-                    "go with (packing lays rows side by side, checkpointed layers drop the cache, train.compile "
-                    "compiles whole-sequence forwards only): turn share_prompt off, or those"
-                )
+        _check_share_prompt(self)
 
     def paths(self) -> dict[str, str]:
         return _source_paths(self.data, ("train", "eval")) | _model_paths(self.model, "model")
@@ -870,6 +862,24 @@ STAGES: dict[str, type] = {"sft": SFTConfig, "rm": RMConfig, "dpo": DPOConfig, "
 def _positive(value: float, key: str) -> None:
     if not 0 < value < float("inf"):  # also rejects nan, which compares false with everything
         raise ConfigError(f"{key} must be > 0 and finite, got {value}")
+
+
+def _check_share_prompt(cfg: Any) -> None:
+    """DPO / RM share_prompt: the responses run on their prompt's KV cache, which these cannot go with."""
+    if not cfg.share_prompt:
+        return
+    settings = (
+        ("data.packing", cfg.data.packing),
+        ("model.gradient_checkpointing", cfg.model.gradient_checkpointing),
+        ("train.compile", cfg.train.compile),
+    )
+    clash = [name for name, on in settings if on]
+    if clash:
+        raise ConfigError(
+            f"share_prompt runs responses on their prompt's KV cache, which {' and '.join(clash)} cannot go with "
+            "(packing lays rows side by side, checkpointed layers drop the cache, train.compile compiles "
+            "whole-sequence forwards only): turn share_prompt off, or those"
+        )
 
 
 TRACKERS = ("tensorboard", "wandb", "trackio", "mlflow")

@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import BatchSchedule, TruncationReport, length_batches, pad
+from rlhf.batching import BatchSchedule, TruncationReport, collate_left_padded_prompts, length_batches, pad
 from rlhf.checkpoints import final_model, save_final
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
 from rlhf.fit import SupervisedTask, fit
@@ -91,26 +91,6 @@ def collate_groups(
         "attention_mask": pad([[1] * len(s) for s in seqs], 0),
         "response_mask": pad(masks, 0),
     } | pairs
-
-
-def collate_left_padded_prompts(
-    prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
-) -> dict[str, torch.Tensor]:
-    """Each (prompt, response) as PPO lays out an episode: the prompt left-padded to the longest prompt P, then the
-    response right-padded to the longest R. input_ids/attention_mask/response_mask [N, P+R], prompt_width (0-d)."""
-    width, longest = max(map(len, prompts)), max(map(len, responses))
-    left = [width - len(prompt) for prompt in prompts]
-    right = [longest - len(response) for response in responses]
-    return {
-        "input_ids": torch.tensor(
-            [[pad_token_id] * a + p + r + [pad_token_id] * b for p, r, a, b in zip(prompts, responses, left, right)]
-        ),
-        "attention_mask": torch.tensor(
-            [[0] * a + [1] * (width - a + longest - b) + [0] * b for a, b in zip(left, right)]
-        ),
-        "response_mask": torch.tensor([[0] * width + [1] * (longest - b) + [0] * b for b in right]),
-        "prompt_width": torch.tensor(width),
-    }
 
 
 def num_groups(batch: dict) -> int:

@@ -437,6 +437,29 @@ def plan_sft(
     )
 
 
+def ranked_forward(
+    cfg: RMConfig | DPOConfig, shape: ModelShape, k: int, topology: str, p: int, trained: bool, lm_head: bool
+) -> tuple[int, int, bool]:
+    """A micro-batch of prompts x K responses (RM, DPO): (its forward's activation bytes, tokens per prompt, whether
+    share_prompt applies). Shared (unsharded topologies): each prompt once, P = max_prompt_length tokens, then its K
+    responses of R = max_length - P on a copy of its keys/values; else K whole sequences of max_length."""
+    seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
+    ckpt = cfg.model.gradient_checkpointing and trained
+    share = cfg.share_prompt and topology not in ("fsdp", "zero3")
+    if not share:
+        return activation_bytes(shape, micro, seq, p, ckpt, lm_head=lm_head, trained=trained), k * seq, False
+    prompt = min(cfg.data.format.max_prompt_length, seq - 1)
+    activations = (
+        activation_bytes(shape, micro // k, prompt, p, ckpt, lm_head=False, trained=trained)
+        + activation_bytes(shape, micro, seq - prompt, p, ckpt, lm_head=lm_head, trained=trained)
+        + kv_cache_bytes(shape, micro, prompt, p)
+    )
+    return activations, prompt + k * (seq - prompt), True
+
+
+SHARED_NOTE = "share_prompt: each prompt counted once for its K responses (their KV cache copied)"
+
+
 def plan_rm(
     cfg: RMConfig,
     shape: ModelShape,
@@ -458,11 +481,11 @@ def plan_rm(
         trainable = params = shape.params_scalar
     role = role_static("reward model", params, trainable, prec, topology, num_processes, note=f"K={k}")
     seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
-    role.activations = activation_bytes(shape, micro, seq, prec.activation, m.gradient_checkpointing, lm_head=False)
-    tokens = cfg.train.batch_size * k * seq
+    role.activations, per_prompt, share = ranked_forward(cfg, shape, k, topology, prec.activation, True, False)
+    tokens = cfg.train.batch_size * per_prompt
     flops = tokens * train_flops_per_token(shape.params_scalar, m.lora.enabled, m.gradient_checkpointing)
     flops *= cfg.ensemble.size
-    notes = [PADDED]
+    notes = [PADDED] + ([SHARED_NOTE] if share else [])
     if cfg.ensemble.size > 1:
         notes.append(f"{cfg.ensemble.size} ensemble members train one after another: time x{cfg.ensemble.size}")
     return Plan(
@@ -471,7 +494,9 @@ def plan_rm(
         {"train": role.activations},
         {"trained": tokens},
         flops,
-        _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k),
+        _settings(
+            mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k, share_prompt=share
+        ),
         notes,
     )
 
@@ -494,30 +519,15 @@ def plan_dpo(
     k = max(2, responses_per_prompt)
     policy = trained_lm_role("policy", m, shape, prec, topology, num_processes, note="trained")
     seq, micro = cfg.data.format.max_length, cfg.train.micro_batch_size * k
-    share = cfg.share_prompt and topology not in ("fsdp", "zero3")
-    prompt = min(cfg.data.format.max_prompt_length, seq - 1)
     p = prec.activation
-
-    def forward_bytes(trained: bool) -> int:
-        ckpt = m.gradient_checkpointing and trained
-        if not share:
-            return activation_bytes(shape, micro, seq, p, ckpt, lm_head=True, trained=trained)
-        prompts = micro // k  # each prompt once, then every response on a copy of its keys/values
-        return (
-            activation_bytes(shape, prompts, prompt, p, ckpt, lm_head=False, trained=trained)
-            + activation_bytes(shape, micro, seq - prompt, p, ckpt, lm_head=True, trained=trained)
-            + kv_cache_bytes(shape, micro, prompt, p)
-        )
-
-    policy.activations = forward_bytes(trained=True)
+    policy.activations, per_prompt, share = ranked_forward(cfg, shape, k, topology, p, trained=True, lm_head=True)
     if cfg.reference == "copy":
         ref = frozen_role(
             "reference", shape.params_lm, shape.linear_params_lm, m.dtype, mp, topology, num_processes, "frozen copy"
         )
     else:
         ref = RoleEstimate("reference", 0, 0, note="policy, adapter off")
-    ref.activations = forward_bytes(trained=False)
-    per_prompt = prompt + k * (seq - prompt) if share else k * seq
+    ref.activations = ranked_forward(cfg, shape, k, topology, p, trained=False, lm_head=True)[0]
     tokens = cfg.train.batch_size * per_prompt
     flops = tokens * (
         train_flops_per_token(shape.params_lm, m.lora.enabled, m.gradient_checkpointing) + 2 * shape.params_lm
@@ -531,8 +541,7 @@ def plan_dpo(
         _settings(
             mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size, K=k, share_prompt=share
         ),
-        [PADDED]
-        + (["share_prompt: each prompt counted once for its K responses (their KV cache copied)"] if share else []),
+        [PADDED] + ([SHARED_NOTE] if share else []),
     )
 
 

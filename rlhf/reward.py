@@ -5,6 +5,7 @@ For a prompt with K ranked responses, each response is forwarded once and all C(
 as separate batch elements). Pairwise rows are K = 2. Identical responses (ties) are dropped by the loader.
 With `data.packing` a micro-batch's responses are packed into sequences of up to max_length tokens
 (`rlhf.packing`), each score read at its response's last token, instead of padded to the longest response.
+With `share_prompt` each distinct prompt of a training micro-batch runs once and its responses on its KV cache.
 After training the scores are shifted so the reference completions (SFT demonstrations) score mean 0; the shift
 is stored as `reward_offset` in the saved config.json (stock HF decoder classification heads have no bias
 parameter to hold it), and `rlhf.models.reward_scores` applies it.
@@ -26,7 +27,15 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, length_batches, pad
+from rlhf.batching import (
+    BatchSchedule,
+    TruncationReport,
+    collate_left_padded_prompts,
+    encode_pairs,
+    encode_prompts,
+    length_batches,
+    pad,
+)
 from rlhf.checkpoints import final_model, publish_final, save_final
 from rlhf.config import FormatConfig, RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
@@ -40,8 +49,9 @@ from rlhf.models import (
     token_values,
 )
 from rlhf.packing import pack_length, pack_rows
+from rlhf.ppo.shared_prompt import PromptGroups, prompt_groups, shared_token_values
 from rlhf.ppo_math import ranking_loss
-from rlhf.runtime import seed_everything, stage_accelerator
+from rlhf.runtime import seed_everything, sharded_parameters, stage_accelerator
 from rlhf.tracking import write_json
 
 
@@ -71,30 +81,63 @@ def collate_groups(
 ) -> dict[str, torch.Tensor]:
     """Flatten groups into one right-padded batch (or, with pack_length, into sequences of up to that many tokens
     packed by best fit: `rlhf.packing.pack_rows`); every pair (i better than j) of each group is listed."""
-    seqs, pair_index, group_index, margin = [], [], [], []
-    for g, group in enumerate(groups):
-        base = len(seqs)
-        seqs.extend(group)
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                pair_index.append((base + i, base + j))
-                group_index.append(g)
-                margin.append(margin_coef * (j - i))
+    seqs = [seq for group in groups for seq in group]
     tokens = (
         pack_rows(seqs, pack_length, pad_token_id)
         if pack_length
         else {"input_ids": pad(seqs, pad_token_id), "attention_mask": pad([[1] * len(s) for s in seqs], 0)}
     )
-    return tokens | {
+    return tokens | ranking_index([len(group) for group in groups], margin_coef)
+
+
+def ranking_index(sizes: list[int], margin_coef: float) -> dict[str, torch.Tensor]:
+    """The pairs of groups of `sizes` responses laid end to end, each best first: pair_index [P, 2] (better, worse),
+    group_index [P], seq_group [N] (each response's group) and margin [P] (margin_coef x rank distance)."""
+    pair_index, group_index, margin, base = [], [], [], 0
+    for g, size in enumerate(sizes):
+        for i in range(size):
+            for j in range(i + 1, size):
+                pair_index.append((base + i, base + j))
+                group_index.append(g)
+                margin.append(margin_coef * (j - i))
+        base += size
+    return {
         "pair_index": torch.tensor(pair_index, dtype=torch.long),
         "group_index": torch.tensor(group_index, dtype=torch.long),
-        "seq_group": torch.tensor([g for g, group in enumerate(groups) for _ in group], dtype=torch.long),
+        "seq_group": torch.tensor([g for g, size in enumerate(sizes) for _ in range(size)], dtype=torch.long),
         "margin": torch.tensor(margin, dtype=torch.float32),
     }
 
 
+def collate_shared_prompt(groups: list[list[tuple]], pad_token_id: int, margin_coef: float) -> dict[str, torch.Tensor]:
+    """`collate_groups` for share_prompt: groups of (prompt ids, response ids) laid out as PPO's episodes
+    (`collate_left_padded_prompts`), with the responses' prompt groups (`prompt_first` [U], `prompt_owner` [N]) for
+    `sequence_scores` to run each distinct prompt once; the whole sequences, right-padded, when no prompt repeats."""
+    prompts = [prompt for group in groups for prompt, _ in group]
+    # by equal ids rather than by group: truncation may shorten one prompt's copies differently
+    shared = prompt_groups([tuple(prompt) for prompt in prompts])
+    if shared is None:
+        return collate_groups([[p + r for p, r in group] for group in groups], pad_token_id, margin_coef)
+    responses = [response for group in groups for _, response in group]
+    layout = collate_left_padded_prompts(prompts, responses, pad_token_id)
+    index = ranking_index([len(group) for group in groups], margin_coef)
+    return layout | index | {"prompt_first": shared.first, "prompt_owner": shared.owner}
+
+
 def sequence_scores(model, batch: dict) -> torch.Tensor:
-    """[N] raw scores of a batch's sequences (padded, or packed: read at each row's last token)."""
+    """[N] raw scores of a batch's sequences (padded, or packed: read at each row's last token). Shared-prompt
+    batches (`collate_shared_prompt`) run each distinct prompt once, inside the TokenValueModel's forward (so
+    through its DDP wrapper), and read each score at its response's last token."""
+    if "prompt_owner" in batch:
+        width = int(batch["prompt_width"])
+        groups = PromptGroups(batch["prompt_first"], batch["prompt_owner"])
+
+        def shared_values(inner, input_ids, attention_mask, _positions):
+            return shared_token_values(inner, input_ids, attention_mask, width, groups)  # [N, 1+R]
+
+        values = model(batch["input_ids"], batch["attention_mask"], values=shared_values)
+        last = batch["attention_mask"][:, width:].sum(1, keepdim=True)  # column 0 is the prompt's last token
+        return values.gather(1, last).squeeze(1)
     if "position_ids" in batch:
         values = token_values(model, batch["input_ids"], None, batch["position_ids"])
         return values.reshape(-1)[batch["last_index"]]
@@ -230,14 +273,19 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     seed_everything(cfg.seed)
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     report = TruncationReport()
-    train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
+    # share_prompt keeps each response's prompt apart: groups of (prompt, response); else groups of whole sequences
+    share_prompt = cfg.share_prompt and not sharded_parameters(accelerator)
+    if share_prompt:
+        train_groups = load_ranked(tokenizer, cfg.data.format, cfg.data.train, report)
+    else:
+        train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
     if bootstrap_seed is not None:
         rng = random.Random(bootstrap_seed)
         train_groups = [train_groups[rng.randrange(len(train_groups))] for _ in train_groups]
     eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
     # packing fills sequences best from responses of mixed lengths; unpacked, lists of like length pad least
     schedule = BatchSchedule(
-        [sum(len(s) for s in g) for g in train_groups],
+        [sum(len(p) + len(r) for p, r in g) if share_prompt else sum(map(len, g)) for g in train_groups],
         cfg.train.batch_size,
         cfg.seed,
         group_by_length=not cfg.data.packing,
@@ -246,6 +294,11 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
     k_mean = sum(len(g) for g in train_groups) / len(train_groups)
     accelerator.print(f"[rm] {len(train_groups)} prompts (mean K {k_mean:.1f}), {total_steps} steps")
+    if cfg.share_prompt:
+        accelerator.print(
+            "[rm] share_prompt: "
+            + ("each prompt runs once per micro-batch" if share_prompt else "off (parameters sharded: FSDP / ZeRO-3)")
+        )
 
     def global_batch(step: int) -> list:
         return [train_groups[j] for j in schedule(step)]
@@ -291,7 +344,11 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
         name="rm",
         total_steps=total_steps,
         global_batch=global_batch,
-        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef, packed_length),
+        collate=lambda groups: (
+            collate_shared_prompt(groups, tokenizer.pad_token_id, cfg.loss.margin_coef)
+            if share_prompt
+            else collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef, packed_length)
+        ),
         units=lambda batch: int(batch["seq_group"].max()) + 1,
         loss=lambda model, batch: group_loss(model, batch, cfg.loss.center_coef),
         evaluate=evaluate,

@@ -2,7 +2,9 @@
 every sequence run whole, in PPO's generation (`--phase generate`), its scoring forwards (`--phase score`) or, with
 ppo.group_minibatches, in the update's differentiated ones (`--phase train`); and DPO's `share_prompt` (`--phase
 dpo`: k = 2 for chosen/rejected pairs, 4 for ranked lists; per micro-batch of 16 responses the policy's forward and
-backward and a reference copy's forward, as `rlhf.dpo.preference_loss` runs them, against DPO's own padded batches).
+backward and a reference copy's forward, as `rlhf.dpo.preference_loss` runs them, against DPO's own padded batches),
+and the reward model's (`--phase rm`: the same groups, the scalar-head model's forward and backward as
+`rlhf.reward.group_loss` runs them).
 
 For each (prompt length, k): 64 episodes (64/k prompts x k responses). generate: 64 new tokens sampled per episode
 (each with its own seed; a random-init model seldom ends early), the prompts prefilled whole or each distinct prompt
@@ -13,7 +15,7 @@ bench-peer's tiny Llama shape (d 256, 4 layers, vocabulary 568) or --size small 
 bf16 autocast on a GPU. Prompt lengths vary around the stated width (log-normal, sigma 0.5, left-padded),
 responses are 64 tokens at most (log-normal, right-padded).
 
-    python scripts/bench_shared_prompt.py [--phase generate|score|train|dpo] [--size tiny|small] [--reps 3]
+    python scripts/bench_shared_prompt.py [--phase generate|score|train|dpo|rm] [--size tiny|small] [--reps 3]
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from rlhf import dpo
+from rlhf import dpo, reward
 from rlhf.batching import pad
 from rlhf.models import TokenValueModel, reward_scores
 from rlhf.ppo.rollout import response_logprobs
@@ -117,6 +119,20 @@ def dpo_step(policy, reference, groups: list, share: bool) -> None:
     policy.zero_grad(set_to_none=True)
 
 
+def rm_step(scorer, groups: list, share: bool) -> None:
+    """The RM's loss over the groups in micro-batches of MICRO responses, forward and backward."""
+    per_micro = max(1, MICRO // len(groups[0]))
+    for s in range(0, len(groups), per_micro):
+        chunk = groups[s : s + per_micro]
+        if share:
+            batch = reward.collate_shared_prompt(chunk, 0, 0.0)
+        else:
+            batch = reward.collate_groups([[p + r for p, r in group] for group in chunk], 0, 0.0)
+        batch = {key: value.to(next(scorer.parameters()).device) for key, value in batch.items()}
+        reward.group_loss(scorer, batch)[0].backward()
+    scorer.zero_grad(set_to_none=True)
+
+
 def timed_pair(full_fn, shared_fn, reps: int) -> tuple[float, float]:
     """Median seconds of each function, the two alternating (one warm-up each), so drift touches both alike."""
     times: tuple[list, list] = ([], [])
@@ -135,7 +151,7 @@ def timed_pair(full_fn, shared_fn, reps: int) -> tuple[float, float]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--phase", choices=("generate", "score", "train", "dpo"), default="score")
+    ap.add_argument("--phase", choices=("generate", "score", "train", "dpo", "rm"), default="score")
     ap.add_argument("--size", choices=sorted(SIZES), default="tiny")
     ap.add_argument("--reps", type=int, default=3)
     args = ap.parse_args()
@@ -144,25 +160,28 @@ def main() -> None:
     shape = dict(vocab_size=VOCAB, pad_token_id=0, max_position_embeddings=1024, **SIZES[args.size])
     policy = LlamaForCausalLM(LlamaConfig(**shape)).to(device)
     scalar = LlamaForSequenceClassification(LlamaConfig(**shape, num_labels=1)).to(device)
-    train = args.phase in ("train", "dpo")
+    train = args.phase in ("train", "dpo", "rm")
     policy.train(train)
     reference = LlamaForCausalLM(LlamaConfig(**shape)).to(device).eval() if args.phase == "dpo" else None
     critic = TokenValueModel(scalar).train() if train else None  # trained: the critic; else the reward model
     autocast = torch.autocast("cuda", torch.bfloat16) if device == "cuda" else contextlib.nullcontext()
     g = torch.Generator().manual_seed(0)
     for prompt_width in (32, 128, 256):
-        for k in (2, 4) if args.phase == "dpo" else (1, 4, 8):
+        for k in (2, 4) if args.phase in ("dpo", "rm") else (1, 4, 8):
             qr, am, P, rows = episodes(prompt_width, k, g)
             qr, am = qr.to(device), am.to(device)
             groups = prompt_groups(rows, device)
 
-            if args.phase == "dpo":  # the same prompts and responses as DPO groups of k, unpadded
+            if args.phase in ("dpo", "rm"):  # the same prompts and responses as groups of k, unpadded
                 unpadded = [
                     (row[:P][mask[:P].bool()].tolist(), row[P:][mask[P:].bool()].tolist())
                     for row, mask in zip(qr.cpu(), am.cpu())
                 ]
-                dpo_groups = [unpadded[s : s + k] for s in range(0, len(unpadded), k)]
-                fns = [functools.partial(dpo_step, policy, reference, dpo_groups, share) for share in (False, True)]
+                ranked = [unpadded[s : s + k] for s in range(0, len(unpadded), k)]
+                if args.phase == "dpo":
+                    fns = [functools.partial(dpo_step, policy, reference, ranked, s) for s in (False, True)]
+                else:
+                    fns = [functools.partial(rm_step, critic, ranked, s) for s in (False, True)]
             elif args.phase == "generate":  # the k = 1 rows time the detection that finds nothing to share
                 fns = [functools.partial(sample, policy, qr, am, P, prefill) for prefill in (None, shared_prefill)]
             elif train:

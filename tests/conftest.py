@@ -121,6 +121,17 @@ def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
+def train_with_and_without(stage: str, yaml_name: str, train, overrides: dict, key: str, tmp_path: Path):
+    """Train a shipped tiny YAML twice, `key` false then true: ([final weights], [train/loss series]) of the two."""
+    finals, losses = [], []
+    for on in (False, True):
+        out = tmp_path / f"{key}-{on}"
+        cfg = load_stage(stage, yaml_name, overrides | {"output_dir": out, key: on})
+        finals.append(load_safetensors_dir(train(cfg)))
+        losses.append([v for _, v in metric_series(read_metrics(out), "train/loss")])
+    return finals, losses
+
+
 def assert_resume_bit_identical(stage: str, yaml_name: str, train, base: dict, tmp_path: Path, steps: int = 6) -> None:
     """An interrupted-and-resumed run reproduces the uninterrupted run's final weights exactly (CPU).
 

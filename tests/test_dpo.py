@@ -18,6 +18,8 @@ from conftest import (
     load_stage,
     metric_series,
     read_metrics,
+    rm_overrides,
+    train_with_and_without,
 )
 from transformers import AutoModelForCausalLM
 
@@ -378,18 +380,8 @@ def test_shared_prompt_dpo_run_follows_the_full_one(tiny_world, tiny_sft, tmp_pa
     shared_calls = []
     counted = dpo.shared_response_logprobs
     monkeypatch.setattr(dpo, "shared_response_logprobs", lambda *a, **k: shared_calls.append(1) or counted(*a, **k))
-    finals, losses = [], []
-    for share in (False, True):
-        out = tmp_path / f"share-{share}"
-        cfg = load_stage(
-            "dpo",
-            "dpo.yaml",
-            dpo_overrides(
-                tiny_world, out, tiny_sft, share_prompt=share, train__max_steps=4, logging__every=1, optim__lr=1e-3
-            ),
-        )
-        finals.append(load_safetensors_dir(dpo.train(cfg)))
-        losses.append([v for _, v in metric_series(read_metrics(out), "train/loss")])
+    overrides = dpo_overrides(tiny_world, tmp_path, tiny_sft, train__max_steps=4, logging__every=1, optim__lr=1e-3)
+    finals, losses = train_with_and_without("dpo", "dpo.yaml", dpo.train, overrides, "share_prompt", tmp_path)
     assert len(shared_calls) == 4 * 2  # the shared run only: each step's policy and reference forwards
     assert len(losses[0]) == 4 and losses[0][-1] != losses[0][0]  # it trained
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
@@ -398,10 +390,12 @@ def test_shared_prompt_dpo_run_follows_the_full_one(tiny_world, tiny_sft, tmp_pa
     assert moved > 1e-3 and apart < 1e-3 * moved, (moved, apart)
 
 
+@pytest.mark.parametrize("stage", ["dpo", "rm"])
 @pytest.mark.parametrize(
     "clash", [{"data__packing": True}, {"model__gradient_checkpointing": True}, {"train__compile": True}]
 )
-def test_share_prompt_refuses_what_cannot_keep_the_cache(tiny_world, tiny_sft, tmp_path, clash):
+def test_share_prompt_refuses_what_cannot_keep_the_cache(tiny_world, tiny_sft, tmp_path, clash, stage):
     key = next(iter(clash)).replace("__", ".")
+    overrides = dpo_overrides if stage == "dpo" else rm_overrides
     with pytest.raises(ConfigError, match=f"share_prompt.*{key}"):
-        load_stage("dpo", "dpo.yaml", dpo_overrides(tiny_world, tmp_path, tiny_sft, share_prompt=True, **clash))
+        load_stage(stage, f"{stage}.yaml", overrides(tiny_world, tmp_path, tiny_sft, share_prompt=True, **clash))

@@ -33,6 +33,17 @@ def torchrun(args: list[str], nproc: int = 2) -> subprocess.CompletedProcess:
     return subprocess.run(cmd + ["-m", "rlhf", *args], capture_output=True, text=True, env=env, timeout=600)
 
 
+def one_and_two_processes(stage: str, configs: dict[str, Path], out: Path) -> tuple[dict, dict]:
+    """Run `configs["one"]` in one process and `configs["two"]` under torchrun with 2; their final weights."""
+    one = subprocess.run(
+        [sys.executable, "-m", "rlhf", stage, "--config", str(configs["one"])], env=torchrun_command()[1]
+    )
+    assert one.returncode == 0
+    run = torchrun([stage, "--config", str(configs["two"])])
+    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
+    return load_safetensors_dir(out / "one" / "final"), load_safetensors_dir(out / "two" / "final")
+
+
 ONE_STEP_GRPO = ["ppo.advantage=grpo", "kl.placement=loss", "ppo.ppo_epochs=1", "ppo.mini_batch_size=16"]
 
 
@@ -250,13 +261,20 @@ def test_two_processes_match_one_process_for_dpo(tiny_world, tiny_sft, tmp_path,
         }
         configs[name] = tmp_path / f"{name}.yaml"
         save_config(load_stage("dpo", "dpo.yaml", sets), configs[name])
-    env = torchrun_command()[1]
-    one = subprocess.run([sys.executable, "-m", "rlhf", "dpo", "--config", str(configs["one"])], env=env)
-    assert one.returncode == 0
-    run = torchrun(["dpo", "--config", str(configs["two"])])
-    assert run.returncode == 0, (run.stdout + run.stderr)[-3000:]
-    a = load_safetensors_dir(tmp_path / "one" / "final")
-    b = load_safetensors_dir(tmp_path / "two" / "final")
+    a, b = one_and_two_processes("dpo", configs, tmp_path)
     start = load_safetensors_dir(tiny_sft)
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it trained
+    assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_for_rm_with_share_prompt(tiny_world, tiny_sft, tmp_path):
+    """The RM's shared-prompt forward runs inside the TokenValueModel's, so through DDP: 2 processes (2 micro-batches
+    each, the first under no_sync) train the 1-process weights."""
+    sets = ["share_prompt=true", "train.max_steps=3", "train.batch_size=8", "train.micro_batch_size=2"]
+    configs = {}
+    for name in ("one", "two"):
+        configs[name] = tmp_path / f"{name}.yaml"
+        save_config(rm_config(tiny_world, tiny_sft, tmp_path / name, sets), configs[name])
+    a, b = one_and_two_processes("rm", configs, tmp_path)
     assert max((a[k] - b[k]).abs().max().item() for k in a) < 1e-5

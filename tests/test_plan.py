@@ -19,6 +19,7 @@ from rlhf.plan import (
     plan_config,
     plan_dpo,
     plan_ppo,
+    plan_rm,
     plan_sft,
     precision,
     role_static,
@@ -283,3 +284,14 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     assert shared.roles[0].activations < dpo.roles[0].activations  # the prompts' activations once, plus the cache
     sharded = plan_dpo(shared_cfg, shape, responses_per_prompt=4, topology="fsdp")
     assert sharded.tokens == dpo.tokens and not sharded.settings["share_prompt"]  # off under FSDP, as at run time
+    # the RM the same way: P + K x R tokens per prompt with share_prompt, K x max_length without
+    rm_sets = [f"model.name_or_path={tmp_path}", "ensemble.size=1", "ensemble.holdout=0"]
+    rm_cfg = load_config("rm", str(CONFIGS / "tiny" / "rm.yaml"), rm_sets)
+    rm_shared_cfg = load_config("rm", str(CONFIGS / "tiny" / "rm.yaml"), rm_sets + ["share_prompt=true"])
+    rm, rm_shared = (plan_rm(c, shape, responses_per_prompt=4) for c in (rm_cfg, rm_shared_cfg))
+    fmt = rm_cfg.data.format
+    assert rm.tokens == {"trained": rm_cfg.train.batch_size * 4 * fmt.max_length}
+    per_prompt = fmt.max_prompt_length + 4 * (fmt.max_length - fmt.max_prompt_length)
+    assert rm_shared.tokens == {"trained": rm_cfg.train.batch_size * per_prompt}
+    assert rm_shared.flops * rm.tokens["trained"] == rm.flops * rm_shared.tokens["trained"]
+    assert rm_shared.roles[0].activations < rm.roles[0].activations and rm_shared.settings["share_prompt"]

@@ -1,4 +1,5 @@
-"""Reward model: the K-way loss by hand, padding-side invariance, one forward per response, training, exact resume."""
+"""Reward model: the K-way loss by hand, padding-side invariance, one forward per response, training, exact resume,
+share_prompt (each prompt run once: the same scores, loss and gradients)."""
 
 from __future__ import annotations
 
@@ -7,13 +8,20 @@ import math
 
 import pytest
 import torch
-from conftest import assert_resume_bit_identical, load_stage, metric_series, read_metrics, rm_overrides
+from conftest import (
+    assert_resume_bit_identical,
+    load_stage,
+    metric_series,
+    read_metrics,
+    rm_overrides,
+    train_with_and_without,
+)
 from transformers import AutoModelForSequenceClassification
 
 from rlhf import reward
 from rlhf.batching import pad
 from rlhf.config import ModelConfig
-from rlhf.models import backbone, load_reward_model, load_tokenizer, reward_scores
+from rlhf.models import TokenValueModel, backbone, load_reward_model, load_tokenizer, reward_scores
 
 
 def logsig(x: float) -> float:
@@ -217,3 +225,82 @@ def test_reference_completions_score_mean_zero(tiny_rm):
 def test_rm_resume_bit_identical(tiny_world, tiny_sft, tmp_path):
     base = rm_overrides(tiny_world, tmp_path, tiny_sft, data__eval__max_rows=16, data__reference_max_rows=16)
     assert_resume_bit_identical("rm", "rm.yaml", reward.train, base, tmp_path)
+
+
+# --------------------------------------------------------------------------------------------------
+# share_prompt: each prompt run once, its K responses on its KV cache
+# --------------------------------------------------------------------------------------------------
+
+
+def _ranked_groups(tokenizer) -> list:
+    """(prompt, response) groups, best first: K = 3 on one prompt, K = 2 whose two prompts differ (as truncation can
+    leave them), K = 2 on one prompt."""
+    enc = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    eos = [tokenizer.eos_token_id]
+    p0, p1, p2 = (
+        enc("Human: tell me about the cat . Assistant:"),
+        enc("Human: a line . Assistant:"),
+        enc("Human: go ."),
+    )
+    return [
+        [
+            (p0, enc(" the cat is happy .") + eos),
+            (p0, enc(" the dog .") + eos),
+            (p0, enc(" it is sad all day .") + eos),
+        ],
+        [(p1, enc(" it is .") + eos), (p1[2:], enc(" the cow is big in the park .") + eos)],
+        [(p2, enc(" the park .") + eos), (p2, enc(" sad .") + eos)],
+    ]
+
+
+def test_shared_prompt_gives_the_full_scores_loss_and_gradients(tiny_sft):
+    tokenizer = load_tokenizer(str(tiny_sft))
+    torch.manual_seed(0)
+    hf_model = load_reward_model(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, train=True, new_head=True)
+    model = TokenValueModel(hf_model)
+    groups = _ranked_groups(tokenizer)
+    full = reward.collate_groups([[p + r for p, r in g] for g in groups], tokenizer.pad_token_id, 0.1)
+    shared = reward.collate_shared_prompt(groups, tokenizer.pad_token_id, 0.1)
+    assert shared["prompt_owner"].tolist() == [0, 0, 0, 1, 2, 3, 3] and shared["prompt_first"].tolist() == [0, 3, 4, 5]
+    for key in ("pair_index", "group_index", "seq_group", "margin"):
+        assert torch.equal(shared[key], full[key]), key
+
+    calls: list[int] = []
+    handle = backbone(hf_model).register_forward_hook(
+        lambda m, args, kwargs, out: calls.append(kwargs["input_ids"].shape[0]), with_kwargs=True
+    )
+    try:
+        with torch.no_grad():
+            got = reward.sequence_scores(model, shared)
+    finally:
+        handle.remove()
+    assert calls == [4, 7]  # the 4 distinct prompts once, then the 7 responses on their caches
+    with torch.no_grad():
+        expected = reward.sequence_scores(model, full)
+    torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
+    assert expected.std() > 0
+
+    grads = []
+    for batch in (full, shared):
+        model.zero_grad()
+        loss, _ = reward.group_loss(model, batch, center_coef=0.01)
+        loss.backward()
+        grads.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_full, grad_full), (loss_shared, grad_shared) = grads
+    torch.testing.assert_close(loss_shared, loss_full, rtol=1e-5, atol=1e-6)
+    for g_full, g_shared in zip(grad_full, grad_shared):  # each tensor's gradient, to float rounding of its norm
+        assert g_full.norm() > 0 and (g_shared - g_full).norm() < 1e-4 * g_full.norm()
+
+
+def test_shared_prompt_rm_run_follows_the_full_one(tiny_world, tiny_sft, tmp_path, monkeypatch):
+    shared_calls = []
+    counted = reward.shared_token_values
+    monkeypatch.setattr(reward, "shared_token_values", lambda *a, **k: shared_calls.append(1) or counted(*a, **k))
+    overrides = rm_overrides(tiny_world, tmp_path, tiny_sft, train__max_steps=4, logging__every=1, optim__lr=1e-3)
+    finals, losses = train_with_and_without("rm", "rm.yaml", reward.train, overrides, "share_prompt", tmp_path)
+    assert len(shared_calls) == 4  # the shared run only: one forward per step
+    assert len(losses[0]) == 4 and losses[0][-1] != losses[0][0]  # it trained
+    assert losses[1] == pytest.approx(losses[0], rel=1e-5)
+    apart = max((finals[0][k] - finals[1][k]).abs().max().item() for k in finals[0])
+    moved = (finals[0]["score.weight"].abs().max()).item()  # a fresh head, trained from zero-mean init
+    assert moved > 1e-3 and apart < 1e-4, (moved, apart)
