@@ -25,16 +25,21 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import BatchSchedule, TruncationReport, collate_left_padded_prompts, length_batches, pad
+from rlhf.batching import BatchSchedule, TruncationReport, length_batches, pad
 from rlhf.checkpoints import final_model, save_final
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
 from rlhf.fit import SupervisedTask, fit
 from rlhf.models import causal_logits, load_causal_lm, load_tokenizer
 from rlhf.packing import pack_length, pack_rows
-from rlhf.ppo.shared_prompt import PromptGroups, prompt_groups, shared_response_logprobs
+from rlhf.ppo.shared_prompt import (
+    batch_prompt_groups,
+    collate_shared_prompts,
+    shared_response_logprobs,
+    stage_shares_prompt,
+)
 from rlhf.ppo_math import dpo_loss, logprobs_from_logits, masked_sum
-from rlhf.reward import load_ranked
-from rlhf.runtime import prepare_frozen, seed_everything, sharded_parameters, stage_accelerator
+from rlhf.reward import load_ranked, ranking_index
+from rlhf.runtime import prepare_frozen, seed_everything, stage_accelerator
 from rlhf.sampling import log_generations
 
 # a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
@@ -57,28 +62,16 @@ def collate_groups(
     row_index). With share_prompt, when some prompt repeats, prompts left-padded to the longest and responses
     right-padded after them ([N, P+R], as PPO's episodes), with `prompt_width` P and the sequences' prompt groups
     (`prompt_first` [U], `prompt_owner` [N]) for `sequence_logps` to run each distinct prompt once."""
-    seqs, prompt_lengths, pair_index, group_index = [], [], [], []
-    for g, group in enumerate(groups):
-        base = len(seqs)
-        for prompt, response in group:
-            seqs.append(prompt + response)
-            prompt_lengths.append(len(prompt))
-        for i in range(len(group)):
-            for j in range(i + 1, len(group)):
-                pair_index.append((base + i, base + j))
-                group_index.append(g)
-    pairs = {
-        "pair_index": torch.tensor(pair_index, dtype=torch.long),
-        "group_index": torch.tensor(group_index, dtype=torch.long),
-    }
+    seqs = [prompt + response for group in groups for prompt, response in group]
+    prompt_lengths = [len(prompt) for group in groups for prompt, _ in group]
+    index = ranking_index([len(group) for group in groups], 0.0)
+    pairs = {"pair_index": index["pair_index"], "group_index": index["group_index"]}
     if share_prompt:
         prompts = [prompt for group in groups for prompt, _ in group]
-        # by equal ids rather than by group: truncation may shorten one prompt's copies differently
-        shared = prompt_groups([tuple(prompt) for prompt in prompts])
+        responses = [response for group in groups for _, response in group]
+        shared = collate_shared_prompts(prompts, responses, pad_token_id)
         if shared is not None:
-            responses = [response for group in groups for _, response in group]
-            layout = collate_left_padded_prompts(prompts, responses, pad_token_id)
-            return layout | pairs | {"prompt_first": shared.first, "prompt_owner": shared.owner}
+            return shared | pairs
     if pack_length:
         packed = pack_rows(seqs, pack_length, pad_token_id)
         # a token is a response token when its position in its row is past that row's prompt
@@ -102,9 +95,9 @@ def sequence_logps(model, batch: dict) -> torch.Tensor:
     packed batches sum each row's tokens through `row_index` (a row's first token, a prompt token, is never a
     response token, so no row is predicted from another); shared-prompt batches (`collate_groups(share_prompt=
     True)`) run each distinct prompt once and its responses on its KV cache."""
-    if "prompt_owner" in batch:  # share_prompt: each distinct prompt once, the responses on its KV cache
-        groups = PromptGroups(batch["prompt_first"], batch["prompt_owner"])
-        width = int(batch["prompt_width"])
+    shared = batch_prompt_groups(batch)
+    if shared is not None:  # share_prompt: each distinct prompt once, the responses on its KV cache
+        groups, width = shared
         ids, mask = batch["input_ids"], batch["attention_mask"]
         token_logps = shared_response_logprobs(model, ids, mask, width, 1.0, groups)  # [N, R]
         return masked_sum(token_logps, batch["response_mask"][:, width:], dim=-1)
@@ -217,13 +210,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
     # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)
     packed_length = pack_length(cfg.data, model, tokenizer)
-    # the prompt's forward and its responses' run apart, so not through parameters sharded by FSDP / ZeRO-3
-    share_prompt = cfg.share_prompt and not sharded_parameters(accelerator)
-    if cfg.share_prompt:
-        accelerator.print(
-            "[dpo] share_prompt: "
-            + ("each prompt runs once per micro-batch" if share_prompt else "off (parameters sharded: FSDP / ZeRO-3)")
-        )
+    share_prompt = stage_shares_prompt(cfg.share_prompt, accelerator, "dpo")
     if cfg.reference == "copy":
         ref_cfg = copy.deepcopy(cfg.model)
         ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False

@@ -27,15 +27,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf.batching import (
-    BatchSchedule,
-    TruncationReport,
-    collate_left_padded_prompts,
-    encode_pairs,
-    encode_prompts,
-    length_batches,
-    pad,
-)
+from rlhf.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, length_batches, pad
 from rlhf.checkpoints import final_model, publish_final, save_final
 from rlhf.config import FormatConfig, RMConfig, RMEnsemble, TextSource, check_paths, save_config
 from rlhf.data import load_source
@@ -49,9 +41,14 @@ from rlhf.models import (
     token_values,
 )
 from rlhf.packing import pack_length, pack_rows
-from rlhf.ppo.shared_prompt import PromptGroups, prompt_groups, shared_token_values
+from rlhf.ppo.shared_prompt import (
+    batch_prompt_groups,
+    collate_shared_prompts,
+    shared_token_values,
+    stage_shares_prompt,
+)
 from rlhf.ppo_math import ranking_loss
-from rlhf.runtime import seed_everything, sharded_parameters, stage_accelerator
+from rlhf.runtime import seed_everything, stage_accelerator
 from rlhf.tracking import write_json
 
 
@@ -110,27 +107,24 @@ def ranking_index(sizes: list[int], margin_coef: float) -> dict[str, torch.Tenso
 
 
 def collate_shared_prompt(groups: list[list[tuple]], pad_token_id: int, margin_coef: float) -> dict[str, torch.Tensor]:
-    """`collate_groups` for share_prompt: groups of (prompt ids, response ids) laid out as PPO's episodes
-    (`collate_left_padded_prompts`), with the responses' prompt groups (`prompt_first` [U], `prompt_owner` [N]) for
-    `sequence_scores` to run each distinct prompt once; the whole sequences, right-padded, when no prompt repeats."""
+    """`collate_groups` for share_prompt: groups of (prompt ids, response ids) laid out by `collate_shared_prompts`
+    for `sequence_scores` to run each distinct prompt once; the whole sequences, right-padded, when no prompt
+    repeats."""
     prompts = [prompt for group in groups for prompt, _ in group]
-    # by equal ids rather than by group: truncation may shorten one prompt's copies differently
-    shared = prompt_groups([tuple(prompt) for prompt in prompts])
+    responses = [response for group in groups for _, response in group]
+    shared = collate_shared_prompts(prompts, responses, pad_token_id)
     if shared is None:
         return collate_groups([[p + r for p, r in group] for group in groups], pad_token_id, margin_coef)
-    responses = [response for group in groups for _, response in group]
-    layout = collate_left_padded_prompts(prompts, responses, pad_token_id)
-    index = ranking_index([len(group) for group in groups], margin_coef)
-    return layout | index | {"prompt_first": shared.first, "prompt_owner": shared.owner}
+    return shared | ranking_index([len(group) for group in groups], margin_coef)
 
 
 def sequence_scores(model, batch: dict) -> torch.Tensor:
     """[N] raw scores of a batch's sequences (padded, or packed: read at each row's last token). Shared-prompt
     batches (`collate_shared_prompt`) run each distinct prompt once, inside the TokenValueModel's forward (so
     through its DDP wrapper), and read each score at its response's last token."""
-    if "prompt_owner" in batch:
-        width = int(batch["prompt_width"])
-        groups = PromptGroups(batch["prompt_first"], batch["prompt_owner"])
+    shared = batch_prompt_groups(batch)
+    if shared is not None:
+        groups, width = shared
 
         def shared_values(inner, input_ids, attention_mask, _positions):
             return shared_token_values(inner, input_ids, attention_mask, width, groups)  # [N, 1+R]
@@ -274,7 +268,7 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
     report = TruncationReport()
     # share_prompt keeps each response's prompt apart: groups of (prompt, response); else groups of whole sequences
-    share_prompt = cfg.share_prompt and not sharded_parameters(accelerator)
+    share_prompt = stage_shares_prompt(cfg.share_prompt, accelerator, "rm")
     if share_prompt:
         train_groups = load_ranked(tokenizer, cfg.data.format, cfg.data.train, report)
     else:
@@ -294,11 +288,6 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
     k_mean = sum(len(g) for g in train_groups) / len(train_groups)
     accelerator.print(f"[rm] {len(train_groups)} prompts (mean K {k_mean:.1f}), {total_steps} steps")
-    if cfg.share_prompt:
-        accelerator.print(
-            "[rm] share_prompt: "
-            + ("each prompt runs once per micro-batch" if share_prompt else "off (parameters sharded: FSDP / ZeRO-3)")
-        )
 
     def global_batch(step: int) -> list:
         return [train_groups[j] for j in schedule(step)]

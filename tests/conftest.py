@@ -121,15 +121,28 @@ def load_safetensors_dir(path: str | Path) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def train_with_and_without(stage: str, yaml_name: str, train, overrides: dict, key: str, tmp_path: Path):
-    """Train a shipped tiny YAML twice, `key` false then true: ([final weights], [train/loss series]) of the two."""
-    finals, losses = [], []
+def train_with_and_without(
+    stage: str, yaml_name: str, train, overrides: dict, key: str, tmp_path: Path, monkeypatch, counted: tuple
+):
+    """Train a shipped tiny YAML twice, `key` false then true, counting the calls of `counted` = (module, function
+    name) in each: ([final weights], [train/loss series], [calls]) of the two runs."""
+    module, name = counted
+    calls, original = [0], getattr(module, name)
+
+    def counting(*args, **kwargs):
+        calls[0] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(module, name, counting)
+    finals, losses, counts = [], [], []
     for on in (False, True):
         out = tmp_path / f"{key}-{on}"
         cfg = load_stage(stage, yaml_name, overrides | {"output_dir": out, key: on})
+        calls[0] = 0
         finals.append(load_safetensors_dir(train(cfg)))
+        counts.append(calls[0])
         losses.append([v for _, v in metric_series(read_metrics(out), "train/loss")])
-    return finals, losses
+    return finals, losses, counts
 
 
 def assert_resume_bit_identical(stage: str, yaml_name: str, train, base: dict, tmp_path: Path, steps: int = 6) -> None:

@@ -377,12 +377,12 @@ def test_share_prompt_without_a_repeated_prompt_collates_as_before(tokenizer):
 
 
 def test_shared_prompt_dpo_run_follows_the_full_one(tiny_world, tiny_sft, tmp_path, monkeypatch):
-    shared_calls = []
-    counted = dpo.shared_response_logprobs
-    monkeypatch.setattr(dpo, "shared_response_logprobs", lambda *a, **k: shared_calls.append(1) or counted(*a, **k))
     overrides = dpo_overrides(tiny_world, tmp_path, tiny_sft, train__max_steps=4, logging__every=1, optim__lr=1e-3)
-    finals, losses = train_with_and_without("dpo", "dpo.yaml", dpo.train, overrides, "share_prompt", tmp_path)
-    assert len(shared_calls) == 4 * 2  # the shared run only: each step's policy and reference forwards
+    counted = (dpo, "shared_response_logprobs")
+    finals, losses, calls = train_with_and_without(
+        "dpo", "dpo.yaml", dpo.train, overrides, "share_prompt", tmp_path, monkeypatch, counted
+    )
+    assert calls == [0, 4 * 2]  # the shared run only: each step's policy and reference forwards
     assert len(losses[0]) == 4 and losses[0][-1] != losses[0][0]  # it trained
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     moved = max((finals[0][k] - load_safetensors_dir(tiny_sft)[k]).abs().max().item() for k in finals[0])

@@ -293,12 +293,12 @@ def test_shared_prompt_gives_the_full_scores_loss_and_gradients(tiny_sft):
 
 
 def test_shared_prompt_rm_run_follows_the_full_one(tiny_world, tiny_sft, tmp_path, monkeypatch):
-    shared_calls = []
-    counted = reward.shared_token_values
-    monkeypatch.setattr(reward, "shared_token_values", lambda *a, **k: shared_calls.append(1) or counted(*a, **k))
     overrides = rm_overrides(tiny_world, tmp_path, tiny_sft, train__max_steps=4, logging__every=1, optim__lr=1e-3)
-    finals, losses = train_with_and_without("rm", "rm.yaml", reward.train, overrides, "share_prompt", tmp_path)
-    assert len(shared_calls) == 4  # the shared run only: one forward per step
+    counted = (reward, "shared_token_values")
+    finals, losses, calls = train_with_and_without(
+        "rm", "rm.yaml", reward.train, overrides, "share_prompt", tmp_path, monkeypatch, counted
+    )
+    assert calls == [0, 4]  # the shared run only: one forward per step
     assert len(losses[0]) == 4 and losses[0][-1] != losses[0][0]  # it trained
     assert losses[1] == pytest.approx(losses[0], rel=1e-5)
     apart = max((finals[0][k] - finals[1][k]).abs().max().item() for k in finals[0])

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from rlhf.batching import collate_left_padded_prompts
 from rlhf.models import (
     TokenValueModel,
     backbone,
@@ -29,6 +30,7 @@ from rlhf.models import (
     wrapped_module,
 )
 from rlhf.ppo.rollout import logprobs_and_entropy, response_logprobs, response_values
+from rlhf.runtime import sharded_parameters
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,40 @@ def prompt_groups(keys: Sequence, device: torch.device | str = "cpu") -> PromptG
         return None
     first = [owner.index(u) for u in range(len(index))]
     return PromptGroups(torch.tensor(first, device=device), torch.tensor(owner, device=device))
+
+
+def collate_shared_prompts(
+    prompts: list[list[int]], responses: list[list[int]], pad_token_id: int
+) -> dict[str, torch.Tensor] | None:
+    """(prompt, response) rows (DPO's and the RM's share_prompt) as PPO's episodes: each prompt left-padded to the
+    longest P, its response right-padded after it. input_ids, attention_mask, response_mask [N, P+R], prompt_width
+    P (0-d, so the batch moves to the device whole), and the rows' prompt groups `prompt_first` [U] / `prompt_owner`
+    [N] (by equal ids rather than by where a row came from: truncation may shorten one prompt's copies differently).
+    None when no prompt repeats: nothing to share."""
+    groups = prompt_groups([tuple(prompt) for prompt in prompts])
+    if groups is None:
+        return None
+    layout = collate_left_padded_prompts(prompts, responses, pad_token_id)
+    return layout | {"prompt_first": groups.first, "prompt_owner": groups.owner}
+
+
+def batch_prompt_groups(batch: dict) -> tuple[PromptGroups, int] | None:
+    """(the prompt groups, the prompt width P) of a `collate_shared_prompts` batch; None for any other batch."""
+    if "prompt_owner" not in batch:
+        return None
+    return PromptGroups(batch["prompt_first"], batch["prompt_owner"]), int(batch["prompt_width"])
+
+
+def stage_shares_prompt(share_prompt: bool, accelerator, stage: str) -> bool:
+    """Whether a stage's `share_prompt` applies: never through parameters sharded by FSDP / ZeRO-3 (the prompt's
+    forward and its responses' run apart). Says which at start when it was asked for."""
+    applies = share_prompt and not sharded_parameters(accelerator)
+    if share_prompt:
+        accelerator.print(
+            f"[{stage}] share_prompt: "
+            + ("each prompt runs once per micro-batch" if applies else "off (parameters sharded: FSDP / ZeRO-3)")
+        )
+    return applies
 
 
 def prompt_then_responses(
