@@ -63,7 +63,7 @@ plot: install
 
 # docs/config.md from the config dataclasses' field docstrings (tests/test_config_docs.py fails when it is stale)
 config-docs: install
-	$(BIN)/python -m rlhf.config_docs > docs/config.md
+	$(BIN)/python -m rlhf.config.docs > docs/config.md
 
 bench: install
 	$(BIN)/python scripts/bench.py

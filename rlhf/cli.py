@@ -6,12 +6,12 @@ import argparse
 import sys
 from pathlib import Path
 
-from rlhf.checkpoints import CheckpointError
 from rlhf.config import ConfigError, load_config
-from rlhf.data import DataError
-from rlhf.guards import EXIT_STOPPED, NonFiniteError, StoppedBySignal
-from rlhf.runtime import quiet_hf_progress
-from rlhf.stages import run_stage
+from rlhf.data.sources import DataError
+from rlhf.runtime.accelerator import quiet_hf_progress
+from rlhf.runtime.checkpoints import CheckpointError
+from rlhf.runtime.guards import EXIT_STOPPED, NonFiniteError, StoppedBySignal
+from rlhf.stages.registry import run_stage
 
 STAGE_HELP = {
     "sft": "stage 1: supervised fine-tuning (or pretraining with data.kind: text)",
@@ -87,7 +87,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run_plan(args) -> int:
     import yaml
 
-    from rlhf.plan import format_plan, guess_stage, parse_bytes, plan_config
+    from rlhf.tools.plan import format_plan, guess_stage, parse_bytes, plan_config
 
     if args.num_processes < 1:
         raise ConfigError(f"--num-processes must be >= 1, got {args.num_processes}")
@@ -112,11 +112,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in STAGE_HELP:
             run_stage(args.command, args.config, args.overrides, args.dry_run, args.print_config)
         elif args.command == "pipeline":
-            from rlhf.pipeline import run_pipeline
+            from rlhf.stages.pipeline import run_pipeline
 
             run_pipeline(args.config_dir, args.overrides, args.dry_run)
         elif args.command == "generate":
-            from rlhf.generate import main as generate_main
+            from rlhf.tools.generate import main as generate_main
 
             generate_main(args)
         elif args.command == "tiny":
@@ -127,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "plan":
             return run_plan(args)
         elif args.command == "plot":
-            from rlhf.plot import plot_run
+            from rlhf.tools.plot import plot_run
 
             for path in plot_run(args.run_dir):
                 print(path)

@@ -18,9 +18,9 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.pipeline import run_pipeline
-from rlhf.runtime import quiet_hf_progress
-from rlhf.stages import run_stage
+from rlhf.runtime.accelerator import quiet_hf_progress
+from rlhf.stages.pipeline import run_pipeline
+from rlhf.stages.registry import run_stage
 
 RUN = Path("runs/algorithms")
 ITERATIONS = os.environ.get("ITERATIONS")

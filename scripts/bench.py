@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf import ppo, sft
 from rlhf.config import load_config
-from rlhf.pipeline import run_pipeline
+from rlhf.stages import ppo, sft
+from rlhf.stages.pipeline import run_pipeline
 
 OUT = Path("runs/bench")
 COMMON = ["logging.progress=off", "logging.tensorboard=false", "checkpoint.every=0", "resume=never"]

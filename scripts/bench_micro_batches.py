@@ -13,7 +13,7 @@ import math
 import random
 import statistics
 
-from rlhf.batching import aligned_batches
+from rlhf.data.batching import aligned_batches
 
 # name: (prompt length: median, sigma, min, max), (response length: ...), minibatch, micro-batch
 WORKLOADS = {

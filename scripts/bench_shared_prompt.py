@@ -2,9 +2,9 @@
 every sequence run whole, in PPO's generation (`--phase generate`), its scoring forwards (`--phase score`) or, with
 ppo.group_minibatches, in the update's differentiated ones (`--phase train`); and DPO's `share_prompt` (`--phase
 dpo`: k = 2 for chosen/rejected pairs, 4 for ranked lists; per micro-batch of 16 responses the policy's forward and
-backward and a reference copy's forward, as `rlhf.dpo.preference_loss` runs them, against DPO's own padded batches),
+backward and a reference copy's forward, as `rlhf.stages.dpo.preference_loss` runs them, against DPO's own padded batches),
 and the reward model's (`--phase rm`: the same groups, the scalar-head model's forward and backward as
-`rlhf.reward.group_loss` runs them).
+`rlhf.stages.reward_model.group_loss` runs them).
 
 For each (prompt length, k): 64 episodes (64/k prompts x k responses). generate: 64 new tokens sampled per episode
 (each with its own seed; a random-init model seldom ends early), the prompts prefilled whole or each distinct prompt
@@ -31,11 +31,11 @@ from types import SimpleNamespace
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
 
-from rlhf import dpo, reward
-from rlhf.batching import pad
-from rlhf.models import TokenValueModel, reward_scores
-from rlhf.ppo.rollout import response_logprobs
-from rlhf.ppo.shared_prompt import (
+from rlhf.data.batching import pad
+from rlhf.generation.sampling import generate
+from rlhf.models.forwards import response_logprobs
+from rlhf.models.loading import TokenValueModel, reward_scores
+from rlhf.models.shared_prompt import (
     logprobs_forward,
     prompt_groups,
     shared_prefill,
@@ -43,7 +43,8 @@ from rlhf.ppo.shared_prompt import (
     shared_reward_scores,
     values_forward,
 )
-from rlhf.sampling import generate
+from rlhf.stages import dpo
+from rlhf.stages import reward_model as reward
 
 SIZES = {
     "tiny": dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4),

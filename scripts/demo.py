@@ -3,9 +3,9 @@
 import sys
 import time
 
-from rlhf.pipeline import run_pipeline, summarize
-from rlhf.plot import plot_run
-from rlhf.runtime import quiet_hf_progress
+from rlhf.runtime.accelerator import quiet_hf_progress
+from rlhf.stages.pipeline import run_pipeline, summarize
+from rlhf.tools.plot import plot_run
 
 RECIPE, RUN = "configs/tiny", "runs/tiny"
 

@@ -1,6 +1,6 @@
 """`make kl-control`: every KL controller on dynamics it was not tuned on (docs/overoptimization.md).
 
-1. the simulated harness (rlhf.kl_scenarios): slow start then take-off, fast start, an exploit that appears
+1. the simulated harness (rlhf.tools.kl_scenarios): slow start then take-off, fast start, an exploit that appears
    mid-run, noisy KL (and a very noisy stress row), each from beta_0 in {0.001, 0.05, 1}, 5 noise seeds;
 2. real tiny PPO runs (the demo's tiny world, pretraining and SFT; built when runs/tiny lacks them) for each
    controller on (a) a slow start — the learning rate warmed up over the first third of the run, and a reward
@@ -17,10 +17,10 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.kl_scenarios import format_table, kl_harness_table
-from rlhf.pipeline import run_pipeline
-from rlhf.runtime import quiet_hf_progress
-from rlhf.stages import run_stage
+from rlhf.runtime.accelerator import quiet_hf_progress
+from rlhf.stages.pipeline import run_pipeline
+from rlhf.stages.registry import run_stage
+from rlhf.tools.kl_scenarios import format_table, kl_harness_table
 
 RUN = Path("runs/kl_control")
 ITERATIONS = int(os.environ.get("ITERATIONS", "120"))
@@ -29,7 +29,7 @@ COMMON = [
     f"train.max_steps={ITERATIONS}",
     "kl.adaptive=true",
     f"kl.target={TARGET}",
-    "reward.function=rlhf.kl_scenarios:repetition_exploit",
+    "reward.function=rlhf.tools.kl_scenarios:repetition_exploit",
     "reward.model_weight=0.0",
     "ptx.ptx_coef=0",
     "checkpoint.every=0",

@@ -1,7 +1,7 @@
 """Check `rlhf plan`'s memory estimate against measurement on CPU.
 
-For each case a fresh subprocess builds the models with the stages' own code (rlhf.models.load_causal_lm,
-rlhf.runtime.build_optimizer, rlhf.sft.sft_loss; PPO: rlhf.ppo.PPOTrainer and one rollout + update), runs a few
+For each case a fresh subprocess builds the models with the stages' own code (rlhf.models.loading.load_causal_lm,
+rlhf.runtime.accelerator.build_optimizer, rlhf.stages.sft.sft_loss; PPO: rlhf.stages.ppo.PPOTrainer and one rollout + update), runs a few
 optimizer steps on micro-batches of exactly the planned length, and reports its peak resident memory above the
 resident memory just before the models were built:
 
@@ -99,9 +99,9 @@ def measure_sft(case: dict) -> dict:
     from accelerate import Accelerator
 
     from rlhf.config import load_config
-    from rlhf.models import load_causal_lm, load_tokenizer
-    from rlhf.runtime import build_optimizer
-    from rlhf.sft import sft_loss
+    from rlhf.models.loading import load_causal_lm, load_tokenizer
+    from rlhf.runtime.accelerator import build_optimizer
+    from rlhf.stages.sft import sft_loss
 
     cfg = load_config("sft", case["config"], case["overrides"])
     tokenizer = load_tokenizer(cfg.model)
@@ -132,7 +132,7 @@ def measure_ppo(case: dict) -> dict:
     import inspect
 
     from rlhf.config import load_config
-    from rlhf.ppo import PPOTrainer
+    from rlhf.stages.ppo import PPOTrainer
 
     cfg = load_config("ppo", case["config"], case["overrides"])
     warm_up()
@@ -206,8 +206,8 @@ def main() -> None:
         return
 
     from rlhf.config import load_config
-    from rlhf.plan import load_shape, plan_ppo, plan_sft
     from rlhf.tiny import build_tiny_world
+    from rlhf.tools.plan import load_shape, plan_ppo, plan_sft
 
     t_start = time.time()
     tmp = Path(tempfile.mkdtemp(prefix="plan_check_"))

@@ -207,7 +207,7 @@ def tiny_world(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tokenizer(tiny_world):
     """The tiny world's word-level tokenizer."""
-    from rlhf.models import load_tokenizer
+    from rlhf.models.loading import load_tokenizer
 
     return load_tokenizer(str(tiny_world / "tokenizer"))
 
@@ -235,7 +235,7 @@ def tiny_value_model(tokenizer):
     """The same shape with a scalar head, as a TokenValueModel (seed 0, eval mode): values and reward scores."""
     from transformers import LlamaForSequenceClassification
 
-    from rlhf.models import TokenValueModel
+    from rlhf.models.loading import TokenValueModel
 
     torch.manual_seed(0)
     config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, num_labels=1)
@@ -245,7 +245,7 @@ def tiny_value_model(tokenizer):
 @pytest.fixture(scope="session")
 def tiny_base(tiny_world, tmp_path_factory) -> Path:
     """A base model pretrained from scratch for 60 steps (the sft stage with configs/tiny/pretrain.yaml)."""
-    from rlhf import sft
+    from rlhf.stages import sft
 
     out = tmp_path_factory.mktemp("pretrain")
     cfg = load_stage(
@@ -270,7 +270,7 @@ def tiny_base(tiny_world, tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def tiny_sft(tiny_world, tiny_base, tmp_path_factory) -> Path:
     """SFT from tiny_base for 40 steps (10% pretraining mix, as the shipped recipe), eval every 10 steps."""
-    from rlhf import sft
+    from rlhf.stages import sft
 
     out = tmp_path_factory.mktemp("sft")
     cfg = load_stage(
@@ -320,7 +320,7 @@ def rm_config(tiny_world, tiny_sft, out: Path, extra: list[str] = ()):
 
 @pytest.fixture(scope="session")
 def tiny_rm(tiny_world, tiny_sft, tmp_path_factory) -> Path:
-    from rlhf import reward
+    from rlhf.stages import reward_model as reward
 
     return reward.train(rm_config(tiny_world, tiny_sft, tmp_path_factory.mktemp("rm")))
 

@@ -10,17 +10,13 @@ from torch.testing import assert_close
 from rlhf.algorithms import (
     ADVANTAGE_ESTIMATORS,
     ADVANTAGE_NEEDS,
+    ENSEMBLE_AGGREGATES,
+    GROUP_BASELINES,
+    KL_ESTIMATORS,
     KL_PLACEMENTS,
     POLICY_OBJECTIVES,
     AdvantageSettings,
     ObjectiveSettings,
-)
-from rlhf.config import KLConfig, PPOHyper, RewardShaping
-from rlhf.kl_control import KL_CONTROLLERS
-from rlhf.ppo_math import (
-    ENSEMBLE_AGGREGATES,
-    GROUP_BASELINES,
-    KL_ESTIMATORS,
     gae,
     group_advantages,
     klpen_policy_loss,
@@ -28,6 +24,8 @@ from rlhf.ppo_math import (
     policy_loss,
     reinforce_advantages,
 )
+from rlhf.algorithms.kl_control import KL_CONTROLLERS
+from rlhf.config import KLConfig, PPOHyper, RewardShaping
 
 
 def literal(cls, field: str) -> set[str]:

@@ -14,10 +14,10 @@ import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from rlhf.batching import encode_prompts, encode_sft
 from rlhf.config import FormatConfig
-from rlhf.data import load_rows
-from rlhf.models import chat_turn_end, load_tokenizer
+from rlhf.data.batching import encode_prompts, encode_sft
+from rlhf.data.sources import load_rows
+from rlhf.models.loading import chat_turn_end, load_tokenizer
 
 WORDS = ["user", "assistant", "system", "hi", "hello", "name", "a", "fruit", ".", "an", "apple"]
 CHATML = (
@@ -106,7 +106,7 @@ def _ds(rows, tmp_path):
 
 
 def _report():
-    from rlhf.batching import TruncationReport
+    from rlhf.data.batching import TruncationReport
 
     return TruncationReport()
 
@@ -207,8 +207,8 @@ def test_learning_every_turn_lowers_the_held_out_loss_of_earlier_turns(qwen, tmp
     from conftest import load_stage, tiny_llama_config
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from rlhf import sft
-    from rlhf.batching import encode_conversation
+    from rlhf.data.batching import encode_conversation
+    from rlhf.stages import sft
 
     tok = load_tokenizer(str(qwen), fmt=CHAT)
     torch.manual_seed(0)

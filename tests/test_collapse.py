@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from conftest import ppo_config, read_metrics
 
-from rlhf import evaluate, ppo
-from rlhf.collapse import CollapseMonitor, collapse_reasons, has_tandem_repeat, kl_limit, repeat_share
+from rlhf.algorithms.collapse import CollapseMonitor, collapse_reasons, has_tandem_repeat, kl_limit, repeat_share
 from rlhf.config import CollapseLimits, ConfigError, EvalConfig, load_config
+from rlhf.stages import evaluate, ppo
 
 
 def test_tandem_repeats_by_hand():
@@ -163,7 +163,7 @@ def test_ppo_logs_repeats_and_the_collapse_guard_stops_a_collapsing_run(tiny_wor
         "optim.warmup_steps=0",
         "kl.kl_coef=0.0",
         "train.max_steps=80",
-        "reward.function=rlhf.kl_scenarios:repetition_exploit",
+        "reward.function=rlhf.tools.kl_scenarios:repetition_exploit",
         "reward.model_weight=0.0",
         "collapse.stop=true",
         "collapse.window=3",

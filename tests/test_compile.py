@@ -8,9 +8,10 @@ from accelerate import Accelerator
 from conftest import load_stage, ppo_config, read_metrics, rm_config, sft_overrides
 from safetensors.torch import load_file
 
-from rlhf import dpo, ppo, reward, sft
 from rlhf.config import ConfigError
-from rlhf.runtime import clip_grad_norm, compiled_for_training
+from rlhf.runtime.accelerator import clip_grad_norm, compiled_for_training
+from rlhf.stages import dpo, ppo, sft
+from rlhf.stages import reward_model as reward
 
 
 def _with_grads() -> list[torch.nn.Parameter]:

@@ -208,7 +208,7 @@ def test_unknown_stage():
 
 
 def test_missing_data_path_fails_before_model_load(tmp_path, monkeypatch, tiny_world):
-    from rlhf import sft
+    from rlhf.stages import sft
 
     def boom(*args, **kwargs):
         raise AssertionError("a model or accelerator was built before the paths were checked")

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import yaml
 
-from rlhf import config_docs
 from rlhf.cli import main
 from rlhf.config import STAGES, load_config, to_dict
+from rlhf.config import docs as config_docs
 
 ROOT = Path(__file__).resolve().parent.parent
 

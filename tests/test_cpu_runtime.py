@@ -12,8 +12,9 @@ import pytest
 import torch
 from conftest import ppo_config, read_metrics
 
-from rlhf import ppo, runtime
-from rlhf.runtime import ModelLanes, concurrent_models, keep_freed_memory
+from rlhf.runtime import accelerator as runtime
+from rlhf.runtime.accelerator import ModelLanes, concurrent_models, keep_freed_memory
+from rlhf.stages import ppo
 
 
 def test_lanes_run_each_task_in_its_own_thread_with_a_share_of_the_cores():

@@ -1,4 +1,4 @@
-"""Tests for rlhf.data: every source format x kind, field_map, bad rows, normalisation, and property tests."""
+"""Tests for rlhf.data.sources: every source format x kind, field_map, bad rows, normalisation, and property tests."""
 
 from __future__ import annotations
 
@@ -10,8 +10,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from rlhf import data
-from rlhf.data import KINDS, DataError, LoadReport, load_rows
+from rlhf.data import sources as data
+from rlhf.data.sources import KINDS, DataError, LoadReport, load_rows
 
 # One valid raw row per kind, and the canonical row it must become.
 RAW = {

@@ -23,11 +23,11 @@ from conftest import (
 )
 from transformers import AutoModelForCausalLM
 
-from rlhf import dpo
-from rlhf.batching import TruncationReport
+from rlhf.algorithms import dpo_loss
 from rlhf.config import ConfigError, load_config
-from rlhf.models import load_tokenizer
-from rlhf.ppo_math import dpo_loss
+from rlhf.data.batching import TruncationReport
+from rlhf.models.loading import load_tokenizer
+from rlhf.stages import dpo
 
 DPO_YAML = str(CONFIGS / "tiny" / "dpo.yaml")
 

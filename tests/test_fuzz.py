@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from rlhf.cli import main
 from rlhf.config import PPOConfig, to_dict
-from rlhf.data import DataError, load_rows
+from rlhf.data.sources import DataError, load_rows
 
 FUZZ = settings(
     max_examples=150, deadline=None, derandomize=True, suppress_health_check=[HealthCheck.function_scoped_fixture]

@@ -10,10 +10,11 @@ import pytest
 import torch
 from conftest import ppo_config, read_metrics
 
-from rlhf import ppo
+from rlhf.algorithms.kl_control import KL_CONTROLLERS, AntiWindupKLController, build_kl_controller, penalty_share
 from rlhf.config import ConfigError, load_config
-from rlhf.kl_control import KL_CONTROLLERS, AntiWindupKLController, build_kl_controller, penalty_share
-from rlhf.kl_scenarios import (
+from rlhf.stages import ppo
+from rlhf.tiny import gold_judge
+from rlhf.tools.kl_scenarios import (
     INIT_BETAS,
     SCENARIOS,
     TARGET,
@@ -22,7 +23,6 @@ from rlhf.kl_scenarios import (
     second_half,
     simulate,
 )
-from rlhf.tiny import gold_judge
 
 
 def test_penalty_share_by_hand():
@@ -158,7 +158,7 @@ REAL_COMMON = [
     "train.max_steps=90",
     "kl.adaptive=true",
     f"kl.target={REAL_TARGET}",
-    "reward.function=rlhf.kl_scenarios:repetition_exploit",
+    "reward.function=rlhf.tools.kl_scenarios:repetition_exploit",
     "reward.model_weight=0.0",
 ]
 REAL_CASES = {

@@ -14,8 +14,8 @@ import torch
 from conftest import ppo_config, read_metrics
 from safetensors.torch import load_file
 
-from rlhf import ppo
 from rlhf.config import ConfigError
+from rlhf.stages import ppo
 
 OPTIONS = {
     "reinforce_value": ["ppo.advantage=reinforce", "ppo.baseline=value"],

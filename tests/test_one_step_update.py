@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import CONFIGS, load_safetensors_dir, ppo_config, read_metrics
 
-from rlhf import ppo
 from rlhf.config import ConfigError, PPOConfig, load_config
-from rlhf.ppo import scoring
+from rlhf.stages import ppo
+from rlhf.stages.ppo import scoring
 
 # GRPO as DeepSeekMath and TRL run it: k samples per prompt, beta * k3 KL in the loss, one optimizer step per rollout
 ONE_STEP_GRPO = [

@@ -11,9 +11,10 @@ import pytest
 from conftest import CONFIGS, ppo_config, read_metrics, rm_config
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
-from rlhf import evaluate, ppo, reward
 from rlhf.config import ConfigError, load_config
-from rlhf.models import reward_members
+from rlhf.models.loading import reward_members
+from rlhf.stages import evaluate, ppo
+from rlhf.stages import reward_model as reward
 
 FAST = ["optim.lr=3e-4", "optim.warmup_steps=0", "ptx.ptx_coef=0.0"]
 

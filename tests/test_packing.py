@@ -11,11 +11,14 @@ import torch
 from conftest import assert_resume_bit_identical, load_stage, metric_series, read_metrics, sft_overrides
 from datasets import Dataset
 
-from rlhf import packing, sft
-from rlhf.batching import TruncationReport, collate_lm, encode_sft
 from rlhf.config import FormatConfig
-from rlhf.models import causal_logits
-from rlhf.packing import best_fit_decreasing, check_rows_independent, collate_packed, packed_micro_batches
+from rlhf.data import packing
+from rlhf.data.batching import TruncationReport, collate_lm, encode_sft
+from rlhf.data.packing import best_fit_decreasing, collate_packed, packed_micro_batches
+from rlhf.models import packing as model_packing
+from rlhf.models.loading import causal_logits
+from rlhf.models.packing import check_rows_independent
+from rlhf.stages import sft
 
 WORDS = "the cat dog is happy sad in park all day a short long line about tell me write".split()
 
@@ -121,7 +124,7 @@ def test_a_model_whose_rows_would_mix_is_refused(tiny_lm, monkeypatch):
     def leaking(model, ids, attention_mask, last=0, position_ids=None):  # ignores the restarts: plain causal mask
         return causal_logits(model, ids, torch.ones_like(ids))
 
-    monkeypatch.setattr(packing, "causal_logits", leaking)
+    monkeypatch.setattr(model_packing, "causal_logits", leaking)
     from rlhf.config import ConfigError
 
     with pytest.raises(ConfigError, match="data.packing"):
@@ -137,7 +140,7 @@ def test_packed_and_unpacked_runs_take_the_same_first_step(tiny_world, tiny_base
     """Same rows (length grouping off on both), one step: the token-mean loss and the weights agree to rounding."""
     from conftest import load_safetensors_dir
 
-    from rlhf import batching
+    from rlhf.data import batching
 
     monkeypatch.setattr(batching.BatchSchedule, "__init__", _ungrouped_schedule_init)
     finals = {}
@@ -154,7 +157,7 @@ def test_packed_and_unpacked_runs_take_the_same_first_step(tiny_world, tiny_base
     assert max((finals[True][k] - finals[False][k]).abs().max().item() for k in finals[True]) < 1e-5
 
 
-_original_init = __import__("rlhf.batching", fromlist=["BatchSchedule"]).BatchSchedule.__init__
+_original_init = __import__("rlhf.data.batching", fromlist=["BatchSchedule"]).BatchSchedule.__init__
 
 
 def _ungrouped_schedule_init(self, lengths, batch_size, seed, group_by_length=True, what=""):
@@ -175,7 +178,7 @@ def test_pack_rows_reads_each_rows_last_token():
 
 
 def test_packed_reward_groups_give_the_padded_scores_and_loss(tokenizer, tiny_value_model):
-    from rlhf import reward
+    from rlhf.stages import reward_model as reward
 
     examples = mixed_rows(tokenizer, n=9)
     groups = [[e["input_ids"] for e in examples[i : i + 3]] for i in range(0, 9, 3)]  # K = 3, mixed lengths
@@ -199,7 +202,7 @@ def test_packed_reward_groups_give_the_padded_scores_and_loss(tokenizer, tiny_va
 def test_packed_rm_run_resumes_bit_identical(tiny_world, tiny_sft, tmp_path):
     from conftest import rm_overrides
 
-    from rlhf import reward
+    from rlhf.stages import reward_model as reward
 
     base = rm_overrides(
         tiny_world, tmp_path, tiny_sft, data__eval__max_rows=16, data__reference_max_rows=16, data__packing=True
@@ -214,8 +217,8 @@ def test_packed_rm_run_resumes_bit_identical(tiny_world, tiny_sft, tmp_path):
 
 def small_rollout(tokenizer) -> Rollout:  # noqa: F821
     """4 episodes, prompts left-padded to 6 (widths 3, 5, 2, 4), responses right-padded to 7 (lengths 2, 5, 1, 3)."""
-    from rlhf.batching import pad
-    from rlhf.ppo.rollout import Rollout
+    from rlhf.data.batching import pad
+    from rlhf.stages.ppo.rollout import Rollout
 
     g = torch.Generator().manual_seed(0)
     prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (3, 5, 2, 4)]
@@ -243,7 +246,7 @@ def small_rollout(tokenizer) -> Rollout:  # noqa: F821
 
 
 def test_rollout_select_cuts_the_padding_every_row_has(tokenizer):
-    from rlhf.ppo.rollout import real_columns
+    from rlhf.stages.ppo.rollout import real_columns
 
     ro = small_rollout(tokenizer)
     assert real_columns(ro.attention_mask, ro.response_mask, 6) == (1, 5)  # widest prompt 5, longest response 5
@@ -257,7 +260,7 @@ def test_rollout_select_cuts_the_padding_every_row_has(tokenizer):
 
 
 def test_log_probs_and_values_of_a_cut_micro_batch_are_the_full_ones(tokenizer, tiny_lm, tiny_value_model):
-    from rlhf.ppo.rollout import response_logprobs, response_values
+    from rlhf.models.forwards import response_logprobs, response_values
 
     ro = small_rollout(tokenizer)
     idx = torch.tensor([0, 3])
@@ -281,7 +284,7 @@ def test_scoring_in_length_grouped_micro_batches_gives_every_episode_its_own_out
     those of one micro-batch holding all 16 in order."""
     from conftest import ppo_config
 
-    from rlhf import ppo
+    from rlhf.stages import ppo
 
     rollouts = {}
     for micro in (1, 8):  # scoring micro-batches of 4 x micro: 4 (grouped) and 32 (all 16 episodes, in order)
@@ -309,10 +312,10 @@ def test_generation_in_length_ordered_chunks_gives_every_episode_its_own_sample(
     responses back: every episode's response is the one its prompt gets generated alone (its own seed)."""
     from conftest import ppo_config
 
-    from rlhf import ppo
-    from rlhf.batching import length_batches
-    from rlhf.ppo.rollout import ROLLOUT_STREAM
-    from rlhf.sampling import episode_seed
+    from rlhf.data.batching import length_batches
+    from rlhf.generation.sampling import episode_seed
+    from rlhf.stages import ppo
+    from rlhf.stages.ppo.rollout import ROLLOUT_STREAM
 
     cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, ["rollout.generation_batch_size=4"])
     experience = ppo.PPOTrainer(cfg).experience
@@ -327,7 +330,7 @@ def test_generation_in_length_ordered_chunks_gives_every_episode_its_own_sample(
 
 
 def test_packed_dpo_pairs_give_the_padded_log_probs_and_loss(tokenizer, tiny_lm):
-    from rlhf import dpo
+    from rlhf.stages import dpo
 
     examples = mixed_rows(tokenizer, n=8)
     # (prompt ids, response ids) from each example's prompt mask; groups of K = 2 and K = 3, best first
@@ -349,7 +352,7 @@ def test_packed_dpo_pairs_give_the_padded_log_probs_and_loss(tokenizer, tiny_lm)
 
 
 def test_length_batches_cover_every_row_once_longest_first():
-    from rlhf.batching import length_batches
+    from rlhf.data.batching import length_batches
 
     rng = random.Random(0)
     for _ in range(50):
@@ -372,7 +375,7 @@ def test_aligned_batches_group_by_the_lengths_that_set_the_width():
     very different lengths with responses alike: grouped by the prompt's length, not the response's (4 x (40 + 9)
     + 4 x (6 + 9) cells against 4 x (40 + 8) + 4 x (40 + 9) in the old order by response); prompts alike: by the
     response's length, the old order."""
-    from rlhf.batching import aligned_batches
+    from rlhf.data.batching import aligned_batches
 
     prompts, responses = [5, 40, 4, 38, 6, 39, 3, 40], [9, 8, 9, 7, 8, 9, 7, 8]
     batches = aligned_batches(prompts, responses, 4)
@@ -385,7 +388,7 @@ def test_aligned_batches_group_by_the_lengths_that_set_the_width():
 
 
 def test_aligned_batches_cover_every_row_once_and_never_pad_more_than_the_response_order():
-    from rlhf.batching import aligned_batches
+    from rlhf.data.batching import aligned_batches
 
     rng = random.Random(0)
     for _ in range(200):
@@ -406,8 +409,8 @@ def test_a_minibatch_plan_groups_episodes_by_prompt_length_when_responses_are_al
     """Episodes with prompts of 1-2 and 5-6 tokens (left-padded to 6) and responses of 3: the learner's
     micro-batches of 4 hold the short prompts together and the long ones together (widths 2 + 3 and 6 + 3), where
     sorting by response length alone left every micro-batch 6 + 3 wide."""
-    from rlhf.ppo.learner import MinibatchPlan
-    from rlhf.ppo.rollout import Rollout
+    from rlhf.stages.ppo.learner import MinibatchPlan
+    from rlhf.stages.ppo.rollout import Rollout
 
     prompt_lengths, B, P, R = [1, 6, 2, 5, 1, 6, 2, 5], 8, 6, 3
     prompt_mask = torch.arange(P)[None] >= P - torch.tensor(prompt_lengths)[:, None]
@@ -430,8 +433,8 @@ def test_evaluation_in_length_order_gives_every_row_its_own_result(tokenizer, ti
     copy of its prompt beside it (samples_per_prompt: the prompt prefilled once)."""
     from types import SimpleNamespace
 
-    from rlhf.evaluate import sample, sequence_logprobs
-    from rlhf.reward import score_sequences
+    from rlhf.models.forwards import score_sequences
+    from rlhf.stages.evaluate import sample, sequence_logprobs
 
     g = torch.Generator().manual_seed(1)
     prompts = [torch.randint(3, len(tokenizer), (n,), generator=g).tolist() for n in (3, 9, 1, 6, 9, 2, 5)]

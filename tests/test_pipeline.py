@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from rlhf.cli import main
-from rlhf.pipeline import summarize
-from rlhf.plot import plot_run
+from rlhf.stages.pipeline import summarize
+from rlhf.tools.plot import plot_run
 
 SHORT = [
     "pretrain:train.max_steps=60",

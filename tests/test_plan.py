@@ -9,7 +9,7 @@ from conftest import CONFIGS, SMALL_LLAMA
 
 from rlhf.cli import main
 from rlhf.config import load_config
-from rlhf.plan import (
+from rlhf.tools.plan import (
     GiB,
     activation_bytes,
     kv_cache_bytes,

@@ -11,9 +11,9 @@ import torch
 from conftest import ppo_config, read_metrics
 from safetensors.torch import load_file
 
-from rlhf import ppo
 from rlhf.config import ConfigError
-from rlhf.models import load_causal_lm, load_tokenizer
+from rlhf.models.loading import load_causal_lm, load_tokenizer
+from rlhf.stages import ppo
 
 
 def test_a_few_iterations_raise_the_reward(tiny_world, tiny_sft, tiny_rm, tmp_path):
@@ -141,7 +141,7 @@ def test_reward_model_with_another_tokenizer_scores_by_retokenizing(tiny_world, 
     assert not trainer.same_tokenizer
     ro, _ = trainer.rollout(0)
     # re-tokenised scoring must agree with scoring the policy's own ids (the words tokenize identically here)
-    from rlhf.models import reward_scores
+    from rlhf.models.loading import reward_scores
 
     direct = reward_scores(trainer.reward_models[0], ro.query_responses, ro.attention_mask)
     torch.testing.assert_close(ro.raw_scores, direct, atol=1e-4, rtol=0)

@@ -1,4 +1,4 @@
-"""Pencil-and-paper checks for rlhf.ppo_math: every expected number is written out or computed naively."""
+"""Pencil-and-paper checks for rlhf.algorithms: every expected number is written out or computed naively."""
 
 import math
 
@@ -7,8 +7,7 @@ import torch
 import torch.nn.functional as F
 from torch.testing import assert_close
 
-from rlhf.kl_control import AdaptiveKLController, FixedKLController, KLBudget, PIKLController
-from rlhf.ppo_math import (
+from rlhf.algorithms import (
     aggregate_ensemble,
     compute_rewards,
     distinct_n,
@@ -28,6 +27,7 @@ from rlhf.ppo_math import (
     truncate_after_eos,
     value_loss,
 )
+from rlhf.algorithms.kl_control import AdaptiveKLController, FixedKLController, KLBudget, PIKLController
 
 D = torch.float64
 
@@ -523,7 +523,7 @@ def test_distinct_n_by_hand():
 
 
 def test_reinforce_returns_and_batch_mean_baseline():
-    from rlhf.ppo_math import reinforce_advantages
+    from rlhf.algorithms import reinforce_advantages
 
     rewards, mask = torch.tensor([[1.0, 0.0, 2.0]]), torch.ones(1, 3, dtype=torch.bool)
     advantages, returns = reinforce_advantages(rewards, mask, gamma=1.0)
@@ -540,7 +540,7 @@ def test_reinforce_returns_and_batch_mean_baseline():
 
 
 def test_group_advantages_rloo_and_grpo():
-    from rlhf.ppo_math import group_advantages
+    from rlhf.algorithms import group_advantages
 
     rewards = torch.tensor([1.0, 2.0, 3.0, 10.0])
     assert torch.allclose(group_advantages(rewards, 2, "rloo"), torch.tensor([-1.0, 1.0, -7.0, 7.0]))
@@ -554,7 +554,7 @@ def test_group_advantages_rloo_and_grpo():
 
 
 def test_klpen_policy_loss_and_adaptive_beta():
-    from rlhf.ppo_math import KLPenaltyCoef, klpen_policy_loss
+    from rlhf.algorithms import KLPenaltyCoef, klpen_policy_loss
 
     logprobs = torch.tensor([[0.1, -0.2]], requires_grad=True)
     old, advantages = torch.zeros(1, 2), torch.tensor([[1.0, -1.0]])

@@ -16,10 +16,11 @@ from pathlib import Path
 import pytest
 from conftest import CONFIGS
 
-from rlhf import evaluate, ppo, reward, sft
 from rlhf.config import load_config
-from rlhf.data import load_rows
-from rlhf.models import load_tokenizer
+from rlhf.data.sources import load_rows
+from rlhf.models.loading import load_tokenizer
+from rlhf.stages import evaluate, ppo, sft
+from rlhf.stages import reward_model as reward
 
 CHATML = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
@@ -256,8 +257,8 @@ def test_recipe_end_to_end_on_stand_ins(name, family, stand_ins, tmp_path):
 def test_public_rows_render_identically_in_every_stage(stand_ins):
     """The same conversation prefix renders to the same ChatML prompt whether it came as an UltraChat prompt
     row (PPO), an UltraChat SFT row or an HH comparison (RM)."""
-    from rlhf.batching import encode_prompts
     from rlhf.config import FormatConfig
+    from rlhf.data.batching import encode_prompts
 
     fmt = FormatConfig(max_length=96, max_prompt_length=64)
     tok = load_tokenizer(str(stand_ins["qwen2"]), fmt=fmt)

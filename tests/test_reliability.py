@@ -28,11 +28,12 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from rlhf import algorithms, ppo, sft
-from rlhf.checkpoints import CheckpointError, checkpoint_problem
+from rlhf.algorithms import registries as algorithms
 from rlhf.config import ConfigError, save_config
-from rlhf.guards import EXIT_STOPPED, GracefulStop, NonFiniteError
-from rlhf.ppo import scoring
+from rlhf.runtime.checkpoints import CheckpointError, checkpoint_problem
+from rlhf.runtime.guards import EXIT_STOPPED, GracefulStop, NonFiniteError
+from rlhf.stages import ppo, sft
+from rlhf.stages.ppo import scoring
 
 # --------------------------------------------------------------------------------------------------
 # Role checks: a model in the wrong role is refused before anything trains

@@ -18,10 +18,10 @@ from conftest import (
 )
 from transformers import AutoModelForSequenceClassification
 
-from rlhf import reward
-from rlhf.batching import pad
 from rlhf.config import ModelConfig
-from rlhf.models import TokenValueModel, backbone, load_reward_model, load_tokenizer, reward_scores
+from rlhf.data.batching import pad
+from rlhf.models.loading import TokenValueModel, backbone, load_reward_model, load_tokenizer, reward_scores
+from rlhf.stages import reward_model as reward
 
 
 def logsig(x: float) -> float:

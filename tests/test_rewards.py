@@ -9,8 +9,8 @@ from fractions import Fraction
 import pytest
 from conftest import ppo_config, read_metrics, tiny_llama_config
 
-from rlhf import ppo
 from rlhf.rewards import final_number, gsm8k_exact_match, row_function
+from rlhf.stages import ppo
 
 
 @pytest.mark.parametrize(
@@ -127,8 +127,8 @@ def test_the_verifiable_reward_recipe_raises_accuracy_on_a_stand_in(tmp_path):
     with overrides that change only locations and sizes (and a tiny model's learning rates)."""
     from conftest import CONFIGS
 
-    from rlhf import evaluate, sft
     from rlhf.config import load_config
+    from rlhf.stages import evaluate, sft
 
     s = gsm8k_stand_in(tmp_path)
     recipe = CONFIGS / "qwen2.5-0.5b-gsm8k"

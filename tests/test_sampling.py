@@ -1,4 +1,4 @@
-"""Sampling (rlhf.sampling.generate): per-episode random streams, the exact distribution, no hub defaults."""
+"""Sampling (rlhf.generation.sampling.generate): per-episode random streams, the exact distribution, no hub defaults."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import pytest
 import torch
 from transformers import LlamaConfig, LlamaForCausalLM
 
-from rlhf.sampling import episode_seed, generate
+from rlhf.generation.sampling import episode_seed, generate
 
 
 class Tok:

@@ -19,9 +19,9 @@ from datasets import Dataset
 from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from rlhf import sft
-from rlhf.batching import TruncationReport, collate_lm, encode_sft
 from rlhf.config import FormatConfig
+from rlhf.data.batching import TruncationReport, collate_lm, encode_sft
+from rlhf.stages import sft
 
 ROWS = [
     {"prompt": "tell me a short happy sentence about the cat .", "completion": "the cat is happy ."},

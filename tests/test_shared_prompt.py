@@ -9,17 +9,17 @@ import pytest
 import torch
 from conftest import tiny_llama_config
 
-from rlhf.batching import pad
-from rlhf.models import cache_keyword, position_ids_from_mask, reward_scores
-from rlhf.ppo.rollout import response_logprobs, response_values
-from rlhf.ppo.shared_prompt import (
+from rlhf.data.batching import pad
+from rlhf.generation.sampling import generate
+from rlhf.models.forwards import response_logprobs, response_values
+from rlhf.models.loading import cache_keyword, position_ids_from_mask, reward_scores
+from rlhf.models.shared_prompt import (
     prompt_groups,
     shared_prefill,
     shared_response_logprobs,
     shared_response_values,
     shared_reward_scores,
 )
-from rlhf.sampling import generate
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 
@@ -167,7 +167,7 @@ def test_a_rollout_with_the_prompt_shared_is_the_one_without(tiny_world, tiny_sf
     same old/reference log-probs, values and reward-model scores to float tolerance."""
     from conftest import ppo_config
 
-    from rlhf import ppo
+    from rlhf.stages import ppo
 
     extra = ["rollout.samples_per_prompt=4", "train.max_steps=1"]
     rollouts = {}
@@ -195,7 +195,7 @@ def test_shared_forwards_give_the_full_forwards_gradients(tokenizer, lora):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhf.models import TokenValueModel
+    from rlhf.models.loading import TokenValueModel
 
     torch.manual_seed(0)
     policy = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id))
@@ -229,7 +229,7 @@ def test_shared_forwards_give_the_full_forwards_gradients(tokenizer, lora):
 
 
 def test_grouped_minibatch_order_keeps_each_group_whole():
-    from rlhf.ppo.learner import minibatch_order
+    from rlhf.stages.ppo.learner import minibatch_order
 
     g = torch.Generator().manual_seed(3)
     order = minibatch_order(24, 4, g)
@@ -245,8 +245,8 @@ def test_grouped_minibatch_plan_keeps_groups_in_micro_batches_and_marks_them():
     """Micro-batches of 4 from a minibatch of 3 groups of k = 2 (longest responses 5, 2, 7; prompts alike): whole
     groups, ordered to compute the fewest cells (longest first: the short group alone in the partial micro-batch,
     4 x 9 + 2 x 4 cells against 4 x 7 + 2 x 9 shortest first), each micro-batch's shared prompts marked."""
-    from rlhf.ppo.learner import MinibatchPlan
-    from rlhf.ppo.rollout import Rollout
+    from rlhf.stages.ppo.learner import MinibatchPlan
+    from rlhf.stages.ppo.rollout import Rollout
 
     lengths = [5, 3, 0, 0, 2, 1, 7, 7, 4, 6]  # episodes 0..9; groups of 2: (0,1) (2,3) (4,5) (6,7) (8,9)
     B, R = len(lengths), 8
@@ -272,7 +272,7 @@ def test_grouped_ppo_updates_with_the_prompt_shared_are_the_ones_without(tiny_wo
     without sharing, to float tolerance, for the policy and the critic."""
     from conftest import load_safetensors_dir, ppo_config
 
-    from rlhf import ppo
+    from rlhf.stages import ppo
 
     extra = ["rollout.samples_per_prompt=4", "ppo.group_minibatches=true", "ppo.micro_batch_size=8"]
     extra += ["train.max_steps=3", "checkpoint.every=2", "train.mixed_precision=no"]

@@ -14,9 +14,10 @@ import sys
 import pytest
 from conftest import load_stage, sft_overrides, sft_run_configs
 
-from rlhf import runtime, sft
 from rlhf.cli import main
 from rlhf.config import ConfigError
+from rlhf.runtime import accelerator as runtime
+from rlhf.stages import sft
 
 
 def test_an_offline_wandb_run_gets_the_config_and_the_metrics(tiny_world, tiny_base, tmp_path, monkeypatch):

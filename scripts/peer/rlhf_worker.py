@@ -133,8 +133,9 @@ def main() -> None:
 
     import torch
 
-    from rlhf import dpo, ppo, reward, sft
     from rlhf.config import load_config
+    from rlhf.stages import dpo, ppo, sft
+    from rlhf.stages import reward_model as reward
 
     stage, sets = overrides(args.workload, Path(args.world), out, args.steps, args.precision)
     if args.attn:  # the value model and the reference are built from these two

@@ -1,0 +1,78 @@
+"""The algorithms: pure tensor math and the registries that choose between its variants by config name.
+
+Advantage estimators, policy/value/LM/ranking/DPO losses, KL estimators and placements, KL controllers, reward
+ensemble aggregates and collapse signs. Tensors and floats in, tensors out: nothing here imports a model, an
+accelerator or a config object, so every function is tested against numbers worked out by hand.
+"""
+
+from rlhf.algorithms.functional import (
+    ENSEMBLE_AGGREGATES,
+    GROUP_BASELINES,
+    KL_ESTIMATORS,
+    KLPenaltyCoef,
+    aggregate_ensemble,
+    compute_rewards,
+    distinct_n,
+    dpo_loss,
+    entropy_from_logits,
+    explained_variance,
+    first_true_indices,
+    gae,
+    group_advantages,
+    kl_penalty,
+    klpen_policy_loss,
+    lm_loss,
+    logprobs_from_logits,
+    masked_mean,
+    masked_sum,
+    masked_var,
+    masked_whiten,
+    policy_loss,
+    ranking_loss,
+    reinforce_advantages,
+    truncate_after_eos,
+    value_loss,
+)
+from rlhf.algorithms.registries import (
+    ADVANTAGE_ESTIMATORS,
+    ADVANTAGE_NEEDS,
+    KL_PLACEMENTS,
+    POLICY_OBJECTIVES,
+    AdvantageSettings,
+    ObjectiveSettings,
+)
+
+__all__ = [
+    "ADVANTAGE_ESTIMATORS",
+    "ADVANTAGE_NEEDS",
+    "AdvantageSettings",
+    "ENSEMBLE_AGGREGATES",
+    "GROUP_BASELINES",
+    "KLPenaltyCoef",
+    "KL_ESTIMATORS",
+    "KL_PLACEMENTS",
+    "ObjectiveSettings",
+    "POLICY_OBJECTIVES",
+    "aggregate_ensemble",
+    "compute_rewards",
+    "distinct_n",
+    "dpo_loss",
+    "entropy_from_logits",
+    "explained_variance",
+    "first_true_indices",
+    "gae",
+    "group_advantages",
+    "kl_penalty",
+    "klpen_policy_loss",
+    "lm_loss",
+    "logprobs_from_logits",
+    "masked_mean",
+    "masked_sum",
+    "masked_var",
+    "masked_whiten",
+    "policy_loss",
+    "ranking_loss",
+    "reinforce_advantages",
+    "truncate_after_eos",
+    "value_loss",
+]

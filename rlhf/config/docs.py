@@ -1,0 +1,96 @@
+"""The config reference (docs/config.md), generated from the stage dataclasses: every key, its type, its default,
+its allowed values and the field's docstring. `python -m rlhf.config.docs > docs/config.md` (`make config-docs`)
+writes it; tests/test_config_docs.py fails when the file is stale.
+"""
+
+from __future__ import annotations
+
+import ast
+import dataclasses
+import functools
+import inspect
+import textwrap
+import types
+import typing
+from typing import Any, Literal
+
+from rlhf.config import STAGES
+
+HEADER = """# Config reference
+
+Every key of every stage, generated from the dataclasses in `rlhf/config.py` (`make config-docs`; a test fails
+when this file is stale). A stage's YAML sets any of these; `--set key=value` overrides one on the command line;
+`rlhf <stage> --config X --print-config` prints the resolved config with every default filled in. Keys are
+dotted paths into the YAML (`optim.lr` is `lr:` under `optim:`).
+"""
+
+
+@functools.cache
+def field_docs(cls: type) -> dict[str, str]:
+    """{field name: the string literal right after its declaration} for a dataclass (and its dataclass bases)."""
+    docs: dict[str, str] = {}
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        try:
+            tree = ast.parse(textwrap.dedent(inspect.getsource(klass)))
+        except (OSError, TypeError):
+            continue
+        body = tree.body[0].body
+        for stmt, after in zip(body, body[1:]):
+            if (
+                isinstance(stmt, ast.AnnAssign)
+                and isinstance(stmt.target, ast.Name)
+                and isinstance(after, ast.Expr)
+                and isinstance(after.value, ast.Constant)
+                and isinstance(after.value.value, str)
+            ):
+                docs[stmt.target.id] = " ".join(after.value.value.split())
+    return docs
+
+
+def type_name(tp: Any) -> str:
+    """A field's type as a reader writes it: int, float, str, bool, list[str], one of (...), or optional."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is Literal:
+        return "one of " + ", ".join(f"`{a}`" for a in args)
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in args if a is not type(None)]
+        return " or ".join(type_name(a) for a in inner) + (" or null" if len(inner) < len(args) else "")
+    if origin is not None:
+        return f"{getattr(origin, '__name__', str(origin))}[{', '.join(type_name(a) for a in args)}]"
+    return getattr(tp, "__name__", str(tp))
+
+
+def rows(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """(key, type, default, doc) for every leaf field of a config dataclass, depth first; nested dataclasses
+    (whose defaults may differ per stage, e.g. an optimizer's LR) are read from the stage's default instance."""
+    instance = defaults if defaults is not None else cls()
+    hints = typing.get_type_hints(cls)
+    docs = field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key = prefix + f.name
+        value = getattr(instance, f.name)
+        if dataclasses.is_dataclass(value):
+            out.extend(rows(type(value), key + ".", value))
+            continue
+        shown = "`null`" if value is None else "`''`" if value == "" else f"`{value}`"
+        out.append((key, type_name(hints[f.name]), shown, docs.get(f.name, "")))
+    return out
+
+
+def render() -> str:
+    """The whole reference as markdown."""
+    parts = [HEADER]
+    for stage, cls in STAGES.items():
+        parts.append(f"\n## `rlhf {stage}` ({cls.__name__})\n")
+        parts.append("| key | type | default | what it is |\n|---|---|---|---|")
+        for key, tp, default, doc in rows(cls):
+            cell = doc.replace("|", "\\|")
+            parts.append(f"| `{key}` | {tp.replace('|', '/')} | {default.replace('|', '/')} | {cell} |")
+    return "\n".join(parts) + "\n"
+
+
+if __name__ == "__main__":
+    print(render(), end="")

@@ -1,0 +1,259 @@
+"""Direct Preference Optimization (Rafailov et al. 2023, arXiv:2305.18290): the SFT policy trained directly on the
+reward-model stage's comparisons — no reward model, no sampling, no value model.
+
+Data: the same preference rows and loaders as the RM stage (`{prompt, chosen, rejected}` or `{prompt, ranked}`).
+A prompt with K ranked responses gives all C(K,2) ordered pairs (better, worse). As in the RM stage, the unit of
+a batch is the prompt: each of its responses is forwarded once (chosen and rejected together, in one forward
+per micro-batch) and its pairs' losses are averaged, so every prompt weighs the same however many comparisons
+it has (InstructGPT §3.5: reusing a comparison as separate batch elements overfits). With `share_prompt` each
+distinct prompt of a micro-batch runs once and its responses on its KV cache (PPO's shared-prompt forwards).
+
+Per pair, with log-probs summed over the response tokens only (prompt and padding masked),
+`loss = -log σ(β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])` (`dpo_loss` in
+ppo_math, with cDPO label smoothing). The reference is the SFT model, frozen: a second copy, or with LoRA the
+policy with its adapter disabled. Dropout is off in both, so at step 0 the policy equals the reference exactly.
+
+Built on `fit`: the same checkpoints, bit-exact resume, metrics.jsonl and `final/` (an HF causal LM with its
+tokenizer, LoRA merged when `model.lora.merge_on_save`) as SFT and the reward model.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+from pathlib import Path
+
+import torch
+
+from rlhf.algorithms import dpo_loss, logprobs_from_logits, masked_sum
+from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
+from rlhf.data.batching import BatchSchedule, TruncationReport, length_batches, pad
+from rlhf.data.packing import pack_rows
+from rlhf.data.preference import load_ranked, ranking_index
+from rlhf.generation.sampling import log_generations
+from rlhf.models.loading import causal_logits, load_causal_lm, load_tokenizer
+from rlhf.models.packing import pack_length
+from rlhf.models.shared_prompt import batch_prompt_groups, collate_shared_prompts, shared_response_logprobs
+from rlhf.runtime.accelerator import prepare_frozen, seed_everything, stage_accelerator, stage_shares_prompt
+from rlhf.runtime.checkpoints import final_model, save_final
+from rlhf.runtime.fit import SupervisedTask, fit
+
+# a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
+Group = list[tuple[list[int], list[int]]]
+
+
+def load_groups(tokenizer, cfg: DPOConfig, source: TextSource, report: TruncationReport) -> list[Group]:
+    """Preference rows -> groups of (prompt ids, response ids), best first; rendered exactly as in the RM stage."""
+    return load_ranked(tokenizer, cfg.data.format, source, report)
+
+
+def collate_groups(
+    groups: list[Group], pad_token_id: int, pack_length: int = 0, share_prompt: bool = False
+) -> dict[str, torch.Tensor]:
+    """Every response of every group in one right-padded batch, plus every (better, worse) pair of each group.
+
+    input_ids/attention_mask/response_mask [N, T] (response_mask: 1 on response tokens), pair_index [P, 2] rows
+    of (chosen, rejected), group_index [P] the prompt of each pair. With pack_length the N sequences are packed
+    into sequences of up to that many tokens instead (`rlhf.data.packing.pack_rows`: [S, W] with position_ids and
+    row_index). With share_prompt, when some prompt repeats, prompts left-padded to the longest and responses
+    right-padded after them ([N, P+R], as PPO's episodes), with `prompt_width` P and the sequences' prompt groups
+    (`prompt_first` [U], `prompt_owner` [N]) for `sequence_logps` to run each distinct prompt once."""
+    seqs = [prompt + response for group in groups for prompt, response in group]
+    prompt_lengths = [len(prompt) for group in groups for prompt, _ in group]
+    index = ranking_index([len(group) for group in groups], 0.0)
+    pairs = {"pair_index": index["pair_index"], "group_index": index["group_index"]}
+    if share_prompt:
+        prompts = [prompt for group in groups for prompt, _ in group]
+        responses = [response for group in groups for _, response in group]
+        shared = collate_shared_prompts(prompts, responses, pad_token_id)
+        if shared is not None:
+            return shared | pairs
+    if pack_length:
+        packed = pack_rows(seqs, pack_length, pad_token_id)
+        # a token is a response token when its position in its row is past that row's prompt
+        starts = torch.tensor(prompt_lengths)[packed["row_index"].clamp(min=0)]
+        response_mask = (packed["row_index"] >= 0) & (packed["position_ids"] >= starts)
+        return packed | {"response_mask": response_mask.long(), "num_sequences": torch.tensor(len(seqs))} | pairs
+    masks = [[0] * n + [1] * (len(s) - n) for s, n in zip(seqs, prompt_lengths)]
+    return {
+        "input_ids": pad(seqs, pad_token_id),
+        "attention_mask": pad([[1] * len(s) for s in seqs], 0),
+        "response_mask": pad(masks, 0),
+    } | pairs
+
+
+def num_groups(batch: dict) -> int:
+    return int(batch["group_index"].max()) + 1
+
+
+def sequence_logps(model, batch: dict) -> torch.Tensor:
+    """[N] log π(response | prompt): per-token log-probs summed over response tokens (prompt, padding masked);
+    packed batches sum each row's tokens through `row_index` (a row's first token, a prompt token, is never a
+    response token, so no row is predicted from another); shared-prompt batches (`collate_groups(share_prompt=
+    True)`) run each distinct prompt once and its responses on its KV cache."""
+    shared = batch_prompt_groups(batch)
+    if shared is not None:  # share_prompt: each distinct prompt once, the responses on its KV cache
+        groups, width = shared
+        ids, mask = batch["input_ids"], batch["attention_mask"]
+        token_logps = shared_response_logprobs(model, ids, mask, width, 1.0, groups)  # [N, R]
+        return masked_sum(token_logps, batch["response_mask"][:, width:], dim=-1)
+    position_ids = batch.get("position_ids")
+    logits = causal_logits(model, batch["input_ids"], batch["attention_mask"], position_ids=position_ids)
+    token_logps = logprobs_from_logits(logits[:, :-1], batch["input_ids"][:, 1:])  # logits at t predict token t+1
+    if position_ids is None:
+        return masked_sum(token_logps, batch["response_mask"][:, 1:], dim=-1)
+    mask = batch["response_mask"][:, 1:].bool()
+    rows = batch["row_index"][:, 1:][mask]
+    n = int(batch["num_sequences"])
+    return torch.zeros(n, dtype=token_logps.dtype, device=token_logps.device).index_add(0, rows, token_logps[mask])
+
+
+def per_group_sum(values: torch.Tensor, group_index: torch.Tensor, groups: int) -> torch.Tensor:
+    """Σ over groups of the mean of `values` [P] over that group's pairs: a sum over prompts, as `fit` expects."""
+    sums = torch.zeros(groups, dtype=values.dtype, device=values.device).index_add(0, group_index, values)
+    counts = torch.bincount(group_index, minlength=groups).clamp(min=1).to(values.dtype)
+    return (sums / counts).sum()
+
+
+def preference_loss(
+    model, ref_logps_fn, batch: dict, beta: float, label_smoothing: float
+) -> tuple[torch.Tensor, dict]:
+    """(loss summed over the batch's prompts, stats summed over prompts): what `fit` divides by the step's prompts.
+
+    One forward of the policy over all the batch's responses (chosen and rejected together); the reference
+    log-probs come from `ref_logps_fn(model, batch)` without gradient."""
+    with torch.no_grad():
+        ref_logps = ref_logps_fn(model, batch)
+    policy_logps = sequence_logps(model, batch)
+    chosen, rejected = batch["pair_index"][:, 0], batch["pair_index"][:, 1]
+    loss, chosen_rewards, rejected_rewards = dpo_loss(
+        policy_logps[chosen], policy_logps[rejected], ref_logps[chosen], ref_logps[rejected], beta, label_smoothing
+    )
+    groups, group_index = num_groups(batch), batch["group_index"]
+    loss_sum = per_group_sum(loss, group_index, groups)
+    with torch.no_grad():
+        margin = chosen_rewards - rejected_rewards
+        # ties count half: at step 0 the policy is the reference and every margin is exactly 0 (chance, not 0%)
+        correct = (margin > 0).to(margin.dtype) + 0.5 * (margin == 0).to(margin.dtype)
+        stats = {
+            "loss": loss_sum.detach(),
+            "accuracy": correct,
+            "reward_margin": margin,
+            "chosen_reward": chosen_rewards,
+            "rejected_reward": rejected_rewards,
+            # both falling together is DPO's known drift away from the data; worth watching
+            "chosen_logp": policy_logps[chosen].detach().float(),
+            "rejected_logp": policy_logps[rejected].detach().float(),
+        }
+        stats = {k: v if k == "loss" else per_group_sum(v, group_index, groups) for k, v in stats.items()}
+    return loss_sum, stats
+
+
+@torch.no_grad()
+def evaluate_groups(model, ref_logps_fn, groups: list[Group], cfg: DPOConfig, pad_token_id: int, accelerator) -> dict:
+    """Held-out loss, preference accuracy (implicit reward of the better response higher; ties half), margins."""
+    model.eval()
+    mine = groups[accelerator.process_index :: accelerator.num_processes]
+    micro = cfg.train.micro_batch_size
+    names = ["loss", "accuracy", "reward_margin", "chosen_reward", "rejected_reward"]
+    total = torch.zeros(len(names), dtype=torch.float64, device=accelerator.device)
+    longest = [max(len(p) + len(r) for p, r in g) for g in mine]
+    for index in length_batches(longest, micro):  # groups of like length: sums, in any order
+        batch = collate_groups([mine[i] for i in index], pad_token_id)
+        batch = {k: v.to(accelerator.device) for k, v in batch.items()}
+        with accelerator.autocast():
+            _, stats = preference_loss(model, ref_logps_fn, batch, cfg.beta, cfg.loss.label_smoothing)
+        total += torch.stack([stats[k].double() for k in names])
+    total = accelerator.reduce(total, "sum")
+    return {f"eval/{k}": (v / max(len(groups), 1)).item() for k, v in zip(names, total)}
+
+
+def check_adapter_reference(cfg: DPOConfig) -> None:
+    """Disabling the adapter gives the SFT model only when the policy's base weights *are* the merged SFT model."""
+    if (Path(cfg.model.name_or_path) / "adapter_config.json").exists():
+        raise ConfigError(
+            f"reference: disable_adapter needs model.name_or_path to hold merged SFT weights, but "
+            f"{cfg.model.name_or_path} is a peft adapter: disabling DPO's adapter would not give the SFT model. Save "
+            "SFT with model.lora.merge_on_save: true, or use reference: copy"
+        )
+
+
+def train(cfg: DPOConfig, source: str = "<config>") -> Path:
+    """Run DPO to completion; returns `<output_dir>/final` (loads with AutoModelForCausalLM)."""
+    check_paths(cfg, source)
+    if cfg.reference == "disable_adapter":
+        check_adapter_reference(cfg)
+    accelerator = stage_accelerator(cfg)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
+    report = TruncationReport()
+    train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
+    eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
+    schedule = BatchSchedule(
+        [sum(len(p) + len(c) for p, c in g) for g in train_groups],
+        cfg.train.batch_size,
+        cfg.seed,
+        group_by_length=not cfg.data.packing,  # packing fills best from mixed lengths
+        what=cfg.data.train.path,
+    )
+    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
+    n_pairs = sum(math.comb(len(g), 2) for g in train_groups)
+    accelerator.print(
+        f"[dpo] {len(train_groups)} prompts, {n_pairs} pairs, {total_steps} steps, beta {cfg.beta}, "
+        f"reference: {cfg.reference}"
+    )
+
+    # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
+    model = load_causal_lm(cfg.model, tokenizer, dropout=False)
+    packed_length = pack_length(cfg.data, model, tokenizer)
+    share_prompt = stage_shares_prompt(cfg.share_prompt, accelerator, "dpo")
+    if cfg.reference == "copy":
+        ref_cfg = copy.deepcopy(cfg.model)
+        ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
+        # frozen, and sharded like the policy under FSDP / ZeRO-3 (as PPO's reference)
+        reference = prepare_frozen(accelerator, load_causal_lm(ref_cfg, tokenizer, dropout=False))
+
+        def ref_logps_fn(policy, batch: dict) -> torch.Tensor:
+            return sequence_logps(reference, batch)
+    else:
+
+        def ref_logps_fn(policy, batch: dict) -> torch.Tensor:
+            # the policy itself with its adapter off: base weights = SFT (no second copy in memory); the forward
+            # goes through the (DDP/FSDP) wrapper like the policy's own
+            with accelerator.unwrap_model(policy).disable_adapter():
+                return sequence_logps(policy, batch)
+
+    # Reference log-probs are computed on the fly (one no-grad forward per micro-batch) rather than precomputed
+    # over the dataset: no pass before step 1, nothing to cache or keep in step with truncation and resume, and
+    # with disable_adapter no second model is needed at all. Precomputing would save ~1/3 of a step's compute.
+
+    def global_batch(step: int) -> list:
+        return [train_groups[j] for j in schedule(step)]
+
+    # held-out prompts as the model sees them (the rendered prompt of the first groups), sampled at each evaluation
+    sample_prompts = [group[0][0] for group in eval_groups[: cfg.logging.num_samples]]
+
+    def evaluate(unwrapped, step: int) -> dict:
+        log_generations(accelerator, unwrapped, tokenizer, sample_prompts, cfg.output_dir, step)
+        metrics = report.as_metrics("data")
+        if eval_groups:
+            metrics |= evaluate_groups(unwrapped, ref_logps_fn, eval_groups, cfg, tokenizer.pad_token_id, accelerator)
+            accelerator.print(
+                f"[dpo] step {step}: eval loss {metrics['eval/loss']:.4f}, accuracy {metrics['eval/accuracy']:.4f}"
+            )
+        return metrics
+
+    def write_final(trained, path: Path) -> None:
+        save_final(accelerator, final_model(accelerator, trained, cfg.model.lora), path, tokenizer, cfg)
+
+    task = SupervisedTask(
+        name="dpo",
+        total_steps=total_steps,
+        global_batch=global_batch,
+        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, packed_length, share_prompt),
+        units=num_groups,
+        loss=lambda policy, batch: preference_loss(policy, ref_logps_fn, batch, cfg.beta, cfg.loss.label_smoothing),
+        evaluate=evaluate,
+        write_final=write_final,
+    )
+    return fit(cfg, accelerator, model, tokenizer, task)

@@ -1,0 +1,41 @@
+"""The stages' entry points in one place: `rlhf <stage>`, `rlhf pipeline` and the scripts all run a stage here.
+
+A new stage = one line in STAGE_ENTRY_POINTS (module, function(cfg, source) -> Path | dict) and its config
+dataclass in `rlhf.config`; the CLI and the pipeline pick it up from here, so neither imports the other.
+"""
+
+from __future__ import annotations
+
+import importlib
+from pathlib import Path
+
+import yaml
+
+from rlhf.config import check_paths, load_config, to_dict
+
+# stage -> (module, entry point called with the loaded config and the config file's path)
+STAGE_ENTRY_POINTS = {
+    "sft": ("rlhf.stages.sft", "train"),
+    "rm": ("rlhf.stages.reward_model", "train"),
+    "dpo": ("rlhf.stages.dpo", "train"),
+    "ppo": ("rlhf.stages.ppo", "train"),
+    "eval": ("rlhf.stages.evaluate", "run"),
+}
+
+
+def run_stage(
+    stage: str, config: str, overrides: list[str], dry_run: bool = False, print_config: bool = False
+) -> Path | None:
+    """Load (and validate) `config` with `overrides` for `stage`, check its paths and run it; with dry_run only
+    validate; with print_config print the resolved config (every default filled in) as YAML and stop. Returns what
+    the stage returns (its final/ dir, or eval's result)."""
+    cfg = load_config(stage, config, overrides)
+    if print_config:
+        print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
+        return None
+    if dry_run:
+        print(f"[{stage}] {config}: config OK")
+        return None
+    check_paths(cfg, config)
+    module, name = STAGE_ENTRY_POINTS[stage]
+    return getattr(importlib.import_module(module), name)(cfg, config)
