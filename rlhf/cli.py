@@ -8,11 +8,14 @@ from pathlib import Path
 
 from rlhf.config import ConfigError, load_config
 from rlhf.data.sources import DataError
-from rlhf.runtime.accelerator import quiet_hf_progress
 from rlhf.runtime.checkpoints import CheckpointError
 from rlhf.runtime.guards import EXIT_STOPPED, NonFiniteError, StoppedBySignal
+from rlhf.runtime.model_card import package_version
+from rlhf.runtime.tracking import quiet_hf_progress
 from rlhf.stages.registry import run_stage
+from rlhf.tools.push import PushError
 
+FRONT_DOOR = ("chat", "report", "push", "env", "recipes", "init")
 STAGE_HELP = {
     "sft": "stage 1: supervised fine-tuning (or pretraining with data.kind: text)",
     "rm": "stage 2: reward model from K-way rankings",
@@ -43,6 +46,7 @@ def _stage_parser(sub, name: str) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rlhf", description="InstructGPT-style RLHF: SFT -> RM -> PPO-ptx.")
+    parser.add_argument("--version", action="version", version=f"rlhf {package_version('rlhf')}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGE_HELP:
         _stage_parser(sub, name)
@@ -66,7 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--temperature", type=float, default=1.0)
     p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--prompt-template", default=None, help="plain prompt format (default: the recipe's)")
+    p.add_argument("--prompt-template", default=None, help="plain prompt format (default: the model's run's)")
     p = sub.add_parser("tiny", help="build the tiny world (data, tokenizer, model config)")
     p.add_argument("--out", default="runs/tiny/world")
     p.add_argument("--seed", type=int, default=0)
@@ -81,7 +85,79 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--topology", choices=["ddp", "fsdp", "zero2", "zero3"], default="ddp")
     p.add_argument("--tflops", type=float, help="achieved TFLOP/s per device, for a time estimate")
     p.add_argument("--strict", action="store_true", help="exit 1 when the estimate exceeds --device-memory")
+    _front_door_parsers(sub)
     return parser
+
+
+def _front_door_parsers(sub) -> None:
+    """The commands around a finished run: talk to it, report it, publish it; and where a new one starts."""
+    p = sub.add_parser("chat", help="talk to a model, turn by turn, in the prompt format it was trained with")
+    p.add_argument("model", metavar="MODEL", help="a model dir (e.g. runs/tiny/ppo/final) or hub name")
+    p.add_argument("--system", default="", help="a system message leading the conversation")
+    p.add_argument("--temperature", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=64)
+    p.add_argument("--greedy", action="store_true", help="argmax decoding instead of sampling")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--prompt-template", default=None, help="plain prompt format (default: the model's run's)")
+    p = sub.add_parser("report", help="one self-contained HTML page for a run root: curves, frontier, samples")
+    p.add_argument("run_root", metavar="RUN_ROOT", help="a pipeline's run root (runs/tiny) or one stage's dir")
+    p.add_argument("--out", help="the HTML file (default: RUN_ROOT/report.html)")
+    p = sub.add_parser(
+        "push",
+        help="upload a final/ to the Hugging Face Hub",
+        description="Upload a stage's final/ (weights, tokenizer, model card) to a Hugging Face Hub model repo with "
+        "huggingface_hub (authenticated by HF_TOKEN or `hf auth login`). Tested against a stand-in of the hub API "
+        "only: the project's tests never reach the hub.",
+    )
+    p.add_argument("path", metavar="RUN_OR_FINAL", help="a stage's output dir (its final/ is pushed) or a model dir")
+    p.add_argument("repo", metavar="REPO", help="the hub repo id, e.g. you/tiny-ppo")
+    p.add_argument("--private", action="store_true", help="create the repo private")
+    p.add_argument("--revision", help="a branch to push to (created if needed; default: main)")
+    p.add_argument("--dry-run", action="store_true", help="list what would be uploaded; send and write nothing")
+    p = sub.add_parser("env", help="versions, devices, bf16, processes: what a run here would do (for bug reports)")
+    p.add_argument("--json", action="store_true", help="print it as JSON")
+    sub.add_parser("recipes", help="list the recipes shipped with the package")
+    p = sub.add_parser("init", help="copy a shipped recipe's YAMLs into a dir to make it yours")
+    p.add_argument("recipe", metavar="RECIPE", help="a name `rlhf recipes` lists")
+    p.add_argument("dir", metavar="DIR", help="where the YAMLs go; DIR/recipe.yaml gets run_root: DIR/runs (absolute)")
+    p.add_argument("--force", action="store_true", help="overwrite files already in DIR")
+
+
+def run_front_door(args) -> int:
+    if args.command == "chat":
+        from rlhf.tools.chat import main as chat_main
+
+        return chat_main(args)
+    if args.command == "report":
+        from rlhf.tools.report import write_report
+
+        print(write_report(args.run_root, args.out))
+    elif args.command == "push":
+        from rlhf.tools.push import push
+
+        _, files = push(args.path, args.repo, args.private, args.revision, args.dry_run)
+        if args.dry_run:
+            print("\n".join(f"  {f}" for f in files))
+    elif args.command == "env":
+        import json
+
+        from rlhf.tools.env import environment, format_environment
+
+        plan = build_parser().parse_args(["plan", "--config", "-"])
+        env = environment({"topology": plan.topology, "num_processes": plan.num_processes})
+        print(json.dumps(env, indent=2) if args.json else format_environment(env))
+    elif args.command == "recipes":
+        from rlhf.tools.recipes import format_recipes, list_recipes
+
+        print(format_recipes(list_recipes()))
+    elif args.command == "init":
+        from rlhf.tools.recipes import init_recipe
+
+        written = init_recipe(args.recipe, args.dir, args.force)
+        print(f"recipe {args.recipe} copied to {args.dir}: {', '.join(p.name for p in written)}")
+        print(f"validate it with: rlhf pipeline --config-dir {args.dir} --dry-run")
+    return 0
 
 
 def run_plan(args) -> int:
@@ -126,6 +202,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"tiny world (seed {args.seed}) written to {args.out}: {', '.join(sorted(paths))}")
         elif args.command == "plan":
             return run_plan(args)
+        elif args.command in FRONT_DOOR:
+            return run_front_door(args)
         elif args.command == "plot":
             from rlhf.tools.plot import plot_run
 
@@ -134,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DataError) as e:  # bad input: nothing was trained
         print(f"error: {e}", file=sys.stderr)
         return 2
-    except (NonFiniteError, CheckpointError) as e:  # a run stopped cleanly: what is on disk is intact
+    except (NonFiniteError, CheckpointError, PushError) as e:  # stopped cleanly (a run: what is on disk is intact)
         print(f"error: {e}", file=sys.stderr)
         return 1
     except StoppedBySignal as e:

@@ -2,7 +2,7 @@
 
 A micro-batch of episodes laid out as [left-padded prompt | response], cut to its real columns, is as wide as its
 longest prompt plus its longest response. This prints the share of real tokens among the cells computed, averaged
-over random minibatches, for the order by response length alone (the rule before `batching.aligned_batches`),
+over random minibatches, for the order by response length alone (the simpler rule),
 `aligned_batches`, and no order at all, on length distributions stated below (log-normal: median, sigma, clipped).
 
     python scripts/bench_micro_batches.py [--trials 300] [--seed 0]

@@ -2,8 +2,8 @@
 every sequence run whole, in PPO's generation (`--phase generate`), its scoring forwards (`--phase score`) or, with
 ppo.group_minibatches, in the update's differentiated ones (`--phase train`); and DPO's `share_prompt` (`--phase
 dpo`: k = 2 for chosen/rejected pairs, 4 for ranked lists; per micro-batch of 16 responses the policy's forward and
-backward and a reference copy's forward, as `rlhf.stages.dpo.preference_loss` runs them, against DPO's own padded batches),
-and the reward model's (`--phase rm`: the same groups, the scalar-head model's forward and backward as
+backward and a reference copy's forward, as `rlhf.stages.dpo.preference_loss` runs them, against DPO's own padded
+batches), and the reward model's (`--phase rm`: the same groups, the scalar-head model's forward and backward as
 `rlhf.stages.reward_model.group_loss` runs them).
 
 For each (prompt length, k): 64 episodes (64/k prompts x k responses). generate: 64 new tokens sampled per episode
@@ -34,7 +34,7 @@ from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassifi
 from rlhf.data.batching import pad
 from rlhf.generation.sampling import generate
 from rlhf.models.forwards import response_logprobs
-from rlhf.models.loading import TokenValueModel, reward_scores
+from rlhf.models.heads import TokenValueModel, reward_scores
 from rlhf.models.shared_prompt import (
     logprobs_forward,
     prompt_groups,

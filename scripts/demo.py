@@ -3,7 +3,7 @@
 import sys
 import time
 
-from rlhf.runtime.accelerator import quiet_hf_progress
+from rlhf.runtime.tracking import quiet_hf_progress
 from rlhf.stages.pipeline import run_pipeline, summarize
 from rlhf.tools.plot import plot_run
 

@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from rlhf.runtime.accelerator import quiet_hf_progress
+from rlhf.runtime.tracking import quiet_hf_progress
 from rlhf.stages.pipeline import run_pipeline
 from rlhf.stages.registry import run_stage
 from rlhf.tools.kl_scenarios import format_table, kl_harness_table

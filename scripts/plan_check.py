@@ -1,9 +1,9 @@
 """Check `rlhf plan`'s memory estimate against measurement on CPU.
 
 For each case a fresh subprocess builds the models with the stages' own code (rlhf.models.loading.load_causal_lm,
-rlhf.runtime.accelerator.build_optimizer, rlhf.stages.sft.sft_loss; PPO: rlhf.stages.ppo.PPOTrainer and one rollout + update), runs a few
-optimizer steps on micro-batches of exactly the planned length, and reports its peak resident memory above the
-resident memory just before the models were built:
+rlhf.runtime.optim.build_optimizer, rlhf.stages.sft.sft_loss; PPO: rlhf.stages.ppo.PPOTrainer and one rollout +
+update), runs a few optimizer steps on micro-batches of exactly the planned length, and reports its peak resident
+memory above the resident memory just before the models were built:
 
     measured = VmHWM at the end - VmRSS before the models are built,   with VmHWM reset (/proc/self/clear_refs = 5)
                at that moment (fallback: ru_maxrss - VmRSS), everything in one process of 2 threads, after a
@@ -14,7 +14,7 @@ This is the most honest CPU number available, and it is not the allocator-exact 
 glibc's cached free blocks and fragmentation, thread arenas, lazily-touched pages of libraries first used during
 training, and misses memory the estimate counts but the kernel never paged in. The estimate is an upper-bound-style
 sum (static memory + every activation of the micro-batch alive at once), so it should land above or near the
-measurement. Run: `.venv/bin/python scripts/plan_check.py` (about 2 minutes on 2 cores).
+measurement. Run: `.venv/bin/python scripts/plan_check.py`.
 """
 
 from __future__ import annotations
@@ -100,7 +100,7 @@ def measure_sft(case: dict) -> dict:
 
     from rlhf.config import load_config
     from rlhf.models.loading import load_causal_lm, load_tokenizer
-    from rlhf.runtime.accelerator import build_optimizer
+    from rlhf.runtime.optim import build_optimizer
     from rlhf.stages.sft import sft_loss
 
     cfg = load_config("sft", case["config"], case["overrides"])

@@ -235,7 +235,7 @@ def tiny_value_model(tokenizer):
     """The same shape with a scalar head, as a TokenValueModel (seed 0, eval mode): values and reward scores."""
     from transformers import LlamaForSequenceClassification
 
-    from rlhf.models.loading import TokenValueModel
+    from rlhf.models.heads import TokenValueModel
 
     torch.manual_seed(0)
     config = tiny_llama_config(len(tokenizer), tokenizer.pad_token_id, num_labels=1)

@@ -15,7 +15,7 @@ from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
 from rlhf.config import FormatConfig
-from rlhf.data.batching import encode_prompts, encode_sft
+from rlhf.data.encoding import encode_prompts, encode_sft
 from rlhf.data.sources import load_rows
 from rlhf.models.loading import chat_turn_end, load_tokenizer
 
@@ -106,7 +106,7 @@ def _ds(rows, tmp_path):
 
 
 def _report():
-    from rlhf.data.batching import TruncationReport
+    from rlhf.data.encoding import TruncationReport
 
     return TruncationReport()
 
@@ -207,7 +207,7 @@ def test_learning_every_turn_lowers_the_held_out_loss_of_earlier_turns(qwen, tmp
     from conftest import load_stage, tiny_llama_config
     from transformers import AutoModelForCausalLM, LlamaForCausalLM
 
-    from rlhf.data.batching import encode_conversation
+    from rlhf.data.encoding import encode_conversation
     from rlhf.stages import sft
 
     tok = load_tokenizer(str(qwen), fmt=CHAT)

@@ -1,4 +1,4 @@
-"""Issue 22: collapse signs, frontier selection that cannot promote a collapsed policy, and PPO's collapse guard."""
+"""Collapse signs, frontier selection that cannot promote a collapsed policy, and PPO's collapse guard."""
 
 from __future__ import annotations
 
@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 from conftest import ppo_config, read_metrics
 
-from rlhf.algorithms.collapse import CollapseMonitor, collapse_reasons, has_tandem_repeat, kl_limit, repeat_share
+from rlhf.algorithms.collapse import (
+    CollapseMonitor,
+    collapse_reasons,
+    distinct_n,
+    has_tandem_repeat,
+    kl_limit,
+    repeat_share,
+)
 from rlhf.config import CollapseLimits, ConfigError, EvalConfig, load_config
 from rlhf.stages import evaluate, ppo
 
@@ -27,6 +34,13 @@ def test_tandem_repeats_by_hand():
 
 LIMITS = CollapseLimits()  # the defaults: repeat share +0.1, distinct-2 0.4x, length 0.5-2x, EOS 0.5x
 SFT = {"repeat_share": 0.0, "distinct2": 0.8, "length": 10.0, "eos_share": 0.9, "kl_to_sft": 0.0}
+
+
+def test_distinct_n_by_hand():
+    seqs = [[1, 2, 1, 2], [1, 2]]
+    assert distinct_n(seqs, 1) == pytest.approx(2 / 6)
+    assert distinct_n(seqs, 2) == pytest.approx(2 / 4)  # (1,2) (2,1) (1,2) | (1,2)
+    assert distinct_n([[5]], 2) == 0.0
 
 
 def test_collapse_reasons_name_each_sign_past_its_limit():
@@ -102,7 +116,7 @@ def fake_run(tmp_path: Path, steps: list[int]) -> Path:
 
 
 def test_frontier_promotes_the_earlier_policy_when_the_last_one_repeats(tmp_path, capsys, monkeypatch):
-    """Issue 22's acceptance: the last checkpoint repeats a word 3x in 40% of samples, an earlier one in 5%."""
+    """The last checkpoint repeats a word 3x in 40% of samples, an earlier one in 5%."""
     run = fake_run(tmp_path, [40, 80])
     monkeypatch.setattr(evaluate, "checkpoint_dirs", lambda d: [Path(d) / "checkpoint-40", Path(d) / "checkpoint-80"])
     base = {"distinct2": 0.7, "length": 11.0, "eos_share": 0.9}

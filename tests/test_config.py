@@ -23,7 +23,8 @@ PPO_YAML = str(CONFIGS / "tiny" / "ppo.yaml")
 
 # file stem -> stage; YAMLs that are not stage configs are skipped by name, never silently
 STEM_TO_STAGE = {"pretrain": "sft", "sft": "sft", "rm": "rm", "dpo": "dpo", "ppo": "ppo", "eval": "eval"}
-NOT_STAGE_CONFIGS = {"world"}  # configs/<recipe>/world.yaml: arguments of `rlhf tiny`, not a stage config
+NOT_STAGE_CONFIGS = {"world", "recipe"}  # world.yaml: arguments of `rlhf tiny`; recipe.yaml: what `rlhf recipes` lists
+RECIPE_KEYS = {"name", "model", "method", "data", "cost", "run_root"}
 
 
 def shipped_yamls() -> list[Path]:
@@ -32,9 +33,13 @@ def shipped_yamls() -> list[Path]:
 
 @pytest.mark.parametrize("path", shipped_yamls(), ids=lambda p: str(p.relative_to(CONFIGS)))
 def test_shipped_yaml_loads(path):
-    if path.stem in NOT_STAGE_CONFIGS:  # the tiny world's arguments, read by `rlhf pipeline`
+    if path.stem == "world":  # the tiny world's arguments, read by `rlhf pipeline`
         spec = yaml.safe_load(path.read_text())
         assert set(spec) == {"out", "seed"} and isinstance(spec["seed"], int)
+        return
+    if path.stem == "recipe":  # the recipe's manifest
+        spec = yaml.safe_load(path.read_text())
+        assert set(spec) == RECIPE_KEYS and spec["name"] == path.parent.name
         return
     assert path.stem in STEM_TO_STAGE, f"{path}: unknown stage for file name {path.stem!r}; add it to STEM_TO_STAGE"
     cfg = load_config(STEM_TO_STAGE[path.stem], path)

@@ -13,7 +13,7 @@ import torch
 from conftest import ppo_config, read_metrics
 
 from rlhf.runtime import accelerator as runtime
-from rlhf.runtime.accelerator import ModelLanes, concurrent_models, keep_freed_memory
+from rlhf.runtime.cpu import ModelLanes, concurrent_models, keep_freed_memory
 from rlhf.stages import ppo
 
 

@@ -25,7 +25,7 @@ from transformers import AutoModelForCausalLM
 
 from rlhf.algorithms import dpo_loss
 from rlhf.config import ConfigError, load_config
-from rlhf.data.batching import TruncationReport
+from rlhf.data.encoding import TruncationReport
 from rlhf.models.loading import load_tokenizer
 from rlhf.stages import dpo
 

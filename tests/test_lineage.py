@@ -99,9 +99,9 @@ def test_reward_function_and_model_are_weighted(tiny_world, tiny_sft, tiny_rm, t
     trainer = ppo.PPOTrainer(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path, extra + ["train.max_steps=1"]))
     ro, _ = trainer.rollout(0)
     prompts = [trainer.prompt_rows[j]["prompt"] for j in trainer.episode_rows(0)]
-    texts = trainer.tokenizer.batch_decode(ro.query_responses[:, ro.prompt_width :], skip_special_tokens=True)
+    texts = trainer.roles.tokenizer.batch_decode(ro.query_responses[:, ro.prompt_width :], skip_special_tokens=True)
     gold = torch.tensor([gold_judge(p, t) for p, t in zip(prompts, texts)])
-    trainer.roles.reward_fn = None  # the reward model alone, on the same sequences
+    trainer.roles.rewards.function = None  # the reward model alone, on the same sequences
     rm, _ = trainer.score(ro.query_responses, ro.attention_mask, ro.prompt_width, [{}] * len(texts), [])
     torch.testing.assert_close(ro.raw_scores, 0.5 * rm + 2.0 * gold, atol=1e-5, rtol=0)
 

@@ -1,5 +1,5 @@
 """The scoring forwards GRPO-style runs do without. A one-step update takes its own forward as the old log-probs
-(PPOConfig.old_logprobs_from_update): the scoring forward of the policy is skipped, the PPO ratio is exactly 1, and
+(settings.old_logprobs_from_update): the scoring forward of the policy is skipped, the PPO ratio is exactly 1, and
 the run is the one with the separate forward up to float rounding. A run without a KL term needs no reference
 (models.reference: none)."""
 
@@ -11,9 +11,9 @@ import pytest
 import torch
 from conftest import CONFIGS, load_safetensors_dir, ppo_config, read_metrics
 
-from rlhf.config import ConfigError, PPOConfig, load_config
+from rlhf.config import ConfigError, load_config
 from rlhf.stages import ppo
-from rlhf.stages.ppo import scoring
+from rlhf.stages.ppo import scoring, settings
 
 # GRPO as DeepSeekMath and TRL run it: k samples per prompt, beta * k3 KL in the loss, one optimizer step per rollout
 ONE_STEP_GRPO = [
@@ -41,7 +41,7 @@ ONE_STEP_GRPO = [
 def test_old_logprobs_come_from_the_update_only_when_nothing_else_needs_them(extra, expected):
     base = ["train.batch_size=16", *ONE_STEP_GRPO]
     cfg = load_config("ppo", str(CONFIGS / "tiny" / "ppo.yaml"), base + extra)
-    assert cfg.old_logprobs_from_update() is expected
+    assert settings.old_logprobs_from_update(cfg) is expected
 
 
 def test_the_update_gives_the_old_logprobs_of_every_episode(tiny_world, tiny_sft, tiny_rm, tmp_path):
@@ -50,7 +50,7 @@ def test_the_update_gives_the_old_logprobs_of_every_episode(tiny_world, tiny_sft
     assert ro.logprobs is None  # no scoring forward of the policy
     trainer.compute_advantages(ro)
     separate = trainer.experience.old_logprobs(ro)  # what a scoring forward gives, before the step
-    stats = trainer.learner.update(ro, 0)
+    stats = trainer.learner.update(ro, 0).logged()
     assert stats["policy/ratio_avg"] == 1.0 and stats["policy/clipfrac_avg"] == 0.0
     assert stats["policy/approxkl_avg"] == 0.0
     mask = ro.response_mask
@@ -62,7 +62,7 @@ def test_the_update_gives_the_old_logprobs_of_every_episode(tiny_world, tiny_sft
 def run(tiny_world, tiny_sft, tiny_rm, out, monkeypatch, separate: bool, extra=()):
     with monkeypatch.context() as m:
         if separate:  # the scoring forward of the policy, as before
-            m.setattr(PPOConfig, "old_logprobs_from_update", lambda self: False)
+            m.setattr(settings, "old_logprobs_from_update", lambda cfg: False)
         steps = ["train.max_steps=3", "optim.warmup_steps=0"]
         cfg = ppo_config(tiny_world, tiny_sft, tiny_rm, out, [*ONE_STEP_GRPO, *steps, *extra])
         return ppo.train(cfg)
@@ -125,7 +125,7 @@ def test_no_reference_is_the_run_with_beta_0(tiny_world, tiny_sft, tiny_rm, tmp_
     trainer = ppo.PPOTrainer(
         ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path / "none", beta_0 + ["models.reference=none"])
     )
-    assert trainer.roles.reference is None  # no copy loaded (and no LoRA adapter to switch off)
+    assert trainer.roles.actor.reference is None  # no copy loaded (and no LoRA adapter to switch off)
     without = trainer.train()
     with_copy = ppo.train(ppo_config(tiny_world, tiny_sft, tiny_rm, tmp_path / "copy", beta_0))
     wa, wb = load_safetensors_dir(without), load_safetensors_dir(with_copy)

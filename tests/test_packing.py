@@ -13,10 +13,11 @@ from datasets import Dataset
 
 from rlhf.config import FormatConfig
 from rlhf.data import packing
-from rlhf.data.batching import TruncationReport, collate_lm, encode_sft
+from rlhf.data.batching import collate_lm
+from rlhf.data.encoding import TruncationReport, encode_sft
 from rlhf.data.packing import best_fit_decreasing, collate_packed, packed_micro_batches
 from rlhf.models import packing as model_packing
-from rlhf.models.loading import causal_logits
+from rlhf.models.forwards import causal_logits
 from rlhf.models.packing import check_rows_independent
 from rlhf.stages import sft
 
@@ -229,17 +230,17 @@ def small_rollout(tokenizer) -> Rollout:  # noqa: F821
     response_mask = pad([[1] * len(r) for r in responses], 0, width=7).bool()
     per_token = torch.randn(4, 7, generator=g)
     return Rollout(
-        query_responses,
-        torch.cat([prompt_mask, response_mask.long()], 1),
-        response_mask,
-        6,
-        per_token,
-        per_token + 1,
-        per_token + 2,
-        torch.arange(4.0),
-        torch.arange(4.0),
-        torch.zeros(4),
-        torch.ones(4, dtype=torch.bool),
+        query_responses=query_responses,
+        attention_mask=torch.cat([prompt_mask, response_mask.long()], 1),
+        response_mask=response_mask,
+        prompt_width=6,
+        logprobs=per_token,
+        ref_logprobs=per_token + 1,
+        values=per_token + 2,
+        scores=torch.arange(4.0),
+        raw_scores=torch.arange(4.0),
+        score_std=torch.zeros(4),
+        ended=torch.ones(4, dtype=torch.bool),
         advantages=per_token + 3,
         returns=per_token + 4,
     )
@@ -417,9 +418,11 @@ def test_a_minibatch_plan_groups_episodes_by_prompt_length_when_responses_are_al
     response_mask = torch.ones(B, R, dtype=torch.bool)
     zeros = torch.zeros(B, R)
     ro = Rollout(
-        torch.ones(B, P + R, dtype=torch.long), torch.cat([prompt_mask, response_mask], 1).long(), response_mask, P,
-        zeros, zeros, zeros, torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.ones(B, dtype=torch.bool), zeros,
-        zeros, zeros,
+        query_responses=torch.ones(B, P + R, dtype=torch.long),
+        attention_mask=torch.cat([prompt_mask, response_mask], 1).long(), response_mask=response_mask,
+        prompt_width=P, logprobs=zeros, ref_logprobs=zeros, values=zeros, scores=torch.zeros(B),
+        raw_scores=torch.zeros(B), score_std=torch.zeros(B), ended=torch.ones(B, dtype=torch.bool), rewards=zeros,
+        advantages=zeros, returns=zeros,
     )  # fmt: skip
     plan = MinibatchPlan.of(ro, list(range(B)), [], 0, 1, 4)
     assert sorted(mb.query_responses.shape[1] for mb, _, _ in plan.micro) == [2 + 3, 6 + 3]
@@ -433,7 +436,7 @@ def test_evaluation_in_length_order_gives_every_row_its_own_result(tokenizer, ti
     copy of its prompt beside it (samples_per_prompt: the prompt prefilled once)."""
     from types import SimpleNamespace
 
-    from rlhf.models.forwards import score_sequences
+    from rlhf.models.heads import score_sequences
     from rlhf.stages.evaluate import sample, sequence_logprobs
 
     g = torch.Generator().manual_seed(1)

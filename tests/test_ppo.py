@@ -12,6 +12,7 @@ from conftest import ppo_config, read_metrics
 from safetensors.torch import load_file
 
 from rlhf.config import ConfigError
+from rlhf.models.forwards import response_logprobs, response_values
 from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.stages import ppo
 
@@ -52,8 +53,8 @@ def test_first_ratio_is_one(tiny_world, tiny_sft, tiny_rm, tmp_path):
     ro, _ = trainer.rollout(0)
     trainer.policy.train()
     with torch.no_grad():
-        new = ppo.response_logprobs(trainer.policy, ro.query_responses, ro.attention_mask, ro.prompt_width, 0.7)
-        ro_values = ppo.response_values(trainer.value_model, ro.query_responses, ro.attention_mask, ro.prompt_width)
+        new = response_logprobs(trainer.policy, ro.query_responses, ro.attention_mask, ro.prompt_width, 0.7)
+        ro_values = response_values(trainer.value_model, ro.query_responses, ro.attention_mask, ro.prompt_width)
     ratio = torch.exp(new - ro.logprobs)[ro.response_mask]
     torch.testing.assert_close(ratio, torch.ones_like(ratio), atol=1e-5, rtol=0)
     torch.testing.assert_close(ro_values[ro.response_mask], ro.values[ro.response_mask], atol=1e-5, rtol=0)
@@ -86,14 +87,15 @@ def test_lora_disabled_adapter_reference_equals_frozen_copy(tiny_world, tiny_sft
             if "lora_B" in name:
                 p.normal_(std=0.05)
     ro, _ = trainer.rollout(0)
-    copy = load_causal_lm(cfg.models.policy.__class__(name_or_path=str(tiny_sft)), trainer.tokenizer, dropout=False)
+    sft_cfg = cfg.models.policy.__class__(name_or_path=str(tiny_sft))
+    copy = load_causal_lm(sft_cfg, trainer.roles.tokenizer, dropout=False)
     copy.eval()
     with torch.no_grad():
         args = (ro.query_responses, ro.attention_mask, ro.prompt_width, cfg.rollout.temperature)
-        from_copy = ppo.response_logprobs(copy, *args)
+        from_copy = response_logprobs(copy, *args)
         with policy.disable_adapter():
-            from_disabled = ppo.response_logprobs(policy, *args)
-        from_policy = ppo.response_logprobs(policy, *args)
+            from_disabled = response_logprobs(policy, *args)
+        from_policy = response_logprobs(policy, *args)
     torch.testing.assert_close(from_disabled, from_copy, atol=1e-5, rtol=0)
     torch.testing.assert_close(ro.ref_logprobs, from_copy, atol=1e-5, rtol=0)
     assert (from_policy - from_copy).abs().max() > 1e-3
@@ -138,10 +140,10 @@ def test_reward_model_with_another_tokenizer_scores_by_retokenizing(tiny_world, 
     other = rm_with_another_tokenizer(tiny_rm, tmp_path)
     cfg = ppo_config(tiny_world, tiny_sft, other, tmp_path / "out", ["models.value_init=policy", "train.max_steps=1"])
     trainer = ppo.PPOTrainer(cfg)
-    assert not trainer.same_tokenizer
+    assert not trainer.roles.rewards.same_tokenizer
     ro, _ = trainer.rollout(0)
     # re-tokenised scoring must agree with scoring the policy's own ids (the words tokenize identically here)
-    from rlhf.models.loading import reward_scores
+    from rlhf.models.heads import reward_scores
 
     direct = reward_scores(trainer.reward_models[0], ro.query_responses, ro.attention_mask)
     torch.testing.assert_close(ro.raw_scores, direct, atol=1e-4, rtol=0)

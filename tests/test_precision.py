@@ -66,7 +66,7 @@ def test_cpu_attention_is_sdpa_in_fp32():
     kernel on fp32 q/k/v (the autocast kernel would round them to bf16 and run 2-4x slower at these lengths)."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from rlhf.models.loading import cpu_sdpa_attention
+    from rlhf.models.attention import cpu_sdpa_attention
 
     q, k, v = _qkv(2, 4, 24, 16)
     module = _Attention()
@@ -88,7 +88,7 @@ def test_cpu_attention_is_sdpa_in_fp32():
 def test_cpu_attention_keeps_the_half_kernel_for_long_sequences():
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from rlhf.models.loading import CPU_FP32_ATTENTION_MAX_KEYS, cpu_sdpa_attention
+    from rlhf.models.attention import CPU_FP32_ATTENTION_MAX_KEYS, cpu_sdpa_attention
 
     q, k, v = (t.bfloat16() for t in _qkv(1, 2, CPU_FP32_ATTENTION_MAX_KEYS + 1, 8))
     out, _ = cpu_sdpa_attention(_Attention(), q, k, v, None)
@@ -106,7 +106,8 @@ def test_models_load_with_the_cpu_attention_and_save_without_it(tiny_sft, tokeni
     from transformers import AutoModelForCausalLM
 
     from rlhf.config import ConfigError, ModelConfig
-    from rlhf.models.loading import CPU_SDPA, load_causal_lm, load_reward_model
+    from rlhf.models.attention import CPU_SDPA
+    from rlhf.models.loading import load_causal_lm, load_reward_model
 
     model = load_causal_lm(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, dropout=False).eval()
     assert model.config._attn_implementation == CPU_SDPA
@@ -136,7 +137,9 @@ def test_scalar_head_is_not_rounded_to_bf16(tiny_sft, tokenizer):
     (autocast would round them to bf16's ~3, a score of 4.3 to +-0.016), and equal the fp32 head on the hidden
     states the backbone produced."""
     from rlhf.config import ModelConfig
-    from rlhf.models.loading import backbone, load_reward_model, position_ids_from_mask, token_values
+    from rlhf.models.forwards import backbone, position_ids_from_mask
+    from rlhf.models.heads import token_values
+    from rlhf.models.loading import load_reward_model
 
     rm = load_reward_model(ModelConfig(name_or_path=str(tiny_sft)), tokenizer, new_head=True)
     ids = torch.tensor([[0, 0, 5, 6, 7, 8], [4, 5, 6, 7, 8, 9]])
@@ -166,7 +169,8 @@ def test_frozen_linears_in_bf16_change_no_output(tiny_lm):
     """A frozen causal LM's Linear weights stored in bf16: the logits under bf16 autocast are bit-identical (autocast
     rounds the fp32 weights to the same bf16 values on every call); embeddings and norms stay fp32. With tied
     embeddings the LM head is the embedding matrix, which autocast does not cast: it stays fp32."""
-    from rlhf.models.loading import causal_logits, half_precision_linears
+    from rlhf.models.forwards import causal_logits
+    from rlhf.models.precision import half_precision_linears
 
     ids, mask = _padded_batch(tiny_lm.config.vocab_size)
     for tied in (False, True):
@@ -202,7 +206,8 @@ def test_frozen_reward_model_keeps_its_fp32_head(tiny_lm):
     autocast and leaves the head fp32; the backbone's Linears go bf16; the scores are bit-identical."""
     from transformers import LlamaForSequenceClassification
 
-    from rlhf.models.loading import TokenValueModel, half_precision_linears
+    from rlhf.models.heads import TokenValueModel
+    from rlhf.models.precision import half_precision_linears
 
     config = copy.deepcopy(tiny_lm.config)  # the same small Llama, with a scalar head
     config.num_labels = 1
@@ -238,7 +243,7 @@ def test_frozen_conversion_releases_the_checkpoint_memory_map(tiny_sft):
     does: after the conversion none does (the fp32 file is released, the model holds only its bf16 + fp32 copies)."""
     from transformers import AutoModelForCausalLM
 
-    from rlhf.models.loading import half_precision_linears
+    from rlhf.models.precision import half_precision_linears
 
     def mapped(model) -> int:
         spans = []
@@ -268,7 +273,9 @@ def test_frozen_conversion_is_exact_across_architectures(arch, extra, converts):
     bit-identical before and after the conversion."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification
 
-    from rlhf.models.loading import TokenValueModel, causal_logits, half_precision_linears
+    from rlhf.models.forwards import causal_logits
+    from rlhf.models.heads import TokenValueModel
+    from rlhf.models.precision import half_precision_linears
 
     kwargs = dict(n_embd=64, n_layer=2, n_head=4, vocab_size=300, n_positions=128, pad_token_id=0)
     config = AutoConfig.for_model(arch, **(kwargs if arch == "gpt2" else SMALL_LLAMA | {"pad_token_id": 0} | extra))

@@ -258,7 +258,7 @@ def test_public_rows_render_identically_in_every_stage(stand_ins):
     """The same conversation prefix renders to the same ChatML prompt whether it came as an UltraChat prompt
     row (PPO), an UltraChat SFT row or an HH comparison (RM)."""
     from rlhf.config import FormatConfig
-    from rlhf.data.batching import encode_prompts
+    from rlhf.data.encoding import encode_prompts
 
     fmt = FormatConfig(max_length=96, max_prompt_length=64)
     tok = load_tokenizer(str(stand_ins["qwen2"]), fmt=fmt)

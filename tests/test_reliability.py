@@ -28,7 +28,7 @@ from conftest import (
 )
 from safetensors.torch import load_file
 
-from rlhf.algorithms import registries as algorithms
+from rlhf.algorithms import losses as algorithms
 from rlhf.config import ConfigError, save_config
 from rlhf.runtime.checkpoints import CheckpointError, checkpoint_problem
 from rlhf.runtime.guards import EXIT_STOPPED, GracefulStop, NonFiniteError

@@ -20,7 +20,9 @@ from transformers import AutoModelForSequenceClassification
 
 from rlhf.config import ModelConfig
 from rlhf.data.batching import pad
-from rlhf.models.loading import TokenValueModel, backbone, load_reward_model, load_tokenizer, reward_scores
+from rlhf.models.forwards import backbone
+from rlhf.models.heads import TokenValueModel, reward_scores
+from rlhf.models.loading import load_reward_model, load_tokenizer
 from rlhf.stages import reward_model as reward
 
 

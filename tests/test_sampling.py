@@ -1,4 +1,4 @@
-"""Sampling (rlhf.generation.sampling.generate): per-episode random streams, the exact distribution, no hub defaults."""
+"""`rlhf.generation.sampling.generate`: per-episode random streams, the exact distribution, no hub defaults."""
 
 from __future__ import annotations
 

@@ -20,7 +20,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from rlhf.config import FormatConfig
-from rlhf.data.batching import TruncationReport, collate_lm, encode_sft
+from rlhf.data.batching import collate_lm
+from rlhf.data.encoding import TruncationReport, encode_sft
 from rlhf.stages import sft
 
 ROWS = [

@@ -11,8 +11,8 @@ from conftest import tiny_llama_config
 
 from rlhf.data.batching import pad
 from rlhf.generation.sampling import generate
-from rlhf.models.forwards import response_logprobs, response_values
-from rlhf.models.loading import cache_keyword, position_ids_from_mask, reward_scores
+from rlhf.models.forwards import cache_keyword, position_ids_from_mask, response_logprobs, response_values
+from rlhf.models.heads import reward_scores
 from rlhf.models.shared_prompt import (
     prompt_groups,
     shared_prefill,
@@ -195,7 +195,7 @@ def test_shared_forwards_give_the_full_forwards_gradients(tokenizer, lora):
     from peft import LoraConfig, get_peft_model
     from transformers import LlamaForCausalLM, LlamaForSequenceClassification
 
-    from rlhf.models.loading import TokenValueModel
+    from rlhf.models.heads import TokenValueModel
 
     torch.manual_seed(0)
     policy = LlamaForCausalLM(tiny_llama_config(len(tokenizer), tokenizer.pad_token_id))
@@ -254,8 +254,10 @@ def test_grouped_minibatch_plan_keeps_groups_in_micro_batches_and_marks_them():
     attention_mask = torch.cat([torch.ones(B, 2, dtype=torch.long), response_mask.long()], 1)
     zeros = torch.zeros(B, R)
     ro = Rollout(
-        torch.ones(B, 2 + R, dtype=torch.long), attention_mask, response_mask, 2, zeros, zeros, zeros,
-        torch.zeros(B), torch.zeros(B), torch.zeros(B), torch.ones(B, dtype=torch.bool), zeros, zeros, zeros,
+        query_responses=torch.ones(B, 2 + R, dtype=torch.long), attention_mask=attention_mask,
+        response_mask=response_mask, prompt_width=2, logprobs=zeros, ref_logprobs=zeros, values=zeros,
+        scores=torch.zeros(B), raw_scores=torch.zeros(B), score_std=torch.zeros(B),
+        ended=torch.ones(B, dtype=torch.bool), rewards=zeros, advantages=zeros, returns=zeros,
     )  # fmt: skip
     plan = MinibatchPlan.of(ro, [6, 7, 0, 1, 4, 5], [], 0, 1, 4, group_size=2, share_prompt=True)
     assert [mb.response_mask.sum(1).tolist() for mb, _, _ in plan.micro] == [[7, 7, 5, 3], [2, 1]]

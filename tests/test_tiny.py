@@ -12,9 +12,9 @@ from rlhf.tiny import (
     PROMPT_TEMPLATE,
     SPECIAL_TOKENS,
     VOCAB,
-    _compose,
-    _Flaws,
+    Flaws,
     build_tiny_world,
+    compose,
     gold_judge,
     judge_breakdown,
     parse_prompt,
@@ -149,7 +149,7 @@ def test_parse_prompt_rejects_non_grammar(prompt):
 def test_flawless_demonstrations_score_one():
     rng = random.Random(0)
     for prompt in rng.sample(ALL_PROMPTS, 500):
-        response = _compose(rng, parse_prompt(prompt), _Flaws())
+        response = compose(rng, parse_prompt(prompt), Flaws())
         assert gold_judge(prompt, response) == 1.0, response
 
 

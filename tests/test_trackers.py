@@ -17,6 +17,7 @@ from conftest import load_stage, sft_overrides, sft_run_configs
 from rlhf.cli import main
 from rlhf.config import ConfigError
 from rlhf.runtime import accelerator as runtime
+from rlhf.runtime import tracking
 from rlhf.stages import sft
 
 
@@ -25,7 +26,7 @@ def test_an_offline_wandb_run_gets_the_config_and_the_metrics(tiny_world, tiny_b
     monkeypatch.setenv("WANDB_MODE", "offline")
     monkeypatch.setenv("WANDB_SILENT", "true")
     made, logged = [], []
-    real = runtime.external_tracker
+    real = tracking.external_tracker
 
     def spy(name, output_dir, config=None):  # the tracker rlhf builds, recording what it is sent on the way through
         tracker = real(name, output_dir, config)
@@ -34,7 +35,7 @@ def test_an_offline_wandb_run_gets_the_config_and_the_metrics(tiny_world, tiny_b
         made.append(tracker)
         return tracker
 
-    monkeypatch.setattr(runtime, "external_tracker", spy)
+    monkeypatch.setattr(tracking, "external_tracker", spy)
     out = tmp_path / "sft"
     overrides = sft_overrides(tiny_world, out, tiny_base, train__max_steps=4, logging__every=2, train__eval_every=4)
     sft.train(load_stage("sft", "sft.yaml", overrides | {"logging.report_to": ["wandb"]}))
@@ -48,8 +49,10 @@ def test_an_offline_wandb_run_gets_the_config_and_the_metrics(tiny_world, tiny_b
 
 
 def test_a_tracker_that_is_not_installed_stops_before_any_work(tiny_world, tiny_base, tmp_path, monkeypatch, capsys):
-    real = runtime.importlib.util.find_spec
-    monkeypatch.setattr(runtime.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name))
+    real = tracking.importlib.util.find_spec
+    monkeypatch.setattr(
+        tracking.importlib.util, "find_spec", lambda name, *a: None if name == "mlflow" else real(name)
+    )
     with pytest.raises(ConfigError, match=r"logging.report_to: mlflow is not installed; pip install 'rlhf\[track\]'"):
         runtime.make_accelerator("no", tmp_path, tensorboard=False, cpu=True, report_to=["mlflow"])
     rc = main(["sft", "--config", "configs/tiny/sft.yaml", "--set", "logging.report_to=[comet]", "--dry-run"])
@@ -76,9 +79,9 @@ def test_an_offline_mlflow_run_gets_the_config_and_the_metrics(tiny_world, tiny_
 def test_an_mlflow_store_it_cannot_open_stops_before_any_work(tmp_path, monkeypatch):
     pytest.importorskip("mlflow", reason="mlflow-skinny comes with the dev extra (pip install -e .[dev])")
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
-    real = runtime.importlib.util.find_spec
+    real = tracking.importlib.util.find_spec
     skinny = lambda name, *a: None if name == "sqlalchemy" else real(name)  # noqa: E731
-    monkeypatch.setattr(runtime.importlib.util, "find_spec", skinny)
+    monkeypatch.setattr(tracking.importlib.util, "find_spec", skinny)
     with pytest.raises(ConfigError, match=r"needs sqlalchemy and alembic \(mlflow-skinny lacks them\); pip install"):
         runtime.make_accelerator("no", tmp_path, tensorboard=False, cpu=True, report_to=["mlflow"])
     assert not (tmp_path / "mlflow.db").exists()

@@ -2,24 +2,28 @@
 
 A policy optimised against a learned reward can find what the reward over-scores — a word repeated, answers that
 never end — while every reward model that shares the optimised ones' biases (a held-out ensemble member too)
-keeps scoring it higher. Best-checkpoint selection by a proxy score alone then promotes the collapsed policy
-(issue 22). These are the model-free signs, each compared with the SFT policy's on the same prompts:
+keeps scoring it higher. Best-checkpoint selection by a proxy score alone then promotes the collapsed policy.
+These are the model-free signs, each compared with the SFT policy's on the same prompts:
 
     repeat_share    share of responses in which some n-gram (n <= max_ngram) occurs `repeat_times` times in a row
-    distinct2       unique bigrams / all bigrams over the samples; flagged below min_distinct2_ratio x SFT's
+    distinct2       `distinct_n(samples, 2)`: unique bigrams / all bigrams; flagged below min_distinct2_ratio x SFT's
     length          mean response length; flagged outside [min_length_ratio, max_length_ratio] x SFT's
     eos_share       share of responses that end; flagged below min_eos_share_ratio x SFT's
     kl_to_sft       flagged above max_kl (the run's KL budget, or max_kl_over_target x its KL target)
 
 `rlhf eval`'s frontier never promotes a flagged checkpoint; PPO logs rollout/repeat_share every iteration and,
 with `collapse.stop: true`, stops a run whose signs (against its first iteration's, which is SFT's) cross them.
+
+References:
+    [distinct-n] Li et al. 2016, "A Diversity-Promoting Objective Function for Neural Conversation Models",
+        arXiv:1510.03055.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
-__all__ = ["CollapseMonitor", "collapse_reasons", "has_tandem_repeat", "kl_limit", "repeat_share"]
+__all__ = ["CollapseMonitor", "collapse_reasons", "distinct_n", "has_tandem_repeat", "kl_limit", "repeat_share"]
 
 
 def has_tandem_repeat(tokens: Sequence, max_ngram: int = 4, times: int = 3) -> bool:
@@ -43,6 +47,15 @@ def repeat_share(token_lists: Sequence[Sequence], max_ngram: int = 4, times: int
     if not token_lists:
         return 0.0
     return sum(has_tandem_repeat(list(t), max_ngram, times) for t in token_lists) / len(token_lists)
+
+
+def distinct_n(token_lists: list[list[int]], n: int) -> float:
+    """Unique n-grams / all n-grams over every sequence ([distinct-n]); falling values mean repetitive outputs.
+
+    Plain lists of token ids (responses without EOS/padding) -> a float in [0, 1] (0 when there is no n-gram).
+    """
+    grams = [tuple(t[i : i + n]) for t in token_lists for i in range(len(t) - n + 1)]
+    return len(set(grams)) / max(len(grams), 1)
 
 
 def kl_limit(limits, kl_section: dict | None) -> float:

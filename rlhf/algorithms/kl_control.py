@@ -20,9 +20,10 @@ References:
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 
 from torch import Tensor
+
+from rlhf.algorithms.registry import KL_CONTROLLERS
 
 __all__ = [
     "KL_CONTROLLERS",
@@ -114,7 +115,7 @@ class PIKLController:
     KL, whose noise the lookahead would otherwise multiply into beta. Working in log(beta) makes the gains
     scale-free (a step is a factor on beta). e_{-1} = e_0 and slope_0 = 0, so the first update has no kick.
 
-    Known failure (issue 22, and `rlhf.tools.kl_scenarios`' slow-start scenario): a policy that does not move for tens of
+    Known failure (`rlhf.tools.kl_scenarios`' slow-start scenario): a policy that does not move for tens of
     iterations keeps e_t at -1, so beta falls by exp(-i_gain) per iteration to `min_coef` (integral windup); when
     the policy then takes off, beta climbs back by at most exp(p_gain + i_gain) per iteration from there, too late.
     `AntiWindupKLController` is this controller with that fixed.
@@ -195,22 +196,22 @@ class AntiWindupKLController(PIKLController):
       policy, i.e. near the optimum for the current beta (rho ~ 1). A policy that is slow to move (low learning
       rate, a reward it has not yet found how to climb) has rho << 1: the penalty is a negligible part of its
       return and a lower beta would not make it move faster. There the error still says "raise the KL", and
-      issue 9's PI controller keeps integrating it into a lower beta — the windup that let the KL run to 2.6x its
-      target when the policy took off. Here the fall is scaled by rho / min_share. min_share 0.1 = "the penalty
-      moves the return by a tenth of the score's spread"; measured shares sit at 0.1-0.4 near the target in tiny
-      runs (below the theory's 1: with one sample per prompt, std(score) also holds the spread between prompts).
-      Raising beta is never gated: too high a KL is the harm.
+      the PI controller keeps integrating it into a lower beta — the windup that lets the KL run far past its
+      target when the policy takes off. Here the fall is scaled by rho / min_share. min_share 0.1 = "the penalty
+      moves the return by a tenth of the score's spread"; shares near the target sit below the theory's 1 (with
+      one sample per prompt, std(score) also holds the spread between prompts). Raising beta is never gated: too
+      high a KL is the harm.
     - **Asymmetric error clip**: the integral lowers log beta by at most i_gain per iteration (e >= -1) but
       raises it by up to i_gain * max_error, so a KL predicted at 3x the target climbs twice as fast as the fall
       that preceded it; the lookahead on the smoothed trend makes that happen as soon as the trend turns up.
     - **A trend shrunk by its noise**: extrapolating max(slope, 0) of a noisy KL is biased upward (it holds the
-      KL ~12% under the target at 30% batch noise); a trend well above the slope's noise level passes whole.
+      KL under the target); a trend well above the slope's noise level passes whole.
     - **A symmetric step limit**: one batch cannot move beta by more than a factor e^max_step, either way, so a
-      single outlier batch (a batch of 16 episodes at 2.8x the target raised beta 11x in one step in a tiny run,
-      and the KL then sat at half the target for 20 iterations) is undone as fast as it was done.
+      single outlier batch (one that would raise beta by an order of magnitude and hold the KL far under the
+      target for many iterations) is undone as fast as it was done.
     - **Only the integral is gated**: the proportional term cannot wind up (its sum telescopes to
       p_gain * (e_t - e_0)), and gating or clipping it one way would turn zero-mean batch noise into a bias
-      toward a high beta (measured at 50% batch noise in `rlhf.tools.kl_scenarios`: the KL held 30% under the target).
+      toward a high beta (a KL held well under the target on `rlhf.tools.kl_scenarios`' noisy scenarios).
 
     Without rho (``penalty_share=None``) there is no conditional integration.
     """
@@ -247,7 +248,7 @@ class AntiWindupKLController(PIKLController):
     def predicted_error(self, max_error: float) -> float:
         """As PIKLController's, with the trend shrunk by its significance: slope * s^2 / (s^2 + var(slope noise))."""
         slope = max(self.slope, 0.0)
-        # Holt's trend on white noise of std r has std ~0.135 * sqrt(smoothing) * r (measured; trend gain 0.2)
+        # Holt's trend on white noise of std r has std ~0.135 * sqrt(smoothing) * r (empirical, for trend gain 0.2)
         noise_var = 0.135**2 * self.smoothing * self.residual_var
         trend = slope**3 / (slope**2 + noise_var) if slope > 0 else 0.0
         predicted = self.level + self.lookahead * trend
@@ -306,24 +307,24 @@ class KLBudget:
         self.history = [float(x) for x in state_dict["history"]]
 
 
+# KL_CONTROLLERS[kl.controller]: a builder from the `kl` config section (used when kl.adaptive is true)
 def _pi_args(kl) -> tuple:
     return (kl.kl_coef, kl.target, kl.p_gain, kl.i_gain, kl.lookahead, kl.smoothing, kl.min_coef, kl.max_coef)
 
 
-def _pi(kl) -> PIKLController:
-    return PIKLController(*_pi_args(kl))
-
-
+@KL_CONTROLLERS.register("antiwindup")
 def _antiwindup(kl) -> AntiWindupKLController:
     return AntiWindupKLController(*_pi_args(kl), kl.min_share, kl.max_error, kl.max_step)
 
 
-# kl.controller -> a builder from the `kl` config section (used when kl.adaptive is true)
-KL_CONTROLLERS: dict[str, Callable] = {
-    "antiwindup": _antiwindup,
-    "pi": _pi,
-    "proportional": lambda kl: AdaptiveKLController(kl.kl_coef, kl.target, kl.horizon),
-}
+@KL_CONTROLLERS.register("pi")
+def _pi(kl) -> PIKLController:
+    return PIKLController(*_pi_args(kl))
+
+
+@KL_CONTROLLERS.register("proportional")
+def _proportional(kl) -> AdaptiveKLController:
+    return AdaptiveKLController(kl.kl_coef, kl.target, kl.horizon)
 
 
 def build_kl_controller(kl):

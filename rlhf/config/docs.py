@@ -18,9 +18,9 @@ from rlhf.config import STAGES
 
 HEADER = """# Config reference
 
-Every key of every stage, generated from the dataclasses in `rlhf/config.py` (`make config-docs`; a test fails
-when this file is stale). A stage's YAML sets any of these; `--set key=value` overrides one on the command line;
-`rlhf <stage> --config X --print-config` prints the resolved config with every default filled in. Keys are
+Every key of every stage, generated from the dataclasses in `rlhf/config/schema/` (`make config-docs`; a test
+fails when this file is stale). A stage's YAML sets any of these; `--set key=value` overrides one on the command
+line; `rlhf <stage> --config X --print-config` prints the resolved config with every default filled in. Keys are
 dotted paths into the YAML (`optim.lr` is `lr:` under `optim:`).
 """
 

@@ -1,16 +1,23 @@
-"""Preference rows as ranked groups: encoding (prompt ids, response ids) best first, and the pair index the
-ranking losses read (RM and DPO)."""
+"""Preference rows as ranked groups (RM and DPO): encoding (prompt ids, response ids) best first, a stage's training
+and held-out groups with their batch schedule, and the pair index the ranking losses read."""
 
 from __future__ import annotations
 
+import random
+from dataclasses import dataclass
+
 import torch
 
-from rlhf.config import FormatConfig, TextSource
-from rlhf.data.batching import TruncationReport, encode_pairs, encode_prompts
+from rlhf.config import DPOData, FormatConfig, RMData, TextSource
+from rlhf.data.batching import BatchSchedule
+from rlhf.data.encoding import TruncationReport, encode_pairs, encode_prompts
 from rlhf.data.sources import load_source
 
+# a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
+Group = list[tuple[list[int], list[int]]]
 
-def load_ranked(tokenizer, fmt: FormatConfig, source: TextSource, report: TruncationReport) -> list[list[tuple]]:
+
+def load_ranked(tokenizer, fmt: FormatConfig, source: TextSource, report: TruncationReport) -> list[Group]:
     """Preference rows -> per prompt, its responses best first as (prompt ids, response ids + EOS) (RM and DPO)."""
     rows = load_source(source, "preference", on_bad_row=fmt.on_bad_row).to_list()
     prompts = encode_prompts(tokenizer, fmt, rows, report)
@@ -24,6 +31,45 @@ def load_ranked(tokenizer, fmt: FormatConfig, source: TextSource, report: Trunca
         if len(group) >= 2:  # a response dropped as too long leaves the others' order intact
             groups.append(group)
     return groups
+
+
+def joined(groups: list[Group]) -> list[list[list[int]]]:
+    """Each response with its prompt in front: groups of whole sequences (prompt + response + EOS), best first."""
+    return [[prompt + response for prompt, response in group] for group in groups]
+
+
+@dataclass
+class PreferenceData:
+    """A preference stage's comparison groups and the schedule that picks each step's training groups."""
+
+    train: list[Group]
+    eval: list[Group]
+    schedule: BatchSchedule
+    report: TruncationReport  # what truncation did to the training rows
+
+
+def load_preference_data(
+    tokenizer, data: RMData | DPOData, batch_size: int, seed: int, bootstrap_seed: int | None = None
+) -> PreferenceData:
+    """The training and held-out groups of `data`, and a schedule of `batch_size` training groups a step.
+
+    With `bootstrap_seed` the training groups are a bootstrap resample of the rows' groups (as many, drawn with
+    replacement): an ensemble member's own view of the comparisons."""
+    report = TruncationReport()
+    train = load_ranked(tokenizer, data.format, data.train, report)
+    if bootstrap_seed is not None:
+        rng = random.Random(bootstrap_seed)
+        train = [train[rng.randrange(len(train))] for _ in train]
+    held_out = load_ranked(tokenizer, data.format, data.eval, TruncationReport()) if data.eval.path else []
+    # packing fills sequences best from responses of mixed lengths; unpacked, groups of like length pad least
+    schedule = BatchSchedule(
+        [sum(len(p) + len(r) for p, r in g) for g in train],
+        batch_size,
+        seed,
+        group_by_length=not data.packing,
+        what=data.train.path,
+    )
+    return PreferenceData(train, held_out, schedule, report)
 
 
 def ranking_index(sizes: list[int], margin_coef: float) -> dict[str, torch.Tensor]:

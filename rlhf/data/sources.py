@@ -480,9 +480,8 @@ _NORMALISERS = {"text": _norm_text, "sft": _norm_sft, "preference": _norm_prefer
 
 
 def load_source(source, kind: str, on_bad_row: str = "error", max_rows: int | None = None) -> datasets.Dataset:
-    """`load_rows` for a config's data source section (path, split, field_map, max_rows).
-
-    Skipped rows and dropped ties are printed, so a skip is never silent."""
+    """`load_rows` for a config's data source section (path, split, field_map, max_rows); skipped rows and dropped
+    ties are printed, so a skip is never silent."""
     ds, report = load_rows(
         source.path,
         kind,

@@ -21,8 +21,8 @@ class ResponseGenerator(Protocol):
     last stepped: an engine that holds its own copy (vLLM, SGLang) syncs them in `sync_weights`, called after
     every update. Old log-probs are not taken from the engine: the scoring forward recomputes them under the
     training numerics, so the PPO ratio starts at exactly 1 (docs/architecture.md; with rollout.share_prompt and
-    k > 1, to float rounding: a log-ratio of at most 2e-6 measured in fp32, 0 in bf16), or, when the update is one
-    optimizer step, the update's own forward is them (`PPOConfig.old_logprobs_from_update`).
+    k > 1, to float rounding), or, when the update is one optimizer step, the update's own forward is them
+    (`rlhf.stages.ppo.settings.old_logprobs_from_update`).
     """
 
     def generate(self, prompts: list[list[int]], seeds: list[int]) -> torch.Tensor: ...

@@ -20,7 +20,7 @@ from transformers.generation.logits_process import TemperatureLogitsWarper, TopK
 
 from rlhf.algorithms import truncate_after_eos
 from rlhf.data.batching import pad
-from rlhf.models.loading import cache_keyword
+from rlhf.models.forwards import cache_keyword
 from rlhf.runtime.tracking import log_text
 
 
@@ -71,27 +71,9 @@ def generate(
     device = next(model.parameters()).device
     prompt_ids = pad(prompts, tokenizer.pad_token_id, side="left").to(device)
     prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left").to(device)
-    # only the library's global defaults plus what is set here: nothing from the checkpoint's generation_config
-    config = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        do_sample=do_sample and seeds is None,
-        pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        use_cache=True,
+    config, processors = _sampling_config(
+        tokenizer, len(prompts), max_new_tokens, temperature, top_k, top_p, do_sample, seeds, device
     )
-    processors = LogitsProcessorList()
-    if do_sample and seeds is None:
-        # top_k 0 must be passed as 0: a None is filled with the library default (50)
-        config.temperature, config.top_k, config.top_p = temperature, top_k, top_p
-    elif do_sample:
-        if len(seeds) != len(prompts):
-            raise ValueError(f"generate: {len(seeds)} seeds for {len(prompts)} prompts")
-        processors.append(TemperatureLogitsWarper(temperature))
-        if top_k:
-            processors.append(TopKLogitsWarper(top_k))
-        if top_p < 1.0:
-            processors.append(TopPLogitsWarper(top_p))
-        processors.append(EpisodeGumbelNoise(seeds, device))
     was_training = model.training
     # the Hugging Face model whose generate() reads generation_config (inside a peft wrapper: the base model)
     hf_model = model.get_base_model() if hasattr(model, "get_base_model") else model
@@ -116,6 +98,35 @@ def generate(
         responses = torch.full((len(prompts), 1), tokenizer.pad_token_id, device=device, dtype=torch.long)
     responses, _ = truncate_after_eos(responses, tokenizer.eos_token_id, tokenizer.pad_token_id)
     return prompt_ids, prompt_mask, responses
+
+
+def _sampling_config(
+    tokenizer, n_prompts: int, max_new_tokens: int, temperature, top_k, top_p, do_sample, seeds, device
+) -> tuple[GenerationConfig, LogitsProcessorList]:
+    """`generate`'s GenerationConfig and logits processors: the library's sampling without `seeds`, greedy decoding
+    over temperature / top-k / top-p warpers and per-row Gumbel noise with them."""
+    # only the library's global defaults plus what is set here: nothing from the checkpoint's generation_config
+    config = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=do_sample and seeds is None,
+        pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        use_cache=True,
+    )
+    processors = LogitsProcessorList()
+    if do_sample and seeds is None:
+        # top_k 0 must be passed as 0: a None is filled with the library default (50)
+        config.temperature, config.top_k, config.top_p = temperature, top_k, top_p
+    elif do_sample:
+        if len(seeds) != n_prompts:
+            raise ValueError(f"generate: {len(seeds)} seeds for {n_prompts} prompts")
+        processors.append(TemperatureLogitsWarper(temperature))
+        if top_k:
+            processors.append(TopKLogitsWarper(top_k))
+        if top_p < 1.0:
+            processors.append(TopPLogitsWarper(top_p))
+        processors.append(EpisodeGumbelNoise(seeds, device))
+    return config, processors
 
 
 def decode_responses(tokenizer, responses: torch.Tensor) -> list[str]:

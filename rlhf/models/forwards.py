@@ -1,22 +1,99 @@
-"""Forwards shared by the stages: response log-probs and entropy, token values, reward scores of sequences
-in micro-batches, and the summed LM loss of examples."""
+"""Forwards shared by the stages: causal-LM logits, response log-probs and entropy, token values, and the summed
+LM loss of examples; and what a forward needs to know about the Hugging Face model inside any wrapper.
+
+Every forward passes position ids computed from the attention mask, so a left-padded batch (as PPO generates)
+gets the same positions as the unpadded sequence, exactly as `generate()` does internally.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
 
 import torch
+from torch import nn
 
 from rlhf.algorithms import entropy_from_logits, lm_loss, logprobs_from_logits
-from rlhf.data.batching import (
-    collate_lm,
-    length_batches,
-    pad,
-)
-from rlhf.models.loading import (
-    causal_logits,
-    reward_scores,
-)
+from rlhf.data.batching import collate_lm
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """[B,T] -> [B,T] positions counting only real tokens (0 at each row's first real token)."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def mask_and_positions(
+    attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None
+) -> tuple[torch.Tensor | None, torch.Tensor]:
+    """What a forward passes: padded rows -> (attention_mask, positions counting real tokens); packed rows
+    (`position_ids` given, restarting at each row) -> (None, position_ids), from which transformers derives the
+    block-diagonal mask."""
+    if position_ids is not None:
+        return None, position_ids
+    return attention_mask, position_ids_from_mask(attention_mask)
+
+
+def causal_logits(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    last: int = 0,
+    position_ids: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """[B,T] ids -> [B,T,V] logits, with padding-aware positions; `last` > 0: only the last `last` positions
+    [B,last,V] (the LM head skips the prompt: for a 150k vocabulary that is most of a forward's logits memory).
+    Packed rows (`rlhf.data.packing`): `position_ids` [B,T] restarting at each row and no attention mask."""
+    kwargs = {"logits_to_keep": last} if last and keeps_logits(model) else {}
+    attention_mask, position_ids = mask_and_positions(attention_mask, position_ids)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        use_cache=False,
+        **kwargs,
+    )
+    return out.logits[:, -last:] if last else out.logits
+
+
+def wrapped_module(model: nn.Module) -> nn.Module:
+    """The module inside torch.compile's and DDP's (or a DeepSpeed engine's) wrappers, whose forwards call it."""
+    model = getattr(model, "_orig_mod", model)
+    return getattr(model, "module", model)
+
+
+def _hf_class(model: nn.Module) -> type:
+    """The class of the Hugging Face model inside any wrapper (torch.compile, DDP, DeepSpeed, peft)."""
+    inner = wrapped_module(model)
+    inner = inner.get_base_model() if hasattr(inner, "get_base_model") else inner
+    return type(inner)
+
+
+@functools.cache
+def _forward_takes_logits_to_keep(cls: type) -> bool:
+    return "logits_to_keep" in inspect.signature(cls.forward).parameters
+
+
+def keeps_logits(model: nn.Module) -> bool:
+    """Whether the Hugging Face model inside any wrapper (DDP, DeepSpeed, peft) takes `logits_to_keep`."""
+    return _forward_takes_logits_to_keep(_hf_class(model))
+
+
+@functools.cache
+def _cache_keyword(cls: type) -> str:
+    return "cache" if "cache" in inspect.signature(cls.forward).parameters else "past_key_values"
+
+
+def cache_keyword(model: nn.Module) -> str:
+    """The name a Hugging Face forward (and its generate) takes a KV cache by: `cache` in recent transformers 5.x
+    (5.24 deprecates `past_key_values`), `past_key_values` in earlier ones."""
+    return _cache_keyword(_hf_class(model))
+
+
+def backbone(model: nn.Module) -> nn.Module:
+    """The transformer body of a Hugging Face model (inside a peft wrapper or not): hidden states, no head."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return getattr(base, base.base_model_prefix)
 
 
 def response_logprobs(
@@ -42,20 +119,6 @@ def logprobs_and_entropy(logits, tokens, temperature: float, entropy=False, entr
 def response_values(value_model, query_responses, attention_mask, prompt_width: int) -> torch.Tensor:
     """[B,P+R] -> V(s_t) [B,R]: the value of the state before each response token (a TokenValueModel)."""
     return value_model(query_responses, attention_mask)[:, prompt_width - 1 : -1]
-
-
-@torch.no_grad()
-def score_sequences(
-    model, sequences: list[list[int]], micro: int, pad_token_id: int, device, normalized: bool = False
-) -> torch.Tensor:
-    """Scores [N] of token sequences, in order (raw unless `normalized`), on the CPU."""
-    model.eval()
-    out = torch.zeros(len(sequences))
-    for index in length_batches([len(x) for x in sequences], micro):  # batches of like length, scores in order
-        chunk = [sequences[i] for i in index]
-        ids, mask = pad(chunk, pad_token_id).to(device), pad([[1] * len(c) for c in chunk], 0).to(device)
-        out[index] = reward_scores(model, ids, mask, normalized=normalized).float().cpu()
-    return out
 
 
 @torch.no_grad()

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from rlhf.config import ConfigError
-from rlhf.models.loading import causal_logits
+from rlhf.models.forwards import causal_logits
 
 
 @torch.no_grad()
@@ -43,8 +43,8 @@ def check_rows_independent(
         model.train(was_training)
     scale = float(alone.float().abs().max()) + 1e-6
     worst = max(diffs) / scale
-    # the tiny models' fp32 kernels agree to ~1e-6 here (tests/test_packing.py); a row that sees its neighbour moves
-    # by a large share of the scale, far above half-precision rounding
+    # fp32 kernels agree to float rounding here; a row that sees its neighbour moves by a large share of the scale,
+    # far above half-precision rounding
     if worst > 0.05:
         raise ConfigError(
             f"data.packing: this model's attention lets packed rows see each other (logits moved by {worst:.3f} of "

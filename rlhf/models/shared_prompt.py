@@ -19,17 +19,17 @@ from dataclasses import dataclass
 import torch
 
 from rlhf.data.batching import collate_left_padded_prompts
-from rlhf.models.forwards import logprobs_and_entropy, response_logprobs, response_values
-from rlhf.models.loading import (
-    TokenValueModel,
+from rlhf.models.forwards import (
     backbone,
     cache_keyword,
     keeps_logits,
-    offset_scores,
+    logprobs_and_entropy,
     position_ids_from_mask,
-    score_head_values,
+    response_logprobs,
+    response_values,
     wrapped_module,
 )
+from rlhf.models.heads import TokenValueModel, offset_scores, score_head_values
 
 
 @dataclass(frozen=True)
@@ -134,7 +134,7 @@ def shared_response_logprobs(
     entropy=False,
     entropy_grad=True,
 ):
-    """`rollout.response_logprobs` with the prompt shared: [B,P+R] -> log-probs [B,R] of the response tokens (and
+    """`forwards.response_logprobs` with the prompt shared: [B,P+R] -> log-probs [B,R] of the response tokens (and
     entropies [B,R]). Differentiable: the learner's backward sums each response's gradient through its prompt's
     cache into the one prompt forward, which is the full forwards' gradient up to float rounding."""
     keep = {"logits_to_keep": 1} if keeps_logits(model) else {}
@@ -162,7 +162,7 @@ def shared_token_values(model, query_responses, attention_mask, prompt_width: in
 
 
 def shared_response_values(value_model, query_responses, attention_mask, prompt_width: int, groups) -> torch.Tensor:
-    """`rollout.response_values` with the prompt shared: [B,P+R] -> V(s_t) [B,R]. `value_model`: a TokenValueModel,
+    """`forwards.response_values` with the prompt shared: [B,P+R] -> V(s_t) [B,R]. `value_model`: a TokenValueModel,
     in a DDP wrapper or not (the shared forward runs inside its forward, so the wrapper syncs its gradients)."""
 
     def values(model, input_ids, mask, _positions):
@@ -172,7 +172,7 @@ def shared_response_values(value_model, query_responses, attention_mask, prompt_
 
 
 def shared_reward_scores(model, query_responses, attention_mask, prompt_width: int, groups) -> torch.Tensor:
-    """`models.reward_scores` with the prompt shared: [B,P+R] (responses right-padded) -> [B] scores read at each
+    """`heads.reward_scores` with the prompt shared: [B,P+R] (responses right-padded) -> [B] scores read at each
     response's last real token (the prompt's last token for an empty response)."""
     values = shared_token_values(model, query_responses, attention_mask, prompt_width, groups)
     last = attention_mask[:, prompt_width:].sum(1, keepdim=True)  # column 0 is the prompt's last token

@@ -19,9 +19,10 @@ from typing import Any
 from accelerate import Accelerator
 
 from rlhf.config import LoraConfig, save_config
-from rlhf.models.loading import TokenValueModel
+from rlhf.models.heads import TokenValueModel
 from rlhf.runtime.accelerator import sharded_parameters
 from rlhf.runtime.guards import check_finite_weights
+from rlhf.runtime.model_card import with_model_card
 from rlhf.runtime.tracking import write_json
 
 
@@ -57,7 +58,7 @@ def write_manifest(directory: Path, step: int) -> None:
 
 def checkpoint_problem(path: Path) -> str | None:
     """Why a checkpoint dir cannot be resumed from (None if it looks complete): no state/, or a file missing or of
-    another size than its manifest recorded. Checkpoints from before manifests existed are trusted."""
+    another size than its manifest recorded. A checkpoint without a manifest is trusted."""
     if not (path / "state").is_dir():
         return "no state/ inside"
     manifest = path / MANIFEST
@@ -176,7 +177,7 @@ def save_hf(accelerator: Accelerator, model, path: Path, tokenizer=None) -> None
 def publish_final(accelerator: Accelerator, output_dir: str | Path, write, models: dict[str, Any]) -> Path:
     """`<output_dir>/final`, written by `write(tmp_dir)`, exists only when complete (and `models` are finite)."""
     check_finite_weights(accelerator, models, "final/")
-    return publish_atomically(accelerator, Path(output_dir) / "final", write)
+    return publish_atomically(accelerator, Path(output_dir) / "final", with_model_card(accelerator, write))
 
 
 def final_model(accelerator: Accelerator, model, lora: LoraConfig):

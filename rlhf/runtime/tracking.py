@@ -1,17 +1,24 @@
-"""What a run reports: metrics (JSONL and the accelerate trackers), sampled text, the progress bar, JSON files."""
+"""What a run reports: metrics (JSONL and the trackers of `logging.report_to`, through accelerate), sampled text,
+the progress bar, JSON files."""
 
 from __future__ import annotations
 
+import dataclasses
+import importlib.util
 import json
 import math
+import os
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
 from accelerate.tracking import GeneralTracker
+
+from rlhf.config import ConfigError
 
 
 class JsonlTracker(GeneralTracker):
@@ -135,9 +142,116 @@ def _fmt_time(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def read_metrics(path: Path) -> list[dict]:
+    """The rows of a metrics.jsonl file ([] when it does not exist)."""
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def stage_metrics(run_dir: Path, stage: str) -> list[dict]:
+    """Rows of `<run_dir>/<stage>/metrics.jsonl`; for a reward-model ensemble, those of its first member."""
+    stage_dir = Path(run_dir) / stage
+    return read_metrics(stage_dir / "metrics.jsonl") or read_metrics(stage_dir / "member-0" / "metrics.jsonl")
+
+
 def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
     tmp.replace(path)
+
+
+def not_installed(name: str) -> str:
+    return f"logging.report_to: {name} is not installed; pip install 'rlhf[track]' (or {name}), or remove it"
+
+
+def external_tracker(name: str, output_dir: str | Path, config: dict | None = None):
+    """An accelerate tracker for `name` (wandb, trackio, mlflow): project `rlhf` (WANDB_PROJECT overrides for
+    wandb), run named after the output dir, each tool's own local store when offline (wandb under the output dir,
+    trackio in its local store, mlflow at MLFLOW_TRACKING_URI or MLflow's default ./mlflow.db with artifacts under
+    the output dir). `config` (flat) is given to trackio at its start (its later config update would record
+    accelerate's `allow_val_change` flag as a key); ConfigError when the package is missing."""
+    import accelerate.tracking as accelerate_tracking
+
+    if importlib.util.find_spec(name) is None:
+        raise ConfigError(not_installed(name))
+    run = Path(output_dir).resolve().name
+    if name == "wandb":
+        return accelerate_tracking.WandBTracker(os.environ.get("WANDB_PROJECT", "rlhf"), name=run, dir=str(output_dir))
+    if name == "mlflow":
+        check_mlflow_store()
+        return accelerate_tracking.MLflowTracker(
+            "rlhf", logging_dir=str(Path(output_dir).resolve() / "mlruns"), run_name=run
+        )
+    return accelerate_tracking.TrackioTracker("rlhf", name=run, config=config)
+
+
+def check_mlflow_store() -> None:
+    """MLflow's local stores are databases (its file store refuses new runs since 3.x): with mlflow-skinny alone
+    the default sqlite store fails at the first call, deep inside SQLAlchemy; say so before any work."""
+    import mlflow
+
+    uri = mlflow.get_tracking_uri()
+    if uri.startswith("sqlite") and importlib.util.find_spec("sqlalchemy") is None:
+        raise ConfigError(
+            f"logging.report_to: mlflow's tracking store {uri} needs sqlalchemy and alembic (mlflow-skinny lacks "
+            "them); pip install mlflow, or set MLFLOW_TRACKING_URI to a tracking server"
+        )
+
+
+def flat_config(tree: dict, prefix: str = "") -> dict:
+    """A nested config dict -> {dotted key: value} with lists and None as strings (what trackers store)."""
+    out: dict = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out |= flat_config(value, f"{prefix}{key}.")
+        else:
+            out[prefix + key] = value if isinstance(value, int | float | str | bool) else str(value)
+    return out
+
+
+@dataclass
+class RunTrackers:
+    """The trackers a run logs to: rlhf's metrics.jsonl and accelerate's TensorBoard (`builtin`), the external ones
+    of `logging.report_to`, and the flat config they are given."""
+
+    builtin: list
+    external: list
+    flat_config: dict | None
+
+    @property
+    def log_with(self) -> list:
+        return self.builtin + self.external
+
+    def store_config(self, accelerator: Accelerator) -> None:
+        """Give the external trackers the resolved config (main process; trackio had it at its start)."""
+        if self.flat_config is not None and accelerator.is_main_process:
+            for tracker in self.external:
+                if tracker.name != "trackio":
+                    tracker.store_init_configuration(self.flat_config)
+
+
+def run_trackers(
+    output_dir: str | Path, tensorboard: bool, report_to: list[str] | tuple = (), config: Any = None
+) -> RunTrackers:
+    """`<output_dir>/metrics.jsonl`, TensorBoard when installed and asked for, and the trackers of
+    `logging.report_to`, each to be given the resolved `config` (a stage's dataclass). ConfigError when a tracker
+    asked for is not installed."""
+    builtin: list = [JsonlTracker(Path(output_dir) / "metrics.jsonl")]
+    if (tensorboard or "tensorboard" in report_to) and importlib.util.find_spec("tensorboard") is not None:
+        builtin.append("tensorboard")
+    flat = flat_config(dataclasses.asdict(config)) if config is not None else None
+    external = [external_tracker(name, output_dir, flat) for name in dict.fromkeys(report_to) if name != "tensorboard"]
+    if "tensorboard" in report_to and importlib.util.find_spec("tensorboard") is None:
+        raise ConfigError(not_installed("tensorboard"))
+    return RunTrackers(builtin, external, flat)
+
+
+def quiet_hf_progress() -> None:
+    """In logs and CI (stdout not a terminal), Hugging Face's per-file load/save bars are noise between our lines."""
+    if not sys.stdout.isatty():
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()

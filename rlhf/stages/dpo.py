@@ -10,8 +10,11 @@ distinct prompt of a micro-batch runs once and its responses on its KV cache (PP
 
 Per pair, with log-probs summed over the response tokens only (prompt and padding masked),
 `loss = -log σ(β [(log π(y_w|x) - log π_ref(y_w|x)) - (log π(y_l|x) - log π_ref(y_l|x))])` (`dpo_loss` in
-ppo_math, with cDPO label smoothing). The reference is the SFT model, frozen: a second copy, or with LoRA the
-policy with its adapter disabled. Dropout is off in both, so at step 0 the policy equals the reference exactly.
+rlhf.algorithms, with cDPO label smoothing). The reference is the SFT model, frozen: a second copy, or with LoRA
+the policy with its adapter disabled. Dropout is off in both, so at step 0 the policy equals the reference exactly.
+The reference log-probs are computed on the fly (one no-grad forward per micro-batch) rather than precomputed over
+the dataset: no pass before step 1, nothing to keep in step with truncation and resume, and with disable_adapter
+no second model at all; precomputing would save that forward.
 
 Built on `fit`: the same checkpoints, bit-exact resume, metrics.jsonl and `final/` (an HF causal LM with its
 tokenizer, LoRA merged when `model.lora.merge_on_save`) as SFT and the reward model.
@@ -21,25 +24,74 @@ from __future__ import annotations
 
 import copy
 import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.algorithms import dpo_loss, logprobs_from_logits, masked_sum
 from rlhf.config import ConfigError, DPOConfig, TextSource, check_paths
-from rlhf.data.batching import BatchSchedule, TruncationReport, length_batches, pad
+from rlhf.data.batching import length_batches, pad
+from rlhf.data.encoding import TruncationReport
 from rlhf.data.packing import pack_rows
-from rlhf.data.preference import load_ranked, ranking_index
+from rlhf.data.preference import Group, PreferenceData, load_preference_data, load_ranked, ranking_index
 from rlhf.generation.sampling import log_generations
-from rlhf.models.loading import causal_logits, load_causal_lm, load_tokenizer
+from rlhf.models.forwards import causal_logits
+from rlhf.models.loading import load_causal_lm, load_tokenizer
 from rlhf.models.packing import pack_length
 from rlhf.models.shared_prompt import batch_prompt_groups, collate_shared_prompts, shared_response_logprobs
-from rlhf.runtime.accelerator import prepare_frozen, seed_everything, stage_accelerator, stage_shares_prompt
+from rlhf.runtime.accelerator import prepare_frozen, stage_accelerator, stage_shares_prompt
 from rlhf.runtime.checkpoints import final_model, save_final
-from rlhf.runtime.fit import SupervisedTask, fit
+from rlhf.runtime.fit import Batch, SupervisedStage, fit, planned_steps
+from rlhf.runtime.seeds import seed_everything
 
-# a group: one prompt's responses, best first, each as (prompt ids, response ids + EOS)
-Group = list[tuple[list[int], list[int]]]
+# (policy, batch) -> the reference's sequence log-probs [N] of the batch, without gradient
+RefLogps = Callable[[torch.nn.Module, Batch], torch.Tensor]
+
+
+def train(cfg: DPOConfig, source: str = "<config>") -> Path:
+    """Run DPO to completion; returns `<output_dir>/final` (loads with AutoModelForCausalLM)."""
+    check_paths(cfg, source)
+    if cfg.reference == "disable_adapter":
+        check_adapter_reference(cfg)
+    accelerator = stage_accelerator(cfg)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
+    data = load_preference_data(tokenizer, cfg.data, cfg.train.batch_size, cfg.seed)
+    total_steps = planned_steps(cfg.train, data.schedule.steps_per_epoch)
+    n_pairs = sum(math.comb(len(g), 2) for g in data.train)
+    accelerator.print(
+        f"[dpo] {len(data.train)} prompts, {n_pairs} pairs, {total_steps} steps, beta {cfg.beta}, "
+        f"reference: {cfg.reference}"
+    )
+    # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
+    model = load_causal_lm(cfg.model, tokenizer, dropout=False)
+    packed_length = pack_length(cfg.data, model, tokenizer)
+    share_prompt = stage_shares_prompt(cfg.share_prompt, accelerator, "dpo")
+    reference = load_reference(cfg, accelerator, tokenizer) if cfg.reference == "copy" else None
+    stage = DPOStage(cfg, accelerator, tokenizer, data, total_steps, packed_length, share_prompt, reference)
+    return fit(cfg, accelerator, model, tokenizer, stage)
+
+
+def check_adapter_reference(cfg: DPOConfig) -> None:
+    """Disabling the adapter gives the SFT model only when the policy's base weights *are* the merged SFT model."""
+    if (Path(cfg.model.name_or_path) / "adapter_config.json").exists():
+        raise ConfigError(
+            f"reference: disable_adapter needs model.name_or_path to hold merged SFT weights, but "
+            f"{cfg.model.name_or_path} is a peft adapter: disabling DPO's adapter would not give the SFT model. Save "
+            "SFT with model.lora.merge_on_save: true, or use reference: copy"
+        )
+
+
+def load_reference(cfg: DPOConfig, accelerator: Accelerator, tokenizer) -> torch.nn.Module:
+    """`reference: copy`: a second SFT model, frozen, and sharded like the policy under FSDP / ZeRO-3 (as PPO's
+    reference)."""
+    ref_cfg = copy.deepcopy(cfg.model)
+    ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
+    return prepare_frozen(accelerator, load_causal_lm(ref_cfg, tokenizer, dropout=False))
 
 
 def load_groups(tokenizer, cfg: DPOConfig, source: TextSource, report: TruncationReport) -> list[Group]:
@@ -82,17 +134,17 @@ def collate_groups(
     } | pairs
 
 
-def num_groups(batch: dict) -> int:
+def num_groups(batch: Batch) -> int:
     return int(batch["group_index"].max()) + 1
 
 
-def sequence_logps(model, batch: dict) -> torch.Tensor:
+def sequence_logps(model, batch: Batch) -> torch.Tensor:
     """[N] log π(response | prompt): per-token log-probs summed over response tokens (prompt, padding masked);
     packed batches sum each row's tokens through `row_index` (a row's first token, a prompt token, is never a
     response token, so no row is predicted from another); shared-prompt batches (`collate_groups(share_prompt=
     True)`) run each distinct prompt once and its responses on its KV cache."""
     shared = batch_prompt_groups(batch)
-    if shared is not None:  # share_prompt: each distinct prompt once, the responses on its KV cache
+    if shared is not None:
         groups, width = shared
         ids, mask = batch["input_ids"], batch["attention_mask"]
         token_logps = shared_response_logprobs(model, ids, mask, width, 1.0, groups)  # [N, R]
@@ -116,7 +168,7 @@ def per_group_sum(values: torch.Tensor, group_index: torch.Tensor, groups: int) 
 
 
 def preference_loss(
-    model, ref_logps_fn, batch: dict, beta: float, label_smoothing: float
+    model, ref_logps_fn: RefLogps, batch: Batch, beta: float, label_smoothing: float
 ) -> tuple[torch.Tensor, dict]:
     """(loss summed over the batch's prompts, stats summed over prompts): what `fit` divides by the step's prompts.
 
@@ -150,7 +202,9 @@ def preference_loss(
 
 
 @torch.no_grad()
-def evaluate_groups(model, ref_logps_fn, groups: list[Group], cfg: DPOConfig, pad_token_id: int, accelerator) -> dict:
+def evaluate_groups(
+    model, ref_logps_fn: RefLogps, groups: list[Group], cfg: DPOConfig, pad_token_id: int, accelerator
+) -> dict:
     """Held-out loss, preference accuracy (implicit reward of the better response higher; ties half), margins."""
     model.eval()
     mine = groups[accelerator.process_index :: accelerator.num_processes]
@@ -168,92 +222,61 @@ def evaluate_groups(model, ref_logps_fn, groups: list[Group], cfg: DPOConfig, pa
     return {f"eval/{k}": (v / max(len(groups), 1)).item() for k, v in zip(names, total)}
 
 
-def check_adapter_reference(cfg: DPOConfig) -> None:
-    """Disabling the adapter gives the SFT model only when the policy's base weights *are* the merged SFT model."""
-    if (Path(cfg.model.name_or_path) / "adapter_config.json").exists():
-        raise ConfigError(
-            f"reference: disable_adapter needs model.name_or_path to hold merged SFT weights, but "
-            f"{cfg.model.name_or_path} is a peft adapter: disabling DPO's adapter would not give the SFT model. Save "
-            "SFT with model.lora.merge_on_save: true, or use reference: copy"
-        )
+@dataclass
+class DPOStage(SupervisedStage):
+    """DPO as `fit` runs it: a unit is a prompt's group of ranked responses."""
 
+    cfg: DPOConfig
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    data: PreferenceData
+    total_steps: int
+    packed_length: int  # 0: padded micro-batches
+    share_prompt: bool
+    reference: torch.nn.Module | None  # None: the policy with its adapter disabled
+    name: str = "dpo"
+    sample_prompts: list[list[int]] = field(init=False)
 
-def train(cfg: DPOConfig, source: str = "<config>") -> Path:
-    """Run DPO to completion; returns `<output_dir>/final` (loads with AutoModelForCausalLM)."""
-    check_paths(cfg, source)
-    if cfg.reference == "disable_adapter":
-        check_adapter_reference(cfg)
-    accelerator = stage_accelerator(cfg)
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
-    report = TruncationReport()
-    train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
-    eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
-    schedule = BatchSchedule(
-        [sum(len(p) + len(c) for p, c in g) for g in train_groups],
-        cfg.train.batch_size,
-        cfg.seed,
-        group_by_length=not cfg.data.packing,  # packing fills best from mixed lengths
-        what=cfg.data.train.path,
-    )
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
-    n_pairs = sum(math.comb(len(g), 2) for g in train_groups)
-    accelerator.print(
-        f"[dpo] {len(train_groups)} prompts, {n_pairs} pairs, {total_steps} steps, beta {cfg.beta}, "
-        f"reference: {cfg.reference}"
-    )
+    def __post_init__(self):
+        # held-out prompts as the model sees them (the rendered prompt of the first groups), sampled at each evaluation
+        self.sample_prompts = [group[0][0] for group in self.data.eval[: self.cfg.logging.num_samples]]
 
-    # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
-    model = load_causal_lm(cfg.model, tokenizer, dropout=False)
-    packed_length = pack_length(cfg.data, model, tokenizer)
-    share_prompt = stage_shares_prompt(cfg.share_prompt, accelerator, "dpo")
-    if cfg.reference == "copy":
-        ref_cfg = copy.deepcopy(cfg.model)
-        ref_cfg.lora.enabled, ref_cfg.gradient_checkpointing = False, False
-        # frozen, and sharded like the policy under FSDP / ZeRO-3 (as PPO's reference)
-        reference = prepare_frozen(accelerator, load_causal_lm(ref_cfg, tokenizer, dropout=False))
+    def reference_logps(self, policy, batch: Batch) -> torch.Tensor:
+        """[N] the reference's sequence log-probs (the caller holds no_grad)."""
+        if self.reference is not None:
+            return sequence_logps(self.reference, batch)
+        # the policy itself with its adapter off: base weights = SFT (no second copy in memory); the forward goes
+        # through the (DDP/FSDP) wrapper like the policy's own
+        with self.accelerator.unwrap_model(policy).disable_adapter():
+            return sequence_logps(policy, batch)
 
-        def ref_logps_fn(policy, batch: dict) -> torch.Tensor:
-            return sequence_logps(reference, batch)
-    else:
+    def global_batch(self, step: int) -> list[Group]:
+        return [self.data.train[j] for j in self.data.schedule(step)]
 
-        def ref_logps_fn(policy, batch: dict) -> torch.Tensor:
-            # the policy itself with its adapter off: base weights = SFT (no second copy in memory); the forward
-            # goes through the (DDP/FSDP) wrapper like the policy's own
-            with accelerator.unwrap_model(policy).disable_adapter():
-                return sequence_logps(policy, batch)
+    def collate(self, groups: list[Group]) -> Batch:
+        return collate_groups(groups, self.tokenizer.pad_token_id, self.packed_length, self.share_prompt)
 
-    # Reference log-probs are computed on the fly (one no-grad forward per micro-batch) rather than precomputed
-    # over the dataset: no pass before step 1, nothing to cache or keep in step with truncation and resume, and
-    # with disable_adapter no second model is needed at all. Precomputing would save ~1/3 of a step's compute.
+    def units(self, batch: Batch) -> int:
+        return num_groups(batch)
 
-    def global_batch(step: int) -> list:
-        return [train_groups[j] for j in schedule(step)]
+    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        cfg = self.cfg
+        return preference_loss(model, self.reference_logps, batch, cfg.beta, cfg.loss.label_smoothing)
 
-    # held-out prompts as the model sees them (the rendered prompt of the first groups), sampled at each evaluation
-    sample_prompts = [group[0][0] for group in eval_groups[: cfg.logging.num_samples]]
-
-    def evaluate(unwrapped, step: int) -> dict:
-        log_generations(accelerator, unwrapped, tokenizer, sample_prompts, cfg.output_dir, step)
-        metrics = report.as_metrics("data")
-        if eval_groups:
-            metrics |= evaluate_groups(unwrapped, ref_logps_fn, eval_groups, cfg, tokenizer.pad_token_id, accelerator)
+    def evaluate(self, model, step: int) -> dict:
+        accelerator, tokenizer = self.accelerator, self.tokenizer
+        log_generations(accelerator, model, tokenizer, self.sample_prompts, self.cfg.output_dir, step)
+        metrics = self.data.report.as_metrics("data")
+        if self.data.eval:
+            pad_token_id = tokenizer.pad_token_id
+            metrics |= evaluate_groups(
+                model, self.reference_logps, self.data.eval, self.cfg, pad_token_id, accelerator
+            )
             accelerator.print(
                 f"[dpo] step {step}: eval loss {metrics['eval/loss']:.4f}, accuracy {metrics['eval/accuracy']:.4f}"
             )
         return metrics
 
-    def write_final(trained, path: Path) -> None:
-        save_final(accelerator, final_model(accelerator, trained, cfg.model.lora), path, tokenizer, cfg)
-
-    task = SupervisedTask(
-        name="dpo",
-        total_steps=total_steps,
-        global_batch=global_batch,
-        collate=lambda groups: collate_groups(groups, tokenizer.pad_token_id, packed_length, share_prompt),
-        units=num_groups,
-        loss=lambda policy, batch: preference_loss(policy, ref_logps_fn, batch, cfg.beta, cfg.loss.label_smoothing),
-        evaluate=evaluate,
-        write_final=write_final,
-    )
-    return fit(cfg, accelerator, model, tokenizer, task)
+    def export_final(self, model, path: Path) -> None:
+        unwrapped = final_model(self.accelerator, model, self.cfg.model.lora)
+        save_final(self.accelerator, unwrapped, path, self.tokenizer, self.cfg)

@@ -10,9 +10,9 @@ held-out pretraining text (what PPO-ptx protects). Ends with one JSON line, also
 With `run_dir` (a PPO output dir) it measures the same for every checkpoint and the final policy — plus the
 held-out proxy score from a reward model PPO never optimised — and writes `frontier.json` and `frontier.png`: score
 against KL, the reward over-optimisation curve (Gao et al. 2022), beside each checkpoint's collapse signs
-(rlhf.algorithms.collapse: repeats within a response, distinct-2, length and EOS share against SFT's, KL past the run's limit).
-The best checkpoint is the one with the highest proxy score among those no collapse sign flags — never chosen by
-the gold judge (a real user has none); `select_best` makes it the run's `final/`.
+(rlhf.algorithms.collapse: repeats within a response, distinct-2, length and EOS share against SFT's, KL past the
+run's limit). The best checkpoint is the one with the highest proxy score among those no collapse sign flags —
+never chosen by the gold judge (a real user has none); `select_best` makes it the run's `final/`.
 """
 
 from __future__ import annotations
@@ -27,23 +27,18 @@ import yaml
 from rlhf.algorithms import distinct_n, logprobs_from_logits, truncate_after_eos
 from rlhf.algorithms.collapse import collapse_reasons, kl_limit, repeat_share
 from rlhf.config import ConfigError, EvalConfig, ModelConfig, check_paths, save_config
-from rlhf.data.batching import TruncationReport, encode_prompts, encode_text, length_batches, pad, response_sequences
+from rlhf.data.batching import length_batches, pad
+from rlhf.data.encoding import TruncationReport, encode_prompts, encode_text, response_sequences
 from rlhf.data.sources import load_source
 from rlhf.generation.sampling import decode_responses, episode_seed, generate
-from rlhf.models.forwards import score_sequences, summed_lm_loss
-from rlhf.models.loading import (
-    causal_logits,
-    inference_device,
-    is_main_process,
-    load_causal_lm,
-    load_reward_ensemble,
-    load_tokenizer,
-    reward_members,
-)
+from rlhf.models.forwards import causal_logits, summed_lm_loss
+from rlhf.models.heads import score_sequences
+from rlhf.models.loading import load_causal_lm, load_reward_ensemble, load_tokenizer, reward_members
 from rlhf.models.shared_prompt import shared_prefill
 from rlhf.rewards import row_function
-from rlhf.runtime.accelerator import seed_everything
 from rlhf.runtime.checkpoints import checkpoint_dirs
+from rlhf.runtime.devices import inference_device, is_main_process
+from rlhf.runtime.seeds import seed_everything
 from rlhf.runtime.tracking import ProgressBar, write_json
 
 EVAL_SAMPLE_STREAM = 2  # the key of rlhf eval's per-prompt seeds (PPO's rollouts and held-out prompts use 0 and 1)

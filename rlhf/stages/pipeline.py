@@ -14,10 +14,10 @@ from pathlib import Path
 import yaml
 
 from rlhf.config import ConfigError, check_paths, load_config
+from rlhf.runtime.tracking import read_metrics, stage_metrics
 from rlhf.stages.registry import run_stage
-from rlhf.tools.plot import read_metrics, stage_metrics
 
-# (file stem, config class key, what marks it finished)
+# (file stem of the stage's YAML, the stage it runs), in pipeline order
 STAGES = [("pretrain", "sft"), ("sft", "sft"), ("rm", "rm"), ("ppo", "ppo"), ("eval", "eval")]
 
 
@@ -36,6 +36,7 @@ def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
 
 
 def finished(stage_key: str, cfg) -> bool:
+    """Whether a stage's output is complete: its `final/` dir, or eval's `eval.json`."""
     out = Path(cfg.output_dir)
     return (out / "eval.json").exists() if stage_key == "eval" else (out / "final").is_dir()
 

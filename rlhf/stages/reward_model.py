@@ -8,7 +8,7 @@ With `data.packing` a micro-batch's responses are packed into sequences of up to
 With `share_prompt` each distinct prompt of a training micro-batch runs once and its responses on its KV cache.
 After training the scores are shifted so the reference completions (SFT demonstrations) score mean 0; the shift
 is stored as `reward_offset` in the saved config.json (stock HF decoder classification heads have no bias
-parameter to hold it), and `rlhf.models.loading.reward_scores` applies it.
+parameter to hold it), and `rlhf.models.heads.reward_scores` applies it.
 
 Ensembles (`ensemble.size: N`, Coste et al. 2023): N independent reward models, each a whole run of this stage in
 `<output_dir>/member-<i>/` with seed `seed + i` (and, with `ensemble.bootstrap`, its own bootstrap resample of the
@@ -21,45 +21,102 @@ share its errors, and a held-out proxy must not.
 from __future__ import annotations
 
 import copy
-import math
-import random
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from accelerate import Accelerator, PartialState
+from transformers import PreTrainedTokenizerBase
 
 from rlhf.algorithms import ranking_loss
-from rlhf.config import RMConfig, RMEnsemble, TextSource, check_paths, save_config
-from rlhf.data.batching import BatchSchedule, TruncationReport, encode_pairs, encode_prompts, length_batches, pad
+from rlhf.config import ENSEMBLE_FILE, RMConfig, RMEnsemble, check_paths, save_config
+from rlhf.data.batching import length_batches, pad
+from rlhf.data.encoding import TruncationReport, encode_pairs, encode_prompts
 from rlhf.data.packing import pack_rows
-from rlhf.data.preference import load_ranked, ranking_index
+from rlhf.data.preference import Group, PreferenceData, joined, load_preference_data, ranking_index
 from rlhf.data.sources import load_source
-from rlhf.models.forwards import score_sequences
-from rlhf.models.loading import (
-    ENSEMBLE_FILE,
-    TokenValueModel,
-    load_reward_model,
-    load_tokenizer,
-    reward_scores,
-    token_values,
-)
+from rlhf.models.heads import TokenValueModel, reward_scores, score_sequences, token_values
+from rlhf.models.loading import load_reward_model, load_tokenizer
 from rlhf.models.packing import pack_length
 from rlhf.models.shared_prompt import batch_prompt_groups, collate_shared_prompts, shared_token_values
-from rlhf.runtime.accelerator import seed_everything, stage_accelerator, stage_shares_prompt
+from rlhf.runtime.accelerator import stage_accelerator, stage_shares_prompt
 from rlhf.runtime.checkpoints import final_model, publish_final, save_final
-from rlhf.runtime.fit import SupervisedTask, fit
+from rlhf.runtime.fit import Batch, SupervisedStage, fit, planned_steps
+from rlhf.runtime.seeds import seed_everything
 from rlhf.runtime.tracking import write_json
 
 
-def load_groups(tokenizer, cfg: RMConfig, source: TextSource, report: TruncationReport) -> list[list[list[int]]]:
-    """Preference rows -> groups of token sequences (prompt + response + EOS), best first."""
-    return [[p + c for p, c in group] for group in load_ranked(tokenizer, cfg.data.format, source, report)]
+def train(cfg: RMConfig, source: str = "<config>") -> Path:
+    """Train the reward model (or, with ensemble.size > 1, every member); returns `<output_dir>/final`.
+
+    A single RM's `final/` loads with AutoModelForSequenceClassification; an ensemble's `final/` is the manifest
+    that `rlhf.models.loading.reward_members` reads.
+    """
+    check_paths(cfg, source)
+    if cfg.ensemble.size == 1:
+        return train_one(cfg, bootstrap_seed=None)
+    members = []
+    for i in range(cfg.ensemble.size):
+        member = copy.deepcopy(cfg)
+        member.output_dir = str(Path(cfg.output_dir) / f"member-{i}")
+        member.seed = cfg.seed + i
+        member.ensemble = RMEnsemble()
+        final = Path(member.output_dir) / "final"
+        if final.is_dir():
+            print(f"[rm] ensemble member-{i} of {cfg.ensemble.size}: finished already ({final}), skipped")
+        else:
+            print(f"[rm] ensemble member-{i} of {cfg.ensemble.size} (seed {member.seed})", flush=True)
+            train_one(member, bootstrap_seed=member.seed if cfg.ensemble.bootstrap else None)
+        members.append(final)
+    return write_ensemble_manifest(cfg, members)
+
+
+def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
+    """Train one reward model (on a bootstrap resample of the comparison groups when bootstrap_seed is set)."""
+    accelerator = stage_accelerator(cfg)
+    seed_everything(cfg.seed)
+    tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
+    share_prompt = stage_shares_prompt(cfg.share_prompt, accelerator, "rm")
+    data = load_preference_data(tokenizer, cfg.data, cfg.train.batch_size, cfg.seed, bootstrap_seed)
+    total_steps = planned_steps(cfg.train, data.schedule.steps_per_epoch)
+    k_mean = sum(len(g) for g in data.train) / len(data.train)
+    accelerator.print(f"[rm] {len(data.train)} prompts (mean K {k_mean:.1f}), {total_steps} steps")
+    # one module whose forward scores every token, so training goes through DDP/FSDP wrappers
+    model = TokenValueModel(
+        load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
+    )
+    packed_length = pack_length(cfg.data, model, tokenizer, lambda ids, am, pos: model(ids, am, pos)[..., None])
+    stage = RewardModelStage(cfg, accelerator, tokenizer, data, total_steps, share_prompt, packed_length)
+    return fit(cfg, accelerator, model, tokenizer, stage)
+
+
+def write_ensemble_manifest(cfg: RMConfig, members: list[Path]) -> Path:
+    """`<output_dir>/final/`: ensemble.json (member paths relative to it), the tokenizer and the config; atomic."""
+    state = PartialState()
+    used = len(members) - cfg.ensemble.holdout
+
+    def write(tmp: Path) -> None:
+        if state.is_main_process:
+            write_json(
+                tmp / ENSEMBLE_FILE,
+                {
+                    "members": [f"../{m.parent.name}/final" for m in members[:used]],
+                    "holdout": [f"../{m.parent.name}/final" for m in members[used:]],
+                    "bootstrap": cfg.ensemble.bootstrap,
+                },
+            )
+            load_tokenizer(str(members[0])).save_pretrained(str(tmp))
+            save_config(cfg, tmp / "rlhf_config.yaml")
+
+    return publish_final(state, cfg.output_dir, write, {})
 
 
 def collate_groups(
     groups: list[list[list[int]]], pad_token_id: int, margin_coef: float, pack_length: int = 0
 ) -> dict[str, torch.Tensor]:
-    """Flatten groups into one right-padded batch (or, with pack_length, into sequences of up to that many tokens
-    packed by best fit: `rlhf.data.packing.pack_rows`); every pair (i better than j) of each group is listed."""
+    """Groups of whole sequences -> one right-padded batch: input_ids, attention_mask [N, T] (or, with pack_length,
+    sequences of up to that many tokens packed by best fit: `rlhf.data.packing.pack_rows`), and every pair (i better
+    than j) of each group (`ranking_index`)."""
     seqs = [seq for group in groups for seq in group]
     tokens = (
         pack_rows(seqs, pack_length, pad_token_id)
@@ -69,7 +126,7 @@ def collate_groups(
     return tokens | ranking_index([len(group) for group in groups], margin_coef)
 
 
-def collate_shared_prompt(groups: list[list[tuple]], pad_token_id: int, margin_coef: float) -> dict[str, torch.Tensor]:
+def collate_shared_prompt(groups: list[Group], pad_token_id: int, margin_coef: float) -> dict[str, torch.Tensor]:
     """`collate_groups` for share_prompt: groups of (prompt ids, response ids) laid out by `collate_shared_prompts`
     for `sequence_scores` to run each distinct prompt once; the whole sequences, right-padded, when no prompt
     repeats."""
@@ -77,11 +134,11 @@ def collate_shared_prompt(groups: list[list[tuple]], pad_token_id: int, margin_c
     responses = [response for group in groups for _, response in group]
     shared = collate_shared_prompts(prompts, responses, pad_token_id)
     if shared is None:
-        return collate_groups([[p + r for p, r in group] for group in groups], pad_token_id, margin_coef)
+        return collate_groups(joined(groups), pad_token_id, margin_coef)
     return shared | ranking_index([len(group) for group in groups], margin_coef)
 
 
-def sequence_scores(model, batch: dict) -> torch.Tensor:
+def sequence_scores(model, batch: Batch) -> torch.Tensor:
     """[N] raw scores of a batch's sequences (padded, or packed: read at each row's last token). Shared-prompt
     batches (`collate_shared_prompt`) run each distinct prompt once, inside the TokenValueModel's forward (so
     through its DDP wrapper), and read each score at its response's last token."""
@@ -101,7 +158,7 @@ def sequence_scores(model, batch: dict) -> torch.Tensor:
     return reward_scores(model, batch["input_ids"], batch["attention_mask"], normalized=False)
 
 
-def group_loss(model, batch: dict, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
+def group_loss(model, batch: Batch, center_coef: float = 0.0) -> tuple[torch.Tensor, dict]:
     """Loss summed over the batch's groups, and stats summed over groups (accuracy/margin weighted by groups)."""
     num_groups = int(batch["seq_group"].max()) + 1
     scores = sequence_scores(model, batch)
@@ -122,7 +179,8 @@ def group_loss(model, batch: dict, center_coef: float = 0.0) -> tuple[torch.Tens
 
 @torch.no_grad()
 def evaluate_groups(model, groups, micro: int, pad_token_id: int, accelerator) -> dict:
-    """Held-out pairwise accuracy (ties half), mean margin r_w - r_l and loss, over all pairs of all groups."""
+    """Held-out pairwise accuracy (ties half), mean margin r_w - r_l and loss, over all pairs of all groups (groups
+    of whole sequences)."""
     model.eval()
     total = torch.zeros(4, dtype=torch.float64, device=accelerator.device)  # loss*groups, correct, margin, pairs
     mine = groups[accelerator.process_index :: accelerator.num_processes]
@@ -162,134 +220,57 @@ def reference_sequences(tokenizer, cfg: RMConfig) -> list[list[int]]:
     return [p + c for p, c in (x for x in pairs if x is not None)]
 
 
-def train(cfg: RMConfig, source: str = "<config>") -> Path:
-    """Train the reward model (or, with ensemble.size > 1, every member); returns `<output_dir>/final`.
+@dataclass
+class RewardModelStage(SupervisedStage):
+    """The reward model as `fit` runs it: a unit is a prompt's group of ranked responses."""
 
-    A single RM's `final/` loads with AutoModelForSequenceClassification; an ensemble's `final/` is the manifest
-    that `rlhf.models.loading.reward_members` reads.
-    """
-    check_paths(cfg, source)
-    if cfg.ensemble.size == 1:
-        return train_one(cfg, bootstrap_seed=None)
-    members = []
-    for i in range(cfg.ensemble.size):
-        member = copy.deepcopy(cfg)
-        member.output_dir = str(Path(cfg.output_dir) / f"member-{i}")
-        member.seed = cfg.seed + i
-        member.ensemble = RMEnsemble()
-        final = Path(member.output_dir) / "final"
-        if final.is_dir():
-            print(f"[rm] ensemble member-{i} of {cfg.ensemble.size}: finished already ({final}), skipped")
-        else:
-            print(f"[rm] ensemble member-{i} of {cfg.ensemble.size} (seed {member.seed})", flush=True)
-            train_one(member, bootstrap_seed=member.seed if cfg.ensemble.bootstrap else None)
-        members.append(final)
-    return write_ensemble_manifest(cfg, members)
+    cfg: RMConfig
+    accelerator: Accelerator
+    tokenizer: PreTrainedTokenizerBase
+    data: PreferenceData
+    total_steps: int
+    share_prompt: bool
+    packed_length: int  # 0: padded micro-batches
+    name: str = "rm"
 
+    def global_batch(self, step: int) -> list[Group]:
+        return [self.data.train[j] for j in self.data.schedule(step)]
 
-def write_ensemble_manifest(cfg: RMConfig, members: list[Path]) -> Path:
-    """`<output_dir>/final/`: ensemble.json (member paths relative to it), the tokenizer and the config; atomic."""
-    from accelerate import PartialState
+    def collate(self, groups: list[Group]) -> Batch:
+        pad_token_id, margin_coef = self.tokenizer.pad_token_id, self.cfg.loss.margin_coef
+        if self.share_prompt:
+            return collate_shared_prompt(groups, pad_token_id, margin_coef)
+        return collate_groups(joined(groups), pad_token_id, margin_coef, self.packed_length)
 
-    state = PartialState()
-    used = len(members) - cfg.ensemble.holdout
+    def units(self, batch: Batch) -> int:
+        return int(batch["seq_group"].max()) + 1
 
-    def write(tmp: Path) -> None:
-        if state.is_main_process:
-            write_json(
-                tmp / ENSEMBLE_FILE,
-                {
-                    "members": [f"../{m.parent.name}/final" for m in members[:used]],
-                    "holdout": [f"../{m.parent.name}/final" for m in members[used:]],
-                    "bootstrap": cfg.ensemble.bootstrap,
-                },
-            )
-            load_tokenizer(str(members[0])).save_pretrained(str(tmp))
-            save_config(cfg, tmp / "rlhf_config.yaml")
+    def loss(self, model, batch: Batch) -> tuple[torch.Tensor, dict]:
+        return group_loss(model, batch, self.cfg.loss.center_coef)
 
-    return publish_final(state, cfg.output_dir, write, {})
-
-
-def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
-    """Train one reward model (on a bootstrap resample of the comparison groups when bootstrap_seed is set)."""
-    accelerator = stage_accelerator(cfg)
-    seed_everything(cfg.seed)
-    tokenizer = load_tokenizer(cfg.model, fmt=cfg.data.format)
-    report = TruncationReport()
-    # share_prompt keeps each response's prompt apart: groups of (prompt, response); else groups of whole sequences
-    share_prompt = stage_shares_prompt(cfg.share_prompt, accelerator, "rm")
-    if share_prompt:
-        train_groups = load_ranked(tokenizer, cfg.data.format, cfg.data.train, report)
-    else:
-        train_groups = load_groups(tokenizer, cfg, cfg.data.train, report)
-    if bootstrap_seed is not None:
-        rng = random.Random(bootstrap_seed)
-        train_groups = [train_groups[rng.randrange(len(train_groups))] for _ in train_groups]
-    eval_groups = load_groups(tokenizer, cfg, cfg.data.eval, TruncationReport()) if cfg.data.eval.path else []
-    # packing fills sequences best from responses of mixed lengths; unpacked, lists of like length pad least
-    schedule = BatchSchedule(
-        [sum(len(p) + len(r) for p, r in g) if share_prompt else sum(map(len, g)) for g in train_groups],
-        cfg.train.batch_size,
-        cfg.seed,
-        group_by_length=not cfg.data.packing,
-        what=cfg.data.train.path,
-    )
-    total_steps = cfg.train.max_steps or max(1, math.ceil(cfg.train.epochs * schedule.steps_per_epoch))
-    k_mean = sum(len(g) for g in train_groups) / len(train_groups)
-    accelerator.print(f"[rm] {len(train_groups)} prompts (mean K {k_mean:.1f}), {total_steps} steps")
-
-    def global_batch(step: int) -> list:
-        return [train_groups[j] for j in schedule(step)]
-
-    def evaluate(model, step: int) -> dict:
-        metrics = report.as_metrics("data")
-        if eval_groups:
-            metrics |= evaluate_groups(
-                model, eval_groups, cfg.train.micro_batch_size, tokenizer.pad_token_id, accelerator
-            )
-            accelerator.print(f"[rm] step {step}: eval accuracy {metrics['eval/accuracy']:.4f}")
+    def evaluate(self, model, step: int) -> dict:
+        metrics = self.data.report.as_metrics("data")
+        if self.data.eval:
+            micro, pad_token_id = self.cfg.train.micro_batch_size, self.tokenizer.pad_token_id
+            metrics |= evaluate_groups(model, joined(self.data.eval), micro, pad_token_id, self.accelerator)
+            self.accelerator.print(f"[rm] step {step}: eval accuracy {metrics['eval/accuracy']:.4f}")
         return metrics
 
-    def write_final(model, path: Path) -> None:
+    def export_final(self, model, path: Path) -> None:
+        """The trained RM with `reward_offset` (the reference completions' mean raw score) in its config.json."""
+        cfg, accelerator = self.cfg, self.accelerator
         unwrapped = final_model(accelerator, model, cfg.model.lora)
         offset, n_ref = 0.0, 0
         if cfg.data.reference.path:
-            refs = reference_sequences(tokenizer, cfg)
+            refs = reference_sequences(self.tokenizer, cfg)
+            micro, pad_token_id = cfg.train.micro_batch_size * 4, self.tokenizer.pad_token_id
+            offset = score_sequences(unwrapped, refs, micro, pad_token_id, accelerator.device).double().mean().item()
             n_ref = len(refs)
-            offset = (
-                score_sequences(
-                    unwrapped, refs, cfg.train.micro_batch_size * 4, tokenizer.pad_token_id, accelerator.device
-                )
-                .double()
-                .mean()
-                .item()
-            )
         getattr(unwrapped, "module", unwrapped).config.reward_offset = offset  # the HF config inside any wrapper
-        save_final(accelerator, unwrapped, path, tokenizer, cfg)
+        save_final(accelerator, unwrapped, path, self.tokenizer, cfg)
         if accelerator.is_main_process:
             write_json(
                 path / "reward_normalization.json",
                 {"reward_offset": offset, "reference_rows": n_ref, "reference": cfg.data.reference.path},
             )
         accelerator.print(f"[rm] reward_offset {offset:.5f} from {n_ref} reference completions")
-
-    # one module whose forward scores every token, so training goes through DDP/FSDP wrappers
-    model = TokenValueModel(
-        load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
-    )
-    packed_length = pack_length(cfg.data, model, tokenizer, lambda ids, am, pos: model(ids, am, pos)[..., None])
-    task = SupervisedTask(
-        name="rm",
-        total_steps=total_steps,
-        global_batch=global_batch,
-        collate=lambda groups: (
-            collate_shared_prompt(groups, tokenizer.pad_token_id, cfg.loss.margin_coef)
-            if share_prompt
-            else collate_groups(groups, tokenizer.pad_token_id, cfg.loss.margin_coef, packed_length)
-        ),
-        units=lambda batch: int(batch["seq_group"].max()) + 1,
-        loss=lambda model, batch: group_loss(model, batch, cfg.loss.center_coef),
-        evaluate=evaluate,
-        write_final=write_final,
-    )
-    return fit(cfg, accelerator, model, tokenizer, task)

@@ -9,7 +9,7 @@ limits how fast a policy moves). On the way, the policy sits on the path pi_lamb
 beta * lambda = beta * sqrt(2 KL) / sigma (1 at the optimum). The controller sees the KL and the share with
 relative batch noise. Each scenario breaks one assumption a controller could have been tuned on:
 
-    slow_start     the policy barely moves for 40 iterations, then takes off (issue 22's run)
+    slow_start     the policy barely moves for 60 iterations, then takes off
     fast_start     the policy moves fast from the first iteration
     exploit        the reward's exploitable spread triples at iteration 60 (a hack the policy finds mid-run)
     exploit_found  the spread triples once the policy is past half the target's KL, and drops back below it
@@ -27,17 +27,19 @@ from __future__ import annotations
 
 import math
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from rlhf.algorithms.kl_control import AdaptiveKLController, AntiWindupKLController, PIKLController
+from rlhf.tiny import REPEAT_EXEMPT, gold_judge
 
 TARGET = 6.0
 INIT_BETAS = (0.001, 0.05, 1.0)
 
 
 # the share a trainer measures is below the theory's beta * lambda: with one sample per prompt, std(score) also
-# holds the spread between prompts, which no policy change removes (measured 0.1-0.4 near the target in tiny runs)
+# holds the spread between prompts, which no policy change removes
 SHARE_SCALE = 0.3
 SIGMA = 0.05 * math.sqrt(2 * TARGET)  # beta = 0.05 holds the target before any exploit appears
 
@@ -205,15 +207,11 @@ def format_table(rows: list[dict]) -> str:
 
 
 def repetition_exploit(prompt: str, response: str) -> float:
-    """A tiny-world reward with an exploit that appears only after some optimisation (the real-run scenario).
+    """A tiny-world reward with an exploit that appears only after some optimisation, as reward hacks do.
 
     The gold judge's score plus 1 for every repeat of a word past its second occurrence in the response (the
     tiny world's demonstrators never repeat a content word more than twice, so the SFT policy almost never earns
-    it): flat at first, then the policy finds that repeating pays, and the KL takes off, as in issue 22's run.
+    it): flat at first, then the policy finds that repeating pays, and the KL takes off.
     """
-    from collections import Counter
-
-    from rlhf.tiny import REPEAT_EXEMPT, gold_judge
-
     counts = Counter(w for w in response.split() if w not in REPEAT_EXEMPT and w.isalpha())
     return gold_judge(prompt, response) + float(sum(max(0, c - 2) for c in counts.values()))

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
+
+from rlhf.runtime.tracking import read_metrics, stage_metrics
 
 # (stage dir, file name, title, [(metric, label)])
 PANELS = [
@@ -48,19 +49,8 @@ PANELS = [
 ]
 
 
-def read_metrics(path: Path) -> list[dict]:
-    if not path.exists():
-        return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-
-
-def stage_metrics(run_dir: Path, stage: str) -> list[dict]:
-    """Rows of `<run_dir>/<stage>/metrics.jsonl`; for a reward-model ensemble, those of its first member."""
-    stage_dir = Path(run_dir) / stage
-    return read_metrics(stage_dir / "metrics.jsonl") or read_metrics(stage_dir / "member-0" / "metrics.jsonl")
-
-
 def series(rows: list[dict], key: str) -> tuple[list[int], list[float]]:
+    """(steps, values) of the rows that logged `key` as a number."""
     pts = [(r["step"], r[key]) for r in rows if isinstance(r.get(key), (int, float))]
     return [p[0] for p in pts], [p[1] for p in pts]
 

@@ -1,9 +1,9 @@
-"""Stage 3: PPO(-ptx) — the experience maker (rlhf.stages.ppo.experience), the learner (rlhf.stages.ppo.learner) and the loop
-that owns the run (rlhf.stages.ppo.trainer); the roles they share (rlhf.stages.ppo.roles) and the `Rollout` that flows between
-them (rlhf.stages.ppo.rollout). docs/architecture.md has the picture."""
+"""Stage 3: PPO(-ptx). An iteration runs the experience maker (experience: sample, score, advantages), which hands a
+`Rollout` (rollout) to the learner (learner: the PPO epochs); the loop (trainer) owns the run. The models are the
+`Roles` (roles); reward scoring is in scoring, the checkpointed run state in state, the decisions derived from the
+config in settings. docs/architecture.md has the picture."""
 
-from rlhf.models.forwards import response_logprobs, response_values
 from rlhf.stages.ppo.rollout import Rollout
 from rlhf.stages.ppo.trainer import PPOTrainer, train
 
-__all__ = ["PPOTrainer", "Rollout", "response_logprobs", "response_values", "train"]
+__all__ = ["PPOTrainer", "Rollout", "train"]

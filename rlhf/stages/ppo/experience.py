@@ -1,10 +1,12 @@
-"""The experience maker: prompts in, a finished `Rollout` out — generate, score, per-token rewards, advantages.
+"""The experience maker: an iteration's prompts in, a finished `Rollout` out.
 
-    make(step):  1. sample this process's share of the iteration's episodes (`ResponseGenerator`)
-                 2. score them: old and reference log-probs, values, reward-model / function scores; gather every
-                    process's episodes; missing-EOS penalty, optional normalisation and clipping
-    advantages(ro): 3. r_t = -beta * KL_t (+ the score at the last token), kl.placement: loss leaves the KL out
-                 4. ADVANTAGE_ESTIMATORS[ppo.advantage]; the iteration's statistics (KL, scores, collapse signs)
+    make(step)        1. sample: this process's share of the episodes (`ResponseGenerator`) -> `Samples`
+                      2. score: old and reference log-probs, values, reward-model / function scores, in
+                         micro-batches -> this process's `Rollout`; gather every process's episodes
+                         (`gather_episodes`); shape the scores (missing-EOS penalty, normalisation, clipping)
+    advantages(ro)    3. r_t = -beta * KL_t (+ the score at the last token), kl.placement: loss leaves the KL out
+                      4. ADVANTAGE_ESTIMATORS[ppo.advantage]; the iteration's statistics (scores, collapse signs)
+    kl_stats(ro)      the rollout's KL to the reference, read after the update (which may give the old log-probs)
 
 The learner reads only the `Rollout` this returns.
 """
@@ -33,7 +35,8 @@ from rlhf.algorithms import (
 from rlhf.algorithms.collapse import repeat_share
 from rlhf.algorithms.kl_control import penalty_share
 from rlhf.config import PPOConfig
-from rlhf.data.batching import BatchSchedule, TruncationReport, aligned_batches, encode_prompts, pad
+from rlhf.data.batching import BatchSchedule, aligned_batches, pad
+from rlhf.data.encoding import TruncationReport, encode_prompts
 from rlhf.data.sources import load_source
 from rlhf.generation.generator import HFGenerator
 from rlhf.generation.sampling import episode_seed
@@ -44,8 +47,9 @@ from rlhf.models.shared_prompt import (
     values_forward,
 )
 from rlhf.runtime.accelerator import sharded_parameters
+from rlhf.stages.ppo import settings
 from rlhf.stages.ppo.roles import Roles
-from rlhf.stages.ppo.rollout import ROLLOUT_STREAM, Rollout, real_columns
+from rlhf.stages.ppo.rollout import ROLLOUT_STREAM, Rollout, gather_episodes, real_columns
 from rlhf.stages.ppo.scoring import Scorer
 from rlhf.stages.ppo.state import RunningMoments
 
@@ -81,6 +85,24 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> Prompts:
     return prompts
 
 
+@dataclass(kw_only=True)
+class Samples:
+    """This process's episodes of an iteration as sampled: sequences [b, P+R] (prompts left-padded to the
+    iteration's widest prompt P), masks, and the prompt row each one answers."""
+
+    query_responses: torch.Tensor  # [b, P+R]
+    attention_mask: torch.Tensor  # [b, P+R]
+    prompt_mask: torch.Tensor  # [b, P], on the host
+    response_mask: torch.Tensor  # [b, R] bool
+    ended: torch.Tensor  # [b] whether the response ended with EOS
+    row_ids: list[int]  # prompt row of each episode
+    rows: list[dict]  # those rows
+
+    @property
+    def prompt_width(self) -> int:
+        return self.prompt_mask.shape[1]
+
+
 class ExperienceMaker:
     """Turns an iteration's prompts into a scored `Rollout` with rewards and advantages (see the module doc).
 
@@ -90,13 +112,13 @@ class ExperienceMaker:
         self.cfg, self.accelerator, self.roles, self.prompts = cfg, acc, roles, prompts
         self.kl_ctl, self.score_moments = kl_ctl, score_moments
         self.tokenizer = roles.tokenizer
-        self.scorer = Scorer(cfg, roles)
+        self.scorer = Scorer(cfg, roles.tokenizer, roles.rewards)
         # one optimizer step per rollout with the KL out of the reward: the update's forward gives the old log-probs
-        self.old_logprobs_from_update = cfg.old_logprobs_from_update()
+        self.old_logprobs_from_update = settings.old_logprobs_from_update(cfg)
         # a group's prompt is prefilled once for its k samples as it is scored once (rollout.share_prompt)
-        share, _ = cfg.prompt_sharing(sharded_parameters(acc))
+        share, _ = settings.prompt_sharing(cfg, sharded_parameters(acc))
         self.generator = HFGenerator(
-            acc, roles.policy, roles.tokenizer, cfg.rollout, prefill=shared_prefill if share else None
+            acc, roles.actor.policy, roles.tokenizer, cfg.rollout, prefill=shared_prefill if share else None
         )
 
     def episode_rows(self, step: int) -> list[int]:
@@ -107,7 +129,18 @@ class ExperienceMaker:
 
     @torch.no_grad()
     def make(self, step: int) -> tuple[Rollout, dict]:
-        """Sample and score this process's share of the iteration's episodes; returns every process's episodes.
+        """1-2. Every process's episodes of iteration `step`, scored, as one `Rollout` (rewards and advantages
+        still to come: `advantages`), and the phases' timings. This process samples and scores its share."""
+        t0 = time.time()
+        samples = self.sample(step)
+        t1 = time.time()
+        ro = gather_episodes(self.accelerator, self.score(samples), self.tokenizer.pad_token_id)
+        ro = self.shape_scores(ro)
+        t2 = time.time()
+        return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
+
+    def sample(self, step: int) -> Samples:
+        """1. This process's share of iteration `step`'s episodes, sampled.
 
         Episode i of the iteration is sampled on process i % num_processes with its own random stream (seeded by
         run seed, iteration and i) and prompts are left-padded to the widest prompt of the whole iteration, so the
@@ -118,92 +151,89 @@ class ExperienceMaker:
         positions = list(range(acc.process_index, len(episodes), acc.num_processes))
         row_ids = [episodes[i] for i in positions]
         prompts = [self.prompts.ids[j] for j in row_ids]
-        rows = [self.prompts.rows[j] for j in row_ids]
         seeds = [episode_seed(cfg.seed, ROLLOUT_STREAM, step, i) for i in positions]
-        t0 = time.time()
-        # 1. sample: one left-padded prompt tensor so every chunk shares the prompt width P
+        # one left-padded prompt tensor so every chunk shares the prompt width P
         P = max(len(self.prompts.ids[j]) for j in episodes)
         prompt_ids = pad(prompts, tok.pad_token_id, side="left", width=P)
         prompt_mask = pad([[1] * len(p) for p in prompts], 0, side="left", width=P)
         responses = self.generator.generate(prompts, seeds)
         responses, response_mask = truncate_after_eos(responses, tok.eos_token_id, tok.pad_token_id)
-        ended = (responses == tok.eos_token_id).any(-1)
-        query_responses = torch.cat([prompt_ids.to(acc.device), responses], 1)
-        attention_mask = torch.cat([prompt_mask.to(acc.device), response_mask.long()], 1)
-        t1 = time.time()
-
-        # 2. score: old log-probs (unless the update's forward gives them), reference log-probs, values, RM scores;
-        # micro-batched forwards (through the wrappers when parameters are sharded: a sharded module's forward
-        # gathers them)
-        sharded = sharded_parameters(acc)
-        policy = self.roles.policy if sharded else acc.unwrap_model(self.roles.policy)
-        value_model = (
-            self.roles.value_model if sharded or not self.roles.critic else acc.unwrap_model(self.roles.value_model)
+        return Samples(
+            query_responses=torch.cat([prompt_ids.to(acc.device), responses], 1),
+            attention_mask=torch.cat([prompt_mask.to(acc.device), response_mask.long()], 1),
+            prompt_mask=prompt_mask,
+            response_mask=response_mask,
+            ended=(responses == tok.eos_token_id).any(-1),
+            row_ids=row_ids,
+            rows=[self.prompts.rows[j] for j in row_ids],
         )
-        mb = cfg.scoring_micro_batch_size()
-        # a group's k responses share their prompt: run it once per micro-batch (not through a sharding wrapper)
-        share, _ = cfg.prompt_sharing(sharded)
-        logprobs, ref_logprobs, values, scores, score_std = [], [], [], [], []
-        R = responses.shape[1]
-        batches = self.scoring_batches(prompt_mask, response_mask, row_ids, mb, share)
-        for batch in batches:
-            idx = torch.tensor(batch, device=acc.device)
-            # the forwards skip the columns every episode of the micro-batch pads; their outputs are padded back
-            first, end = real_columns(attention_mask[idx], response_mask[idx], P)
-            qr, am = query_responses[idx, first : P + end], attention_mask[idx, first : P + end]
-            where = [f"prompt row {row_ids[j]} of {cfg.data.prompts.path}" for j in batch]
-            groups = prompt_groups([row_ids[j] for j in batch], acc.device) if share else None
-            batch_rows = [rows[j] for j in batch]
-            # the policy and reference | the critic and reward models: side by side with train.concurrent_models
-            (old, ref), (vals, mb_scores, mb_std) = self.roles.lanes.run(
-                functools.partial(self.rollout_logprobs, policy, qr, am, P - first, groups),
-                functools.partial(
-                    self.rollout_values_and_scores, value_model, qr, am, P - first, batch_rows, where, groups
-                ),
-            )
-            if old is not None:
-                logprobs.append(F.pad(old, (0, R - end)))
-            if ref is not None:
-                ref_logprobs.append(F.pad(ref, (0, R - end)))
-            values.append(
-                F.pad(vals, (0, R - end)) if self.roles.critic else torch.zeros(qr.shape[0], R, device=qr.device)
-            )
-            scores.append(mb_scores)
-            score_std.append(mb_std)
+
+    def score(self, s: Samples) -> Rollout:
+        """2. This process's episodes scored in micro-batches (`scoring_batches`), back in episode order: its
+        `Rollout`, with `scores` still the raw scores (`shape_scores` follows the gathering)."""
+        acc = self.accelerator
+        # a group's k responses share their prompt: it runs once per micro-batch (not through a sharding wrapper)
+        share, _ = settings.prompt_sharing(self.cfg, sharded_parameters(acc))
+        mb, models = settings.scoring_micro_batch_size(self.cfg), self._scoring_models()
+        batches = self.scoring_batches(s.prompt_mask, s.response_mask, s.row_ids, mb, share)
+        parts = [self.score_micro_batch(s, batch, models, share) for batch in batches]
         # the micro-batches' outputs back in episode order
-        where_from = torch.empty(len(prompts), dtype=torch.long, device=acc.device)
-        where_from[torch.tensor([j for batch in batches for j in batch], device=acc.device)] = torch.arange(
-            len(prompts), device=acc.device
+        n, scored = len(s.row_ids), [j for batch in batches for j in batch]
+        where_from = torch.empty(n, dtype=torch.long, device=acc.device)
+        where_from[torch.tensor(scored, device=acc.device)] = torch.arange(n, device=acc.device)
+
+        def in_order(column: tuple[torch.Tensor | None, ...]) -> torch.Tensor | None:
+            kept = [t for t in column if t is not None]
+            return torch.cat(kept)[where_from] if kept else None
+
+        logprobs, ref_logprobs, values, raw_scores, score_std = (in_order(column) for column in zip(*parts))
+        return Rollout(
+            query_responses=s.query_responses,
+            attention_mask=s.attention_mask,
+            response_mask=s.response_mask,
+            prompt_width=s.prompt_width,
+            logprobs=logprobs,
+            ref_logprobs=ref_logprobs,
+            values=values,
+            scores=raw_scores.clone(),
+            raw_scores=raw_scores,
+            score_std=score_std,
+            ended=s.ended,
         )
 
-        def in_order(parts: list[torch.Tensor]) -> torch.Tensor | None:
-            return torch.cat(parts)[where_from] if parts else None
-
-        raw_scores = in_order(scores)
-        ro = Rollout(
-            query_responses,
-            attention_mask,
-            response_mask,
-            P,
-            in_order(logprobs),
-            in_order(ref_logprobs),
-            in_order(values),
-            raw_scores.clone(),
-            raw_scores,
-            in_order(score_std),
-            ended,
+    def score_micro_batch(self, s: Samples, batch: list[int], models: tuple, share: bool) -> tuple:
+        """(old log-probs, reference log-probs, values, scores, the ensemble's std) of the episodes `batch`
+        (positions in `s`): per token [b, R] (log-probs None where there are none), per episode [b]. The forwards
+        skip the columns every episode of the micro-batch pads; their outputs are padded back to R."""
+        acc, P, R = self.accelerator, s.prompt_width, s.response_mask.shape[1]
+        idx = torch.tensor(batch, device=acc.device)
+        first, end = real_columns(s.attention_mask[idx], s.response_mask[idx], P)
+        qr, am = s.query_responses[idx, first : P + end], s.attention_mask[idx, first : P + end]
+        where = [f"prompt row {s.row_ids[j]} of {self.cfg.data.prompts.path}" for j in batch]
+        groups = prompt_groups([s.row_ids[j] for j in batch], acc.device) if share else None
+        rows = [s.rows[j] for j in batch]
+        policy, value_model = models
+        # the policy and reference | the critic and reward models: side by side with train.concurrent_models
+        (old, ref), (values, scores, score_std) = self.roles.lanes.run(
+            functools.partial(self.rollout_logprobs, policy, qr, am, P - first, groups),
+            functools.partial(self.rollout_values_and_scores, value_model, qr, am, P - first, rows, where, groups),
         )
-        ro = self.all_episodes(ro)
-        # N+ detail 3: a response cut by the length limit gets a fixed score instead of the RM's
-        if cfg.rollout.missing_eos_penalty is not None:
-            ro.scores = torch.where(ro.ended, ro.scores, torch.full_like(ro.scores, cfg.rollout.missing_eos_penalty))
-        if cfg.reward.normalize:
-            self.score_moments.update(ro.scores)
-            ro.scores = (ro.scores - self.score_moments.mean) / math.sqrt(self.score_moments.var + 1e-8)
-        if cfg.reward.clip:
-            ro.scores = ro.scores.clamp(-cfg.reward.clip, cfg.reward.clip)
-        t2 = time.time()
-        return ro, {"time/generate": t1 - t0, "time/score": t2 - t1}
+
+        def padded(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else F.pad(t, (0, R - end))
+
+        old, ref = padded(old), padded(ref)
+        values = padded(values) if self.roles.critic is not None else torch.zeros(qr.shape[0], R, device=qr.device)
+        return old, ref, values, scores, score_std
+
+    def _scoring_models(self) -> tuple:
+        """(policy, value model or None) as the scoring forwards call them: unwrapped, or through the wrappers when
+        parameters are sharded (a sharded module's forward gathers them)."""
+        acc, policy = self.accelerator, self.roles.actor.policy
+        value_model = None if self.roles.critic is None else self.roles.critic.value_model
+        if sharded_parameters(acc):
+            return policy, value_model
+        return acc.unwrap_model(policy), None if value_model is None else acc.unwrap_model(value_model)
 
     @staticmethod
     def scoring_batches(prompt_mask, response_mask, row_ids: list, size: int, share: bool) -> list[list[int]]:
@@ -231,10 +261,10 @@ class ExperienceMaker:
             old = None if self.old_logprobs_from_update else logprobs(policy, *args)
             if self.cfg.models.reference == "none":
                 return old, None
-            if self.roles.reference is None:
-                with self.accelerator.unwrap_model(self.roles.policy).disable_adapter():
+            if self.roles.actor.reference is None:
+                with self.accelerator.unwrap_model(self.roles.actor.policy).disable_adapter():
                     return old, logprobs(policy, *args)
-            return old, logprobs(self.roles.reference, *args)
+            return old, logprobs(self.roles.actor.reference, *args)
 
     def rollout_values_and_scores(
         self, value_model, query_responses, attention_mask, prompt_width: int, rows, where, groups=None
@@ -243,40 +273,23 @@ class ExperienceMaker:
         values_of = values_forward(groups)
         with self.accelerator.autocast():
             values = None
-            if self.roles.critic:
+            if self.roles.critic is not None:
                 values = values_of(value_model, query_responses, attention_mask, prompt_width)
             return values, *self.scorer.score(query_responses, attention_mask, prompt_width, rows, where, groups)
 
-    def all_episodes(self, ro: Rollout) -> Rollout:
-        """Every process's episodes on every process, in the iteration's global order (identity on one process).
-
-        Responses are padded to the longest on any process. Holding the whole (small: token ids and per-token
-        floats) rollout everywhere makes advantages, statistics and minibatches those of a single process.
-        """
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            return ro
-        world, local = acc.num_processes, ro.query_responses.shape[0]
-        # gathered row r * local + k holds episode r + k * world
-        order = torch.tensor([(i % world) * local + i // world for i in range(world * local)], device=acc.device)
-
-        def everywhere(t: torch.Tensor, pad_value) -> torch.Tensor:
-            dtype = t.dtype
-            t = t.long() if dtype == torch.bool else t  # gloo cannot reduce bool tensors
-            if t.dim() == 2:
-                t = acc.pad_across_processes(t, dim=1, pad_index=pad_value)
-            return acc.gather(t)[order].to(dtype)
-
-        pad_id = self.tokenizer.pad_token_id
-        return Rollout(
-            everywhere(ro.query_responses, pad_id),
-            everywhere(ro.attention_mask, 0),
-            everywhere(ro.response_mask, 0),
-            ro.prompt_width,
-            *(None if t is None else everywhere(t, 0) for t in (ro.logprobs, ro.ref_logprobs)),
-            everywhere(ro.values, 0),
-            *(everywhere(t, 0) for t in (ro.scores, ro.raw_scores, ro.score_std, ro.ended)),
-        )
+    def shape_scores(self, ro: Rollout) -> Rollout:
+        """The iteration's `scores` from its raw scores: the missing-EOS penalty, then the optional normalisation
+        (running moments of every iteration's scores) and clipping."""
+        cfg = self.cfg
+        # N+ detail 3: a response cut by the length limit gets a fixed score instead of the RM's
+        if cfg.rollout.missing_eos_penalty is not None:
+            ro.scores = torch.where(ro.ended, ro.scores, torch.full_like(ro.scores, cfg.rollout.missing_eos_penalty))
+        if cfg.reward.normalize:
+            self.score_moments.update(ro.scores)
+            ro.scores = (ro.scores - self.score_moments.mean) / math.sqrt(self.score_moments.var + 1e-8)
+        if cfg.reward.clip:
+            ro.scores = ro.scores.clamp(-cfg.reward.clip, cfg.reward.clip)
+        return ro
 
     def advantages(self, ro: Rollout) -> dict:
         """3-4. Per-token rewards (KL-penalised unless the KL is a loss term), then the advantages of
@@ -292,18 +305,19 @@ class ExperienceMaker:
         )
         rewards = masked_whiten(ro.rewards, mask, shift_mean=False) if cfg.reward.whiten_rewards else ro.rewards
         values = torch.where(mask, ro.values, torch.zeros_like(ro.values))
-        settings = AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, self.roles.critic)
-        ro.advantages, ro.returns = ADVANTAGE_ESTIMATORS[p.advantage](rewards, values, mask, settings)
+        critic = self.roles.critic is not None
+        estimator = AdvantageSettings(p.gamma, p.lam, cfg.rollout.samples_per_prompt, critic)
+        ro.advantages, ro.returns = ADVANTAGE_ESTIMATORS[p.advantage](rewards, values, mask, estimator)
         # what shows reward hacking as it happens: diversity of the batch, and the reward models' disagreement
         content = ro.response_mask & (ro.query_responses[:, ro.prompt_width :] != self.tokenizer.eos_token_id)
         tokens = [r[m].tolist() for r, m in zip(ro.query_responses[:, ro.prompt_width :], content)]
         hacking = {"rollout/distinct1": distinct_n(tokens, 1), "rollout/distinct2": distinct_n(tokens, 2)}
         c = cfg.collapse
         hacking["rollout/repeat_share"] = repeat_share(tokens, c.max_ngram, c.repeat_times)
-        if len(self.roles.reward_models) > 1:
+        if len(self.roles.rewards.models) > 1:
             hacking["objective/ensemble_std"] = ro.score_std.mean()
         scores = ro.scores
-        if self.roles.critic:
+        if critic:
             hacking["val/explained_variance"] = explained_variance(ro.values, ro.returns, mask)
         return hacking | {
             "objective/scores": scores.mean(),
@@ -338,9 +352,8 @@ class ExperienceMaker:
     def old_logprobs(self, ro: Rollout) -> torch.Tensor:
         """The policy's log-probs [B,R] of every episode of the rollout, in scoring micro-batches: the old log-probs
         of an iteration whose update was skipped (non-finite rewards) when the update was to give them."""
-        sharded = sharded_parameters(self.accelerator)
-        policy = self.roles.policy if sharded else self.accelerator.unwrap_model(self.roles.policy)
-        out, mb = [], self.cfg.scoring_micro_batch_size()
+        policy, _ = self._scoring_models()
+        out, mb = [], settings.scoring_micro_batch_size(self.cfg)
         for s in range(0, ro.query_responses.shape[0], mb):
             part = ro.select(torch.arange(s, min(s + mb, ro.query_responses.shape[0]), device=ro.scores.device))
             with self.accelerator.autocast():

@@ -10,20 +10,22 @@ import torch
 
 from rlhf.algorithms import aggregate_ensemble, truncate_after_eos
 from rlhf.config import ConfigError, PPOConfig
-from rlhf.data.batching import pad, response_sequences
+from rlhf.data.batching import pad
+from rlhf.data.encoding import response_sequences
 from rlhf.generation.sampling import decode_responses, episode_seed, generate
-from rlhf.models.loading import reward_scores
+from rlhf.models.heads import reward_scores
 from rlhf.models.shared_prompt import PromptGroups, shared_reward_scores
 from rlhf.runtime.accelerator import generation_context
-from rlhf.stages.ppo.roles import Roles
+from rlhf.stages.ppo.roles import RewardSources
 from rlhf.stages.ppo.rollout import EVAL_STREAM
 
 
 class Scorer:
     """The reward of an episode: `reward.aggregate` of the reward models' scores and/or `reward.function`."""
 
-    def __init__(self, cfg: PPOConfig, roles: Roles):
-        self.cfg, self.roles, self.tokenizer = cfg, roles, roles.tokenizer
+    def __init__(self, cfg: PPOConfig, tokenizer, rewards: RewardSources):
+        """`tokenizer`: the policy's, which wrote the sequences scored."""
+        self.cfg, self.tokenizer, self.rewards = cfg, tokenizer, rewards
 
     def score(
         self,
@@ -45,11 +47,11 @@ class Scorer:
         """
         zeros = torch.zeros(query_responses.shape[0], device=query_responses.device)
         scores, score_std = zeros, zeros
-        r = self.cfg.reward
-        if self.roles.reward_models:
+        r, sources = self.cfg.reward, self.rewards
+        if sources.models:
             ids, mask = query_responses, attention_mask
-            if not self.roles.same_tokenizer:
-                rtok = self.roles.reward_tokenizer
+            if not sources.same_tokenizer:
+                rtok = sources.tokenizer
                 responses = query_responses[:, prompt_width:]
                 ended = (responses == self.tokenizer.eos_token_id).any(-1).tolist()
                 texts = decode_responses(self.tokenizer, responses)
@@ -57,18 +59,18 @@ class Scorer:
                 ids = pad(seqs, rtok.pad_token_id).to(query_responses.device)
                 mask = pad([[1] * len(s) for s in seqs], 0).to(query_responses.device)
             member = reward_scores
-            if groups is not None and self.roles.same_tokenizer:
+            if groups is not None and sources.same_tokenizer:
                 member = functools.partial(shared_reward_scores, prompt_width=prompt_width, groups=groups)
-            member_scores = torch.stack([member(rm, ids, mask) for rm in self.roles.reward_models])
+            member_scores = torch.stack([member(rm, ids, mask) for rm in sources.models])
             scores, score_std = aggregate_ensemble(member_scores, r.aggregate, r.std_coef)
-            if self.roles.reward_fn is None:
+            if sources.function is None:
                 return scores, score_std
             scores, score_std = r.model_weight * scores, r.model_weight * score_std
         texts = decode_responses(self.tokenizer, query_responses[:, prompt_width:])
         values = []
         for row, text, label in zip(rows, texts, where):
             try:
-                values.append(self.roles.reward_fn(row, text))
+                values.append(sources.function(row, text))
             except Exception as e:  # a user's function: say which row broke it, and that nothing is lost
                 raise ConfigError(
                     f"reward.function {r.function} failed on {label} (prompt {row['prompt'][:80]!r}, response "
@@ -79,10 +81,10 @@ class Scorer:
 
 @torch.no_grad()
 def held_out_scores(
-    cfg: PPOConfig, acc, roles: Roles, eval_rows: list[dict], eval_ids: list[list[int]], scorer: Scorer
+    cfg: PPOConfig, acc, policy, eval_rows: list[dict], eval_ids: list[list[int]], scorer: Scorer
 ) -> dict:
     """Mean score and EOS share of the policy's samples on the held-out prompts (eval/rm_score, eval/eos_share)."""
-    tokenizer = roles.tokenizer
+    tokenizer = scorer.tokenizer
     # each held-out prompt has its own sampling stream: the training's random state is untouched, and the
     # samples are the same on any number of processes
     n, ids = len(eval_ids), eval_ids
@@ -93,7 +95,7 @@ def held_out_scores(
     positions, counted = positions + [n - 1] * (share - len(positions)), counted + [0.0] * (share - len(counted))
     totals = torch.zeros(3, dtype=torch.float64, device=acc.device)  # sum of scores, of EOS endings, count
     gen_batch = cfg.rollout.generation_batch_size
-    with generation_context(acc, roles.policy) as (generator_model, synced), acc.autocast():
+    with generation_context(acc, policy) as (generator_model, synced), acc.autocast():
         for s in range(0, len(positions), gen_batch):
             chunk = positions[s : s + gen_batch]
             prompt_ids, prompt_mask, resp = generate(

@@ -57,8 +57,8 @@ class EMA:
 
 
 class StopRules:
-    """The KL budget and the collapse monitor checkpointed as one state (the budget's keys stay where they were,
-    so checkpoints from before the collapse guard resume with a fresh monitor)."""
+    """The KL budget and the collapse monitor checkpointed as one state: the budget's keys at the top level, the
+    monitor's under "collapse" (a checkpoint without them resumes with a fresh monitor)."""
 
     def __init__(self, budget: KLBudget, collapse: CollapseMonitor):
         self.budget, self.collapse = budget, collapse

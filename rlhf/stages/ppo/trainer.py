@@ -1,6 +1,7 @@
 """The PPO loop: owns the run — set-up, resume, the iterations, KL control and stop rules, logging, evaluation,
 checkpoints and final/. Each iteration is `ExperienceMaker.make` + `.advantages` (rlhf.stages.ppo.experience), then
-`Learner.update` (rlhf.stages.ppo.learner); the models are `Roles` (rlhf.stages.ppo.roles).
+`Learner.update` (rlhf.stages.ppo.learner); the models are `Roles` (rlhf.stages.ppo.roles), built once by
+`load_roles`.
 
 Stage 3: PPO against the reward model with a per-token KL penalty to SFT and the pretraining mix (PPO-ptx).
 
@@ -48,16 +49,18 @@ from rlhf.algorithms.collapse import CollapseMonitor
 from rlhf.algorithms.kl_control import KLBudget, build_kl_controller
 from rlhf.config import ConfigError, PPOConfig, check_paths, save_config
 from rlhf.generation.sampling import decode_responses
-from rlhf.runtime.accelerator import seed_everything, sharded_parameters, split_batch, stage_accelerator
+from rlhf.runtime.accelerator import sharded_parameters, stage_accelerator
 from rlhf.runtime.checkpoints import Progress, final_model, publish_final, resume_state, save_checkpoint, save_final
 from rlhf.runtime.guards import GracefulStop, NonFiniteGuard, checkpoint_or_stop
+from rlhf.runtime.optim import split_batch
+from rlhf.runtime.seeds import seed_everything
 from rlhf.runtime.tracking import ProgressBar, drop_metrics_after, log_metrics, log_text
 from rlhf.stages.ppo.experience import ExperienceMaker, load_prompts
 from rlhf.stages.ppo.learner import Learner, load_ptx
-from rlhf.stages.ppo.roles import Roles, load_roles, roles_for
+from rlhf.stages.ppo.roles import load_roles, load_tokenizers
 from rlhf.stages.ppo.rollout import Rollout
 from rlhf.stages.ppo.scoring import held_out_scores
-from rlhf.stages.ppo.state import EMA, RunningMoments, StopRules
+from rlhf.stages.ppo.state import RunningMoments, StopRules
 
 
 class PPOTrainer:
@@ -68,7 +71,7 @@ class PPOTrainer:
         self.cfg = cfg
         acc = self.accelerator = stage_accelerator(cfg)
         seed_everything(cfg.seed)
-        self.roles = roles_for(cfg)
+        tokenizers = load_tokenizers(cfg)
         if cfg.ema.decay and sharded_parameters(acc):
             raise ConfigError(
                 "ema.decay > 0 with FSDP / DeepSpeed ZeRO-3: each process holds a shard of the policy, so an EMA of "
@@ -77,23 +80,23 @@ class PPOTrainer:
         # every process samples the same number of episodes and takes the same share of each minibatch
         split_batch(cfg.train.batch_size, 1, acc.num_processes, "train.batch_size")
         split_batch(cfg.ppo.mini_batch_size, cfg.ppo.micro_batch_size, acc.num_processes, "ppo.mini_batch_size")
-        self.prompts = load_prompts(cfg, self.roles.tokenizer)
-        ptx_examples = load_ptx(cfg, self.roles.tokenizer)
+        self.prompts = load_prompts(cfg, tokenizers.policy)
+        ptx_examples = load_ptx(cfg, tokenizers.policy)
         self.total_steps = cfg.train.max_steps or max(
             1, math.ceil(cfg.train.epochs * self.prompts.schedule.steps_per_epoch)
         )
-        load_roles(cfg, acc, self.roles, self.total_steps)
+        self.roles = load_roles(cfg, acc, tokenizers, self.total_steps)
 
         self.kl_ctl = build_kl_controller(cfg.kl)
         self.kl_budget = KLBudget(cfg.kl.budget, cfg.kl.budget_window)
         self.klpen = KLPenaltyCoef(cfg.ppo.klpen_coef, cfg.ppo.klpen_target)  # L^KLPEN's beta (objective: klpen)
         self.score_moments = RunningMoments()
         self.progress = Progress()
-        self.ema = EMA(acc.unwrap_model(self.roles.policy), cfg.ema.decay) if cfg.ema.decay else None
+        self.ema = self.roles.actor.ema
         self.guard = NonFiniteGuard(cfg.train.max_nonfinite_skips, "ppo")
         self.collapse = CollapseMonitor(cfg.collapse, cfg.collapse.window)
-        # one registered object for both stop rules: accelerate numbers custom states by position, and a new
-        # position would make checkpoints written before the collapse guard existed unloadable
+        # accelerate numbers custom states by position: the two stop rules share one, so a checkpoint without a
+        # collapse monitor still loads
         stop_rules = StopRules(self.kl_budget, self.collapse)
         acc.register_for_checkpointing(
             self.progress, self.kl_ctl, self.score_moments, stop_rules, self.guard, self.klpen
@@ -101,15 +104,34 @@ class PPOTrainer:
         if self.ema is not None:
             acc.register_for_checkpointing(self.ema)
         self.experience = ExperienceMaker(cfg, acc, self.roles, self.prompts, self.kl_ctl, self.score_moments)
-        state = {"kl_ctl": self.kl_ctl, "klpen": self.klpen, "ema": self.ema, "guard": self.guard}
-        self.learner = Learner(cfg, acc, self.roles, ptx_examples, state)
+        self.learner = Learner(
+            cfg, acc, self.roles, ptx_examples, kl_ctl=self.kl_ctl, klpen=self.klpen, guard=self.guard
+        )
 
-    # the roles (trainer.policy, trainer.tokenizer, ...) and the steps of an iteration, as one object's surface
-    def __getattr__(self, name: str):
-        roles = self.__dict__.get("roles")
-        if roles is not None and name in Roles.__dataclass_fields__:
-            return getattr(roles, name)
-        raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
+    # the models and the steps of an iteration as the trainer's own surface (tests and tools call them)
+    @property
+    def policy(self) -> torch.nn.Module:
+        return self.roles.actor.policy
+
+    @property
+    def policy_train(self) -> torch.nn.Module:
+        return self.roles.actor.policy_train
+
+    @property
+    def reference(self) -> torch.nn.Module | None:
+        return self.roles.actor.reference
+
+    @property
+    def value_model(self) -> torch.nn.Module | None:
+        return None if self.roles.critic is None else self.roles.critic.value_model
+
+    @property
+    def reward_models(self) -> list[torch.nn.Module]:
+        return self.roles.rewards.models
+
+    @property
+    def lanes(self):
+        return self.roles.lanes
 
     @property
     def prompt_rows(self) -> list[dict]:
@@ -155,7 +177,7 @@ class PPOTrainer:
                     log_metrics(acc, self.evaluate(), step)
                 checkpoint_or_stop(acc, stop, bar, step, self.total_steps, cfg.checkpoint.every, self.save)
         bar.close()
-        final = publish_final(acc, out, self.write_final, {"policy": self.roles.policy})
+        final = publish_final(acc, out, self.write_final, {"policy": self.policy})
         acc.end_training()
         return final
 
@@ -215,7 +237,7 @@ class PPOTrainer:
         # a NaN/inf reward or advantage (e.g. a broken reward model) must never reach the weights
         numbers = {"scores": ro.scores, "values": ro.values, "advantages": ro.advantages}
         if not self.guard.skip(acc, step, numbers):
-            stats |= self.learner.update(ro, step)  # fills ro.logprobs when its forward gives the old log-probs
+            stats |= self.learner.update(ro, step).logged()  # fills ro.logprobs when its forward gives them
             self.experience.generator.sync_weights()
         if ro.logprobs is None and ro.ref_logprobs is not None:  # the update that was to give them was skipped
             ro.logprobs = self.experience.old_logprobs(ro)
@@ -229,7 +251,7 @@ class PPOTrainer:
             "time/train": t2 - t1,
             "time/iteration": t2 - t0,
             "tokens_per_s": tokens / (t2 - t0),
-            "lr": self.roles.policy_sched.get_last_lr()[0],
+            "lr": self.roles.actor.scheduler.get_last_lr()[0],
             "episodes": self.progress.samples,
         }
         return ro, stats, stop_reason
@@ -265,7 +287,7 @@ class PPOTrainer:
 
     def save(self, step: int) -> Path:
         """checkpoint-<step>: the policy and value model in HF form plus the whole training state."""
-        models = {"policy": self.roles.policy} | ({"value": self.roles.value_model} if self.roles.critic else {})
+        models = {"policy": self.policy} | ({"value": self.value_model} if self.roles.critic is not None else {})
         cfg = self.cfg
         return save_checkpoint(
             self.accelerator, cfg.output_dir, step, models, self.roles.tokenizer, cfg, cfg.checkpoint.keep_last
@@ -292,14 +314,14 @@ class PPOTrainer:
     @torch.no_grad()
     def evaluate(self) -> dict:
         """The held-out scores of the policy, with the EMA weights swapped in when there are any."""
-        policy = self.accelerator.unwrap_model(self.roles.policy)
+        policy = self.accelerator.unwrap_model(self.policy)
         backup = None
         if self.ema is not None:
             backup = {n: p.detach().clone() for n, p in policy.named_parameters() if n in self.ema.shadow}
             self.ema.copy_to(policy)
         p = self.prompts
         result = held_out_scores(
-            self.cfg, self.accelerator, self.roles, p.eval_rows, p.eval_ids, self.experience.scorer
+            self.cfg, self.accelerator, self.policy, p.eval_rows, p.eval_ids, self.experience.scorer
         )
         if backup is not None:
             for n, p in policy.named_parameters():
@@ -310,8 +332,8 @@ class PPOTrainer:
     def write_final(self, path: Path) -> None:
         acc, cfg = self.accelerator, self.cfg
         if self.ema is not None:
-            self.ema.copy_to(acc.unwrap_model(self.roles.policy))
-        save_final(acc, final_model(acc, self.roles.policy, cfg.models.policy.lora), path, self.roles.tokenizer, cfg)
+            self.ema.copy_to(acc.unwrap_model(self.policy))
+        save_final(acc, final_model(acc, self.policy, cfg.models.policy.lora), path, self.roles.tokenizer, cfg)
 
 
 def train(cfg: PPOConfig, source: str = "<config>") -> Path:

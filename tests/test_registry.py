@@ -1,9 +1,11 @@
-"""The algorithm registries: every name the config accepts has an entry, and each entry is the ppo_math it names."""
+"""The algorithm registries: every name the config accepts has an entry, each entry is the math it names, and an
+unknown name fails naming the choices."""
 
 from __future__ import annotations
 
 import typing
 
+import pytest
 import torch
 from torch.testing import assert_close
 
@@ -25,6 +27,7 @@ from rlhf.algorithms import (
     reinforce_advantages,
 )
 from rlhf.algorithms.kl_control import KL_CONTROLLERS
+from rlhf.algorithms.registry import Registry
 from rlhf.config import KLConfig, PPOHyper, RewardShaping
 
 
@@ -38,7 +41,7 @@ def test_every_configurable_name_has_a_registry_entry():
     assert set(KL_CONTROLLERS) == literal(KLConfig, "controller")
     assert set(KL_PLACEMENTS) == literal(KLConfig, "placement")
     assert KL_PLACEMENTS["reward"].in_reward and KL_PLACEMENTS["loss"].loss_estimator == "k3"
-    # the ppo_math registries: the config may offer fewer names than the math has (k2 is not offered)
+    # the math's own registries: the config may offer fewer names than the math has (k2 is not offered)
     assert literal(KLConfig, "estimator") <= set(KL_ESTIMATORS)
     assert {p.loss_estimator for p in KL_PLACEMENTS.values()} - {None} <= set(KL_ESTIMATORS)
     assert set(ENSEMBLE_AGGREGATES) == literal(RewardShaping, "aggregate")
@@ -76,3 +79,23 @@ def test_policy_objectives_are_the_losses_they_name():
         POLICY_OBJECTIVES["klpen"].loss(new, old, rewards, mask, s), klpen_policy_loss(new, old, rewards, mask, 0.5)
     )
     assert POLICY_OBJECTIVES["klpen"].adapts_beta and not POLICY_OBJECTIVES["clip"].adapts_beta
+
+
+def test_an_unknown_name_fails_naming_the_choices():
+    for registry in (ADVANTAGE_ESTIMATORS, POLICY_OBJECTIVES, KL_PLACEMENTS, KL_CONTROLLERS):
+        with pytest.raises(KeyError, match=r"unknown .* 'nope'; expected one of \("):
+            registry["nope"]
+    with pytest.raises(ValueError, match=r"^unknown KL estimator 'k4'; expected one of \('k1', 'k2', 'k3'\)$"):
+        KL_ESTIMATORS["k4"]
+
+
+def test_a_name_is_registered_once():
+    registry = Registry("thing")
+
+    @registry.register("a")
+    def a():
+        return 1
+
+    assert registry["a"] is a and registry.names() == ("a",)
+    with pytest.raises(ValueError, match="thing 'a' is registered twice"):
+        registry.add("a", a)

@@ -1,0 +1,210 @@
+"""YAML -> typed config: strict precedence (dataclass defaults -> YAML file -> `--set a.b=c` overrides), every value
+coerced to its field's annotated type, unknown keys rejected with a did-you-mean; and back (to_dict, save_config)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import importlib
+import math
+import types
+import typing
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+
+from rlhf.config.errors import ConfigError
+from rlhf.config.schema import STAGES
+
+
+def _coerce(value: Any, tp: Any, key: str, source: str) -> Any:
+    """`value` (as YAML read it) checked and converted to the annotated type `tp` of config key `key`."""
+    origin = typing.get_origin(tp)
+    args = typing.get_args(tp)
+    where = f"{key} (in {source})"
+    if origin is typing.Union or origin is types.UnionType:
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in args:
+            if arg is type(None):
+                continue
+            try:
+                return _coerce(value, arg, key, source)
+            except ConfigError as e:
+                errors.append(str(e))
+        raise ConfigError(errors[0] if errors else f"{where}: bad value {value!r}")
+    if origin is Literal:
+        if isinstance(value, bool) and value not in args:
+            # YAML 1.1 reads off/on/no/yes as booleans: map back to the choice spelled that way (progress: off)
+            words = ("true", "on", "yes", "y") if value else ("false", "off", "no", "n")
+            spelled = [a for a in args if isinstance(a, str) and a.lower() in words]
+            if len(spelled) == 1:
+                value = spelled[0]
+        if value not in args:
+            raise ConfigError(f"{where}: must be one of {list(args)}, got {value!r}")
+        return value
+    if dataclasses.is_dataclass(tp):
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping of {tp.__name__} fields, got {value!r}")
+        return _build(tp, value, key, source)
+    if origin is list:
+        if isinstance(value, tuple):
+            value = list(value)
+        if not isinstance(value, list):
+            raise ConfigError(f"{where}: expected a list, got {value!r}")
+        return [_coerce(v, args[0], f"{key}[{i}]", source) for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{where}: expected a mapping, got {value!r}")
+        return {_coerce(k, args[0], key, source): _coerce(v, args[1], f"{key}.{k}", source) for k, v in value.items()}
+    return _coerce_scalar(value, tp, where)
+
+
+def _coerce_scalar(value: Any, tp: Any, where: str) -> Any:
+    """bool, int, float or str: no silent casts beyond a whole float to int and a number to str."""
+    if tp is bool:
+        if isinstance(value, bool):
+            return value
+        raise ConfigError(f"{where}: expected true/false, got {value!r}")
+    if tp is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, float) and value.is_integer():
+            return int(value)
+        raise ConfigError(f"{where}: expected an integer, got {value!r}")
+    if tp is float:
+        number = None
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            number = float(value)
+        elif isinstance(value, str):  # YAML 1.1 reads "1e-4" as a string
+            try:
+                number = float(value)
+            except ValueError:
+                pass
+        if number is None or not math.isfinite(number):  # nan slips through every range check; inf means nothing
+            raise ConfigError(f"{where}: expected a finite number, got {value!r}")
+        return number
+    if tp is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+        raise ConfigError(f"{where}: expected a string, got {value!r}")
+    raise ConfigError(f"{where}: unsupported field type {tp!r}")
+
+
+def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
+    """An instance of the config dataclass `cls`: its defaults with `data`'s keys coerced and set."""
+    hints = typing.get_type_hints(cls)
+    names = [f.name for f in dataclasses.fields(cls)]
+    kwargs = {}
+    base = cls()
+    for key, value in data.items():
+        full = f"{prefix}.{key}" if prefix else str(key)
+        if key not in names:
+            close = difflib.get_close_matches(str(key), names, n=1)
+            hint = f"; did you mean {(prefix + '.' if prefix else '') + close[0]!r}?" if close else ""
+            raise ConfigError(f"unknown key {full!r} in {source}{hint} (known: {', '.join(names)})")
+        if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            # Merge into the stage's own default for this section, so defaults set by the stage survive.
+            merged = dataclasses.asdict(getattr(base, key))
+            kwargs[key] = _build(hints[key], _deep_merge(merged, value), full, source)
+        else:
+            kwargs[key] = _coerce(value, hints[key], full, source)
+    return dataclasses.replace(base, **kwargs)
+
+
+def _deep_merge(base: dict, update: dict) -> dict:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`a.b=c` -> (["a", "b"], value parsed as YAML, so 1e-4, true, [1, 2] and {k: v} all work)."""
+    if "=" not in text:
+        raise ConfigError(f"--set {text!r}: expected KEY=VALUE, e.g. --set optim.lr=1e-4")
+    key, raw = text.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(f"--set {text!r}: bad key {key!r}")
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.split("."), value
+
+
+def _read_yaml(source: str) -> dict:
+    """The top-level mapping of the YAML file `source`; a missing, unreadable or non-mapping file raises."""
+    p = Path(source)
+    if p.is_dir():
+        yamls = sorted(x.name for x in p.glob("*.yaml"))[:6]
+        raise ConfigError(
+            f"config file {source} is a directory; name one YAML in it" + (f" ({', '.join(yamls)})" if yamls else "")
+        )
+    if not p.is_file():
+        raise ConfigError(f"config file {source} does not exist")
+    try:
+        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{source} is not valid UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{source} is not valid YAML: {' '.join(str(e).split())}") from None
+    if loaded is None:
+        loaded = {}
+    if not isinstance(loaded, dict):
+        raise ConfigError(f"{source}: the top level must be a mapping of keys, got {type(loaded).__name__}")
+    return loaded
+
+
+def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
+    """Defaults -> YAML file -> `--set` overrides; validated. Raises ConfigError naming the key and the file."""
+    if stage not in STAGES:
+        raise ConfigError(f"unknown stage {stage!r}; one of {sorted(STAGES)}")
+    data: dict = {}
+    source = "<defaults>"
+    if path is not None:
+        source = str(path)
+        data = _read_yaml(source)
+    for text in overrides or []:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            if not isinstance(node.get(k), dict):
+                node[k] = {}
+            node = node[k]
+        node[keys[-1]] = value
+    label = source + (" with --set overrides" if overrides else "")
+    cfg = _build(STAGES[stage], data, "", label)
+    try:
+        cfg.validate()
+    except ConfigError as e:
+        raise ConfigError(f"{e} (in {label})") from None
+    return cfg
+
+
+def to_dict(cfg: Any) -> dict:
+    """The config as nested plain dicts and lists (what save_config writes)."""
+    return dataclasses.asdict(cfg)
+
+
+def save_config(cfg: Any, path: str | Path) -> None:
+    """Write the fully resolved config as YAML (readable by load_config)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".yaml.tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)
+
+
+def load_function(spec: str, key: str):
+    """'module:function' named by config key `key` -> the callable (e.g. (prompt, response) -> float)."""
+    module_name, _, name = spec.partition(":")
+    try:
+        return getattr(importlib.import_module(module_name), name)
+    except (ImportError, AttributeError) as e:
+        raise ConfigError(f"{key} {spec!r} cannot be imported: {e}") from None
