@@ -50,7 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name in STAGE_HELP:
         _stage_parser(sub, name)
-    p = sub.add_parser("pipeline", help="run every stage of a recipe dir in order; finished stages are skipped")
+    p = sub.add_parser("pipeline", help="run every stage of a recipe dir in order, re-running what changed")
     p.add_argument("--config-dir", required=True, help="dir with pretrain/sft/rm/ppo/eval YAMLs")
     p.add_argument(
         "--set",
@@ -60,7 +60,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="STAGE:KEY=VALUE",
         help="override a key of one stage, e.g. --set ppo:train.max_steps=10",
     )
-    p.add_argument("--dry-run", action="store_true", help="validate every stage's config and exit")
+    p.add_argument(
+        "--dry-run", action="store_true", help="validate every config and print the plan (skip / run and why)"
+    )
+    p.add_argument("--from", dest="start", metavar="STAGE", help="re-run this stage and every one after it")
+    p.add_argument("--only", nargs="+", default=[], metavar="STAGE", help="run only these stages")
+    p.add_argument("--force", action="store_true", help="re-run every stage (old outputs are moved aside)")
     p = sub.add_parser("generate", help="sample from a checkpoint")
     p.add_argument("--model", required=True, help="a model dir (e.g. runs/tiny/ppo/final)")
     group = p.add_mutually_exclusive_group(required=True)
@@ -190,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "pipeline":
             from rlhf.stages.pipeline import run_pipeline
 
-            run_pipeline(args.config_dir, args.overrides, args.dry_run)
+            run_pipeline(args.config_dir, args.overrides, args.dry_run, args.start, args.only, args.force)
         elif args.command == "generate":
             from rlhf.tools.generate import main as generate_main
 

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import CONFIGS, REPO, overrides
+from conftest import CONFIGS, REPO, overrides, sft_overrides
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -292,9 +292,15 @@ def test_cli_bad_override_exit_code(capsys, override, word):
     assert word in err and "sft.yaml" in err
 
 
-def test_cli_dry_run_ok(capsys):
-    assert main(["sft", "--config", SFT_YAML, "--dry-run"]) == 0
-    assert "OK" in capsys.readouterr().out
+def test_cli_dry_run_checks_paths_and_writes_nothing(tiny_world, tiny_base, tmp_path, capsys):
+    sets = overrides(sft_overrides(tiny_world, tmp_path / "out", tiny_base))
+    args = ["sft", "--config", SFT_YAML, "--dry-run"] + [a for s in sets for a in ("--set", s)]
+    assert main(args) == 0
+    assert "config OK, paths OK" in capsys.readouterr().out
+    assert not (tmp_path / "out").exists()
+    missing = ["--set", f"model.name_or_path={tmp_path / 'no-model'}"]
+    assert main(args + missing) == 2
+    assert "model.name_or_path" in capsys.readouterr().err
 
 
 def test_cli_subprocess_fails_fast():

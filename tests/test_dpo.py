@@ -304,11 +304,13 @@ def test_disable_adapter_refuses_a_peft_adapter_dir(tmp_path):
         dpo.check_adapter_reference(cfg)
 
 
-def test_cli_dry_run(capsys):
+def test_cli_dry_run(tiny_world, tiny_sft, tmp_path, capsys):
     from rlhf.cli import main
 
-    assert main(["dpo", "--config", DPO_YAML, "--dry-run"]) == 0
-    assert "config OK" in capsys.readouterr().out
+    sets = [f"output_dir={tmp_path / 'dpo'}", f"model.name_or_path={tiny_sft}"]
+    sets += [f"data.train.path={tiny_world / 'data' / 'comparisons.jsonl'}", "data.eval.path="]
+    assert main(["dpo", "--config", DPO_YAML, "--dry-run"] + [a for s in sets for a in ("--set", s)]) == 0
+    assert "config OK, paths OK" in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------------------------------

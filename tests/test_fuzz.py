@@ -8,7 +8,7 @@ from pathlib import Path
 
 import yaml
 from conftest import CONFIGS
-from hypothesis import HealthCheck, event, given, settings
+from hypothesis import HealthCheck, assume, event, given, settings
 from hypothesis import strategies as st
 
 from rlhf.cli import main
@@ -200,7 +200,19 @@ LAYOUT_BREAKS = {
     "data file type": ("data.train.path", "rows.txt", lambda d: (d / "rows.txt").write_text("x")),
     "data missing": ("data.train.path", "missing.jsonl", lambda d: None),
     "tokenizer dir empty": ("model.tokenizer", "emptytok", lambda d: (d / "emptytok").mkdir()),
+    # the output side: where the run writes
+    "output is a file": ("output_dir", "outfile", lambda d: (d / "outfile").write_text("x")),
+    "output under a file": ("output_dir", "underfile/out", lambda d: (d / "underfile").write_text("x")),
+    "output inside the model": ("output_dir", "model/run", lambda d: None),
+    "model inside its own final": ("model.name_or_path", "out/final", lambda d: _copy_model(d, d / "out" / "final")),
+    "resume names no checkpoint": ("resume", "no-such-checkpoint", lambda d: None),
 }
+
+
+def _copy_model(root: Path, to: Path) -> None:
+    import shutil
+
+    shutil.copytree(root / "model", to)
 
 
 @settings(
@@ -208,6 +220,8 @@ LAYOUT_BREAKS = {
 )
 @given(breaks=st.lists(st.sampled_from(sorted(LAYOUT_BREAKS)), min_size=1, max_size=2, unique=True))
 def test_wrongly_laid_out_paths_stop_before_work_with_one_line(breaks, tiny_lm, tokenizer, tmp_path_factory, capsys):
+    # the model moved into out/final and the output moved into the model's old dir undo each other: a valid layout
+    assume(not {"model inside its own final", "output inside the model"} <= set(breaks))
     root = tmp_path_factory.mktemp("layout")
     tiny_lm.save_pretrained(root / "model")
     tokenizer.save_pretrained(root / "model")
@@ -242,7 +256,15 @@ def test_a_wrongly_laid_out_config_file_stops_with_one_line(tmp_path, capsys):
     (tmp_path / "list.yaml").write_text("- a\n- b\n")
     (tmp_path / "junk.yaml").write_bytes(b"\x00\x01\xff")
     (tmp_path / "model.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    (tmp_path / "twice.yaml").write_text("train:\n  max_steps: 5\n  batch_size: 8\n  max_steps: 50\n")
+    (tmp_path / "sexagesimal.yaml").write_text("model:\n  name_or_path: 1:30\n")
+    (tmp_path / "octal.yaml").write_text("seed: 010\n")
+    (tmp_path / "date.yaml").write_text("output_dir: 2026-12-07\n")
     cases = {
+        "twice.yaml": "line 4: key 'max_steps' is given twice (also on line 2)",
+        "sexagesimal.yaml": "line 2: '1:30' reads as the number 90",
+        "octal.yaml": "'010' reads as the number 8",
+        "date.yaml": "reads as a date",
         "dir": "is a directory; name one YAML in it (sft.yaml)",
         "missing.yaml": "does not exist",
         "list.yaml": "the top level must be a mapping",

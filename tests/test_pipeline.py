@@ -83,7 +83,7 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
     log = second.communicate(timeout=600)[0]
     assert second.returncode == 0, log[-3000:]
     for stage in ("pretrain", "sft", "rm"):
-        assert f"[pipeline] {stage}: finished already" in log
+        assert f"[pipeline] {stage}: skip" in log
     assert "[ppo] resumed from" in log
     assert (runs / "sft" / "final" / "model.safetensors").stat().st_mtime_ns == sft_stamp
     assert (runs / "rm" / "member-0" / "final" / "model.safetensors").stat().st_mtime_ns == rm_stamp
@@ -132,7 +132,7 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
     # a third run finds everything done
     third = run_cli(args)
     log3 = third.communicate(timeout=120)[0]
-    assert third.returncode == 0 and "ppo: finished already" in log3 and "eval: finished already" in log3
+    assert third.returncode == 0 and "ppo: skip" in log3 and "eval: skip" in log3
 
 
 def test_generate_and_dry_run(tmp_path, tiny_sft, capsys):

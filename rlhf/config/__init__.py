@@ -20,6 +20,7 @@ from rlhf.config.paths import (
     MODEL_KEYS,
     TOKENIZER_FILES,
     WEIGHT_GLOBS,
+    check_outputs,
     check_paths,
     looks_local,
 )
@@ -98,6 +99,7 @@ __all__ = [
     "SFTData",
     "TextSource",
     "TrainConfig",
+    "check_outputs",
     "check_paths",
     "load_config",
     "load_function",

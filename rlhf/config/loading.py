@@ -3,6 +3,7 @@ coerced to its field's annotated type, unknown keys rejected with a did-you-mean
 
 from __future__ import annotations
 
+import collections.abc
 import dataclasses
 import difflib
 import importlib
@@ -138,6 +139,57 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     return key.split("."), value
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """safe_load that refuses what a reader of the file would misread: a key given twice (PyYAML keeps the last
+    silently), and YAML 1.1 scalars that do not read as they look — `1:30` (the integer 90), `010` (8), `1_000`
+    (1000) and unquoted dates. Each raises with the line and the fix."""
+
+
+def _mapping_without_duplicates(loader: _StrictLoader, node: yaml.MappingNode, deep: bool = False) -> dict:
+    seen: dict = {}
+    for key_node, _ in node.value:
+        if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base`: keys it brings may be overridden
+            continue
+        key = loader.construct_object(key_node, deep=True)
+        if not isinstance(key, collections.abc.Hashable):
+            continue  # construct_mapping below reports it
+        if key in seen:
+            raise _Misread(
+                f"line {key_node.start_mark.line + 1}: key {key!r} is given twice (also on line {seen[key]}); PyYAML "
+                "would keep only the last one. Delete one of them"
+            )
+        seen[key] = key_node.start_mark.line + 1
+    return loader.construct_mapping(node, deep=deep)
+
+
+def _literal_number(loader: _StrictLoader, node: yaml.ScalarNode):
+    text = node.value
+    body = text.lstrip("+-")
+    if ":" in body or "_" in body or (len(body) > 1 and body[0] == "0" and body[1].isdigit()):
+        value = loader.construct_yaml_int(node) if node.tag.endswith(":int") else loader.construct_yaml_float(node)
+        raise _Misread(
+            f"line {node.start_mark.line + 1}: {text!r} reads as the number {value!r} in YAML 1.1; quote it "
+            f"('{text}') if it is text, or write the number plainly"
+        )
+    return loader.construct_yaml_int(node) if node.tag.endswith(":int") else loader.construct_yaml_float(node)
+
+
+def _no_dates(loader: _StrictLoader, node: yaml.ScalarNode):
+    raise _Misread(
+        f"line {node.start_mark.line + 1}: {node.value!r} reads as a date in YAML; quote it ('{node.value}')"
+    )
+
+
+class _Misread(Exception):
+    """A YAML scalar or key a reader would misread (raised inside the loader, turned into a ConfigError)."""
+
+
+_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _mapping_without_duplicates)
+_StrictLoader.add_constructor("tag:yaml.org,2002:int", _literal_number)
+_StrictLoader.add_constructor("tag:yaml.org,2002:float", _literal_number)
+_StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _no_dates)
+
+
 def _read_yaml(source: str) -> dict:
     """The top-level mapping of the YAML file `source`; a missing, unreadable or non-mapping file raises."""
     p = Path(source)
@@ -149,7 +201,9 @@ def _read_yaml(source: str) -> dict:
     if not p.is_file():
         raise ConfigError(f"config file {source} does not exist")
     try:
-        loaded = yaml.safe_load(p.read_text(encoding="utf-8"))
+        loaded = yaml.load(p.read_text(encoding="utf-8"), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
+    except _Misread as e:
+        raise ConfigError(f"{source}, {e}") from None
     except UnicodeDecodeError as e:
         raise ConfigError(f"{source} is not valid UTF-8 text (byte {e.start}); re-save it as UTF-8") from None
     except yaml.YAMLError as e:

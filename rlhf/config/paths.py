@@ -1,5 +1,6 @@
-"""Filesystem checks run before any model loads: every local path a config names exists and is what its key needs
-(a model dir, a tokenizer dir, a data file or a `save_to_disk` dir); hub names pass through to where they load."""
+"""Filesystem checks run before any model loads: every local path a config reads exists and is what its key needs
+(a model dir, a tokenizer dir, a data file or a `save_to_disk` dir; hub names pass through to where they load), and
+every path it writes can be written without touching what it reads."""
 
 from __future__ import annotations
 
@@ -63,6 +64,48 @@ def check_paths(cfg: Any, source: str = "<config>") -> None:
                 )
         elif key.endswith(".path"):
             _check_data_path(local, where)
+        elif key == "run_dir" and not (local / "final").is_dir() and not any(local.glob("checkpoint-*")):
+            raise ConfigError(
+                f"{where} holds no final/ and no checkpoint-*/: point run_dir at a PPO output_dir (or use policy:)"
+            )
+    check_outputs(cfg, source)
+
+
+def check_outputs(cfg: Any, source: str = "<config>") -> None:
+    """Fail before any work when the run could not write where it writes, or would write into what it reads:
+    output_dir a file, under a file or unwritable; output_dir inside an input (a model dir, a data dir); an input
+    inside this run's own final/ or checkpoints (which the run replaces); `resume:` naming no dir."""
+    where = f"output_dir = {cfg.output_dir!r} (from {source})"
+    if not cfg.output_dir.strip():
+        raise ConfigError(f"output_dir is empty in {source}: set it to the dir this run writes")
+    out = Path(cfg.output_dir).expanduser().absolute()
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"{where} is a file; the run writes a dir there: point output_dir at a new dir")
+    existing = next(p for p in (out, *out.parents) if p.exists())
+    if not existing.is_dir():
+        raise ConfigError(f"{where} lies under {existing}, which is a file: point output_dir elsewhere")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ConfigError(f"{where}: {existing} is not writable; make it writable or point output_dir elsewhere")
+    owned = [out / "final", *out.glob("checkpoint-*")]  # what this run replaces
+    for key, path in cfg.paths().items():
+        if not path or not Path(path).expanduser().exists():
+            continue
+        local = Path(path).expanduser().absolute()
+        if local == out or local in out.parents:
+            raise ConfigError(
+                f"{where} is inside {key} = {path!r}: the run would write into its own input; use a separate "
+                "output_dir (e.g. a sibling dir)"
+            )
+        if any(local == o or o in local.parents for o in owned):
+            raise ConfigError(
+                f"{key} = {path!r} (from {source}) lies in this run's own output ({cfg.output_dir}), which the run "
+                "replaces: point output_dir elsewhere, or copy the input out first"
+            )
+    resume = getattr(cfg, "resume", "auto")
+    if resume not in ("auto", "never") and not Path(resume).expanduser().is_dir():
+        raise ConfigError(
+            f"resume = {resume!r} (from {source}) is not a checkpoint dir: use auto, never, or a checkpoint-<step> dir"
+        )
 
 
 def _model_config_at(cfg: Any, prefix: str) -> ModelConfig | None:

@@ -55,6 +55,13 @@ class TruncationReport:
     assistant_turns: int = 0  # chat rows trained on every assistant turn: the turns learnt
     turns_fallback: int = 0  # chat rows whose template could not be split: their last turn only
 
+    def describe(self) -> str:
+        """What truncation did, for a stage's start-up line."""
+        return (
+            f"{self.prompts_cut} prompts cut to max_prompt_length, {self.completions_cut} completions cut, "
+            f"{self.dropped} rows dropped as too long"
+        )
+
     def as_metrics(self, prefix: str) -> dict:
         return {
             f"{prefix}/rows": self.rows,
@@ -65,16 +72,31 @@ class TruncationReport:
 
 
 def _tokenize(tokenizer, texts: list[str], add_special_tokens: bool) -> list[list[int]]:
+    # verbose=False: no "sequence length is longer than the maximum ... indexing errors" warning. The caller cuts
+    # every sequence to the config's limit (and reports it), so the model never sees one that long.
     out: list[list[int]] = []
     for start in range(0, len(texts), 1000):
-        out.extend(tokenizer(texts[start : start + 1000], add_special_tokens=add_special_tokens)["input_ids"])
+        batch = texts[start : start + 1000]
+        out.extend(tokenizer(batch, add_special_tokens=add_special_tokens, verbose=False)["input_ids"])
     return out
 
 
-def encode_prompts(tokenizer, fmt: FormatConfig, rows, report: TruncationReport | None = None) -> list[list[int]]:
-    """Rendered, tokenized prompts, cut from the left to max_prompt_length (the end of a prompt matters most)."""
+def encode_prompts(
+    tokenizer,
+    fmt: FormatConfig,
+    rows,
+    report: TruncationReport | None = None,
+    source: str | None = None,
+    key: str = "data.format.max_prompt_length",
+) -> list[list[int]]:
+    """Rendered, tokenized prompts, cut from the left to max_prompt_length (the end of a prompt matters most).
+
+    With `source` (the file the rows came from), a set in which most prompts would be cut is refused
+    (`check_prompt_lengths`), naming `key`, the config key that sets the limit."""
     texts = [render_prompt(tokenizer, fmt, r["prompt"], r.get("messages")) for r in rows]
     ids = _tokenize(tokenizer, texts, add_special_tokens=not uses_chat_template(tokenizer, fmt))
+    if source is not None:
+        check_prompt_lengths([len(p) for p in ids], fmt.max_prompt_length, source, key)
     out = []
     for p in ids:
         if len(p) > fmt.max_prompt_length:
@@ -83,6 +105,24 @@ def encode_prompts(tokenizer, fmt: FormatConfig, rows, report: TruncationReport 
                 report.prompts_cut += 1
         out.append(p)
     return out
+
+
+def check_prompt_lengths(lengths: list[int], limit: int, source: str, key: str) -> None:
+    """Refuse prompts of which more than half are longer than `limit` tokens: training or evaluating on the cut
+    ends of most prompts is almost never what was meant. Names the key and the lengths' distribution."""
+    cut = sum(n > limit for n in lengths)
+    if not lengths or cut * 2 <= len(lengths):
+        return
+    ordered = sorted(lengths)
+
+    def pct(q: float) -> int:
+        return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+    raise DataError(
+        f"{source}: {cut} of {len(lengths)} prompts are longer than {key} = {limit} tokens (prompt lengths: min "
+        f"{ordered[0]}, median {pct(0.5)}, 90th percentile {pct(0.9)}, max {ordered[-1]}) and would be cut from "
+        f"the left. Raise {key} (and the length limits that include it) or shorten the prompts"
+    )
 
 
 def response_sequences(tokenizer, fmt: FormatConfig, rows, responses: list[str], ended: list[bool]) -> list[list[int]]:

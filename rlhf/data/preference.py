@@ -20,7 +20,7 @@ Group = list[tuple[list[int], list[int]]]
 def load_ranked(tokenizer, fmt: FormatConfig, source: TextSource, report: TruncationReport) -> list[Group]:
     """Preference rows -> per prompt, its responses best first as (prompt ids, response ids + EOS) (RM and DPO)."""
     rows = load_source(source, "preference", on_bad_row=fmt.on_bad_row).to_list()
-    prompts = encode_prompts(tokenizer, fmt, rows, report)
+    prompts = encode_prompts(tokenizer, fmt, rows, report, source=source.path)
     flat_prompts = [p for p, r in zip(prompts, rows) for _ in r["ranked"]]
     flat_responses = [resp for r in rows for resp in r["ranked"]]
     pairs = encode_pairs(tokenizer, fmt, flat_prompts, flat_responses, source.path, report)

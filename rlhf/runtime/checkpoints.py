@@ -10,7 +10,10 @@ A failed save leaves the previous checkpoint intact and says why.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
+import re
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,8 @@ from rlhf.config import LoraConfig, save_config
 from rlhf.models.heads import TokenValueModel
 from rlhf.runtime.accelerator import sharded_parameters
 from rlhf.runtime.guards import check_finite_weights
-from rlhf.runtime.model_card import with_model_card
+from rlhf.runtime.model_card import RUN_CONFIG, with_model_card
+from rlhf.runtime.provenance import PROVENANCE_FILE
 from rlhf.runtime.tracking import write_json
 
 
@@ -149,7 +153,8 @@ def save_checkpoint(
     """Write checkpoint-<step> atomically and prune to the newest `keep_last`."""
 
     def write(tmp: Path) -> None:
-        accelerator.save_state(str(tmp / "state"))
+        with _tied_weights_not_reported():
+            accelerator.save_state(str(tmp / "state"))
         for name, model in models.items():
             save_hf(accelerator, model, tmp / name, tokenizer)
         if accelerator.is_main_process:
@@ -162,6 +167,30 @@ def save_checkpoint(
             shutil.rmtree(old, ignore_errors=True)
     accelerator.wait_for_everyone()
     return final
+
+
+class _TiedWeightsFilter(logging.Filter):
+    """Drops accelerate's "Removed shared tensor {'lm_head.weight'} while saving" for tied output embeddings: the
+    output layer shares the input embedding's storage, safetensors stores shared storage once, and loading the
+    state re-ties it, so nothing is lost. Any other shared tensor it names is still reported."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        if not message.startswith("Removed shared tensor"):
+            return True
+        names = re.findall(r"'([^']+)'", message.split(" while saving")[0])
+        return not names or not all(n.endswith("lm_head.weight") for n in names)
+
+
+@contextlib.contextmanager
+def _tied_weights_not_reported():
+    logger = logging.getLogger("accelerate.utils.other")
+    drop = _TiedWeightsFilter()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def save_hf(accelerator: Accelerator, model, path: Path, tokenizer=None) -> None:
@@ -203,12 +232,21 @@ def save_final(accelerator: Accelerator, model, path: Path, tokenizer, cfg) -> N
     if sharded_parameters(accelerator):
         save_hf(accelerator, model, path, tokenizer)
         if accelerator.is_main_process:
-            save_config(cfg, path / "rlhf_config.yaml")
+            save_run_record(cfg, path)
         return
     if accelerator.is_main_process:
         model.save_pretrained(str(path), safe_serialization=True)
         tokenizer.save_pretrained(str(path))
-        save_config(cfg, path / "rlhf_config.yaml")
+        save_run_record(cfg, path)
+
+
+def save_run_record(cfg, path: Path) -> None:
+    """What made a final/: the resolved config (rlhf_config.yaml) and the run's provenance.json, so a model dir
+    copied anywhere still says how it was made and a later stage can fingerprint it by its record."""
+    save_config(cfg, path / RUN_CONFIG)
+    recorded = Path(cfg.output_dir) / PROVENANCE_FILE
+    if recorded.is_file():
+        shutil.copyfile(recorded, path / PROVENANCE_FILE)
 
 
 class CheckpointError(RuntimeError):

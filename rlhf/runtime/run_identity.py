@@ -27,7 +27,7 @@ def resume_candidate(cfg: Any) -> Path | None:
     return usable[-1] if usable else None
 
 
-def check_resume(cfg: Any, source: str, stage: str) -> None:
+def check_resume(cfg: Any, source: str, stage: str, dry_run: bool = False) -> None:
     """Refuse to resume from a checkpoint whose config differs from `cfg` in a key that makes another run.
 
     Raises ConfigError naming each refused key (old -> new) and the ways out; prints a notice for allowed
@@ -38,7 +38,7 @@ def check_resume(cfg: Any, source: str, stage: str) -> None:
         return
     old = yaml.safe_load(saved.read_text()) or {}
     allowed, refused = split_for_resume(config_changes(old, to_dict(cfg)))
-    if refused and getattr(cfg, "resume_changes", "refuse") != "allow":
+    if refused and cfg.resume_changes != "allow":
         listed = "; ".join(str(c) for c in refused)
         raise ConfigError(
             f"{source}: {ckpt} was made by another config ({listed}). Resuming would mix two runs in one "
@@ -47,4 +47,5 @@ def check_resume(cfg: Any, source: str, stage: str) -> None:
         )
     if allowed or refused:
         taken = "; ".join(str(c) for c in allowed + refused)
-        print(f"[{stage}] resuming from {ckpt.name} with changed settings: {taken}", flush=True)
+        verb = "would resume" if dry_run else "resuming"
+        print(f"[{stage}] {verb} from {ckpt} with changed settings: {taken}", flush=True)

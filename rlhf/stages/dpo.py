@@ -65,7 +65,7 @@ def train(cfg: DPOConfig, source: str = "<config>") -> Path:
     n_pairs = sum(math.comb(len(g), 2) for g in data.train)
     accelerator.print(
         f"[dpo] {len(data.train)} prompts, {n_pairs} pairs, {total_steps} steps, beta {cfg.beta}, "
-        f"reference: {cfg.reference}"
+        f"reference: {cfg.reference}; {data.report.describe()}"
     )
     # dropout off: with it the log-ratios are noisy and the policy would not start equal to its reference
     model = load_causal_lm(cfg.model, tokenizer, dropout=False)

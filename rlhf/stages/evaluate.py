@@ -96,7 +96,15 @@ class Evaluation:
         self.tokenizer = tok = load_tokenizer(cfg.sft, cfg.trust_remote_code, cfg.format)
         ds = load_source(cfg.prompts, "prompts", max_rows=cfg.num_prompts or None)
         self.rows = [r for r in ds.to_list() for _ in range(cfg.samples_per_prompt)]
-        self.prompts = encode_prompts(tok, cfg.format, self.rows)
+        self.truncation = TruncationReport()
+        self.prompts = encode_prompts(
+            tok, cfg.format, self.rows, self.truncation, source=cfg.prompts.path, key="format.max_prompt_length"
+        )
+        print(
+            f"[eval] {len(ds)} prompts x {cfg.samples_per_prompt} samples; "
+            f"{self.truncation.prompts_cut // cfg.samples_per_prompt} cut to format.max_prompt_length",
+            flush=True,
+        )
         self.device = inference_device()
         self.sft = self.load_policy(cfg.sft, "sft")
         self.rm_tokenizer, self.reward_models, self.proxy_models = None, [], []

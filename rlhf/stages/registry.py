@@ -7,11 +7,14 @@ dataclass in `rlhf.config`; the CLI and the pipeline pick it up from here, so ne
 from __future__ import annotations
 
 import importlib
+import os
 from pathlib import Path
 
 import yaml
 
 from rlhf.config import check_paths, load_config, to_dict
+from rlhf.runtime import provenance
+from rlhf.runtime.run_identity import check_resume
 
 # stage -> (module, entry point called with the loaded config and the config file's path)
 STAGE_ENTRY_POINTS = {
@@ -26,16 +29,21 @@ STAGE_ENTRY_POINTS = {
 def run_stage(
     stage: str, config: str, overrides: list[str], dry_run: bool = False, print_config: bool = False
 ) -> Path | None:
-    """Load (and validate) `config` with `overrides` for `stage`, check its paths and run it; with dry_run only
-    validate; with print_config print the resolved config (every default filled in) as YAML and stop. Returns what
+    """Load (and validate) `config` with `overrides` for `stage`, check every path it reads and writes, refuse a
+    resume of another run, record the run's provenance in output_dir and run it. With print_config: print the
+    resolved config (every default filled in) as YAML and stop; with dry_run: stop after the checks. Returns what
     the stage returns (its final/ dir, or eval's result)."""
     cfg = load_config(stage, config, overrides)
     if print_config:
         print(yaml.safe_dump(to_dict(cfg), sort_keys=False), end="")
         return None
-    if dry_run:
-        print(f"[{stage}] {config}: config OK")
-        return None
     check_paths(cfg, config)
+    if hasattr(cfg, "resume"):
+        check_resume(cfg, config, stage, dry_run=dry_run)
+    if dry_run:
+        print(f"[{stage}] {config}: config OK, paths OK; would write {cfg.output_dir}")
+        return None
+    if int(os.environ.get("RANK", "0")) == 0:  # every process loads the config; one records what made the run
+        provenance.write(cfg.output_dir, provenance.record(stage, cfg))
     module, name = STAGE_ENTRY_POINTS[stage]
     return getattr(importlib.import_module(module), name)(cfg, config)

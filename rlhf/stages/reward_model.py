@@ -29,7 +29,7 @@ from accelerate import Accelerator, PartialState
 from transformers import PreTrainedTokenizerBase
 
 from rlhf.algorithms import ranking_loss
-from rlhf.config import ENSEMBLE_FILE, RMConfig, RMEnsemble, check_paths, save_config
+from rlhf.config import ENSEMBLE_FILE, RMConfig, RMEnsemble, check_paths
 from rlhf.data.batching import length_batches, pad
 from rlhf.data.encoding import TruncationReport, encode_pairs, encode_prompts
 from rlhf.data.packing import pack_rows
@@ -40,8 +40,9 @@ from rlhf.models.loading import load_reward_model, load_tokenizer
 from rlhf.models.packing import pack_length
 from rlhf.models.shared_prompt import batch_prompt_groups, collate_shared_prompts, shared_token_values
 from rlhf.runtime.accelerator import stage_accelerator, stage_shares_prompt
-from rlhf.runtime.checkpoints import final_model, publish_final, save_final
+from rlhf.runtime.checkpoints import final_model, publish_final, save_final, save_run_record
 from rlhf.runtime.fit import Batch, SupervisedStage, fit, planned_steps
+from rlhf.runtime.run_identity import check_resume
 from rlhf.runtime.seeds import seed_everything
 from rlhf.runtime.tracking import write_json
 
@@ -55,12 +56,11 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
     check_paths(cfg, source)
     if cfg.ensemble.size == 1:
         return train_one(cfg, bootstrap_seed=None)
+    configs = [member_config(cfg, i) for i in range(cfg.ensemble.size)]
+    for member in configs:  # every member's resume is the run it resumes, before the first member trains
+        check_resume(member, source, "rm")
     members = []
-    for i in range(cfg.ensemble.size):
-        member = copy.deepcopy(cfg)
-        member.output_dir = str(Path(cfg.output_dir) / f"member-{i}")
-        member.seed = cfg.seed + i
-        member.ensemble = RMEnsemble()
+    for i, member in enumerate(configs):
         final = Path(member.output_dir) / "final"
         if final.is_dir():
             print(f"[rm] ensemble member-{i} of {cfg.ensemble.size}: finished already ({final}), skipped")
@@ -69,6 +69,15 @@ def train(cfg: RMConfig, source: str = "<config>") -> Path:
             train_one(member, bootstrap_seed=member.seed if cfg.ensemble.bootstrap else None)
         members.append(final)
     return write_ensemble_manifest(cfg, members)
+
+
+def member_config(cfg: RMConfig, i: int) -> RMConfig:
+    """Ensemble member i's own config: its dir `<output_dir>/member-<i>`, seed `seed + i`, no ensemble."""
+    member = copy.deepcopy(cfg)
+    member.output_dir = str(Path(cfg.output_dir) / f"member-{i}")
+    member.seed = cfg.seed + i
+    member.ensemble = RMEnsemble()
+    return member
 
 
 def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
@@ -80,7 +89,9 @@ def train_one(cfg: RMConfig, bootstrap_seed: int | None) -> Path:
     data = load_preference_data(tokenizer, cfg.data, cfg.train.batch_size, cfg.seed, bootstrap_seed)
     total_steps = planned_steps(cfg.train, data.schedule.steps_per_epoch)
     k_mean = sum(len(g) for g in data.train) / len(data.train)
-    accelerator.print(f"[rm] {len(data.train)} prompts (mean K {k_mean:.1f}), {total_steps} steps")
+    accelerator.print(
+        f"[rm] {len(data.train)} prompts (mean K {k_mean:.1f}), {total_steps} steps; {data.report.describe()}"
+    )
     # one module whose forward scores every token, so training goes through DDP/FSDP wrappers
     model = TokenValueModel(
         load_reward_model(cfg.model, tokenizer, train=True, new_head=True, key="model.name_or_path")
@@ -106,7 +117,7 @@ def write_ensemble_manifest(cfg: RMConfig, members: list[Path]) -> Path:
                 },
             )
             load_tokenizer(str(members[0])).save_pretrained(str(tmp))
-            save_config(cfg, tmp / "rlhf_config.yaml")
+            save_run_record(cfg, tmp)
 
     return publish_final(state, cfg.output_dir, write, {})
 
@@ -215,7 +226,7 @@ def reference_sequences(tokenizer, cfg: RMConfig) -> list[list[int]]:
     ds = load_source(src, "sft", on_bad_row=cfg.data.format.on_bad_row, max_rows=cfg.data.reference_max_rows or None)
     rows = ds.to_list()
     report = TruncationReport()
-    prompts = encode_prompts(tokenizer, cfg.data.format, rows, report)
+    prompts = encode_prompts(tokenizer, cfg.data.format, rows, report, source=src.path)
     pairs = encode_pairs(tokenizer, cfg.data.format, prompts, [r["completion"] for r in rows], src.path, report)
     return [p + c for p, c in (x for x in pairs if x is not None)]
 

@@ -48,6 +48,10 @@ class DPOConfig:
     """Seed for python, numpy and torch."""
     resume: str = "auto"
     """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """A resume whose checkpoint was made with other values of keys that change the result (model, data, seed,
+    batch sizes, the algorithm's settings): refuse, naming each key, or allow and continue with the new values.
+    Keys that change no result (logging, evaluation and checkpoint cadence, the run's length) are always taken."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy, initialised from SFT (sft/final); the frozen reference is the same weights."""
     reference: Literal["copy", "disable_adapter"] = "copy"

@@ -240,6 +240,10 @@ class PPOConfig:
     """Seed for python, numpy and torch."""
     resume: str = "auto"
     """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """A resume whose checkpoint was made with other values of keys that change the result (model, data, seed,
+    batch sizes, the algorithm's settings): refuse, naming each key, or allow and continue with the new values.
+    Keys that change no result (logging, evaluation and checkpoint cadence, the run's length) are always taken."""
     models: PPOModels = field(default_factory=PPOModels)
     data: PPOData = field(default_factory=PPOData)
     rollout: RolloutConfig = field(default_factory=RolloutConfig)
@@ -283,6 +287,8 @@ class PPOConfig:
 
     def _validate_sizes(self) -> None:
         p = self.ppo
+        positive(p.mini_batch_size, "ppo.mini_batch_size")
+        positive(p.micro_batch_size, "ppo.micro_batch_size")
         if p.mini_batch_size > self.train.batch_size:
             raise ConfigError(
                 f"ppo.mini_batch_size ({p.mini_batch_size}) is larger than train.batch_size ({self.train.batch_size})"

@@ -53,6 +53,10 @@ class SFTConfig:
     """Seed for python, numpy and torch."""
     resume: str = "auto"
     """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """A resume whose checkpoint was made with other values of keys that change the result (model, data, seed,
+    batch sizes, the algorithm's settings): refuse, naming each key, or allow and continue with the new values.
+    Keys that change no result (logging, evaluation and checkpoint cadence, the run's length) are always taken."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTData = field(default_factory=SFTData)
     train: TrainConfig = field(default_factory=TrainConfig)

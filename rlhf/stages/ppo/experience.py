@@ -70,7 +70,7 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> Prompts:
     fmt = cfg.data.format
     report = TruncationReport()
     rows = load_source(cfg.data.prompts, "prompts", on_bad_row=fmt.on_bad_row).to_list()
-    ids = encode_prompts(tokenizer, fmt, rows, report)
+    ids = encode_prompts(tokenizer, fmt, rows, report, source=cfg.data.prompts.path)
     schedule = BatchSchedule(
         [len(p) for p in ids],
         cfg.train.batch_size // cfg.rollout.samples_per_prompt,  # prompts per iteration
@@ -81,7 +81,7 @@ def load_prompts(cfg: PPOConfig, tokenizer) -> Prompts:
     prompts = Prompts(rows, ids, schedule, report)
     if cfg.data.eval_prompts.path:
         prompts.eval_rows = load_source(cfg.data.eval_prompts, "prompts", on_bad_row=fmt.on_bad_row).to_list()
-        prompts.eval_ids = encode_prompts(tokenizer, fmt, prompts.eval_rows)
+        prompts.eval_ids = encode_prompts(tokenizer, fmt, prompts.eval_rows, source=cfg.data.eval_prompts.path)
     return prompts
 
 

@@ -193,7 +193,8 @@ class PPOTrainer:
         acc.print(
             f"[ppo] {len(self.prompts.ids)} prompts, {self.total_steps} iterations of {cfg.train.batch_size} "
             f"episodes, {cfg.ppo.ppo_epochs} epochs x {cfg.train.batch_size // cfg.ppo.mini_batch_size} "
-            f"minibatches; ptx {cfg.ptx.ptx_coef} x {self.learner.ptx_per_mini} sequences per minibatch"
+            f"minibatches; ptx {cfg.ptx.ptx_coef} x {self.learner.ptx_per_mini} sequences per minibatch; "
+            f"{self.prompts.report.prompts_cut} prompts cut to data.format.max_prompt_length"
         )
         if self.learner.group_size > 1:
             acc.print(
