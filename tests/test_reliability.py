@@ -288,3 +288,30 @@ def test_full_disk_during_a_save_leaves_the_previous_checkpoint(tiny_world, tiny
         sft.train(sft_cfg(tiny_world, tiny_base, tmp_path))
     assert checkpoint_problem(tmp_path / "checkpoint-2") is None
     assert not (tmp_path / "checkpoint-4").exists() and not (tmp_path / "checkpoint-4.tmp").exists()
+
+
+def test_the_tied_embedding_save_warning_is_dropped_and_others_kept(caplog, tmp_path):
+    """accelerate warns that it removed lm_head.weight when saving a model with tied embeddings (harmless: loading
+    re-ties it); the filter drops exactly that, where checkpoints are saved, and keeps any other shared tensor."""
+    import logging
+
+    from accelerate import Accelerator
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from rlhf.runtime.checkpoints import _tied_weights_not_reported
+
+    shape = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1, num_attention_heads=2)
+    accelerator = Accelerator(cpu=True)
+    model = accelerator.prepare(LlamaForCausalLM(LlamaConfig(vocab_size=64, tie_word_embeddings=True, **shape)))
+    with caplog.at_level(logging.WARNING):
+        accelerator.save_state(str(tmp_path / "plain"), safe_serialization=True)
+    # the unfiltered save says it (so the filter below is tested against the real message)
+    assert "Removed shared tensor {'lm_head.weight'}" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING), _tied_weights_not_reported():
+        accelerator.save_state(str(tmp_path / "filtered"), safe_serialization=True)
+        logging.getLogger("accelerate.utils.other").warning(
+            "Removed shared tensor {'model.embed.weight'} while saving"
+        )
+    assert "lm_head.weight" not in caplog.text and "model.embed.weight" in caplog.text
+    del model

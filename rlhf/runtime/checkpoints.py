@@ -176,9 +176,9 @@ class _TiedWeightsFilter(logging.Filter):
 
     def filter(self, record: logging.LogRecord) -> bool:
         message = record.getMessage()
-        if not message.startswith("Removed shared tensor"):
+        if "Removed shared tensor" not in message:
             return True
-        names = re.findall(r"'([^']+)'", message.split(" while saving")[0])
+        names = re.findall(r"'([^']+)'", message.split("Removed shared tensor")[1].split(" while saving")[0])
         return not names or not all(n.endswith("lm_head.weight") for n in names)
 
 
