@@ -187,6 +187,21 @@ def run_plan(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _run(argv)
+    finally:
+        _release_process_group()
+
+
+def _release_process_group() -> None:
+    """Destroy the process group of a multi-process run once the command is done (every stage shares it)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+def _run(argv: list[str] | None) -> int:
     args = build_parser().parse_args(argv)
     quiet_hf_progress()
     try:

@@ -152,10 +152,10 @@ def measure_ppo(case: dict) -> dict:
 def child(spec: str) -> None:
     import torch
 
-    torch.set_num_threads(2)
     case = json.loads(spec)
+    torch.set_num_threads(1 if case.get("fsdp") else 2)
     out = measure_ppo(case) if case["stage"] == "ppo" else measure_sft(case)
-    print("RESULT " + json.dumps(out))
+    print("RESULT " + json.dumps(out | {"rank": int(os.environ.get("RANK", "0"))}), flush=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -163,22 +163,38 @@ def child(spec: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
+# the launch `accelerate launch --config_file configs/accelerate/fsdp.yaml` exports
+FSDP2_ENV = {
+    "ACCELERATE_USE_FSDP": "true",
+    "FSDP_VERSION": "2",
+    "FSDP_AUTO_WRAP_POLICY": "TRANSFORMER_BASED_WRAP",
+    "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+    "FSDP_RESHARD_AFTER_FORWARD": "true",
+}
+
+
 def run_child(case: dict) -> dict:
+    """One measurement in a fresh process (or, for an FSDP2 case, one per rank under torchrun): the largest rank's."""
     # a fixed mmap threshold: glibc hands blocks >= 128 KiB (every tensor that matters) back to the kernel when they
     # are freed, instead of raising the threshold and caching them, so RSS follows live tensor memory more closely
     env = os.environ | {"MALLOC_MMAP_THRESHOLD_": "131072", "OMP_NUM_THREADS": "2"}
+    launcher = [sys.executable]
+    if case.get("fsdp"):
+        env |= FSDP2_ENV | {"OMP_NUM_THREADS": "1"}
+        launcher += ["-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(case["fsdp"])]
     proc = subprocess.run(
-        [sys.executable, __file__, "--child", json.dumps(case)],
+        launcher + [__file__, "--child", json.dumps(case)],
         capture_output=True,
         text=True,
         cwd=REPO,
-        timeout=300,
+        timeout=600,
         env=env,
     )
-    for line in proc.stdout.splitlines():
-        if line.startswith("RESULT "):
-            return json.loads(line[len("RESULT ") :])
-    raise RuntimeError(f"measurement of {case['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    results = [json.loads(line[len("RESULT ") :]) for line in proc.stdout.splitlines() if line.startswith("RESULT ")]
+    if proc.returncode or not results:
+        raise RuntimeError(f"measurement of {case['name']} failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    peak = max(results, key=lambda r: r["measured"])
+    return peak | {"per_rank": {r["rank"]: r["measured"] for r in results}}
 
 
 def save_random_models(config_dir: Path, out: Path) -> tuple[Path, Path]:
@@ -199,7 +215,8 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--child", help=argparse.SUPPRESS)
     parser.add_argument("--steps", type=int, default=2)
-    parser.add_argument("--no-ppo", action="store_true", help="skip the PPO case")
+    parser.add_argument("--no-ppo", action="store_true", help="skip the PPO cases")
+    parser.add_argument("--fsdp", type=int, default=2, help="ranks of the FSDP2 PPO case (0: skip it)")
     args = parser.parse_args()
     if args.child:
         child(args.child)
@@ -256,31 +273,34 @@ def main() -> None:
     if not args.no_ppo:
         lm_dir, rm_dir = save_random_models(llama, tmp / "models")
         tok = world / "tokenizer"
-        cases.append(
-            {
-                "name": "Llama 512x8 PPO, 1 iteration, 2 minibatches",
-                "stage": "ppo",
-                "config": str(REPO / "configs" / "tiny" / "ppo.yaml"),
-                "overrides": quiet
-                + [
-                    f"output_dir={tmp / 'ppo'}",
-                    f"models.policy.name_or_path={lm_dir}",
-                    f"models.policy.tokenizer={tok}",
-                    f"models.reward.name_or_path={rm_dir}",
-                    f"models.reward.tokenizer={tok}",
-                    f"data.prompts.path={data / 'prompts.jsonl'}",
-                    "data.eval_prompts.path=",
-                    "ptx.ptx_coef=0",
-                    f"ptx.data.path={data / 'pretrain.jsonl'}",
-                    "rollout.max_new_tokens=32",
-                    "rollout.generation_batch_size=16",
-                    "train.batch_size=16",
-                    "ppo.mini_batch_size=8",  # 2 steps: AdamW state + activations together
-                    "ppo.micro_batch_size=8",
-                    "ppo.ppo_epochs=1",
-                ],
-            }
-        )
+        ppo_case = {
+            "name": "Llama 512x8 PPO, 1 iteration, 2 minibatches",
+            "stage": "ppo",
+            "config": str(REPO / "configs" / "tiny" / "ppo.yaml"),
+            "overrides": quiet
+            + [
+                f"output_dir={tmp / 'ppo'}",
+                f"models.policy.name_or_path={lm_dir}",
+                f"models.policy.tokenizer={tok}",
+                f"models.reward.name_or_path={rm_dir}",
+                f"models.reward.tokenizer={tok}",
+                f"data.prompts.path={data / 'prompts.jsonl'}",
+                "data.eval_prompts.path=",
+                "ptx.ptx_coef=0",
+                f"ptx.data.path={data / 'pretrain.jsonl'}",
+                "rollout.max_new_tokens=32",
+                "rollout.generation_batch_size=16",
+                "train.batch_size=16",
+                "ppo.mini_batch_size=8",  # 2 steps: AdamW state + activations together
+                "ppo.micro_batch_size=8",
+                "ppo.ppo_epochs=1",
+            ],
+        }
+        cases.append(ppo_case)
+        if args.fsdp > 1:  # the same iteration with every role sharded over the ranks; the largest rank's peak
+            fsdp_quiet = [o for o in ppo_case["overrides"] if o != "train.cpu=true"]
+            cases.append(ppo_case | {"name": f"the same, FSDP2 x {args.fsdp} ranks (per rank)", "fsdp": args.fsdp})
+            cases[-1]["overrides"] = fsdp_quiet + [f"output_dir={tmp / 'ppo_fsdp'}", "ppo.micro_batch_size=4"]
 
     rows = []
     for case in cases:
@@ -297,7 +317,9 @@ def main() -> None:
             cfg.data.format.max_prompt_length = got["prompt_width"]
             cfg.rollout.max_new_tokens = got["response_width"]
             shape = load_shape(cfg.models.policy)
-            plan = plan_ppo(cfg, shape, load_shape(cfg.models.reward, "models.reward"), 1, mixed_precision="no")
+            rm_shape = load_shape(cfg.models.reward, "models.reward")
+            ranks, topology = (case["fsdp"], "fsdp") if case.get("fsdp") else (1, "ddp")
+            plan = plan_ppo(cfg, shape, rm_shape, 1, ranks, topology, mixed_precision="no")
         est, meas = plan.total, got["measured"]
         rows.append((case["name"], plan.static, plan.peak_phase[1], est, meas, (est - meas) / meas, time.time() - t0))
         print(f"[plan_check] {case['name']}: estimate {est / MiB:.1f} MiB, measured {meas / MiB:.1f} MiB", flush=True)

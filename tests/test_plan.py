@@ -295,3 +295,17 @@ def test_critic_free_and_function_only_ppo_and_dpo_plans(tmp_path):
     assert rm_shared.tokens == {"trained": rm_cfg.train.batch_size * per_prompt}
     assert rm_shared.flops * rm.tokens["trained"] == rm.flops * rm_shared.tokens["trained"]
     assert rm_shared.roles[0].activations < rm.roles[0].activations and rm_shared.settings["share_prompt"]
+
+
+def test_fsdp_holds_the_root_unit_and_two_layers_whole_while_a_model_runs():
+    """SMALL_LLAMA (d 64, 2 layers, MLP 176, vocabulary 300, untied): a layer's parameters are q/k/v/o (GQA 4/2
+    heads of 16) + the MLP + 2 norms; the root unit is the embeddings, the LM head and the final norm."""
+    from rlhf.tools.plan.memory import gathered_bytes
+
+    shape = shape_from_hf_config(small_llama())
+    layer = 64 * (2 * 64 + 2 * 32) + 3 * 64 * 176 + 2 * 64
+    root = 300 * 64 * 2 + 64
+    assert shape.params_lm == root + 2 * layer  # the counts the formula splits are the model's
+    assert gathered_bytes(shape, 4, "fsdp") == (root + 2 * layer) * 4
+    assert gathered_bytes(shape, 4, "fsdp", grads=True) == 2 * (root + 2 * layer) * 4
+    assert gathered_bytes(shape, 4, "ddp") == 0 == gathered_bytes(shape, 4, "zero2")

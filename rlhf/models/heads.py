@@ -65,6 +65,12 @@ class TokenValueModel(nn.Module):
         self.model = model
 
     @property
+    def _no_split_modules(self) -> list[str] | None:
+        """The inner model's block classes: FSDP's transformer auto-wrap (accelerate reads this name) then shards
+        each decoder layer on its own instead of the whole critic as one unit."""
+        return getattr(self.model, "_no_split_modules", None)
+
+    @property
     def config(self):
         return self.model.config
 

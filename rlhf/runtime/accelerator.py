@@ -57,6 +57,8 @@ def make_accelerator(
         project_dir=str(output_dir),
         step_scheduler_with_optimizer=False,
     )
+    if _fsdp_requested() and accelerator.distributed_type == DistributedType.MULTI_CPU:
+        _shard_on_cpu(accelerator)
     accelerator.init_trackers("tensorboard")
     trackers.store_config(accelerator)
     if accelerator.device.type == "cpu":
@@ -70,6 +72,35 @@ def make_accelerator(
     return accelerator
 
 
+def _fsdp_requested() -> bool:
+    """FSDP asked for by the launch (`accelerate launch --config_file configs/accelerate/fsdp.yaml` sets it)."""
+    return os.environ.get("ACCELERATE_USE_FSDP", "false").lower() in ("true", "1")
+
+
+def _shard_on_cpu(accelerator: Accelerator) -> None:
+    """Run FSDP2 on CPU processes (gloo) instead of the DDP accelerate falls back to there.
+
+    accelerate picks FSDP only for accelerator devices, but PyTorch's FSDP2 (`fully_shard`) shards over gloo just as
+    it does over NCCL. Setting the topology to FSDP before anything is prepared makes every later call
+    (`prepare`, `save_state`, `get_state_dict`, `unwrap_model`) take accelerate's FSDP2 path: the code path a GPU
+    run takes, proven here by two CPU processes against one (tests/test_fsdp.py)."""
+    from accelerate.state import PartialState
+    from accelerate.utils import FullyShardedDataParallelPlugin
+
+    plugin = FullyShardedDataParallelPlugin()  # from the launch's FSDP_* environment
+    if plugin.fsdp_version != 2:
+        raise ConfigError("FSDP on CPU processes runs FSDP2 only: set fsdp_version: 2 in the launch config")
+    if accelerator.mixed_precision != "no":
+        plugin.set_mixed_precision(accelerator.mixed_precision)
+    accelerator.state.fsdp_plugin = plugin
+    accelerator.state.distributed_type = DistributedType.FSDP
+    PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+    accelerator.print(
+        f"[rlhf] FSDP2 on {accelerator.num_processes} CPU processes (gloo): parameters, gradients and optimizer "
+        "state sharded"
+    )
+
+
 def stage_accelerator(cfg: Any) -> Accelerator:
     """`make_accelerator` for a stage's config (SFT, RM, DPO, PPO): its precision, output dir, trackers and CPU
     flag, with the config itself given to the trackers."""
@@ -81,6 +112,7 @@ def stage_accelerator(cfg: Any) -> Accelerator:
 VERIFIED_TOPOLOGIES = {
     "NO": "one process: CPU in CI, one GPU (H100, bf16) by hand",
     "MULTI_CPU": "2 CPU processes (torchrun, gloo) in CI: SFT, RM, PPO (= 1 process to 1e-5), SIGTERM, resume",
+    "FSDP": "FSDP2 on 2 CPU processes (gloo) in CI: SFT, RM, DPO, PPO (= 1 process to 1e-5), SIGTERM, resume",
 }
 
 
@@ -143,11 +175,28 @@ def clip_grad_norm(accelerator: Accelerator, parameters, max_norm: float) -> tor
     gradient by its clamped coefficient of 1.0, a pass over all of them per step for nothing.
     Sharded parameters (FSDP, ZeRO-3), DeepSpeed and fp16's loss scaling take accelerate's clip, which knows them.
     """
+    if accelerator.distributed_type == DistributedType.FSDP and accelerator.is_fsdp2:
+        return _clip_sharded(accelerator, list(parameters), max_norm)
     special = sharded_parameters(accelerator) or accelerator.distributed_type == DistributedType.DEEPSPEED
     if max_norm or special or accelerator.scaler is not None:
         return accelerator.clip_grad_norm_(parameters, max_norm or float("inf"))
     # DDP has all-reduced the gradients by now: the local norm is the global one
     return torch.nn.utils.get_total_norm([p.grad for p in parameters if p.grad is not None])
+
+
+def _clip_sharded(accelerator: Accelerator, parameters: list, max_norm: float) -> torch.Tensor:
+    """FSDP2: the global norm of DTensor gradients (each rank's shard norm, combined across ranks), then the clip.
+    accelerate's own clip finds the model by comparing parameter lists, which fails once two models are prepared
+    (PPO's policy and critic)."""
+    from torch.distributed.tensor import DTensor
+
+    accelerator.unscale_gradients()
+    grads = [p.grad for p in parameters if p.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
+    if max_norm:
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return norm
 
 
 def compiled_for_training(accelerator: Accelerator, model: torch.nn.Module, enabled: bool) -> torch.nn.Module:
@@ -180,8 +229,9 @@ def generation_context(accelerator: Accelerator, model: torch.nn.Module):
     """The module to call `generate` on, and whether ranks must keep stepping together (`synced_gpus`).
 
     Under ZeRO-3 the policy's parameters are gathered for the whole generation (one all-gather instead of one per
-    layer per token, as TRL and OpenRLHF do); under FSDP every forward all-gathers, so every rank must run as
-    many decoding steps as the slowest (HF generate's `synced_gpus`).
+    layer per token, as TRL and OpenRLHF do); under FSDP2 the root's own parameters are gathered for the whole
+    generation and each layer's in its forward, so every rank must run as many decoding steps as the slowest (HF
+    generate's `synced_gpus`).
     """
     unwrapped = accelerator.unwrap_model(model)
     if accelerator.distributed_type == DistributedType.DEEPSPEED and sharded_parameters(accelerator):
@@ -190,7 +240,23 @@ def generation_context(accelerator: Accelerator, model: torch.nn.Module):
         with deepspeed.zero.GatheredParameters(list(model.parameters())):
             yield unwrapped, True
     elif accelerator.distributed_type == DistributedType.FSDP:
-        yield unwrapped, True
+        from torch.distributed.fsdp import FSDPModule
+
+        # FSDP2: the root's own parameters (embeddings, final norm, LM head) are gathered by the root's forward hook,
+        # which `generate` bypasses when the root is a wrapper (a peft model generates through its base model):
+        # gather them for the whole generation; each decoder layer still gathers its own in its forward
+        root = model if isinstance(model, FSDPModule) else None
+        if root is not None:
+            # one token through the root first: FSDP2 sets up its state from the first module called, which must
+            # be the root (a wrapper's generate would start at an inner one)
+            with torch.no_grad():
+                root(input_ids=torch.zeros(1, 1, dtype=torch.long, device=accelerator.device))
+            root.unshard()
+        try:
+            yield unwrapped, True
+        finally:
+            if root is not None:
+                root.reshard()
     else:
         yield unwrapped, False
 

@@ -20,7 +20,7 @@ from rlhf.runtime.accelerator import clip_grad_norm, compiled_for_training
 from rlhf.runtime.checkpoints import Progress, publish_final, resume_state, save_checkpoint
 from rlhf.runtime.guards import GracefulStop, NonFiniteGuard, checkpoint_or_stop
 from rlhf.runtime.optim import build_optimizer, build_scheduler
-from rlhf.runtime.tracking import ProgressBar, drop_metrics_after, log_metrics
+from rlhf.runtime.tracking import ProgressBar, drop_metrics_after, finish_trackers, log_metrics
 
 Batch = dict[str, torch.Tensor]
 
@@ -147,7 +147,7 @@ def fit(cfg, accelerator: Accelerator, model, tokenizer, stage: SupervisedStage)
             checkpoint_or_stop(accelerator, stop, bar, step, total, cfg.checkpoint.every, save)
     bar.close()
     final = publish_final(accelerator, out, lambda tmp: stage.export_final(run.model, tmp), {"model": run.model})
-    accelerator.end_training()
+    finish_trackers(accelerator)
     return final
 
 

@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 
+from rlhf.runtime.tracking import finish_trackers
+
 EXIT_STOPPED = 75  # EX_TEMPFAIL: stopped on a signal after a checkpoint; the same command resumes
 
 
@@ -118,7 +120,7 @@ def checkpoint_or_stop(accelerator: Accelerator, stop: GracefulStop, bar, step: 
         checkpoint = save(step)
     if stopping:
         bar.close()
-        accelerator.end_training()
+        finish_trackers(accelerator)
         raise StoppedBySignal(stop.signame, step, checkpoint)
 
 

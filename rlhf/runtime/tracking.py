@@ -155,6 +155,14 @@ def stage_metrics(run_dir: Path, stage: str) -> list[dict]:
     return read_metrics(stage_dir / "metrics.jsonl") or read_metrics(stage_dir / "member-0" / "metrics.jsonl")
 
 
+def finish_trackers(accelerator: Accelerator) -> None:
+    """Close the run's trackers at the end of a stage. Not accelerate's `end_training`: it also destroys the process
+    group, which the next stage in the same processes (an RM ensemble's next member, `rlhf pipeline`) still needs;
+    the CLI releases it when the command ends."""
+    for tracker in accelerator.trackers:
+        tracker.finish()
+
+
 def write_json(path: str | Path, data: dict) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)

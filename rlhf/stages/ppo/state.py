@@ -49,11 +49,29 @@ class EMA:
                 p.copy_(self.shadow[n].to(p.dtype))
 
     def state_dict(self) -> dict:
-        return {"decay": self.decay, "shadow": self.shadow}
+        """Whole tensors. Under FSDP2 the shadow holds this rank's shards (an EMA is elementwise, so the EMA of a
+        shard is the shard of the EMA); every rank takes part in the gather, as accelerate's save_state asks each
+        rank for the state and rank 0 writes it."""
+        return {"decay": self.decay, "shadow": {n: _whole(t) for n, t in self.shadow.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.decay = state["decay"]
-        self.shadow = {k: v.clone() for k, v in state["shadow"].items()}
+        self.shadow = {k: _shaped_like(self.shadow.get(k), v) for k, v in state["shadow"].items()}
+
+
+def _whole(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _shaped_like(current: torch.Tensor | None, whole: torch.Tensor) -> torch.Tensor:
+    """`whole` sharded as `current` is (FSDP2: this rank's shard of it), or a copy of it."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(current, DTensor):
+        return distribute_tensor(whole.to(current.device), current.device_mesh, current.placements)
+    return whole.clone()
 
 
 class StopRules:

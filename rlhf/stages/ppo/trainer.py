@@ -43,6 +43,7 @@ import time
 from pathlib import Path
 
 import torch
+from accelerate import DistributedType
 
 from rlhf.algorithms import KLPenaltyCoef
 from rlhf.algorithms.collapse import CollapseMonitor
@@ -54,7 +55,7 @@ from rlhf.runtime.checkpoints import Progress, final_model, publish_final, resum
 from rlhf.runtime.guards import GracefulStop, NonFiniteGuard, checkpoint_or_stop
 from rlhf.runtime.optim import split_batch
 from rlhf.runtime.seeds import seed_everything
-from rlhf.runtime.tracking import ProgressBar, drop_metrics_after, log_metrics, log_text
+from rlhf.runtime.tracking import ProgressBar, drop_metrics_after, finish_trackers, log_metrics, log_text
 from rlhf.stages.ppo.experience import ExperienceMaker, load_prompts
 from rlhf.stages.ppo.learner import Learner, load_ptx
 from rlhf.stages.ppo.roles import load_roles, load_tokenizers
@@ -72,10 +73,10 @@ class PPOTrainer:
         acc = self.accelerator = stage_accelerator(cfg)
         seed_everything(cfg.seed)
         tokenizers = load_tokenizers(cfg)
-        if cfg.ema.decay and sharded_parameters(acc):
+        if cfg.ema.decay and sharded_parameters(acc) and acc.distributed_type == DistributedType.DEEPSPEED:
             raise ConfigError(
-                "ema.decay > 0 with FSDP / DeepSpeed ZeRO-3: each process holds a shard of the policy, so an EMA of "
-                "its parameters would be an EMA of a shard; set ema.decay: 0 or use DDP / ZeRO-1/2"
+                "ema.decay > 0 with DeepSpeed ZeRO-3: its partitioned parameters are not addressable by name, so the "
+                "EMA cannot follow them; set ema.decay: 0, or use FSDP2 or ZeRO-1/2"
             )
         # every process samples the same number of episodes and takes the same share of each minibatch
         split_batch(cfg.train.batch_size, 1, acc.num_processes, "train.batch_size")
@@ -178,7 +179,7 @@ class PPOTrainer:
                 checkpoint_or_stop(acc, stop, bar, step, self.total_steps, cfg.checkpoint.every, self.save)
         bar.close()
         final = publish_final(acc, out, self.write_final, {"policy": self.policy})
-        acc.end_training()
+        finish_trackers(acc)
         return final
 
     def _start(self, out: Path) -> None:

@@ -172,6 +172,19 @@ def frozen_role(
     return est
 
 
+def gathered_bytes(shape: ModelShape, p: int, topology: str, scalar: bool = False, grads: bool = False) -> int:
+    """FSDP2 / ZeRO-3: the whole parameters a sharded model holds while it runs — its root unit (embeddings, final
+    norm, LM or score head) for the whole forward, and two decoder layers (the one computing and the one
+    prefetched) — plus, in a backward, their unsharded gradients before the reduce-scatter. 0 unsharded."""
+    if topology not in ("fsdp", "zero3"):
+        return 0
+    q, kv = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
+    layer = shape.hidden * (2 * q + 2 * kv) + 3 * shape.hidden * shape.intermediate + 2 * shape.hidden
+    total = shape.params_scalar if scalar else shape.params_lm
+    root = max(0, total - shape.layers * layer)
+    return (root + 2 * layer) * p * (2 if grads else 1)
+
+
 def train_flops_per_token(params: int, lora: bool, checkpointing: bool) -> int:
     """6N (forward 2N + backward 4N); LoRA 4N (no weight gradients of the frozen base); +2N recomputation."""
     return (4 if lora else 6) * params + (2 * params if checkpointing else 0)

@@ -11,6 +11,7 @@ from rlhf.tools.plan.memory import (
     RoleEstimate,
     activation_bytes,
     frozen_role,
+    gathered_bytes,
     kv_cache_bytes,
     precision,
     role_static,
@@ -51,7 +52,7 @@ def plan_sft(
     return Plan(
         "sft",
         [role],
-        {"train": role.activations},
+        {"train": role.activations + gathered_bytes(shape, prec.weight, topology, grads=True)},
         {"trained": tokens},
         flops,
         _settings(mp, topology, num_processes, micro=micro, seq=seq, batch=cfg.train.batch_size),
@@ -113,7 +114,7 @@ def plan_rm(
     return Plan(
         "rm",
         [role],
-        {"train": role.activations},
+        {"train": role.activations + gathered_bytes(shape, prec.weight, topology, scalar=True, grads=True)},
         {"trained": tokens},
         flops,
         _settings(
@@ -157,7 +158,7 @@ def plan_dpo(
     return Plan(
         "dpo",
         [policy, ref],
-        {"train": policy.activations + ref.activations},
+        {"train": policy.activations + ref.activations + gathered_bytes(shape, prec.weight, topology, grads=True)},
         {"trained": tokens},
         flops,
         _settings(
@@ -387,10 +388,15 @@ def plan_ppo(
     roles = [policy_role, _reference_role(cfg, policy, z, acts.score), value, *rewards]
     # log-prob scoring runs for the old log-probs (unless the one-step update gives them) and for the reference
     logprob_scoring = not z.old_from_update or cfg.models.reference != "none"
+    w = z.prec.weight
+    gathered_rm = gathered_bytes(reward, w, topology, scalar=True)
     phases = {
-        "generate": policy_role.kv_cache + acts.generate,
-        "score": max(acts.score if logprob_scoring else 0, score_rm),
-        "train": max(acts.train, acts.ptx) + value.activations,
+        "generate": policy_role.kv_cache + acts.generate + gathered_bytes(policy, w, topology),
+        "score": max(acts.score if logprob_scoring else 0, score_rm)
+        + max(gathered_bytes(policy, w, topology), gathered_rm),
+        "train": max(acts.train, acts.ptx)
+        + value.activations
+        + max(gathered_bytes(policy, w, topology, grads=True), gathered_bytes(reward, w, topology, True, True)),
     }
     tokens, flops = _ppo_tokens_and_flops(cfg, policy, reward, reward_members, z)
     notes = [
