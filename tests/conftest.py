@@ -376,3 +376,10 @@ def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):
             *extra,
         ],
     )
+
+
+def documented_metric_keys() -> set[str]:
+    """The keys docs/metrics.md has a row for (the first column of its tables)."""
+    import re
+
+    return set(re.findall(r"^\| `([^`]+)`", (REPO / "docs" / "metrics.md").read_text(), re.M))

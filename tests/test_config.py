@@ -423,3 +423,20 @@ def test_junk_for_float_field_via_set(value):
     with pytest.raises(ConfigError) as e:
         load_config("sft", SFT_YAML, [f"optim.lr={value}"])
     assert "optim.lr" in str(e.value)
+
+
+def test_a_recipes_run_root_is_one_key(tmp_path, capsys):
+    """`${run_root}` in a stage YAML comes from the recipe.yaml beside it, or from `--set run_root=DIR`; a YAML that
+    uses it with neither names the key."""
+    recipe = tmp_path / "recipe"
+    recipe.mkdir()
+    (recipe / "sft.yaml").write_text('output_dir: "${run_root}/sft"\nmodel: {name_or_path: "${run_root}/base"}\n')
+    with pytest.raises(ConfigError, match=r"output_dir .* uses \$\{run_root\}.*--set run_root=DIR"):
+        load_config("sft", recipe / "sft.yaml")
+    (recipe / "recipe.yaml").write_text("run_root: /data/runs\n")
+    cfg = load_config("sft", recipe / "sft.yaml")
+    assert (cfg.output_dir, cfg.model.name_or_path) == ("/data/runs/sft", "/data/runs/base")
+    cfg = load_config("sft", recipe / "sft.yaml", ["run_root=/scratch/x", "seed=3"])
+    assert (cfg.output_dir, cfg.seed) == ("/scratch/x/sft", 3)
+    assert main(["pipeline", "--config-dir", str(recipe), "--dry-run", "--set", "run_root=/scratch/y"]) == 0
+    assert "[pipeline] sft: run (/scratch/y/sft)" in capsys.readouterr().out

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import pytest
+from conftest import documented_metric_keys, read_metrics
 
 from rlhf.cli import main
 from rlhf.stages.pipeline import summarize
@@ -128,6 +129,15 @@ def test_pipeline_killed_in_ppo_resumes_without_redoing_earlier_stages(tmp_path)
     assert "rm" in table and "win-rate" in table
     assert table.split("members: ")[1].split(")")[0].count(",") == 2  # the last accuracy of each of 3 members
     assert f"best checkpoint by the held-out proxy RM: {frontier['best']['name']}" in table
+
+    # every final/ carries a model card in the Hub's format
+    for final in [runs / s / "final" for s in ("pretrain", "sft", "rm", "ppo")] + list(runs.glob("rm/member-*/final")):
+        assert (final / "README.md").read_text().startswith("---\n"), final
+
+    # every key the pipeline logged has its row in the metrics glossary
+    logged = {k for path in runs.rglob("metrics.jsonl") for row in read_metrics(path.parent) for k in row}
+    missing = sorted(logged - documented_metric_keys())
+    assert not missing, f"keys logged but not in docs/metrics.md: {missing}"
 
     # a third run finds everything done
     third = run_cli(args)

@@ -11,7 +11,17 @@ docs (the docs/config.md generator). Torch-free at import; imports nothing above
 """
 
 from rlhf.config.errors import ConfigError
-from rlhf.config.loading import load_config, load_function, parse_override, save_config, to_dict
+from rlhf.config.loading import (
+    RUN_ROOT,
+    expand_run_root,
+    load_config,
+    load_function,
+    parse_override,
+    recipe_run_root,
+    save_config,
+    split_run_root,
+    to_dict,
+)
 from rlhf.config.paths import (
     DATA_SUFFIXES,
     DATASET_DIR_FILES,
@@ -106,6 +116,10 @@ __all__ = [
     "looks_local",
     "parse_override",
     "save_config",
+    "RUN_ROOT",
+    "expand_run_root",
+    "recipe_run_root",
+    "split_run_root",
     "to_dict",
     "uses_critic",
 ]

@@ -80,15 +80,135 @@ def rows(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, s
     return out
 
 
+# the sections several stages share: documented once, each stage's table links to them
+def shared_sections() -> dict[type, str]:
+    from rlhf.config.schema.common import (
+        CheckpointConfig,
+        CollapseLimits,
+        FormatConfig,
+        LoggingConfig,
+        ModelConfig,
+        OptimConfig,
+        TextSource,
+        TrainConfig,
+    )
+
+    return {
+        ModelConfig: "model",
+        OptimConfig: "optim",
+        TrainConfig: "train",
+        CheckpointConfig: "checkpoint",
+        LoggingConfig: "logging",
+        TextSource: "data source",
+        FormatConfig: "format",
+        CollapseLimits: "collapse limits",
+    }
+
+
+# per stage, the keys a new run changes first (the rest keep their defaults in the shipped recipes)
+FIRST_KEYS = {
+    "sft": [
+        "output_dir",
+        "model.name_or_path",
+        "data.train.path",
+        "train.max_steps",
+        "train.batch_size",
+        "train.micro_batch_size",
+        "optim.lr",
+        "data.format.max_length",
+    ],
+    "rm": [
+        "output_dir",
+        "model.name_or_path",
+        "data.train.path",
+        "ensemble.size",
+        "train.batch_size",
+        "train.micro_batch_size",
+        "optim.lr",
+    ],
+    "dpo": [
+        "output_dir",
+        "model.name_or_path",
+        "data.train.path",
+        "beta",
+        "reference",
+        "train.batch_size",
+        "optim.lr",
+    ],
+    "ppo": [
+        "output_dir",
+        "models.policy.name_or_path",
+        "models.reward.name_or_path",
+        "data.prompts.path",
+        "train.max_steps",
+        "train.batch_size",
+        "ppo.mini_batch_size",
+        "ppo.micro_batch_size",
+        "rollout.max_new_tokens",
+        "kl.target",
+        "ppo.advantage",
+        "ptx.ptx_coef",
+    ],
+    "eval": ["output_dir", "run_dir", "sft", "reward_model", "prompts.path", "num_prompts"],
+}
+
+
+def _anchor(title: str) -> str:
+    return "#" + "".join(c for c in title.lower().replace(" ", "-") if c.isalnum() or c == "-")
+
+
+def _table(entries: list[tuple[str, str, str, str]]) -> list[str]:
+    lines = ["| key | type | default | what it is |", "|---|---|---|---|"]
+    for key, tp, default, doc in entries:
+        cell = doc.replace("|", "\\|")
+        lines.append(f"| `{key}` | {tp.replace('|', '/')} | {default.replace('|', '/')} | {cell} |")
+    return lines
+
+
+def _stage_rows(cls: type, prefix: str = "", defaults: Any = None) -> list[tuple[str, str, str, str]]:
+    """A stage's own keys; a field holding a shared section is one row linking to it, naming the defaults this
+    stage sets differently."""
+    shared = shared_sections()
+    instance = defaults if defaults is not None else cls()
+    docs = field_docs(cls)
+    out = []
+    for f in dataclasses.fields(cls):
+        key, value = prefix + f.name, getattr(instance, f.name)
+        if type(value) in shared:
+            name = shared[type(value)]
+            own = {k: d for k, _, d, _ in rows(type(value))}
+            here = [f"`{k}` = {d}" for k, _, d, _ in rows(type(value), "", value) if own.get(k) != d]
+            doc = docs.get(f.name, "")
+            doc = (
+                (doc + " " if doc else "")
+                + f"The [{name}]({_anchor(name)}) section"
+                + (f"; defaults here: {', '.join(here)}." if here else ".")
+            )
+            out.append((key, "section", "", doc))
+        elif dataclasses.is_dataclass(value):
+            out.extend(_stage_rows(type(value), key + ".", value))
+        else:
+            out.extend([r for r in rows(cls, prefix, instance) if r[0] == key])
+    return out
+
+
 def render() -> str:
-    """The whole reference as markdown."""
-    parts = [HEADER]
+    """The whole reference as markdown: the keys changed first, the shared sections once, then each stage's own."""
+    parts = [HEADER, "\n## The keys changed first\n"]
+    for stage, cls in STAGES.items():
+        table = {k: (t, d, doc) for k, t, d, doc in rows(cls)}
+        picks = ", ".join(f"`{k}` ({table[k][1]})" for k in FIRST_KEYS.get(stage, []) if k in table)
+        parts.append(f"- **`rlhf {stage}`**: {picks}")
+    parts.append("\n## Shared sections\n")
+    parts.append(
+        "Several stages hold these; each is documented once. A stage may set other defaults (its table says)."
+    )
+    for cls, name in shared_sections().items():
+        parts.append(f"\n### {name}\n")
+        parts.extend(_table(rows(cls)))
     for stage, cls in STAGES.items():
         parts.append(f"\n## `rlhf {stage}` ({cls.__name__})\n")
-        parts.append("| key | type | default | what it is |\n|---|---|---|---|")
-        for key, tp, default, doc in rows(cls):
-            cell = doc.replace("|", "\\|")
-            parts.append(f"| `{key}` | {tp.replace('|', '/')} | {default.replace('|', '/')} | {cell} |")
+        parts.extend(_table(_stage_rows(cls)))
     return "\n".join(parts) + "\n"
 
 

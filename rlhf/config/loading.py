@@ -215,16 +215,62 @@ def _read_yaml(source: str) -> dict:
     return loaded
 
 
+RUN_ROOT = "${run_root}"
+RECIPE_FILE = "recipe.yaml"
+
+
+def recipe_run_root(folder: str | Path) -> str | None:
+    """The `run_root` of the recipe.yaml in `folder` (None without one): where every stage of the recipe writes."""
+    path = Path(folder) / RECIPE_FILE
+    if not path.is_file():
+        return None
+    value = _read_yaml(str(path)).get("run_root")
+    return None if value is None else str(value)
+
+
+def split_run_root(overrides: list[str]) -> tuple[str | None, list[str]]:
+    """(the value of a `--set run_root=DIR`, the other overrides): run_root is the recipe's, not a config key."""
+    run_root, rest = None, []
+    for text in overrides:
+        key, sep, value = text.partition("=")
+        if sep and key.strip() == "run_root":
+            run_root = value.strip()
+        else:
+            rest.append(text)
+    return run_root, rest
+
+
+def expand_run_root(tree: Any, run_root: str | None, source: str, key: str = "") -> Any:
+    """Every `${run_root}` in the strings of `tree` replaced by `run_root`; one with no run_root set is an error
+    naming the key."""
+    if isinstance(tree, dict):
+        return {k: expand_run_root(v, run_root, source, f"{key}.{k}" if key else str(k)) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [expand_run_root(v, run_root, source, f"{key}[{i}]") for i, v in enumerate(tree)]
+    if isinstance(tree, str) and RUN_ROOT in tree:
+        if run_root is None:
+            raise ConfigError(
+                f"{key} (in {source}) uses {RUN_ROOT}, but no {RECIPE_FILE} beside the config sets run_root: add "
+                f"one, or pass --set run_root=DIR"
+            )
+        return tree.replace(RUN_ROOT, run_root.rstrip("/") or "/")
+    return tree
+
+
 def load_config(stage: str, path: str | Path | None = None, overrides: list[str] | None = None) -> Any:
-    """Defaults -> YAML file -> `--set` overrides; validated. Raises ConfigError naming the key and the file."""
+    """Defaults -> YAML file -> `--set` overrides; `${run_root}` expanded (`--set run_root=DIR`, else the recipe.yaml
+    beside the file); validated. Raises ConfigError naming the key and the file."""
     if stage not in STAGES:
         raise ConfigError(f"unknown stage {stage!r}; one of {sorted(STAGES)}")
     data: dict = {}
     source = "<defaults>"
+    run_root, overrides = split_run_root(list(overrides or []))
     if path is not None:
         source = str(path)
         data = _read_yaml(source)
-    for text in overrides or []:
+        if run_root is None:
+            run_root = recipe_run_root(Path(path).parent)
+    for text in overrides:
         keys, value = parse_override(text)
         node = data
         for k in keys[:-1]:
@@ -233,6 +279,7 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
             node = node[k]
         node[keys[-1]] = value
     label = source + (" with --set overrides" if overrides else "")
+    data = expand_run_root(data, run_root, label)
     cfg = _build(STAGES[stage], data, "", label)
     try:
         cfg.validate()

@@ -24,7 +24,7 @@ from typing import Any
 
 import yaml
 
-from rlhf.config import ConfigError, check_paths, load_config
+from rlhf.config import ConfigError, check_paths, expand_run_root, load_config, recipe_run_root, split_run_root
 from rlhf.runtime import provenance
 from rlhf.runtime.tracking import read_metrics, stage_metrics
 from rlhf.stages.registry import run_stage
@@ -51,8 +51,9 @@ class Step:
 
 
 def split_overrides(overrides: list[str]) -> dict[str, list[str]]:
-    """`stage:key=value` -> {stage: [key=value]}."""
-    out: dict[str, list[str]] = {}
+    """`stage:key=value` -> {stage: [key=value]}; `run_root=DIR` goes to every stage."""
+    run_root, overrides = split_run_root(overrides)
+    out: dict[str, list[str]] = {s: [f"run_root={run_root}"] for s in STEMS} if run_root is not None else {}
     for text in overrides:
         stage, sep, rest = text.partition(":")
         if not sep or stage not in STEMS:
@@ -143,7 +144,7 @@ def run_pipeline(
     # every config validated up front (types, values), so a typo in eval.yaml fails before hours of PPO
     steps = [Step(s, k, root / f"{s}.yaml", load_config(k, root / f"{s}.yaml", per_stage.get(s))) for s, k in present]
     timings: dict[str, float] = {}
-    world = _world(root, dry_run, timings)
+    world = _world(root, overrides or [], dry_run, timings)
     reran = [world] if world else []
     for step in steps:
         decide(step, forced_reason(step.name, start, only or [], force), [] if only else reran)
@@ -165,12 +166,14 @@ def run_pipeline(
     return timings
 
 
-def _world(root: Path, dry_run: bool, timings: dict) -> str | None:
+def _world(root: Path, overrides: list[str], dry_run: bool, timings: dict) -> str | None:
     """Build (or re-build, for another seed) the tiny world that world.yaml names; returns "world" if it was."""
     path = root / "world.yaml"
     if not path.exists():
         return None
     spec = yaml.safe_load(path.read_text()) or {}
+    run_root = split_run_root(overrides)[0] or recipe_run_root(root)
+    spec = expand_run_root(spec, run_root, str(path))
     out, seed = Path(spec["out"]), int(spec.get("seed", 0))
     made = json.loads((out / "world.json").read_text()) if (out / "world.json").exists() else None
     if made is not None and made.get("seed") == seed:
