@@ -68,7 +68,7 @@ config-docs: install
 bench: install
 	$(BIN)/python scripts/bench.py
 
-# rlhf vs TRL side by side; TRL lives only in .venv-peer (built by the script). ARGS="--quick", "--write-doc", ...
+# rlhf vs TRL side by side; TRL lives only in .venv-peer (built by the script). ARGS="--quick", "--out runs/bench-peer.md", ...
 # ARGS="--size small --sides rlhf": the 25.9M Llama, 256-token context, rlhf only; "--precision bf16": bf16 autocast.
 bench-peer: install
 	$(BIN)/python scripts/bench_peer.py $(ARGS)

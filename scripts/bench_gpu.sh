@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# What to measure on a lent GPU machine (docs/benchmarks.md "On a lent GPU"), as one prepared script: `make
+# What to measure on a lent GPU machine (docs/benchmarks.md "Running the GPU check"), as one prepared script: `make
 # bench-peer` on CUDA, both sides in bf16, in the order of what matters most, each part bounded by what is left of
 # the budget, so that what was measured before the machine's time runs out comes back. Figures go to $OUT (the
 # device tool's folder), else runs/bench-gpu: log (everything printed), reports.md (the tables), machine.txt.

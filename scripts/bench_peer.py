@@ -33,7 +33,7 @@ what TRL's PPO autocasts).
 
     python scripts/bench_peer.py [--size tiny|small] [--precision no|bf16] [--sides rlhf,trl]
         [--workloads ppo,sft,rm,rmk4,dpo,sftvar,rmvar,rmk4var,dpovar] [--reps 3] [--steps N] [--quick] [--threads N]
-        [--compile] [--rlhf-set K=V] [--attn IMPL] [--device cpu|cuda] [--peer-python PATH] [--write-doc]
+        [--compile] [--rlhf-set K=V] [--attn IMPL] [--device cpu|cuda] [--peer-python PATH] [--out FILE]
 
 --device cuda runs both sides on the GPU (rlhf train.cpu=false, TRL use_cpu=False) and adds each run's peak GPU
 memory (torch.cuda.max_memory_allocated) to the table; the compute floor then uses the GPU's measured GEMM rate.
@@ -81,7 +81,7 @@ SEQUENCES = {"sft": 8, "rm": 8 * 2, "rmk4": 8 * 4, "dpo": 8 * 2}
 EPISODES = 32
 PRECISION = {"no": "fp32", "bf16": "bf16 autocast (fp32 weights)"}
 DOC = ROOT / "docs" / "benchmarks.md"
-HEADING = "## Side by side with TRL (`make bench-peer`)"
+HEADING = "## Against TRL (`make bench-peer`)"
 
 
 def log(msg: str) -> None:
@@ -445,7 +445,11 @@ def main() -> None:
         type=Path,
         help="an interpreter with trl==1.12.0 to run TRL with, instead of building .venv-peer (a lent GPU machine)",
     )
-    ap.add_argument("--write-doc", action="store_true", help=f"append the tables to {DOC.relative_to(ROOT)}")
+    ap.add_argument(
+        "--out",
+        help=f"also write the tables (with how they were measured) to this markdown file, to replace the matching "
+        f"section of {DOC.relative_to(ROOT)} (which keeps current tables only; git keeps the old ones)",
+    )
     args = ap.parse_args()
     workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     bad = [w for w in workloads if w not in WORKLOADS]
@@ -537,18 +541,15 @@ def main() -> None:
         # after every workload, so a run stopped part-way (a lent machine's time limit) keeps what it measured
         report.write_text("\n".join(out_lines) + "\n")
         log(f"wrote {report.relative_to(ROOT)}")
-    if args.write_doc:
-        write_doc(out_lines)
+    if args.out:
+        write_tables(Path(args.out), out_lines)
 
 
-def write_doc(lines: list[str]) -> None:
-    text = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    block = "\n".join(lines).rstrip() + "\n"
-    if HEADING not in text:
-        text = text.rstrip() + f"\n\n{HEADING}\n\n{NOTES}\n"
-    text = text.rstrip() + "\n\n### " + block
-    DOC.write_text(text)
-    log(f"appended to {DOC.relative_to(ROOT)}")
+def write_tables(path: Path, lines: list[str]) -> None:
+    """The run's tables under the section heading and its method notes, ready to replace that section."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(f"{HEADING}\n\n{NOTES}\n\n### " + "\n".join(lines).rstrip() + "\n")
+    log(f"wrote {path}: replace the section {HEADING!r} of {DOC.relative_to(ROOT)} with it")
 
 
 NOTES = """\
