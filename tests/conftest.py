@@ -383,3 +383,26 @@ def documented_metric_keys() -> set[str]:
     import re
 
     return set(re.findall(r"^\| `([^`]+)`", (REPO / "docs" / "metrics.md").read_text(), re.M))
+
+
+def dpo_run_configs(tiny_world, tiny_sft, tmp_path: Path, names: tuple[str, ...], **extra) -> dict[str, Path]:
+    """One saved DPO YAML per name (output_dir tmp_path/<name>): 3 steps of 8 prompts in micro-batches of 2 from
+    tiny_sft, LR 1e-3 (so 3 steps move the weights), no eval: for 1-process against N-process runs."""
+    from rlhf.config import save_config
+
+    sets = {
+        "model.name_or_path": tiny_sft,
+        "data.train.path": tiny_world / "data" / "comparisons.jsonl",
+        "data.eval.path": "",
+        "train.max_steps": 3,
+        "train.batch_size": 8,
+        "train.micro_batch_size": 2,
+        "train.eval_every": 0,
+        "optim.lr": 1e-3,
+        "optim.warmup_steps": 0,
+    } | extra
+    configs = {}
+    for name in names:
+        configs[name] = tmp_path / f"{name}.yaml"
+        save_config(load_stage("dpo", "dpo.yaml", sets | {"output_dir": tmp_path / name}), configs[name])
+    return configs

@@ -19,8 +19,8 @@ from pathlib import Path
 
 import pytest
 from conftest import (
+    dpo_run_configs,
     load_safetensors_dir,
-    load_stage,
     ppo_config,
     rm_config,
     sft_run_configs,
@@ -119,23 +119,7 @@ def test_fsdp2_rm_ensemble_matches_one_process(tiny_world, tiny_sft, tmp_path):
 
 
 def test_fsdp2_dpo_matches_one_process(tiny_world, tiny_sft, tmp_path):
-    data = tiny_world / "data"
-    configs = {}
-    for name in ("one", "two"):
-        sets = {
-            "output_dir": tmp_path / name,
-            "model.name_or_path": tiny_sft,
-            "data.train.path": data / "comparisons.jsonl",
-            "data.eval.path": "",
-            "train.max_steps": 3,
-            "train.batch_size": 8,
-            "train.micro_batch_size": 2,
-            "train.eval_every": 0,
-            "optim.lr": 1e-3,
-            "optim.warmup_steps": 0,
-        }
-        configs[name] = tmp_path / f"{name}.yaml"
-        save_config(load_stage("dpo", "dpo.yaml", sets), configs[name])
+    configs = dpo_run_configs(tiny_world, tiny_sft, tmp_path, ("one", "two"))
     a, b, _ = one_and_fsdp("dpo", configs, tmp_path)
     assert max_diff(a, load_safetensors_dir(tiny_sft)) > 1e-3  # it trained
     assert max_diff(a, b) < 1e-5

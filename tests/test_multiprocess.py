@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 from conftest import (
     CONFIGS,
+    dpo_run_configs,
     load_safetensors_dir,
-    load_stage,
     ppo_config,
     read_metrics,
     rm_config,
@@ -243,24 +243,7 @@ def test_two_processes_match_one_process_for_dpo(tiny_world, tiny_sft, tmp_path,
     """DPO's global batch split over 2 processes computes the 1-process step (2 micro-batches per process: the first
     under no_sync). With share_prompt the policy runs two forwards through DDP per backward (the prompts, then the
     responses on their KV cache)."""
-    data = tiny_world / "data"
-    configs = {}
-    for name in ("one", "two"):
-        sets = {
-            "output_dir": tmp_path / name,
-            "model.name_or_path": tiny_sft,
-            "data.train.path": data / "comparisons.jsonl",
-            "data.eval.path": "",
-            "train.max_steps": 3,
-            "train.batch_size": 8,
-            "train.micro_batch_size": 2,
-            "train.eval_every": 0,
-            "optim.lr": 1e-3,
-            "optim.warmup_steps": 0,
-            "share_prompt": share_prompt,
-        }
-        configs[name] = tmp_path / f"{name}.yaml"
-        save_config(load_stage("dpo", "dpo.yaml", sets), configs[name])
+    configs = dpo_run_configs(tiny_world, tiny_sft, tmp_path, ("one", "two"), share_prompt=share_prompt)
     a, b = one_and_two_processes("dpo", configs, tmp_path)
     start = load_safetensors_dir(tiny_sft)
     assert max((a[k] - start[k]).abs().max().item() for k in a) > 1e-3  # it trained

@@ -10,6 +10,23 @@ from rlhf.config.errors import ConfigError
 
 
 @dataclass
+class RunSettings:
+    """What every training stage's run has: where it lives, its seed and how it resumes (each stage sets its own
+    default output_dir)."""
+
+    output_dir: str = "runs/run"
+    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
+    seed: int = 0
+    """Seed for python, numpy and torch."""
+    resume: str = "auto"
+    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
+    resume_changes: Literal["refuse", "allow"] = "refuse"
+    """A resume whose checkpoint was made with other values of keys that change the result (model, data, seed,
+    batch sizes, the algorithm's settings): refuse, naming each key, or allow and continue with the new values.
+    Keys that change no result (logging, evaluation and checkpoint cadence, the run's length) are always taken."""
+
+
+@dataclass
 class LoraConfig:
     enabled: bool = False
     """Train low-rank adapters (peft) instead of all weights."""

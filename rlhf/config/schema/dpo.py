@@ -12,6 +12,7 @@ from rlhf.config.schema.common import (
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    RunSettings,
     TextSource,
     TrainConfig,
     model_paths,
@@ -41,17 +42,8 @@ class DPOLoss:
 
 
 @dataclass
-class DPOConfig:
+class DPOConfig(RunSettings):
     output_dir: str = "runs/dpo"
-    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
-    seed: int = 0
-    """Seed for python, numpy and torch."""
-    resume: str = "auto"
-    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
-    resume_changes: Literal["refuse", "allow"] = "refuse"
-    """A resume whose checkpoint was made with other values of keys that change the result (model, data, seed,
-    batch sizes, the algorithm's settings): refuse, naming each key, or allow and continue with the new values.
-    Keys that change no result (logging, evaluation and checkpoint cadence, the run's length) are always taken."""
     model: ModelConfig = field(default_factory=ModelConfig)
     """The policy, initialised from SFT (sft/final); the frozen reference is the same weights."""
     reference: Literal["copy", "disable_adapter"] = "copy"

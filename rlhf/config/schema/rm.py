@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
 
 from rlhf.config.errors import ConfigError
 from rlhf.config.schema.common import (
@@ -12,6 +11,7 @@ from rlhf.config.schema.common import (
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    RunSettings,
     TextSource,
     TrainConfig,
     model_paths,
@@ -56,17 +56,8 @@ class RMEnsemble:
 
 
 @dataclass
-class RMConfig:
+class RMConfig(RunSettings):
     output_dir: str = "runs/rm"
-    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
-    seed: int = 0
-    """Seed for python, numpy and torch."""
-    resume: str = "auto"
-    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
-    resume_changes: Literal["refuse", "allow"] = "refuse"
-    """A resume whose checkpoint was made with other values of keys that change the result (model, data, seed,
-    batch sizes, the algorithm's settings): refuse, naming each key, or allow and continue with the new values.
-    Keys that change no result (logging, evaluation and checkpoint cadence, the run's length) are always taken."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: RMData = field(default_factory=RMData)
     loss: RMLoss = field(default_factory=RMLoss)

@@ -12,6 +12,7 @@ from rlhf.config.schema.common import (
     LoggingConfig,
     ModelConfig,
     OptimConfig,
+    RunSettings,
     TextSource,
     TrainConfig,
     model_paths,
@@ -46,17 +47,8 @@ class SFTData:
 
 
 @dataclass
-class SFTConfig:
+class SFTConfig(RunSettings):
     output_dir: str = "runs/sft"
-    """Where checkpoints, final/, metrics.jsonl and config.yaml go."""
-    seed: int = 0
-    """Seed for python, numpy and torch."""
-    resume: str = "auto"
-    """auto = newest complete checkpoint in output_dir; never; or a checkpoint path."""
-    resume_changes: Literal["refuse", "allow"] = "refuse"
-    """A resume whose checkpoint was made with other values of keys that change the result (model, data, seed,
-    batch sizes, the algorithm's settings): refuse, naming each key, or allow and continue with the new values.
-    Keys that change no result (logging, evaluation and checkpoint cadence, the run's length) are always taken."""
     model: ModelConfig = field(default_factory=ModelConfig)
     data: SFTData = field(default_factory=SFTData)
     train: TrainConfig = field(default_factory=TrainConfig)
