@@ -162,6 +162,11 @@ def test_pipeline_flags(recipe, capsys):
     # --from: that stage and every later one
     assert _pipeline(recipe, capsys, "--from", "ppo") == {"sft": "skip", "rm": "skip", "ppo": "run"}
 
+    # --only leaves the other stages alone even when they are out of date
+    text = (recipe / "sft.yaml").read_text()
+    (recipe / "sft.yaml").write_text(text.replace("lr: ", "lr: 3.0e-05 #", 1))
+    assert _pipeline(recipe, capsys, "--only", "ppo") == {"sft": "skip", "rm": "skip", "ppo": "run"}
+
     # --force: all of them
     assert _pipeline(recipe, capsys, "--force") == {"sft": "run", "rm": "run", "ppo": "run"}
     assert main(["pipeline", "--config-dir", str(recipe), "--from", "dpo"]) == 2  # not a stage of this recipe

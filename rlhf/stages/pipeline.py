@@ -76,10 +76,11 @@ def _interrupted(cfg) -> bool:
 
 
 def decide(step: Step, forced: str | None, reran: list[str]) -> Step:
-    """Fill step.action and step.reasons from the stage's output and its recorded provenance."""
+    """Fill step.action and step.reasons from the user's flags (`forced`), the stages re-run before it, and the
+    stage's output and its recorded provenance."""
     cfg = step.cfg
     if forced:
-        step.action, step.reasons = "run", (forced,)
+        step.action, step.reasons = ("skip", ("not named by --only",)) if forced == "-" else ("run", (forced,))
         return step
     if reran:
         step.action, step.reasons = "run", (f"{reran[-1]} before it re-runs",)
@@ -101,11 +102,11 @@ def decide(step: Step, forced: str | None, reran: list[str]) -> Step:
 
 
 def forced_reason(name: str, start: str | None, only: list[str], force: bool) -> str | None:
-    """Why the user's flags force stage `name` to run (None: the pipeline decides)."""
+    """Why the user's flags force stage `name` to run ("-": to be left alone; None: the pipeline decides)."""
     if force:
         return "--force"
     if only:
-        return "--only" if name in only else None
+        return "--only" if name in only else "-"
     if start and STEMS.index(name) >= STEMS.index(start):
         return f"--from {start}"
     return None
