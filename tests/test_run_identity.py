@@ -232,3 +232,17 @@ def test_a_resume_with_safe_changes_proceeds_with_a_notice(stopped_sft, capsys):
     assert len(notice) == 1 and "logging.every: 1 -> 2" in notice[0] and "train.max_steps: 4 -> 6" in notice[0]
     steps = [json.loads(x)["step"] for x in (out / "metrics.jsonl").read_text().splitlines() if "train/loss" in x]
     assert steps[-1] == 6
+
+
+def test_a_key_the_checkpoint_did_not_know_counts_as_its_default(stopped_sft, capsys):
+    """A checkpoint written before a config key existed resumes: the missing key is read as its default."""
+    import yaml
+
+    out = Path(next(s for s in stopped_sft if s.startswith("output_dir=")).split("=", 1)[1])
+    for saved in out.glob("checkpoint-*/config.yaml"):
+        config = yaml.safe_load(saved.read_text())
+        del config["resume_changes"], config["data"]["packing"]
+        saved.write_text(yaml.safe_dump(config))
+    capsys.readouterr()
+    assert main(_sft_args(stopped_sft, "train.max_steps=5")) == 0
+    assert "resuming from" in capsys.readouterr().out
