@@ -238,11 +238,15 @@ def test_a_key_the_checkpoint_did_not_know_counts_as_its_default(stopped_sft, ca
     """A checkpoint written before a config key existed resumes: the missing key is read as its default."""
     import yaml
 
+    from rlhf.runtime.checkpoints import write_manifest
+
     out = Path(next(s for s in stopped_sft if s.startswith("output_dir=")).split("=", 1)[1])
     for saved in out.glob("checkpoint-*/config.yaml"):
         config = yaml.safe_load(saved.read_text())
         del config["resume_changes"], config["data"]["packing"]
         saved.write_text(yaml.safe_dump(config))
+        (saved.parent / "checkpoint.json").unlink()  # the manifest is written last, over the finished files
+        write_manifest(saved.parent, int(saved.parent.name.split("-")[1]))
     capsys.readouterr()
     assert main(_sft_args(stopped_sft, "train.max_steps=5")) == 0
     assert "resuming from" in capsys.readouterr().out
