@@ -45,6 +45,26 @@ SMALL_LLAMA = dict(
 )
 
 
+# Qwen2.5-0.5B's public config.json (the hub is not reachable in CI; these are its values)
+QWEN25_05B = {
+    "architectures": ["Qwen2ForCausalLM"],
+    "model_type": "qwen2",
+    "hidden_size": 896,
+    "intermediate_size": 4864,
+    "num_hidden_layers": 24,
+    "num_attention_heads": 14,
+    "num_key_value_heads": 2,
+    "vocab_size": 151936,
+    "max_position_embeddings": 32768,
+    "tie_word_embeddings": True,
+    "rms_norm_eps": 1e-6,
+    "rope_theta": 1000000.0,
+    "hidden_act": "silu",
+    "bos_token_id": 151643,
+    "eos_token_id": 151643,
+}
+
+
 def overrides(mapping: dict | None = None, **kw) -> list[str]:
     """{'train.max_steps': 5} (or train__max_steps=5) -> ['train.max_steps=5'] for load_config / --set."""
     items = dict(mapping or {}) | {k.replace("__", "."): v for k, v in kw.items()}
@@ -349,6 +369,15 @@ def torchrun_command(nproc: int = 2) -> tuple[list[str], dict]:
 
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     return [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)], env
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on now (the rendezvous of processes started by hand)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def ppo_config(tiny_world, tiny_sft, tiny_rm, out: Path, extra: list[str] = ()):

@@ -22,24 +22,12 @@ import shutil
 from pathlib import Path
 
 import pytest
-from conftest import REPO
+from conftest import QWEN25_05B, REPO
 
 from rlhf.cli import main
 
 STAGES = {"sft", "rm", "dpo", "ppo", "eval", "pipeline"}
 INSTALL = ("git clone", "make install", "make test", "python3 -m venv", ".venv/bin/pip", "source ")
-QWEN = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": True,
-}
 
 
 def bash_lines(page: Path) -> list[str]:
@@ -91,7 +79,7 @@ def reader(tmp_path, tiny_world, tiny_base, tiny_sft, tiny_rm, monkeypatch):
     revision = "0" * 40
     snapshot = tmp_path / "hub" / "models--Qwen--Qwen2.5-0.5B" / "snapshots" / revision
     snapshot.mkdir(parents=True)
-    (snapshot / "config.json").write_text(json.dumps(QWEN))
+    (snapshot / "config.json").write_text(json.dumps(QWEN25_05B))
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text(revision)
     monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))

@@ -11,7 +11,6 @@ from __future__ import annotations
 import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 import pytest
 from conftest import (
     dpo_run_configs,
+    free_port,
     load_safetensors_dir,
     ppo_config,
     rm_config,
@@ -56,9 +56,7 @@ def launch(stage: str, config: Path, nproc: int) -> subprocess.Popen:
 def launch_ranks(stage: str, config: Path, nproc: int) -> list[subprocess.Popen]:
     """The `nproc` FSDP2 ranks started directly (the environment torchrun gives them), so each one's exit status is
     seen; their output goes to one pipe each."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()
     env = torchrun_command(nproc)[1] | FSDP2 | {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(port)}
     env |= {"WORLD_SIZE": str(nproc), "LOCAL_WORLD_SIZE": str(nproc)}
     args = [sys.executable, "-m", "rlhf", stage, "--config", str(config)]

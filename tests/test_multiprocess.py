@@ -16,6 +16,7 @@ import pytest
 from conftest import (
     CONFIGS,
     dpo_run_configs,
+    free_port,
     load_safetensors_dir,
     ppo_config,
     read_metrics,
@@ -91,14 +92,6 @@ def test_two_process_ppo_matches_one_process_and_rank_zero_writes_once(
     else:
         assert (out / "checkpoint-2" / "value" / "config.json").exists()  # the critic saves as its HF model
     AutoModelForCausalLM.from_pretrained(out / "final")
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.mark.slow

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import CONFIGS, SMALL_LLAMA
+from conftest import CONFIGS, QWEN25_05B, SMALL_LLAMA
 
 from rlhf.cli import main
 from rlhf.config import load_config
@@ -25,25 +25,6 @@ from rlhf.tools.plan import (
     role_static,
     shape_from_hf_config,
 )
-
-# Qwen2.5-0.5B's public config.json (the hub is not reachable in CI; these are its values)
-QWEN25_05B = {
-    "architectures": ["Qwen2ForCausalLM"],
-    "model_type": "qwen2",
-    "hidden_size": 896,
-    "intermediate_size": 4864,
-    "num_hidden_layers": 24,
-    "num_attention_heads": 14,
-    "num_key_value_heads": 2,
-    "vocab_size": 151936,
-    "max_position_embeddings": 32768,
-    "tie_word_embeddings": True,
-    "rms_norm_eps": 1e-6,
-    "rope_theta": 1000000.0,
-    "hidden_act": "silu",
-    "bos_token_id": 151643,
-    "eos_token_id": 151643,
-}
 
 
 def small_llama():

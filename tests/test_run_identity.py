@@ -250,3 +250,17 @@ def test_a_key_the_checkpoint_did_not_know_counts_as_its_default(stopped_sft, ca
     capsys.readouterr()
     assert main(_sft_args(stopped_sft, "train.max_steps=5")) == 0
     assert "resuming from" in capsys.readouterr().out
+
+
+def test_a_file_rewritten_within_one_clock_tick_is_hashed_again(tmp_path):
+    """Two writes of the same size inside one tick of the file system's clock keep the mtime: the cache of file
+    hashes must not answer for a file that recent."""
+    import os
+
+    data = tmp_path / "rows.jsonl"
+    data.write_text('{"prompt": "a"}\n')
+    first = provenance.fingerprint(str(data))
+    stat = data.stat()
+    data.write_text('{"prompt": "b"}\n')
+    os.utime(data, ns=(stat.st_atime_ns, stat.st_mtime_ns))  # the same size and the same mtime
+    assert provenance.fingerprint(str(data)) != first

@@ -111,16 +111,17 @@ def _build(cls: type, data: dict, prefix: str, source: str) -> Any:
         if dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
             # Merge into the stage's own default for this section, so defaults set by the stage survive.
             merged = dataclasses.asdict(getattr(base, key))
-            kwargs[key] = _build(hints[key], _deep_merge(merged, value), full, source)
+            kwargs[key] = _build(hints[key], deep_merge(merged, value), full, source)
         else:
             kwargs[key] = _coerce(value, hints[key], full, source)
     return dataclasses.replace(base, **kwargs)
 
 
-def _deep_merge(base: dict, update: dict) -> dict:
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` with `update`'s keys set; sections (dicts) present in both are merged key by key."""
     out = dict(base)
     for k, v in update.items():
-        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+        out[k] = deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
 
 
@@ -190,7 +191,7 @@ _StrictLoader.add_constructor("tag:yaml.org,2002:float", _literal_number)
 _StrictLoader.add_constructor("tag:yaml.org,2002:timestamp", _no_dates)
 
 
-def _read_yaml(source: str) -> dict:
+def read_yaml(source: str) -> dict:
     """The top-level mapping of the YAML file `source`; a missing, unreadable or non-mapping file raises."""
     p = Path(source)
     if p.is_dir():
@@ -224,7 +225,7 @@ def recipe_run_root(folder: str | Path) -> str | None:
     path = Path(folder) / RECIPE_FILE
     if not path.is_file():
         return None
-    value = _read_yaml(str(path)).get("run_root")
+    value = read_yaml(str(path)).get("run_root")
     return None if value is None else str(value)
 
 
@@ -267,7 +268,7 @@ def load_config(stage: str, path: str | Path | None = None, overrides: list[str]
     run_root, overrides = split_run_root(list(overrides or []))
     if path is not None:
         source = str(path)
-        data = _read_yaml(source)
+        data = read_yaml(source)
         if run_root is None:
             run_root = recipe_run_root(Path(path).parent)
     for text in overrides:

@@ -15,6 +15,12 @@ def cpu_backend(cpu: bool = False) -> bool:
     return cpu or (not torch.cuda.is_available() and int(os.environ.get("WORLD_SIZE", "1")) > 1)
 
 
+def launched_rank() -> int:
+    """The rank the launcher (torchrun, accelerate launch) gave this process, known before any process group is
+    formed: 0 for a plain single process."""
+    return int(os.environ.get("RANK", "0"))
+
+
 def is_main_process() -> bool:
     """Rank 0 (or a plain single process): eval and generate run there only, so rows are never written twice."""
     from accelerate import PartialState

@@ -15,11 +15,13 @@ dataset) by the name itself.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import platform
 import subprocess
+import time
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -29,12 +31,24 @@ from rlhf.config.changes import Change, config_changes, result_changes
 
 PROVENANCE_FILE = "provenance.json"
 LARGE_FILE = 256 * 1024 * 1024
+RACY_SECONDS = 2
 LIBRARIES = ("rlhf", "torch", "transformers", "accelerate", "peft", "datasets", "tokenizers")
 
 
 def _sha256_file(path: Path) -> str:
+    """A file's SHA-256, read once per (path, size, mtime) in a process: `rlhf pipeline` fingerprints a stage's
+    inputs to decide, then again to record them. A file modified in the last RACY_SECONDS is read again: two writes
+    within one tick of the file system's clock leave the same mtime (git's "racy" files)."""
+    stat = path.stat()
+    if time.time_ns() - stat.st_mtime_ns < RACY_SECONDS * 1_000_000_000:
+        return _sha256_of.__wrapped__(str(path), stat.st_size, stat.st_mtime_ns)
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=4096)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
     digest = hashlib.sha256()
-    with path.open("rb") as f:
+    with open(path, "rb") as f:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -97,12 +111,13 @@ def _digest(stage: str, config: dict, inputs: dict[str, str]) -> str:
 def record(stage: str, cfg: Any) -> dict:
     """The provenance of a run of `stage` with the resolved config `cfg` as of now."""
     config = to_dict(cfg)
-    inputs = {key: fingerprint(path) for key, path in sorted(cfg.paths().items()) if path}
+    paths = {key: path for key, path in sorted(cfg.paths().items()) if path}
+    inputs = {key: fingerprint(path) for key, path in paths.items()}
     return {
         "stage": stage,
         "digest": _digest(stage, config, inputs),
         "config": config,
-        "inputs": {key: {"path": cfg.paths()[key], "fingerprint": fp} for key, fp in inputs.items()},
+        "inputs": {key: {"path": paths[key], "fingerprint": fp} for key, fp in inputs.items()},
         "versions": _versions(),
         "git_commit": _git_commit(),
     }

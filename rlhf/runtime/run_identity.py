@@ -7,15 +7,15 @@ a longer or shorter run) are taken with a one-line notice. `rlhf.config.changes`
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-from rlhf.config import ConfigError, to_dict
+from rlhf.config import ConfigError, deep_merge, to_dict
 from rlhf.config.changes import config_changes, split_for_resume
 from rlhf.runtime.checkpoints import checkpoint_dirs, checkpoint_problem
+from rlhf.runtime.devices import launched_rank
 
 
 def resume_candidate(cfg: Any) -> Path | None:
@@ -38,7 +38,7 @@ def check_resume(cfg: Any, source: str, stage: str, dry_run: bool = False) -> No
     if saved is None or not saved.is_file():
         return
     # a key the checkpoint's version did not have yet counts as its default: an upgrade alone is not another run
-    old = _merged(to_dict(type(cfg)()), yaml.safe_load(saved.read_text()) or {})
+    old = deep_merge(to_dict(type(cfg)()), yaml.safe_load(saved.read_text()) or {})
     allowed, refused = split_for_resume(config_changes(old, to_dict(cfg)))
     if refused and cfg.resume_changes != "allow":
         listed = "; ".join(str(c) for c in refused)
@@ -47,15 +47,7 @@ def check_resume(cfg: Any, source: str, stage: str, dry_run: bool = False) -> No
             f"final/. Use a new output_dir, or set resume: never to start over in {cfg.output_dir}, or set "
             "resume_changes: allow if you mean to continue this run with the new values"
         )
-    if (allowed or refused) and int(os.environ.get("RANK", "0")) == 0:
+    if (allowed or refused) and launched_rank() == 0:
         taken = "; ".join(str(c) for c in allowed + refused)
         verb = "would resume" if dry_run else "resuming"
         print(f"[{stage}] {verb} from {ckpt} with changed settings: {taken}", flush=True)
-
-
-def _merged(defaults: dict, saved: dict) -> dict:
-    out = dict(defaults)
-    for key, value in saved.items():
-        both_sections = isinstance(value, dict) and isinstance(out.get(key), dict)
-        out[key] = _merged(out[key], value) if both_sections else value
-    return out

@@ -22,9 +22,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
-
-from rlhf.config import ConfigError, check_paths, expand_run_root, load_config, recipe_run_root, split_run_root
+from rlhf.config import (
+    ConfigError,
+    check_paths,
+    expand_run_root,
+    load_config,
+    read_yaml,
+    recipe_run_root,
+    split_run_root,
+)
 from rlhf.runtime import provenance
 from rlhf.runtime.tracking import read_metrics, stage_metrics
 from rlhf.stages.registry import run_stage
@@ -172,7 +178,7 @@ def _world(root: Path, overrides: list[str], dry_run: bool, timings: dict) -> st
     path = root / "world.yaml"
     if not path.exists():
         return None
-    spec = yaml.safe_load(path.read_text()) or {}
+    spec = read_yaml(str(path))
     run_root = split_run_root(overrides)[0] or recipe_run_root(root)
     spec = expand_run_root(spec, run_root, str(path))
     out, seed = Path(spec["out"]), int(spec.get("seed", 0))

@@ -7,13 +7,13 @@ dataclass in `rlhf.config`; the CLI and the pipeline pick it up from here, so ne
 from __future__ import annotations
 
 import importlib
-import os
 from pathlib import Path
 
 import yaml
 
 from rlhf.config import check_paths, load_config, to_dict
 from rlhf.runtime import provenance
+from rlhf.runtime.devices import launched_rank
 from rlhf.runtime.run_identity import check_resume
 
 # stage -> (module, entry point called with the loaded config and the config file's path)
@@ -43,7 +43,7 @@ def run_stage(
     if dry_run:
         print(f"[{stage}] {config}: config OK, paths OK; would write {cfg.output_dir}")
         return None
-    if int(os.environ.get("RANK", "0")) == 0:  # every process loads the config; one records what made the run
+    if launched_rank() == 0:  # every process loads the config; one records what made the run
         provenance.write(cfg.output_dir, provenance.record(stage, cfg))
     module, name = STAGE_ENTRY_POINTS[stage]
     return getattr(importlib.import_module(module), name)(cfg, config)
